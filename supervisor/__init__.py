@@ -1,0 +1,1 @@
+"""Memory-safe supervisor for a pool of CHAT alignment workers."""

@@ -1,0 +1,1 @@
+"""Alignment engines: each is loaded once per worker process."""

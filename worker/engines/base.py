@@ -1,0 +1,72 @@
+"""What every engine offers the worker loop: load once, then run one job at a time."""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+Progress = Callable[[float], None]
+
+
+@dataclass(frozen=True)
+class Job:
+    """One file to align, as the supervisor sent it (see ``worker.protocol.JOB``)."""
+
+    job: str
+    input: Path
+    output: Path
+    media: Path | None
+    rel: str
+    options: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_message(cls, msg: dict[str, Any]) -> "Job":
+        return cls(
+            job=str(msg["job"]),
+            input=Path(msg["input"]),
+            output=Path(msg["output"]),
+            media=Path(msg["media"]) if msg.get("media") else None,
+            rel=str(msg.get("rel") or msg["input"]),
+            options=dict(msg.get("options") or {}),
+        )
+
+
+@dataclass
+class JobResult:
+    output: Path
+    audio_seconds: float | None
+    stats: dict[str, Any] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+
+
+class JobError(Exception):
+    """A file that cannot be aligned. ``str()`` is one line naming the file (and line, if known).
+
+    ``kind`` is ``input`` (bad CHAT), ``media`` (missing/unreadable audio), ``engine`` (the model
+    failed on this file) or ``internal``. The worker stays usable after a JobError.
+    """
+
+    def __init__(self, message: str, kind: str = "input") -> None:
+        super().__init__(message.replace("\n", " "))
+        self.kind = kind
+
+
+class BootError(Exception):
+    """The engine cannot start (model missing, offline, wrong type): respawning will not help."""
+
+
+class Engine(abc.ABC):
+    """An alignment engine held by one worker for its whole life."""
+
+    name: str = ""
+    model: str = ""
+    device: str = "cpu"
+
+    @abc.abstractmethod
+    def run(self, job: Job, progress: Progress) -> JobResult:
+        """Align ``job.input`` against ``job.media`` and write ``job.output`` atomically."""
+
+    def release(self) -> None:
+        """Give memory back between files (drop caches, collect, trim the heap)."""
