@@ -1,0 +1,231 @@
+"""Audio access for alignment: read only the span being aligned, as float32 mono at the model's rate.
+
+A worker never decodes a whole recording into memory: memory per file then grows with the span
+length, not with the recording length, which keeps the supervisor's per-file predictions small.
+Formats libsndfile cannot read (mp4, m4a, ...) are converted once with ffmpeg into a cache folder
+keyed by the content hash, so the corpus folder is never written to and a re-run reuses the work.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+import soxr
+
+from worker.engines.base import JobError
+
+log = logging.getLogger(__name__)
+
+MEDIA_EXTENSIONS = ("wav", "flac", "mp3", "ogg", "m4a", "mp4")
+# Containers libsndfile never reads: go straight to ffmpeg.
+_FFMPEG_ONLY = {"m4a", "mp4", "aac", "mov", "m4v", "webm", "mkv", "avi", "wma", "opus", "3gp", "amr"}
+
+
+def default_cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "batchalign-supervise"
+
+
+def _ext(path: Path) -> str:
+    return path.suffix.lower().lstrip(".") or "unknown"
+
+
+def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def convert_with_ffmpeg(path: Path, cache_dir: Path | None) -> Path:
+    """Decode ``path`` once into ``cache_dir/<sha256>.flac`` (mono, native rate) and return it."""
+    ffmpeg = shutil.which("ffmpeg")
+    if ffmpeg is None:
+        raise JobError(
+            f"{path}: cannot read {_ext(path)} audio without ffmpeg; install ffmpeg (e.g. apt-get install ffmpeg)",
+            kind="media",
+        )
+    folder = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    folder = folder / "audio"
+    try:
+        digest = file_sha256(path)
+    except OSError as exc:
+        raise JobError(f"{path}: cannot read media: {exc.strerror or exc}", kind="media") from None
+    target = folder / f"{digest}.flac"
+    if target.is_file() and target.stat().st_size > 0:
+        return target
+    folder.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{digest[:16]}.", suffix=".flac", dir=folder)
+    os.close(fd)
+    try:
+        proc = subprocess.run(
+            [ffmpeg, "-nostdin", "-hide_banner", "-v", "error", "-y", "-i", str(path), "-vn", "-ac", "1", "-c:a", "flac", tmp],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+            errors="replace",
+        )
+        if proc.returncode != 0 or os.path.getsize(tmp) == 0:
+            last = (proc.stderr.strip().splitlines() or ["no audio stream"])[-1]
+            raise JobError(f"{path}: ffmpeg cannot decode it: {last}", kind="media")
+        os.replace(tmp, target)  # atomic: concurrent workers converting the same file both succeed
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return target
+
+
+class AudioSource:
+    """An open recording that hands out spans; use as a context manager."""
+
+    def __init__(self, path: Path, readable: Path, handle: sf.SoundFile) -> None:
+        self.path = path
+        self.readable = readable
+        self._sf = handle
+        self.native_rate: int = int(handle.samplerate)
+        self.channels: int = int(handle.channels)
+        frames = int(handle.frames) if handle.frames is not None else 0
+        # libsndfile reports 0 or a huge sentinel when a stream's length is unknown.
+        self._frames: int | None = frames if 0 < frames < (1 << 62) else None
+        self.duration_s: float | None = self._frames / self.native_rate if self._frames else None
+
+    @classmethod
+    def open(cls, path: Path | str, *, cache_dir: Path | None = None) -> "AudioSource":
+        path = Path(path)
+        if not path.is_file():
+            raise JobError(f"{path}: media file not found", kind="media")
+        if not os.access(path, os.R_OK):
+            raise JobError(f"{path}: media file is not readable (permission denied)", kind="media")
+        readable = path
+        if _ext(path) not in _FFMPEG_ONLY:
+            try:
+                return cls(path, path, sf.SoundFile(str(path)))
+            except (sf.LibsndfileError, RuntimeError, TypeError, OSError) as exc:
+                log.debug("soundfile cannot open %s (%s); converting with ffmpeg", path, exc)
+        readable = convert_with_ffmpeg(path, cache_dir)
+        try:
+            return cls(path, readable, sf.SoundFile(str(readable)))
+        except (sf.LibsndfileError, RuntimeError, TypeError, OSError) as exc:
+            raise JobError(f"{path}: cannot read media after conversion: {exc}", kind="media") from None
+
+    def read(self, start_s: float, end_s: float, rate: int = 16000) -> np.ndarray:
+        """Samples of ``[start_s, end_s)`` as float32 mono at ``rate``; shorter at the file end."""
+        sr = self.native_rate
+        start = max(0, int(round(start_s * sr)))
+        stop = max(start, int(round(end_s * sr)))
+        if self._frames is not None:
+            stop = min(stop, self._frames)
+        if stop <= start:
+            return np.zeros(0, dtype=np.float32)
+        try:
+            self._sf.seek(start)
+            data = self._sf.read(stop - start, dtype="float32", always_2d=True)
+        except (sf.LibsndfileError, RuntimeError) as exc:
+            # Headers can overstate the length (some mp3s): past the real end there is nothing.
+            log.debug("read %s [%.3f, %.3f) failed: %s", self.path, start_s, end_s, exc)
+            return np.zeros(0, dtype=np.float32)
+        if data.shape[0] == 0:
+            return np.zeros(0, dtype=np.float32)
+        mono = data[:, 0] if data.shape[1] == 1 else data.mean(axis=1)
+        mono = np.ascontiguousarray(mono, dtype=np.float32)
+        if sr != rate:
+            mono = soxr.resample(mono, sr, rate, quality="HQ").astype(np.float32, copy=False)
+        return mono
+
+    def close(self) -> None:
+        try:
+            self._sf.close()
+        except Exception:  # noqa: BLE001 - closing must never mask the real error
+            pass
+
+    def __enter__(self) -> "AudioSource":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def media_duration(path: Path | str) -> float | None:
+    """Duration from the header only (cheap, for scheduling); ``None`` when unknown. May be wrong."""
+    path = Path(path)
+    if _ext(path) not in _FFMPEG_ONLY:
+        try:
+            info = sf.info(str(path))
+            if info.frames and 0 < info.frames < (1 << 62) and info.samplerate:
+                return info.frames / info.samplerate
+        except (sf.LibsndfileError, RuntimeError, TypeError, OSError):
+            pass
+    ffprobe = shutil.which("ffprobe")
+    if ffprobe is None or not path.is_file():
+        return None
+    try:
+        out = subprocess.run(
+            [ffprobe, "-v", "error", "-show_entries", "format=duration", "-of", "csv=p=0", str(path)],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        return float(out.stdout.strip()) if out.returncode == 0 and out.stdout.strip() else None
+    except (OSError, ValueError, subprocess.TimeoutExpired):
+        return None
+
+
+def _match_in_dir(folder: Path, media_name: str) -> Path | None:
+    """``media_name`` itself, else ``media_name`` + a known extension (extension case ignored)."""
+    try:
+        entries = {e.name: e for e in os.scandir(folder) if e.is_file()}
+    except OSError:
+        return None
+    if media_name in entries and Path(media_name).suffix.lower().lstrip(".") in MEDIA_EXTENSIONS:
+        return folder / media_name
+    by_lower: dict[str, str] = {}
+    for name in entries:
+        if name.startswith(media_name):
+            by_lower.setdefault(media_name + name[len(media_name):].lower(), name)
+    for ext in MEDIA_EXTENSIONS:
+        hit = by_lower.get(f"{media_name}.{ext}")
+        if hit is not None:
+            return folder / hit
+    if media_name in entries:
+        return folder / media_name
+    return None
+
+
+def find_media(
+    cha_path: Path, media_name: str, media_dir: Path | None = None, corpus_root: Path | None = None
+) -> Path | None:
+    """The recording an ``@Media`` header names: beside the .cha, then mirrored under ``media_dir``, then flat."""
+    cha_path = Path(cha_path)
+    media_name = media_name.strip()
+    if not media_name:
+        return None
+    if os.sep in media_name or "/" in media_name:
+        media_name = Path(media_name).name
+    folders = [cha_path.parent]
+    if media_dir is not None:
+        media_dir = Path(media_dir)
+        if corpus_root is not None:
+            try:
+                rel = cha_path.parent.resolve().relative_to(Path(corpus_root).resolve())
+                folders.append(media_dir / rel)
+            except ValueError:
+                pass
+        folders.append(media_dir)
+    seen: set[Path] = set()
+    for folder in folders:
+        if folder in seen:
+            continue
+        seen.add(folder)
+        hit = _match_in_dir(folder, media_name)
+        if hit is not None:
+            return hit
+    return None
