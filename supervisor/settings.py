@@ -1,0 +1,351 @@
+"""One typed settings object, layered: defaults -> config.toml -> environment -> command line.
+
+Every key has one home (a dataclass field); config.toml sections mirror the dataclasses and the
+environment uses ``BATCHALIGN_SUPERVISE_<SECTION>_<KEY>`` (``[run]`` keys drop the section:
+``BATCHALIGN_SUPERVISE_ENGINE``, ``BATCHALIGN_SUPERVISE_MEMORY_BUDGET``,
+``BATCHALIGN_SUPERVISE_ENGINE_SYNTHETIC_BASELINE_MB``). A bad value raises ``SettingsError`` whose
+one-line message names where the value came from, so the CLI can exit 2 with it.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import os
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+from supervisor.units import parse_duration, parse_size
+
+ENV_PREFIX = "BATCHALIGN_SUPERVISE_"
+ENGINES = ("wav2vec", "whisper", "synthetic")
+DEFAULT_MODELS = {
+    "wav2vec": "facebook/wav2vec2-base-960h",
+    "whisper": "openai/whisper-base",
+    "synthetic": "synthetic",
+}
+
+
+class SettingsError(ValueError):
+    """A setting that cannot be used; the message is one line naming its source and key."""
+
+
+def _size(default: int | None = None, **kw: Any) -> Any:
+    return field(default=default, metadata={"kind": "size", **kw})
+
+
+def _duration(default: float, **kw: Any) -> Any:
+    return field(default=default, metadata={"kind": "duration", **kw})
+
+
+@dataclass
+class RunSettings:
+    engine: str = "wav2vec"
+    model: str = ""  # empty: the engine's default model
+    device: str = "cpu"
+    dtype: str = "fp32"
+    workers: str = "auto"  # an integer or "auto" (one per core, capped by memory)
+    max_attempts: int = 3
+    media_dir: str = ""  # where media live when not beside the transcripts (mirrors the corpus tree)
+    state_dir: str = ""  # empty: $XDG_STATE_HOME/batchalign-supervise
+    telemetry: str = ""  # empty: <state_dir>/telemetry.sqlite
+    log_json: str = ""  # empty: <out>/batchalign-supervise.log.jsonl (in-place: <state_dir>/logs/)
+    heartbeat_timeout: float = _duration(60.0)
+    file_timeout: float = _duration(1800.0)  # base allowance per file ...
+    file_timeout_per_audio_second: float = 10.0  # ... plus this much per audio second
+    drain_grace: float = _duration(600.0)  # SIGTERM: how long running files may take to finish
+    boot_timeout: float = _duration(600.0)  # a worker that is not READY by then is killed
+    progress: str = "auto"  # auto | on | off
+
+
+@dataclass
+class MemorySettings:
+    budget: int | None = _size(None)  # bytes; empty: limit - reserve
+    reserve: int | None = _size(None)  # bytes; empty: max(10% of the limit, 2 GiB)
+    poll_interval: float = _duration(0.25)
+    admit_below: float = 0.90  # fraction of the budget in use above which nothing new is admitted
+    pause_above: float = 0.95  # pause the newest file above this
+    resume_below: float = 0.85  # resume paused workers (oldest first) below this
+    kill_above: float = 1.0  # the guard: kill one worker above this
+    psi_admit_below: float = 20.0  # PSI memory "some" avg10 (%) above which nothing is admitted
+    psi_pause_above: float = 60.0  # PSI memory "full" avg10 (%) above which the newest file pauses
+    max_pause: float = _duration(300.0)  # a worker paused longer is killed and its file requeued
+    kill_settle: float = _duration(3.0)  # after a kill, wait this long for memory to fall
+    pause_cooldown: float = _duration(1.0)
+    quantile: float = 0.9  # learned growth is lifted to this quantile of the residuals ...
+    margin: float = 0.10  # ... then multiplied by 1 + margin
+    min_samples: int = 3
+    sample_log_interval: float = _duration(5.0)  # memory_sample events at most this often
+    ledger: str = ""  # host-wide reservation ledger; "off" disables; empty: shared run directory
+
+
+@dataclass
+class EngineDefaults:
+    """Engine options and the cold-start memory model used before anything has been learned."""
+
+    cold_baseline_mb: float = 1500.0  # a loaded worker before any file (USS)
+    cold_intercept_mb: float = 200.0  # growth of a file of length 0
+    cold_mb_per_audio_second: float = 25.0
+    cold_mb_per_media_mb: float = 60.0  # used when the audio duration is unknown
+    span_seconds: float = 30.0
+    threads: int = 0  # torch threads per worker; 0: cores / workers
+    int8: bool = False
+    share_weights: bool = True
+
+
+@dataclass
+class SyntheticSettings(EngineDefaults):
+    """A real worker whose work is a memory and CPU profile (tests and benchmarks)."""
+
+    cold_baseline_mb: float = 60.0
+    cold_intercept_mb: float = 16.0
+    cold_mb_per_audio_second: float = 2.0
+    cold_mb_per_media_mb: float = 60.0
+    baseline_mb: float = 40.0  # the profile: memory held after READY ...
+    mb_per_audio_second: float = 4.0  # ... grown per audio second of the file ...
+    cpu_seconds_per_audio_second: float = 0.02  # ... over this much CPU work per audio second
+
+
+@dataclass
+class ServiceSettings:
+    watch: str = ""  # inbox folder: keep running and align what lands there
+    settle: float = _duration(10.0)  # a file (and its media) must be unchanged this long
+    scan_interval: float = _duration(5.0)
+    idle_retire: float = _duration(600.0)  # watch mode: retire workers idle this long
+    control_socket: str = ""  # empty: <state_dir>/control.sock; "off" disables
+    metrics_port: int = 0  # 0: no HTTP exposition
+    metrics_host: str = "127.0.0.1"
+    metrics_textfile: str = ""  # a .prom file for node_exporter's textfile collector
+
+
+@dataclass
+class Settings:
+    run: RunSettings = field(default_factory=RunSettings)
+    memory: MemorySettings = field(default_factory=MemorySettings)
+    service: ServiceSettings = field(default_factory=ServiceSettings)
+    engine: dict[str, EngineDefaults] = field(
+        default_factory=lambda: {
+            "wav2vec": EngineDefaults(cold_baseline_mb=1100.0, cold_mb_per_audio_second=22.0),
+            "whisper": EngineDefaults(cold_baseline_mb=900.0, cold_intercept_mb=600.0,
+                                      cold_mb_per_audio_second=8.0),
+            "synthetic": SyntheticSettings(),
+        }
+    )
+    # Not settable from files or the environment: what this invocation works on.
+    corpus: list[Path] = field(default_factory=list)
+    out: Path | None = None
+    in_place: bool = False
+    force: bool = False
+    dry_run: bool = False
+    config_path: Path | None = None
+
+    # -- derived -----------------------------------------------------------------------------
+    @property
+    def engine_name(self) -> str:
+        return self.run.engine
+
+    @property
+    def model_id(self) -> str:
+        return self.run.model or DEFAULT_MODELS[self.run.engine]
+
+    @property
+    def engine_settings(self) -> EngineDefaults:
+        return self.engine[self.run.engine]
+
+    @property
+    def state_dir(self) -> Path:
+        if self.run.state_dir:
+            return Path(self.run.state_dir).expanduser()
+        base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+        return Path(base) / "batchalign-supervise"
+
+    @property
+    def telemetry_path(self) -> Path:
+        return Path(self.run.telemetry).expanduser() if self.run.telemetry else self.state_dir / "telemetry.sqlite"
+
+    @property
+    def log_path(self) -> Path:
+        if self.run.log_json:
+            return Path(self.run.log_json).expanduser()
+        if self.out is not None and not self.in_place:
+            return self.out / "batchalign-supervise.log.jsonl"
+        return self.state_dir / "logs" / "batchalign-supervise.log.jsonl"
+
+    def max_workers(self, cores: int | None = None) -> int:
+        if self.run.workers == "auto":
+            return max(1, cores or os.cpu_count() or 1)
+        return int(self.run.workers)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        for key in ("corpus",):
+            d[key] = [str(p) for p in d[key]]
+        for key in ("out", "config_path"):
+            d[key] = str(d[key]) if d[key] is not None else None
+        return d
+
+
+# -- layering ---------------------------------------------------------------------------------
+
+def _convert(value: Any, f: dataclasses.Field, source: str) -> Any:
+    kind = f.metadata.get("kind")
+    try:
+        if kind == "size":
+            if value in (None, "", "auto"):
+                return None
+            return parse_size(value)
+        if kind == "duration":
+            return float(parse_duration(value))
+        target = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+        if target == "bool":
+            if isinstance(value, bool):
+                return value
+            text = str(value).strip().lower()
+            if text in ("1", "true", "yes", "on"):
+                return True
+            if text in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(f"expected true/false, got {value!r}")
+        if target == "int":
+            if isinstance(value, bool):
+                raise ValueError(f"expected an integer, got {value!r}")
+            return int(value)
+        if target == "float":
+            return float(value)
+        if target == "str":
+            return str(value)
+    except (TypeError, ValueError) as exc:
+        raise SettingsError(f"{source}: {exc}") from None
+    return value
+
+
+def _apply(obj: Any, values: Mapping[str, Any], source: str) -> None:
+    fields = {f.name: f for f in dataclasses.fields(obj)}
+    for key, value in values.items():
+        name = key.replace("-", "_")
+        if name not in fields:
+            raise SettingsError(f"{source}: unknown key {key!r}")
+        setattr(obj, name, _convert(value, fields[name], f"{source} {key}"))
+
+
+def apply_mapping(settings: Settings, data: Mapping[str, Any], source: str) -> None:
+    """Apply a config.toml-shaped mapping (sections run/memory/service/engine.NAME)."""
+    for section, values in data.items():
+        if section == "engine":
+            if not isinstance(values, Mapping):
+                raise SettingsError(f"{source}: [engine] must hold tables like [engine.wav2vec]")
+            for name, opts in values.items():
+                if name not in settings.engine:
+                    raise SettingsError(f"{source}: unknown engine [engine.{name}] (known: {', '.join(ENGINES)})")
+                _apply(settings.engine[name], opts, f"{source} [engine.{name}]")
+        elif section in ("run", "memory", "service"):
+            if not isinstance(values, Mapping):
+                raise SettingsError(f"{source}: [{section}] must be a table")
+            _apply(getattr(settings, section), values, f"{source} [{section}]")
+        else:
+            raise SettingsError(f"{source}: unknown section [{section}]")
+
+
+def load_config_file(path: Path) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as fh:
+            return tomllib.load(fh)
+    except FileNotFoundError:
+        raise SettingsError(f"{path}: config file not found") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise SettingsError(f"{path}: {exc}") from None
+
+
+def env_mapping(environ: Mapping[str, str]) -> dict[str, Any]:
+    """Translate BATCHALIGN_SUPERVISE_* variables into a config-shaped mapping."""
+    out: dict[str, Any] = {}
+    run_keys = {f.name for f in dataclasses.fields(RunSettings)}
+    for var, value in environ.items():
+        if not var.startswith(ENV_PREFIX) or var == ENV_PREFIX + "CONFIG":
+            continue
+        rest = var[len(ENV_PREFIX):].lower()
+        if rest.startswith("engine_") and rest != "engine":
+            parts = rest.split("_", 2)
+            if len(parts) == 3 and parts[1] in ENGINES:
+                out.setdefault("engine", {}).setdefault(parts[1], {})[parts[2]] = value
+                continue
+        for section in ("memory", "service"):
+            if rest.startswith(section + "_"):
+                out.setdefault(section, {})[rest[len(section) + 1:]] = value
+                break
+        else:
+            if rest in run_keys:
+                out.setdefault("run", {})[rest] = value
+            else:
+                raise SettingsError(f"environment {var}: unknown setting")
+    return out
+
+
+def find_config(explicit: Path | None, environ: Mapping[str, str]) -> Path | None:
+    """--config, then $BATCHALIGN_SUPERVISE_CONFIG, then ./config.toml, then the user's config dir."""
+    if explicit is not None:
+        return explicit
+    if environ.get(ENV_PREFIX + "CONFIG"):
+        return Path(environ[ENV_PREFIX + "CONFIG"])
+    local = Path("config.toml")
+    if local.is_file():
+        return local
+    xdg = Path(environ.get("XDG_CONFIG_HOME") or Path.home() / ".config") / "batchalign-supervise" / "config.toml"
+    return xdg if xdg.is_file() else None
+
+
+def load_settings(
+    *,
+    config: Path | None = None,
+    environ: Mapping[str, str] | None = None,
+    cli: Mapping[str, Any] | None = None,
+) -> Settings:
+    """Build Settings from the four layers; ``cli`` is config-shaped (only options the user gave)."""
+    environ = os.environ if environ is None else environ
+    settings = Settings()
+    path = find_config(config, environ)
+    if path is not None:
+        apply_mapping(settings, load_config_file(path), str(path))
+        settings.config_path = path
+    apply_mapping(settings, env_mapping(environ), "environment")
+    if cli:
+        apply_mapping(settings, cli, "command line")
+    validate(settings)
+    return settings
+
+
+def reload_settings(current: Settings, environ: Mapping[str, str] | None = None,
+                    cli: Mapping[str, Any] | None = None) -> Settings:
+    """Re-read config.toml and the environment (SIGHUP); the command line still wins."""
+    new = load_settings(config=current.config_path, environ=environ, cli=cli)
+    for name in ("corpus", "out", "in_place", "force", "dry_run"):
+        setattr(new, name, copy.copy(getattr(current, name)))
+    return new
+
+
+def validate(s: Settings) -> None:
+    if s.run.engine not in ENGINES:
+        raise SettingsError(f"engine {s.run.engine!r} is not one of {', '.join(ENGINES)}")
+    if s.run.dtype not in ("fp32", "bf16", "fp16"):
+        raise SettingsError(f"dtype {s.run.dtype!r} is not one of fp32, bf16, fp16")
+    if s.run.workers != "auto":
+        try:
+            if int(s.run.workers) < 1:
+                raise ValueError
+        except ValueError:
+            raise SettingsError(f"workers {s.run.workers!r} must be a positive integer or 'auto'") from None
+    if s.run.max_attempts < 1:
+        raise SettingsError("max_attempts must be at least 1")
+    m = s.memory
+    if not (0 < m.resume_below < m.admit_below <= m.pause_above <= m.kill_above):
+        raise SettingsError(
+            "memory bands must satisfy 0 < resume_below < admit_below <= pause_above <= kill_above "
+            f"(got {m.resume_below}, {m.admit_below}, {m.pause_above}, {m.kill_above})")
+    if m.poll_interval <= 0:
+        raise SettingsError("memory poll_interval must be positive")
+    if not 0.5 <= m.quantile < 1:
+        raise SettingsError("memory quantile must be in [0.5, 1)")
+    if s.run.progress not in ("auto", "on", "off"):
+        raise SettingsError("progress must be auto, on or off")
