@@ -1,0 +1,232 @@
+"""Find transcripts and their media, name their outputs, and remember what is already done.
+
+"Done" is recorded in a manifest next to the outputs (``.batchalign-supervise/done.jsonl``) after the
+output has been renamed into place: a run killed between the two redoes that one file, never loses it.
+A file is skipped when its manifest entry matches the input's content hash and the output on disk still
+has the hash that was written.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Iterator
+
+MEDIA_EXTENSIONS = (".wav", ".flac", ".mp3", ".ogg", ".m4a", ".mp4")
+MANIFEST_DIR = ".batchalign-supervise"
+_MEDIA_RE = re.compile(rb"^@Media:\t([^,\r\n]+)", re.MULTILINE)
+_FINGERPRINT_CHUNK = 1 << 20
+
+
+class CorpusError(ValueError):
+    """A corpus argument that cannot be used (missing path, nothing to align)."""
+
+
+@dataclass
+class FileInfo:
+    """One transcript to align and everything the scheduler needs to know before running it."""
+
+    rel: str  # path relative to its corpus root (also its path under OUT)
+    path: Path  # the transcript
+    out: Path  # where the aligned transcript goes
+    media: Path | None
+    media_error: str | None  # why media could not be found, if it could not
+    transcript_bytes: int
+    media_bytes: int | None
+    audio_seconds: float | None
+    input_hash: str  # transcript content + media fingerprint
+
+    @property
+    def media_mb(self) -> float | None:
+        return None if self.media_bytes is None else self.media_bytes / 2**20
+
+
+def iter_transcripts(roots: Iterable[Path]) -> Iterator[tuple[Path, Path]]:
+    """Yield (root, transcript) for every .cha under the given folders or files, sorted."""
+    for root in roots:
+        if root.is_file():
+            yield root.parent, root
+        elif root.is_dir():
+            for dirpath, dirnames, filenames in os.walk(root):
+                dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+                for name in sorted(filenames):
+                    if name.lower().endswith(".cha") and not name.startswith("."):
+                        yield root, Path(dirpath) / name
+        else:
+            raise CorpusError(f"{root}: no such file or folder")
+
+
+def media_name(transcript: bytes) -> str | None:
+    m = _MEDIA_RE.search(transcript)
+    if not m:
+        return None
+    return m.group(1).decode("utf-8", "replace").strip() or None
+
+
+def find_media(cha: Path, name: str, media_dir: Path | None = None, rel: str | None = None) -> Path | None:
+    """The media named by @Media: beside the transcript, else under media_dir mirroring the corpus."""
+    folders = [cha.parent]
+    if media_dir is not None:
+        if rel is not None:
+            folders.append(media_dir / Path(rel).parent)
+        folders.append(media_dir)
+    for folder in folders:
+        try:
+            entries = {p.name.lower(): p for p in folder.iterdir() if p.is_file()}
+        except OSError:
+            continue
+        if name.lower() in entries and Path(name).suffix.lower() in MEDIA_EXTENSIONS:
+            return entries[name.lower()]
+        for ext in MEDIA_EXTENSIONS:
+            hit = entries.get((name + ext).lower())
+            if hit is not None:
+                return hit
+    return None
+
+
+def audio_duration(path: Path) -> float | None:
+    """Duration from the media header; None when soundfile cannot read the format (mp4, m4a)."""
+    import soundfile
+
+    try:
+        info = soundfile.info(str(path))
+    except Exception:
+        return None
+    if not info.samplerate or info.frames <= 0:
+        return None
+    return info.frames / info.samplerate
+
+
+def media_fingerprint(path: Path) -> str:
+    """Size plus the first and last MiB: cheap on multi-GB recordings, still catches real edits."""
+    h = hashlib.sha256()
+    size = path.stat().st_size
+    h.update(str(size).encode())
+    with open(path, "rb") as fh:
+        h.update(fh.read(_FINGERPRINT_CHUNK))
+        if size > 2 * _FINGERPRINT_CHUNK:
+            fh.seek(size - _FINGERPRINT_CHUNK)
+            h.update(fh.read(_FINGERPRINT_CHUNK))
+    return h.hexdigest()
+
+
+def hash_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def describe(root: Path, cha: Path, *, out_root: Path | None, in_place: bool,
+             media_dir: Path | None = None, rel_base: Path | None = None) -> FileInfo:
+    data = cha.read_bytes()
+    base = rel_base if rel_base is not None else root
+    rel = cha.relative_to(base).as_posix()
+    out = cha if in_place else (out_root / rel if out_root is not None else cha)
+    media: Path | None = None
+    media_error: str | None = None
+    name = media_name(data)
+    if name is None:
+        media_error = f"{cha}: no @Media header"
+    else:
+        media = find_media(cha, name, media_dir, rel)
+        if media is None:
+            where = f" or under {media_dir}" if media_dir else ""
+            media_error = (f"{cha}: media {name!r} not found beside the transcript{where} "
+                           f"(looked for {', '.join(MEDIA_EXTENSIONS)})")
+    media_bytes = media.stat().st_size if media is not None else None
+    seconds = audio_duration(media) if media is not None else None
+    h = hashlib.sha256(data)
+    if media is not None:
+        h.update(media_fingerprint(media).encode())
+    return FileInfo(rel=rel, path=cha, out=out, media=media, media_error=media_error,
+                    transcript_bytes=len(data), media_bytes=media_bytes, audio_seconds=seconds,
+                    input_hash=h.hexdigest())
+
+
+def discover(roots: list[Path], *, out_root: Path | None, in_place: bool,
+             media_dir: Path | None = None) -> list[FileInfo]:
+    """Every transcript under ``roots``; relative paths are taken from the single folder given, or
+    from the common parent when several paths are given (so outputs never collide)."""
+    roots = [r.resolve() for r in roots]
+    if not roots:
+        raise CorpusError("no corpus given")
+    rel_base: Path | None = None
+    if len(roots) > 1 or roots[0].is_file():
+        parents = [r if r.is_dir() else r.parent for r in roots]
+        rel_base = Path(os.path.commonpath([str(p) for p in parents]))
+    out_root = out_root.resolve() if out_root is not None else None
+    infos = []
+    for root, cha in iter_transcripts(roots):
+        if out_root is not None and not in_place and _inside(cha, out_root):
+            continue  # never treat our own outputs as inputs
+        infos.append(describe(root, cha, out_root=out_root, in_place=in_place, media_dir=media_dir,
+                              rel_base=rel_base))
+    return infos
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    try:
+        path.relative_to(folder)
+        return True
+    except ValueError:
+        return False
+
+
+class Manifest:
+    """Append-only record of finished outputs; later lines win, torn last lines are ignored."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._entries: dict[str, dict] = {}
+        self._load()
+
+    @classmethod
+    def for_run(cls, out_root: Path | None, corpus_root: Path, in_place: bool) -> "Manifest":
+        base = corpus_root if in_place or out_root is None else out_root
+        return cls(base / MANIFEST_DIR / "done.jsonl")
+
+    def _load(self) -> None:
+        try:
+            lines = self.path.read_bytes().splitlines()
+        except FileNotFoundError:
+            return
+        for line in lines:
+            try:
+                entry = json.loads(line)
+                self._entries[entry["rel"]] = entry
+            except (ValueError, KeyError, TypeError):
+                continue
+
+    def is_done(self, info: FileInfo) -> bool:
+        entry = self._entries.get(info.rel)
+        if entry is None:
+            return False
+        try:
+            out_hash = hash_bytes(info.out.read_bytes())
+        except OSError:
+            return False
+        if out_hash != entry.get("output_hash"):
+            return False
+        if info.out == info.path:  # in place: the input now is our output
+            return entry.get("output_input_hash") == info.input_hash
+        return entry.get("input_hash") == info.input_hash
+
+    def mark_done(self, info: FileInfo) -> None:
+        data = info.out.read_bytes()
+        entry = {"rel": info.rel, "input_hash": info.input_hash, "output_hash": hash_bytes(data)}
+        if info.out == info.path:
+            h = hashlib.sha256(data)
+            if info.media is not None:
+                h.update(media_fingerprint(info.media).encode())
+            entry["output_input_hash"] = h.hexdigest()
+        self._entries[info.rel] = entry
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        line = (json.dumps(entry, separators=(",", ":")) + "\n").encode()
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            os.write(fd, line)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
