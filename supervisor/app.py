@@ -1,0 +1,171 @@
+"""Wire one run together: logging, telemetry, discovery, services around the loop, the summary."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from pathlib import Path
+from typing import Any
+
+from supervisor.corpus import CorpusError, discover
+from supervisor.sampler import detect_limits
+from supervisor.settings import Settings
+from supervisor.supervisor import EXIT_OK, EXIT_USAGE, RunSummary, Supervisor
+from supervisor.units import format_size
+
+MiB = 2**20
+
+
+def _err(msg: str) -> None:
+    print(f"batchalign-supervise: {msg}", file=sys.stderr)
+
+
+def _progress_mode(s: Settings) -> bool:
+    if s.run.progress == "on":
+        return True
+    if s.run.progress == "off":
+        return False
+    return sys.stderr.isatty()
+
+
+def run_app(settings: Settings, reload_cli: dict | None = None) -> int:
+    from telemetry.logging import configure_logging, get_logger
+    from telemetry.store import TelemetryStore
+
+    s = settings
+    try:
+        limits = detect_limits(budget=s.memory.budget, reserve=s.memory.reserve)
+    except (OSError, ValueError) as exc:
+        _err(f"cannot determine the memory limit: {exc}")
+        return EXIT_USAGE
+    media_dir = Path(s.run.media_dir) if s.run.media_dir else None
+    watcher = None
+    try:
+        if s.service.watch:
+            from supervisor.watch import InboxWatcher
+
+            watcher = InboxWatcher(Path(s.service.watch), out_root=s.out, in_place=s.in_place, media_dir=media_dir,
+                                   settle_s=s.service.settle, scan_interval=s.service.scan_interval)
+            infos = []
+        else:
+            infos = discover(s.corpus, out_root=s.out, in_place=s.in_place, media_dir=media_dir)
+    except (CorpusError, OSError) as exc:
+        _err(str(exc))
+        return EXIT_USAGE
+    if not infos and watcher is None:
+        _err(f"no .cha transcripts found under {', '.join(map(str, s.corpus))}")
+        return EXIT_USAGE
+
+    try:
+        store = TelemetryStore(s.telemetry_path)
+    except Exception as exc:  # sqlite3 errors and permissions alike: a usage problem, say which file
+        _err(f"cannot open the telemetry store {s.telemetry_path}: {exc}")
+        return EXIT_USAGE
+
+    progress = _progress_mode(s) and not s.dry_run
+    log_path = None if s.dry_run else s.log_path
+    if log_path is not None:
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+    configure_logging(json_path=log_path, console="none" if progress else "plain", process="supervisor")
+    log = get_logger("supervisor")
+    display = None
+    if progress:
+        from supervisor.progress import ProgressDisplay
+
+        display = ProgressDisplay()
+    sup = Supervisor(s, log=log, store=store, limits=limits, display=display, reload_cli=reload_cli,
+                     watcher=watcher)
+    from telemetry.logging import bind_run
+
+    bind_run(sup.run_id)
+    if s.dry_run:
+        sup.plan(infos)
+        print_plan(sup)
+        store.close()
+        return EXIT_OK
+    try:
+        if display is not None:
+            display.start()
+        summary = asyncio.run(_serve(sup, infos))
+    finally:
+        if display is not None:
+            display.stop()
+        store.close()
+    print_summary(summary, sup, log_path)
+    return summary.exit_code
+
+
+async def _serve(sup: Supervisor, infos: list) -> RunSummary:
+    """The loop plus the services around it (status socket, metrics), stopped together."""
+    s = sup.s
+    services: list[Any] = []
+    if s.service.control_socket != "off":
+        from supervisor.control import ControlServer, default_socket_path
+
+        path = Path(s.service.control_socket) if s.service.control_socket else default_socket_path(s.state_dir)
+        server = ControlServer(path, sup.status)
+        try:
+            await server.start()
+            services.append(server)
+            sup.emit("control_socket", path=str(path))
+        except OSError as exc:
+            sup.emit("control_socket_unavailable", level="warning", path=str(path), error=str(exc))
+    if s.service.metrics_port:
+        from supervisor.metrics import MetricsServer
+
+        metrics = MetricsServer(s.service.metrics_host, s.service.metrics_port, sup.status)
+        await metrics.start()
+        services.append(metrics)
+        sup.emit("metrics_listening", host=s.service.metrics_host, port=metrics.port)
+    if s.service.metrics_textfile:
+        from supervisor.metrics import write_textfile
+
+        target = Path(s.service.metrics_textfile)
+        sup.add_status_hook(lambda status: write_textfile(target, status))
+    try:
+        return await sup.run(infos)
+    finally:
+        for svc in services:
+            await svc.stop()
+        if s.service.metrics_textfile:
+            from supervisor.metrics import write_textfile
+
+            write_textfile(Path(s.service.metrics_textfile), sup.status())
+
+
+def print_plan(sup: Supervisor) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"Plan: {sup.s.engine_name} / {sup.s.model_id} on {sup.s.run.device}, "
+                        f"budget {format_size(sup.limits.budget)} ({sup.limits.source})")
+    for col in ("#", "file", "audio s", "predicted peak MiB", "growth MiB", "estimate", "note"):
+        table.add_column(col)
+    order = sup.queue.pending()
+    for i, job in enumerate(order, 1):
+        e = job.estimate
+        note = ""
+        if e.central_mb > sup.budget_mb:
+            note = f"cannot fit: needs ~{e.central_mb / 1024:.1f} GiB"
+        elif e.peak_mb > sup.budget_mb:
+            note = "runs alone"
+        table.add_row(str(i), job.rel, "-" if job.info.audio_seconds is None else f"{job.info.audio_seconds:.1f}",
+                      f"{e.peak_mb:.0f}", f"{e.growth_mb:.0f}", e.source, note)
+    for job in sup.queue:
+        if job.state.value in ("skipped", "failed"):
+            table.add_row("-", job.rel, "-", "-", "-", "-", job.state.value + (f": {job.reason}" if job.reason else ""))
+    Console(width=160).print(table)
+
+
+def print_summary(summary: RunSummary, sup: Supervisor, log_path: Path | None) -> None:
+    c = summary.counts
+    line = (f"{c['done']} done, {c['failed']} failed, {c['quarantined']} quarantined, {c['skipped']} skipped"
+            f"{', ' + str(c['pending']) + ' not started' if c['pending'] else ''}; "
+            f"{sup.kills} kills, {sup.pauses} pauses")
+    print(f"batchalign-supervise: {line}", file=sys.stderr)
+    if summary.halted:
+        _err(f"halted: {summary.halted}")
+    for rel, state, reason in summary.failures:
+        print(f"  {state}: {rel}: {reason}", file=sys.stderr)
+    if log_path is not None:
+        print(f"  log: {log_path}", file=sys.stderr)

@@ -1,0 +1,280 @@
+"""Whole runs of the real command line with real synthetic workers."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from bench.synth_corpus import make_corpus
+from helpers import cli_args, events, named, pid_alive, run_cli, start_cli, wait_for_event
+
+pytestmark = pytest.mark.timeout(180)
+
+
+def _outputs_ok(out: Path, corpus: list[Path], root: Path) -> None:
+    for cha in corpus:
+        target = out / cha.relative_to(root)
+        text = target.read_text(encoding="utf-8")
+        assert text.startswith("@UTF8") and text.rstrip().endswith("@End"), target
+        mains = [ln for ln in text.splitlines() if ln.startswith("*")]
+        wors = [ln for ln in text.splitlines() if ln.startswith("%wor:")]
+        assert len(wors) == len(mains), target
+    leftovers = [p for p in out.rglob("*") if p.name.endswith(".tmp")]
+    assert not leftovers
+
+
+def test_all_files_done_under_a_small_budget(tmp_path):
+    corpus_dir = tmp_path / "corpus"
+    durations = [5, 8, 12, 20, 30, 45, 6, 9, 14, 25, 60, 7]
+    files = make_corpus(corpus_dir, durations, subdirs=3)
+    out = tmp_path / "out"
+    log = tmp_path / "run.jsonl"
+    r = run_cli(cli_args(corpus_dir, out, "--memory-budget", "700MiB", "--workers", "4", "--log-json", str(log)),
+                tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    _outputs_ok(out, files, corpus_dir)
+    evs = events(log)
+    assert len(named(evs, "file_done")) == len(files)
+    assert {e["file"] for e in named(evs, "file_done")} == {p.relative_to(corpus_dir).as_posix() for p in files}
+    # Never more promised than the budget at the moment of any admission.
+    for e in named(evs, "file_admitted"):
+        assert e["committed_mb"] <= e["budget_mb"] + 1e-6, e
+    started = named(evs, "run_started")[0]
+    assert started["budget_mb"] == 700.0
+    finished = named(evs, "run_finished")[0]
+    assert finished["done"] == len(files) and finished["exit_code"] == 0
+    # Every event carries the run id; worker events carry worker and pid.
+    assert all(e.get("run") == started["run"] for e in evs)
+    assert all("pid" in e and "worker" in e for e in named(evs, "file_done"))
+    # Workers were spawned one at a time: each spawn after the previous one was READY.
+    order = [(e["event"], e["worker"]) for e in evs if e["event"] in ("worker_spawned", "worker_ready")]
+    for (a, wa), (b, wb) in zip(order, order[1:]):
+        if a == "worker_spawned":
+            assert (b, wb) == ("worker_ready", wa), order
+
+
+def test_rerun_skips_done_files_and_force_redoes_them(tmp_path):
+    corpus_dir = tmp_path / "corpus"
+    files = make_corpus(corpus_dir, [5, 6, 7])
+    out = tmp_path / "out"
+    args = cli_args(corpus_dir, out, "--memory-budget", "500MiB", "--workers", "2")
+    assert run_cli(args, tmp_path).returncode == 0
+    log = out / "batchalign-supervise.log.jsonl"
+    n_before = len(named(events(log), "file_done"))
+    assert n_before == 3
+    r = run_cli(args, tmp_path)
+    assert r.returncode == 0
+    evs = events(log)
+    assert len(named(evs, "file_done")) == n_before
+    assert len(named(evs, "file_skipped")) == 3
+    # A changed input is redone.
+    files[0].write_text(files[0].read_text().replace("@End", "@Comment:\tchanged\n@End"))
+    assert run_cli(args, tmp_path).returncode == 0
+    assert len(named(events(log), "file_done")) == n_before + 1
+    assert run_cli(args + ["--force"], tmp_path).returncode == 0
+    assert len(named(events(log), "file_done")) == n_before + 4
+
+
+def test_too_big_file_is_killed_requeued_larger_and_quarantined_while_rest_finish(tmp_path):
+    corpus_dir = tmp_path / "corpus"
+    # f000 is 150 s: at 4 MiB/s it grows ~600 MiB, while the cold estimate is ~2 MiB/s.
+    files = make_corpus(corpus_dir, [150, 5, 6, 7, 8])
+    out = tmp_path / "out"
+    log = tmp_path / "run.jsonl"
+    r = run_cli(cli_args(corpus_dir, out, "--memory-budget", "420MiB", "--workers", "2", "--log-json", str(log),
+                         "--max-attempts", "3"), tmp_path,
+                BATCHALIGN_SUPERVISE_ENGINE_SYNTHETIC_CPU_SECONDS_PER_AUDIO_SECOND="0.03")
+    assert r.returncode == 1, r.stderr[-3000:]
+    evs = events(log)
+    killed = [e for e in named(evs, "worker_killed") if e["file"] == "f000.cha"]
+    assert killed and all(k["reason"] == "over the guard" for k in killed)
+    requeued = [e for e in named(evs, "file_requeued") if e["file"] == "f000.cha"]
+    assert requeued
+    admitted = [e for e in named(evs, "file_admitted") if e["file"] == "f000.cha"]
+    # The estimate after a kill is at least max(observed x 1.2, observed + 256 MiB).
+    assert requeued[0]["estimate_mb"] >= max(requeued[0]["observed_mb"] * 1.2, requeued[0]["observed_mb"] + 256) - 1
+    assert admitted[0]["predicted_mb"] < requeued[0]["estimate_mb"]
+    q = named(evs, "file_quarantined")
+    assert [e["file"] for e in q] == ["f000.cha"]
+    assert "needs ~" in q[0]["reason"] or "killed" in q[0]["reason"]
+    assert {e["file"] for e in named(evs, "file_done")} == {"f001.cha", "f002.cha", "f003.cha", "f004.cha"}
+    assert "quarantined: f000.cha" in r.stderr
+
+
+def test_kill_9_of_a_worker_mid_file_is_done_by_another(tmp_path):
+    corpus_dir = tmp_path / "corpus"
+    make_corpus(corpus_dir, [60, 5, 5])
+    out = tmp_path / "out"
+    log = tmp_path / "run.jsonl"
+    p = start_cli(cli_args(corpus_dir, out, "--memory-budget", "800MiB", "--workers", "2", "--log-json", str(log)),
+                  tmp_path, BATCHALIGN_SUPERVISE_ENGINE_SYNTHETIC_CPU_SECONDS_PER_AUDIO_SECOND="0.08")
+    try:
+        started = wait_for_event(log, "file_started", predicate=lambda e: e["file"] == "f000.cha")
+        time.sleep(0.5)
+        os.kill(started["pid"], signal.SIGKILL)
+        assert p.wait(timeout=120) == 0, p.stderr.read()[-3000:]
+    finally:
+        if p.poll() is None:
+            p.kill()
+    evs = events(log)
+    failed = [e for e in named(evs, "file_failed") if e["file"] == "f000.cha"]
+    assert failed and "SIGKILL" in failed[0]["reason"]
+    done = [e for e in named(evs, "file_done") if e["file"] == "f000.cha"]
+    assert done and done[0]["pid"] != started["pid"]
+    exited = [e for e in named(evs, "worker_exited") if e["pid"] == started["pid"]]
+    assert exited and exited[0]["signal"] == "SIGKILL"
+
+
+def test_kill_9_of_the_supervisor_leaves_no_orphans_and_rerun_resumes(tmp_path):
+    corpus_dir = tmp_path / "corpus"
+    make_corpus(corpus_dir, [4, 4, 4, 30, 30, 30, 4, 4])
+    out = tmp_path / "out"
+    log = tmp_path / "run.jsonl"
+    args = cli_args(corpus_dir, out, "--memory-budget", "800MiB", "--workers", "2", "--log-json", str(log))
+    p = start_cli(args, tmp_path, BATCHALIGN_SUPERVISE_ENGINE_SYNTHETIC_CPU_SECONDS_PER_AUDIO_SECOND="0.05")
+    try:
+        wait_for_event(log, "file_done", timeout=60)
+        wait_for_event(log, "file_started", predicate=lambda e: e["file"] in ("f003.cha", "f004.cha", "f005.cha"))
+        worker_pids = {e["pid"] for e in named(events(log), "worker_spawned")}
+        p.send_signal(signal.SIGKILL)
+        p.wait(timeout=10)
+    finally:
+        if p.poll() is None:
+            p.kill()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and any(pid_alive(pid) for pid in worker_pids):
+        time.sleep(0.1)
+    assert not [pid for pid in worker_pids if pid_alive(pid)], "workers outlived the supervisor"
+    done_first = {e["file"] for e in named(events(log), "file_done")}
+    assert done_first
+    assert not [f for f in out.rglob("*") if f.name.endswith(".tmp")]
+    r = run_cli(args, tmp_path, timeout=120)
+    assert r.returncode == 0, r.stderr[-3000:]
+    evs = events(log)
+    runs = named(evs, "run_started")
+    second = runs[-1]["run"]
+    redone = {e["file"] for e in named(evs, "file_done") if e["run"] == second}
+    skipped = {e["file"] for e in named(evs, "file_skipped") if e["run"] == second}
+    assert redone.isdisjoint(done_first)
+    assert skipped == done_first
+    assert len(redone | skipped) == 8
+
+
+def test_sigterm_drains_running_files_and_exits_0(tmp_path):
+    corpus_dir = tmp_path / "corpus"
+    make_corpus(corpus_dir, [20, 20, 5, 5, 5, 5, 5, 5])
+    out = tmp_path / "out"
+    log = tmp_path / "run.jsonl"
+    args = cli_args(corpus_dir, out, "--memory-budget", "800MiB", "--workers", "2", "--log-json", str(log))
+    p = start_cli(args, tmp_path, BATCHALIGN_SUPERVISE_ENGINE_SYNTHETIC_CPU_SECONDS_PER_AUDIO_SECOND="0.1")
+    try:
+        started = wait_for_event(log, "file_started", timeout=60)
+        p.send_signal(signal.SIGTERM)
+        assert p.wait(timeout=90) == 0, p.stderr.read()[-3000:]
+    finally:
+        if p.poll() is None:
+            p.kill()
+    evs = events(log)
+    assert named(evs, "drain_started")
+    done = {e["file"] for e in named(evs, "file_done")}
+    assert started["file"] in done  # the running file finished
+    assert len(done) < 8  # and nothing new was started after the drain
+    assert not named(evs, "worker_killed")
+    fin = named(evs, "run_finished")[0]
+    assert fin["drained"] is True and fin["exit_code"] == 0
+    # A re-run finishes the rest.
+    assert run_cli(args, tmp_path).returncode == 0
+    assert len({e["file"] for e in named(events(log), "file_done")}) == 8
+
+
+def test_learned_model_predicts_the_synthetic_profile_within_20_percent(tmp_path):
+    corpus_dir = tmp_path / "corpus"
+    make_corpus(corpus_dir, [10, 20, 30, 40, 50, 60, 15, 25])
+    out = tmp_path / "out"
+    telemetry = tmp_path / "t.sqlite"
+    r = run_cli(cli_args(corpus_dir, out, "--memory-budget", "1GiB", "--workers", "2", "--telemetry", str(telemetry)),
+                tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = run_cli([sys.executable, "-m", "supervisor.cli", "ratios", "--telemetry", str(telemetry), "--json"], tmp_path)
+    assert r.returncode == 0, r.stderr
+    rows = [row for row in json.loads(r.stdout) if row["engine"] == "synthetic"]
+    assert rows and rows[0]["samples"] == 8
+    from telemetry.model import Defaults, MemoryModel
+    from telemetry.store import TelemetryStore
+
+    with TelemetryStore(telemetry) as store:
+        params = store.load_model("synthetic", "synthetic", "cpu")
+    model = MemoryModel.from_params(params, Defaults(60, 16, 2.0, 60))
+    for seconds in (15, 35, 90, 200):
+        upper, _central = model.predict_growth(seconds, None)
+        truth = 4.0 * seconds
+        assert abs(upper - truth) / truth < 0.2, (seconds, upper, truth)
+    # The next run starts warm: its first admissions use the learned estimate.
+    (corpus_dir / "extra").mkdir()
+    make_corpus(corpus_dir / "extra", [100], seed=9)
+    log = tmp_path / "second.jsonl"
+    r = run_cli(cli_args(corpus_dir, out, "--memory-budget", "1GiB", "--telemetry", str(telemetry),
+                         "--log-json", str(log)), tmp_path)
+    assert r.returncode == 0
+    adm = [e for e in named(events(log), "file_admitted") if e["file"] == "extra/f000.cha"][0]
+    assert adm["estimate_source"] == "learned"
+    assert abs(adm["predicted_growth_mb"] - 400) / 400 < 0.2
+
+
+def test_dry_run_prints_the_plan_and_runs_nothing(tmp_path):
+    corpus_dir = tmp_path / "corpus"
+    make_corpus(corpus_dir, [5, 50, 20])
+    out = tmp_path / "out"
+    r = run_cli(cli_args(corpus_dir, out, "--memory-budget", "1GiB", "--dry-run"), tmp_path)
+    assert r.returncode == 0, r.stderr
+    lines = [ln for ln in r.stdout.splitlines() if ".cha" in ln]
+    assert [ln.split("│")[2].strip() for ln in lines] == ["f001.cha", "f002.cha", "f000.cha"]
+    assert not out.exists()
+
+
+def test_bad_input_fails_that_file_with_one_line_and_the_rest_finish(tmp_path):
+    corpus_dir = tmp_path / "corpus"
+    files = make_corpus(corpus_dir, [5, 6, 7])
+    bad = files[1]
+    bad.write_text(bad.read_text().replace("@End\n", ""))
+    missing = corpus_dir / "nomedia.cha"
+    missing.write_text(files[0].read_text().replace("@Media:\tf000", "@Media:\tghost"))
+    out = tmp_path / "out"
+    log = tmp_path / "run.jsonl"
+    r = run_cli(cli_args(corpus_dir, out, "--memory-budget", "500MiB", "--log-json", str(log)), tmp_path)
+    assert r.returncode == 1
+    evs = events(log)
+    failed = {e["file"]: e for e in named(evs, "file_failed")}
+    assert set(failed) == {"f001.cha", "nomedia.cha"}
+    assert "f001.cha" in failed["f001.cha"]["reason"] and "\n" not in failed["f001.cha"]["reason"]
+    assert failed["f001.cha"]["kind"] == "input"
+    assert "ghost" in failed["nomedia.cha"]["reason"]
+    assert {e["file"] for e in named(evs, "file_done")} == {"f000.cha", "f002.cha"}
+    assert "failed: f001.cha" in r.stderr
+
+
+def test_unloadable_model_halts_with_exit_3(tmp_path):
+    corpus_dir = tmp_path / "corpus"
+    make_corpus(corpus_dir, [5, 5])
+    out = tmp_path / "out"
+    r = run_cli(cli_args(corpus_dir, out, "--model", str(tmp_path / "no-such-model"), "--memory-budget", "4GiB",
+                         engine="wav2vec"), tmp_path, timeout=150)
+    assert r.returncode == 3, r.stderr[-3000:]
+    assert "no-such-model" in r.stderr
+    evs = events(out / "batchalign-supervise.log.jsonl")
+    assert len(named(evs, "worker_spawned")) == 1  # not respawned forever
+
+
+def test_usage_errors_exit_2(tmp_path):
+    r = run_cli(cli_args(tmp_path / "nothing-here", tmp_path / "out"), tmp_path)
+    assert r.returncode == 2 and "nothing-here" in r.stderr
+    r = run_cli(cli_args(tmp_path, tmp_path / "out", "--memory-budget", "lots"), tmp_path)
+    assert r.returncode == 2 and "lots" in r.stderr
+    r = run_cli(cli_args(tmp_path, None), tmp_path)
+    assert r.returncode == 2

@@ -1,0 +1,225 @@
+"""Worker entry: load the engine once, say READY, align one file per request until told to stop.
+
+Frames go out on a private copy of stdout (fd 1 is pointed at stderr so stray prints cannot corrupt
+the stream); log lines go to stderr as JSON for the supervisor to forward. The worker leaves as soon
+as its supervisor is gone (stdin EOF, a changed parent pid, or PR_SET_PDEATHSIG on Linux), so a
+``kill -9`` of the supervisor never leaves a model-sized orphan behind.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import json
+import os
+import resource
+import signal
+import sys
+import threading
+import time
+import traceback
+from pathlib import Path
+from typing import Any, BinaryIO
+
+from worker import protocol
+from worker.engines.base import BootError, Job, JobError
+
+
+def _set_parent_death_signal() -> None:
+    """Ask the kernel to SIGKILL us when the supervisor's thread that spawned us dies."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def _read_status_kb(field: str) -> float | None:
+    try:
+        with open("/proc/self/status", "rb") as fh:
+            for line in fh:
+                if line.startswith(field.encode() + b":"):
+                    return float(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def _own_memory_mb() -> dict[str, float]:
+    """RSS/USS/PSS of this process from smaps_rollup (cheap, no psutil)."""
+    out = {"rss_mb": 0.0, "uss_mb": 0.0, "pss_mb": 0.0}
+    try:
+        with open("/proc/self/smaps_rollup", "rb") as fh:
+            for line in fh:
+                key, _, rest = line.partition(b":")
+                kb = rest.split()[0] if rest.split() else b"0"
+                if key == b"Rss":
+                    out["rss_mb"] = int(kb) / 1024
+                elif key == b"Pss":
+                    out["pss_mb"] = int(kb) / 1024
+                elif key in (b"Private_Clean", b"Private_Dirty"):
+                    out["uss_mb"] += int(kb) / 1024
+    except OSError:
+        rss = _read_status_kb("VmRSS")
+        out["rss_mb"] = out["uss_mb"] = out["pss_mb"] = (rss or 0.0) / 1024
+    return out
+
+
+def _clear_hwm() -> None:
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+    except OSError:
+        pass
+
+
+class Channel:
+    """Frame writer shared by the main thread and the heartbeat thread."""
+
+    def __init__(self, out: BinaryIO) -> None:
+        self.out = out
+        self.lock = threading.Lock()
+
+    def send(self, msg: dict[str, Any]) -> None:
+        data = protocol.encode(msg)
+        with self.lock:
+            self.out.write(data)
+            self.out.flush()
+
+
+class Heartbeat(threading.Thread):
+    """Sends a heartbeat every ``interval`` seconds and leaves if the supervisor has gone."""
+
+    def __init__(self, channel: Channel, interval: float, parent: int) -> None:
+        super().__init__(name="heartbeat", daemon=True)
+        self.channel = channel
+        self.interval = interval
+        self.parent = parent
+        self.job: str | None = None
+        self.progress: float | None = None
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        while not self.stop.wait(self.interval):
+            if self.parent and os.getppid() != self.parent:
+                os._exit(protocol.EXIT_PARENT_GONE)
+            try:
+                self.channel.send({"type": protocol.HEARTBEAT, "job": self.job, "progress": self.progress,
+                                   "rss_mb": round((_read_status_kb("VmRSS") or 0) / 1024, 1)})
+            except (BrokenPipeError, OSError):
+                os._exit(protocol.EXIT_PARENT_GONE)
+
+
+def load_engine(name: str, options: dict[str, Any]):
+    """Import only the engine asked for: the synthetic one must start without importing torch."""
+    if name == "synthetic":
+        from worker.engines.synthetic import SyntheticEngine
+        return SyntheticEngine(options)
+    if name == "wav2vec":
+        from worker.engines.wav2vec import Wav2VecEngine
+        return Wav2VecEngine(options)
+    if name == "whisper":
+        from worker.engines.whisper import WhisperEngine
+        return WhisperEngine(options)
+    raise BootError(f"unknown engine {name!r} (known: wav2vec, whisper, synthetic)")
+
+
+def serve(engine, channel: Channel, stdin: BinaryIO, heartbeat: Heartbeat, log) -> int:
+    while True:
+        try:
+            msg = protocol.read_frame(stdin)
+        except protocol.ProtocolError as exc:
+            log.error("protocol_error", error=str(exc))
+            return protocol.EXIT_PROTOCOL_ERROR
+        if msg is None or msg["type"] == protocol.SHUTDOWN:
+            return protocol.EXIT_OK
+        if msg["type"] != protocol.JOB:
+            log.error("protocol_error", error=f"unexpected message {msg['type']!r}")
+            return protocol.EXIT_PROTOCOL_ERROR
+        job = Job.from_message(msg)
+        heartbeat.job, heartbeat.progress = job.job, 0.0
+        _clear_hwm()
+        t0, c0 = time.monotonic(), time.process_time()
+        ru0 = resource.getrusage(resource.RUSAGE_CHILDREN)
+        channel.send({"type": protocol.STARTED, "job": job.job})
+
+        def progress(fraction: float) -> None:
+            heartbeat.progress = round(float(fraction), 4)
+
+        try:
+            result = engine.run(job, progress)
+        except JobError as exc:
+            channel.send({"type": protocol.ERROR, "job": job.job, "error": str(exc), "kind": exc.kind})
+        except MemoryError:
+            channel.send({"type": protocol.ERROR, "job": job.job, "kind": "engine",
+                          "error": f"{job.input}: out of memory inside the worker"})
+            return protocol.EXIT_OK  # a fresh process is the only clean state after MemoryError
+        except Exception as exc:  # an engine bug must fail the file, not the run
+            log.error("job_crashed", file=str(job.input), traceback=traceback.format_exc())
+            line = f"{job.input}: {type(exc).__name__}: {exc}".replace("\n", " ")
+            channel.send({"type": protocol.ERROR, "job": job.job, "error": line[:2000], "kind": "internal"})
+        else:
+            ru1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+            cpu = time.process_time() - c0 + (ru1.ru_utime - ru0.ru_utime) + (ru1.ru_stime - ru0.ru_stime)
+            channel.send({
+                "type": protocol.RESULT, "job": job.job, "output": str(result.output),
+                "audio_seconds": result.audio_seconds,
+                "peak_rss_mb": round((_read_status_kb("VmHWM") or 0) / 1024, 1),
+                "wall_s": round(time.monotonic() - t0, 3), "cpu_s": round(cpu, 3),
+                "stats": result.stats, "warnings": result.warnings[:200],
+            })
+        finally:
+            heartbeat.job, heartbeat.progress = None, None
+        engine.release()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m worker", description=__doc__)
+    parser.add_argument("--engine", required=True)
+    parser.add_argument("--options", default="{}", help="engine options as JSON")
+    parser.add_argument("--heartbeat", type=float, default=1.0)
+    args = parser.parse_args(argv)
+
+    _set_parent_death_signal()
+    parent = int(os.environ.get("BATCHALIGN_SUPERVISE_PARENT_PID") or 0)
+    if parent and os.getppid() != parent:
+        return protocol.EXIT_PARENT_GONE
+    out = protocol.take_protocol_stdout()
+    stdin = os.fdopen(os.dup(0), "rb", buffering=0)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the supervisor's to handle
+
+    from telemetry.logging import configure_logging, get_logger
+
+    configure_logging(json_path=None, console="json", process="worker")
+    log = get_logger("worker")
+    channel = Channel(out)
+    options = json.loads(args.options)
+    t0 = time.monotonic()
+    try:
+        engine = load_engine(args.engine, options)
+    except BootError as exc:
+        channel.send({"type": protocol.BOOT_ERROR, "error": str(exc)})
+        return protocol.EXIT_BOOT_ERROR
+    except Exception as exc:
+        channel.send({"type": protocol.BOOT_ERROR, "error": f"{args.engine}: {type(exc).__name__}: {exc}"})
+        log.error("boot_failed", traceback=traceback.format_exc())
+        return protocol.EXIT_BOOT_ERROR
+    mem = _own_memory_mb()
+    channel.send({"type": protocol.READY, "pid": os.getpid(), "protocol": protocol.PROTOCOL_VERSION,
+                  "engine": args.engine, "model": getattr(engine, "model", ""),
+                  "device": getattr(engine, "device", "cpu"), "startup_s": round(time.monotonic() - t0, 3),
+                  **{k: round(v, 1) for k, v in mem.items()}})
+    heartbeat = Heartbeat(channel, args.heartbeat, parent)
+    heartbeat.start()
+    try:
+        return serve(engine, channel, stdin, heartbeat, log)
+    except (BrokenPipeError, OSError):
+        return protocol.EXIT_PARENT_GONE
+
+
+if __name__ == "__main__":
+    code = main()
+    sys.stdout.flush()
+    os._exit(code)  # skip interpreter teardown of big model objects: the OS reclaims faster
