@@ -1,0 +1,92 @@
+"""Atomic file writes.
+
+A transcript is written next to its target under a hidden temporary name, synced, then renamed over
+the target, so a reader (or a supervisor that kills the worker mid-write) only ever sees the old
+file or the complete new one, never a truncated mix. The directory is synced after the rename so
+the new name survives a power cut.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+from pathlib import Path
+
+__all__ = ["atomic_write_bytes", "atomic_write_text"]
+
+_MAX_NAME_TRIES = 100
+
+
+def _open_temp(folder: Path, name: str) -> tuple[int, Path]:
+    """Create a fresh temp file beside the target; O_EXCL so two writers never share one."""
+    pid = os.getpid()
+    for _ in range(_MAX_NAME_TRIES):
+        tmp = folder / f".{name}.{pid}.{os.urandom(4).hex()}.tmp"
+        try:
+            # 0o666 lets the process umask decide a new file's mode, as a plain open() would.
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o666)
+        except FileExistsError:
+            continue
+        return fd, tmp
+    raise FileExistsError(errno.EEXIST, "could not find a free temporary name", str(folder / name))
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Sync a directory so a rename inside it is durable; skipped where directories cannot be opened."""
+    try:
+        dfd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return
+    try:
+        os.fsync(dfd)
+    except OSError as exc:
+        # Some file systems (and Windows) refuse fsync on a directory; the rename already happened.
+        if exc.errno not in (errno.EINVAL, errno.EBADF, errno.ENOTSUP, errno.EACCES):
+            raise
+    finally:
+        os.close(dfd)
+
+
+def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
+    """Replace ``path`` with ``data`` atomically.
+
+    Parent folders are created. An existing target keeps its permission bits (an in-place run must
+    not turn a group-readable transcript private). A symlinked target is followed so the link stays a
+    link. On any error the temporary file is removed and the target is left as it was.
+    """
+    target = Path(path)
+    if target.is_symlink():
+        target = target.resolve()
+    folder = target.parent
+    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        mode: int | None = stat.S_IMODE(os.stat(target).st_mode)
+    except FileNotFoundError:
+        mode = None
+
+    fd, tmp = _open_temp(folder, target.name)
+    try:
+        try:
+            if mode is not None:
+                os.fchmod(fd, mode)
+            view = memoryview(data)
+            while view:
+                written = os.write(fd, view)
+                view = view[written:]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, target)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    _fsync_dir(folder)
+
+
+def atomic_write_text(path: str | os.PathLike[str], text: str, encoding: str = "utf-8") -> None:
+    """Encode ``text`` and write it atomically; newline characters are written exactly as given."""
+    atomic_write_bytes(path, text.encode(encoding))
