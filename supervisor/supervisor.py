@@ -755,7 +755,7 @@ class Supervisor:
         summary = {"done": c["done"], "failed": c["failed"], "quarantined": c["quarantined"], "skipped": c["skipped"],
                    "pending": c["pending"], "kills": self.kills, "pauses": self.pauses, "wall_s": round(wall, 2),
                    "audio_seconds": round(self.audio_done_s, 1), "exit_code": code, "halted": self.halted,
-                   "drained": self.draining}
+                   "drained": self.draining, "supervisor_cpu_s": round(time.process_time(), 3)}
         self.emit("run_finished", level="info" if code == 0 else "warning", **summary)
         if self.store is not None:
             self.store.save_model(self.s.engine_name, self.s.model_id, self.s.run.device, self.predictor.model.params())
