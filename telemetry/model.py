@@ -5,15 +5,17 @@ telemetry store, so a run starts from what earlier runs learned.
 
 Peak growth (MiB above the worker's READY baseline) is modelled as a line in the file's size:
 ``growth = a + b * audio_seconds``, or ``a + b * media_mb`` when the duration is unknown (two
-separate fits over the same window of samples). The line is fitted with Theil–Sen (median of
-pairwise slopes), which shrugs off the odd pathological file, and then lifted to an upper quantile
-of the residuals so that most files fit under their estimate; a margin on top absorbs drift.
+separate fits over the same window of samples). The line starts from Theil–Sen (median of pairwise
+slopes) and is refined by a Huber M-estimate, so the odd pathological file cannot drag it while
+clean files are used almost as efficiently as by least squares. It is then lifted to an upper
+quantile of the residuals so that most files fit under their estimate; a margin on top absorbs
+drift.
 
 Residual spread in memory use usually scales with the file (a long file allocates proportionally
 larger buffers, and their jitter scales with them), but a fixed overhead jitter is also common. Both
 are tried: residuals taken absolutely (the quantile is added to the intercept) and relative to the
-fitted value (the line is scaled), and the one with the lower quantile (pinball) loss on the window
-wins. Either way the lifted prediction is itself a line.
+fitted value (the line is scaled), and the pinball (quantile) loss on the window picks one, with a
+lean toward the proportional reading. Either way the lifted prediction is itself a line.
 
 A killed attempt only shows that the file needs *more* than it reached, so it never enters the fit;
 it becomes a per-file lower bound (see ``bump_after_kill`` and ``Predictor.estimate``).
@@ -32,8 +34,10 @@ PARAMS_VERSION = 1
 # a refit to a few milliseconds while staying deterministic.
 _ALL_PAIRS_UPTO = 200
 _PAIR_SAMPLE = 20_000
-# Fitted values below this are treated as this when scaling residuals, so near-empty files do not
-# turn small absolute jitter into huge relative residuals.
+# Fitted values below this fraction of the median growth (and below 1 MiB) are raised to it when
+# scaling residuals, so near-empty files neither turn small absolute jitter into huge relative
+# residuals nor dominate a proportionally weighted fit.
+_REL_FLOOR_FRACTION = 0.02
 _REL_FLOOR_MB = 1.0
 # Huber's tuning constant: 95% efficiency under Gaussian noise, bounded pull from outliers.
 _HUBER_K = 1.345
@@ -175,6 +179,7 @@ def huber_refine(
     start: tuple[float, float],
     *,
     proportional: bool,
+    floor: float = _REL_FLOOR_MB,
     iterations: int = 30,
 ) -> tuple[float, float]:
     """Huber M-estimate of the line by reweighted least squares, starting from a robust fit.
@@ -182,11 +187,11 @@ def huber_refine(
     Theil–Sen alone wastes much of the data when noise grows with the file (its intercept is an
     extrapolation dominated by long files); Huber weights keep least squares' efficiency on clean
     points while capping the pull of outliers. With ``proportional`` each residual is scaled by the
-    fitted value, which is the right weighting when spread grows with file size.
+    fitted value (at least ``floor``), which is the right weighting when spread grows with size.
     """
     a, b = start
     for _ in range(iterations):
-        scales = [max(a + b * x, _REL_FLOOR_MB) if proportional else 1.0 for x in xs]
+        scales = [max(a + b * x, floor) if proportional else 1.0 for x in xs]
         z = [(y - (a + b * x)) / s for x, y, s in zip(xs, ys, scales)]
         spread = _median([abs(v) for v in z]) * 1.4826
         if spread <= 0:
@@ -220,9 +225,10 @@ def fit_line(
 
     Two noise models compete: constant spread (quantile added to the intercept) and spread
     proportional to the fitted value (the line is scaled by the relative quantile); each is fitted
-    by ``huber_refine`` from a Theil–Sen start. Constant spread must beat proportional spread clearly on pinball loss to win: on a
-    small window the losses are noisy, and misreading proportional noise as constant would shave
-    the headroom of exactly the large files that exhaust memory.
+    by ``huber_refine`` from a Theil–Sen start. Constant spread must beat proportional spread
+    clearly on pinball loss to win: on a small window the losses are noisy, and misreading
+    proportional noise as constant would shave the headroom of exactly the large files that
+    exhaust memory.
     """
     fx = list(xs)
     fy = list(ys)
@@ -242,8 +248,9 @@ def fit_line(
     loss_abs = _pinball((r - q_abs for r in res_abs), quantile_q)
     absolute = LineFit(n, a, b, a + q_abs, b, "absolute", q_abs)
 
-    ar, br = huber_refine(fx, fy, start, proportional=True)
-    scales = [max(ar + br * x, _REL_FLOOR_MB) for x in xs]
+    floor = max(_REL_FLOOR_MB, _REL_FLOOR_FRACTION * _median([abs(y) for y in ys]))
+    ar, br = huber_refine(fx, fy, start, proportional=True, floor=floor)
+    scales = [max(ar + br * x, floor) for x in xs]
     res_rel = [y - (ar + br * x) for x, y in zip(xs, ys)]
     q_rel = quantile([r / s for r, s in zip(res_rel, scales)], quantile_q)
     loss_rel = _pinball((r - q_rel * s for r, s in zip(res_rel, scales)), quantile_q)
