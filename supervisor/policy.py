@@ -99,6 +99,11 @@ LIVE = ("starting", "ready", "busy", "paused")
 RUNNING = ("busy", "paused")
 
 
+def gib(mb: float) -> str:
+    """GiB with enough digits that 'needs ~X, budget is Y' never reads as X == Y."""
+    return f"{mb / 1024:.1f}" if mb >= 10 * 1024 else f"{mb / 1024:.2f}"
+
+
 def remaining_growth(w: WorkerView) -> float:
     if w.state not in RUNNING or w.baseline_uss_mb is None:
         return 0.0
@@ -189,7 +194,7 @@ class MemoryPolicy:
                 if p.file not in self._rejected:
                     self._rejected.add(p.file)
                     out.append(Decision(Act.REJECT, file=p.file, reason=(
-                        f"needs ~{p.central_peak_mb / 1024:.1f} GiB, budget is {s.budget_mb / 1024:.1f} GiB"),
+                        f"needs ~{gib(p.central_peak_mb)} GiB, budget is {gib(s.budget_mb)} GiB"),
                         figures={**figs, "predicted_mb": round(p.peak_mb, 1)}))
             else:
                 pending.append(p)

@@ -174,7 +174,7 @@ def test_file_that_cannot_fit_even_alone_is_rejected_once_with_figures():
     hopeless = pend("hopeless", 20000, central=15000)
     out = p.decide(snap(pending=[hopeless, pend("ok", 100)]))
     assert out[0].act is Act.REJECT and out[0].file == "hopeless"
-    assert out[0].reason == "needs ~14.6 GiB, budget is 9.8 GiB"
+    assert out[0].reason == "needs ~14.6 GiB, budget is 9.77 GiB"
     assert out[1:] and out[1].act is Act.SPAWN
     # Not rejected twice.
     assert all(d.act is not Act.REJECT for d in p.decide(snap(pending=[hopeless])))

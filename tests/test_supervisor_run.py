@@ -102,9 +102,41 @@ def test_too_big_file_is_killed_requeued_larger_and_quarantined_while_rest_finis
     assert admitted[0]["predicted_mb"] < requeued[0]["estimate_mb"]
     q = named(evs, "file_quarantined")
     assert [e["file"] for e in q] == ["f000.cha"]
-    assert "needs ~" in q[0]["reason"] or "killed" in q[0]["reason"]
+    # The kill showed it needs more than the whole budget: no attempt is wasted on it.
+    assert q[0]["reason"].startswith("needs ~") and "budget is" in q[0]["reason"]
+    assert q[0]["observed_mb"] > 420 * 0.95
     assert {e["file"] for e in named(evs, "file_done")} == {"f001.cha", "f002.cha", "f003.cha", "f004.cha"}
     assert "quarantined: f000.cha" in r.stderr
+
+
+def test_file_that_keeps_crashing_its_worker_is_quarantined_after_max_attempts(tmp_path):
+    corpus_dir = tmp_path / "corpus"
+    make_corpus(corpus_dir, [40, 5, 6, 7])
+    out = tmp_path / "out"
+    log = tmp_path / "run.jsonl"
+    p = start_cli(cli_args(corpus_dir, out, "--memory-budget", "800MiB", "--workers", "2", "--log-json", str(log),
+                           "--max-attempts", "3"), tmp_path,
+                  BATCHALIGN_SUPERVISE_ENGINE_SYNTHETIC_CPU_SECONDS_PER_AUDIO_SECOND="0.1")
+    killed = set()
+    try:
+        deadline = time.monotonic() + 120
+        while p.poll() is None and time.monotonic() < deadline:
+            for e in named(events(log), "file_started"):
+                if e["file"] == "f000.cha" and e["pid"] not in killed:
+                    killed.add(e["pid"])
+                    os.kill(e["pid"], signal.SIGKILL)
+            time.sleep(0.05)
+        assert p.wait(timeout=30) == 1, p.stderr.read()[-3000:]
+    finally:
+        if p.poll() is None:
+            p.kill()
+    evs = events(log)
+    assert len(killed) == 3
+    q = named(evs, "file_quarantined")
+    assert [e["file"] for e in q] == ["f000.cha"] and q[0]["attempts"] == 3
+    assert "SIGKILL" in q[0]["reason"]
+    assert len([e for e in named(evs, "file_requeued") if e["file"] == "f000.cha"]) == 2
+    assert {e["file"] for e in named(evs, "file_done")} == {"f001.cha", "f002.cha", "f003.cha"}
 
 
 def test_kill_9_of_a_worker_mid_file_is_done_by_another(tmp_path):

@@ -1,0 +1,109 @@
+"""Corpus discovery, media lookup, the done-manifest and the file queue."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from bench.synth_corpus import make_corpus
+from supervisor.corpus import Manifest, discover, find_media
+from supervisor.queue import FileState, WorkQueue
+from telemetry.model import Estimate
+
+pytestmark = pytest.mark.timeout(30)
+
+
+def test_discover_mirrors_tree_and_finds_media(tmp_path):
+    files = make_corpus(tmp_path / "c", [3, 4, 5], subdirs=2)
+    infos = discover([tmp_path / "c"], out_root=tmp_path / "o", in_place=False)
+    assert [i.rel for i in infos] == ["part0/f000.cha", "part0/f002.cha", "part1/f001.cha"]
+    for info in infos:
+        assert info.out == (tmp_path / "o" / info.rel).resolve()
+        assert info.media is not None and info.media.suffix == ".wav"
+        assert info.audio_seconds == pytest.approx({"f000": 3, "f001": 4, "f002": 5}[info.path.stem], abs=0.01)
+    assert len(files) == 3
+
+
+def test_media_lookup_is_case_insensitive_and_uses_media_dir(tmp_path):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "REC.WAV").write_bytes(b"x")
+    assert find_media(tmp_path / "a" / "t.cha", "rec") == tmp_path / "a" / "REC.WAV"
+    media = tmp_path / "media" / "sub"
+    media.mkdir(parents=True)
+    (media / "other.flac").write_bytes(b"x")
+    assert find_media(tmp_path / "a" / "t.cha", "other", tmp_path / "media", "sub/t.cha") == media / "other.flac"
+    assert find_media(tmp_path / "a" / "t.cha", "missing", tmp_path / "media", "sub/t.cha") is None
+
+
+def test_missing_media_is_reported_with_the_file(tmp_path):
+    files = make_corpus(tmp_path / "c", [3])
+    (tmp_path / "c" / "f000.wav").unlink()
+    info = discover([tmp_path / "c"], out_root=tmp_path / "o", in_place=False)[0]
+    assert info.media is None and "f000.cha" in info.media_error and "not found" in info.media_error
+    assert files
+
+
+def test_outputs_inside_the_corpus_are_not_inputs(tmp_path):
+    make_corpus(tmp_path / "c", [3])
+    (tmp_path / "c" / "out").mkdir()
+    (tmp_path / "c" / "out" / "f000.cha").write_text("@UTF8\n")
+    infos = discover([tmp_path / "c"], out_root=tmp_path / "c" / "out", in_place=False)
+    assert [i.rel for i in infos] == ["f000.cha"]
+
+
+def test_manifest_tracks_content_hash_and_output(tmp_path):
+    make_corpus(tmp_path / "c", [3])
+    info = discover([tmp_path / "c"], out_root=tmp_path / "o", in_place=False)[0]
+    m = Manifest(tmp_path / "o" / ".batchalign-supervise" / "done.jsonl")
+    assert not m.is_done(info)
+    info.out.parent.mkdir(parents=True)
+    info.out.write_text("aligned")
+    m.mark_done(info)
+    assert Manifest(m.path).is_done(info)
+    info.out.write_text("tampered")
+    assert not Manifest(m.path).is_done(info)
+    # A torn last line (kill -9 mid-append) is ignored.
+    info.out.write_text("aligned")
+    with open(m.path, "ab") as fh:
+        fh.write(b'{"rel": "f000.cha", "input_')
+    assert Manifest(m.path).is_done(info)
+
+
+def test_in_place_manifest_recognises_its_own_output(tmp_path):
+    make_corpus(tmp_path / "c", [3])
+    info = discover([tmp_path / "c"], out_root=None, in_place=True)[0]
+    m = Manifest(tmp_path / "c" / ".batchalign-supervise" / "done.jsonl")
+    info.out.write_text(info.path.read_text() + "\n")
+    m.mark_done(info)
+    again = discover([tmp_path / "c"], out_root=None, in_place=True)[0]
+    assert Manifest(m.path).is_done(again)
+
+
+def _est(peak):
+    return Estimate(peak_mb=peak, growth_mb=peak - 10, baseline_mb=10, source="cold", lower_bound_mb=None,
+                    central_mb=peak)
+
+
+def test_queue_orders_largest_first_and_counts_attempts(tmp_path):
+    make_corpus(tmp_path / "c", [3, 9, 5])
+    q = WorkQueue(max_attempts=2)
+    for info in discover([tmp_path / "c"], out_root=tmp_path / "o", in_place=False):
+        q.add(info).estimate = _est(info.audio_seconds * 10)
+    assert [j.rel for j in q.pending()] == ["f001.cha", "f002.cha", "f000.cha"]
+    job = q.get("f001.cha")
+    q.start(job, worker=1)
+    assert q.fail(job, "crash", retry=True) is FileState.PENDING
+    q.start(job, worker=2)
+    assert q.fail(job, "crash again", retry=True, lower_bound_mb=300) is FileState.QUARANTINED
+    assert job.attempts == 2 and job.lower_bound_mb == 300 and job.reason == "crash again"
+    other = q.get("f000.cha")
+    q.start(other, worker=1)
+    assert q.fail(other, "bad CHAT", retry=False) is FileState.FAILED
+    last = q.get("f002.cha")
+    q.start(last, worker=1)
+    q.requeue(last, "stopping")
+    assert last.state is FileState.PENDING and last.attempts == 0
+    with pytest.raises(ValueError):
+        q.start(job, worker=1)
+    assert q.counts()["quarantined"] == 1 and q.counts()["failed"] == 1
