@@ -30,7 +30,7 @@ class FileJob:
     state: FileState = FileState.PENDING
     attempts: int = 0
     estimate: Estimate | None = None
-    lower_bound_mb: float | None = None  # growth (MiB) at which an attempt was killed
+    lower_bound_mb: float | None = None  # peak (MiB, baseline included) an attempt was killed at
     failures: list[str] = field(default_factory=list)
     last_peak_mb: float | None = None
     worker: int | None = None

@@ -62,7 +62,8 @@ def make_predictor(s: Settings, store: TelemetryStore | None) -> Predictor:
     if store is not None and not params:
         for smp in reversed(store.samples(s.engine_name, s.model_id, s.run.device)):
             model.observe(smp.audio_seconds, smp.media_mb, smp.growth_mb)
-    learned = store.baseline(s.engine_name, s.model_id, s.run.device) if store else None
+    # PSS at READY: what a worker is charged, and close to its whole cost when it runs alone.
+    learned = store.baseline(s.engine_name, s.model_id, s.run.device, measure="pss") if store else None
     return Predictor(model, learned if learned is not None else eng.cold_baseline_mb)
 
 

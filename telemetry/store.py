@@ -384,17 +384,20 @@ class TelemetryStore:
             )
         )
 
-    def baseline(self, engine: str, model: str, device: str) -> float | None:
-        """A high quantile of the last ``BASELINE_WINDOW`` READY USS figures: a worker that starts a
-        little fatter than usual must not push the pool over budget."""
+    def baseline(self, engine: str, model: str, device: str, measure: str = "uss") -> float | None:
+        """A high quantile of the last ``BASELINE_WINDOW`` READY figures (``uss``, ``pss`` or ``rss``):
+        a worker that starts a little fatter than usual must not push the pool over budget."""
+        if measure not in ("uss", "pss", "rss"):
+            raise ValueError(f"unknown baseline measure {measure!r}")
+        column = f"{measure}_mb"
         rows = self._read(
-            """SELECT uss_mb FROM baselines WHERE engine = ? AND model = ? AND device = ?
-               ORDER BY id DESC LIMIT ?""",
+            f"""SELECT {column} FROM baselines WHERE engine = ? AND model = ? AND device = ?
+               AND {column} IS NOT NULL ORDER BY id DESC LIMIT ?""",
             (engine, model, device, BASELINE_WINDOW),
         )
         if not rows:
             return None
-        return quantile([r["uss_mb"] for r in rows], BASELINE_QUANTILE)
+        return quantile([r[column] for r in rows], BASELINE_QUANTILE)
 
     # -- learned models ------------------------------------------------------------------------
 

@@ -1,0 +1,167 @@
+"""The worker pool and protocol with real worker processes."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bench.synth_corpus import make_corpus
+from supervisor.pool import IllegalTransition, ProcessPool, WorkerState, worker_command
+from worker import protocol
+
+pytestmark = pytest.mark.timeout(60)
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_frames_round_trip_and_strict_framing():
+    buf = io.BytesIO()
+    protocol.write_frame(buf, {"type": "ready", "pid": 1, "text": "é"})
+    buf.seek(0)
+    assert protocol.read_frame(buf) == {"type": "ready", "pid": 1, "text": "é"}
+    assert protocol.read_frame(buf) is None  # clean EOF
+    with pytest.raises(protocol.ProtocolError):
+        protocol.read_frame(io.BytesIO(b"\x00\x00\x00\x10{}"))  # truncated body
+    with pytest.raises(protocol.ProtocolError):
+        protocol.read_frame(io.BytesIO(b"\x7f\xff\xff\xff"))  # absurd length
+    with pytest.raises(protocol.ProtocolError):
+        protocol.decode_body(b"[1, 2]")  # not a message object
+    with pytest.raises(protocol.ProtocolError):
+        protocol.encode({"no": "type"})
+
+
+def test_stray_output_cannot_corrupt_the_protocol_stream():
+    code = ("import os, sys; from worker import protocol; out = protocol.take_protocol_stdout(); "
+            "print('stray print'); sys.stdout.flush(); os.write(1, b'raw fd write'); "
+            "protocol.write_frame(out, {'type': 'ready'})")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, cwd=ROOT, timeout=30,
+                       env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert protocol.read_frame(io.BytesIO(r.stdout)) == {"type": "ready"}
+    assert len(r.stdout) == protocol.HEADER_SIZE + len(b'{"type":"ready"}')
+    assert b"stray print" in r.stderr and b"raw fd write" in r.stderr
+
+
+def _options():
+    return {"baseline_mb": 10, "mb_per_audio_second": 1, "cpu_seconds_per_audio_second": 0.01}
+
+
+async def _next(events: asyncio.Queue, kind: str, timeout: float = 20):
+    while True:
+        ev = await asyncio.wait_for(events.get(), timeout)
+        if ev.kind == kind and (kind != "message" or ev.msg["type"] != protocol.HEARTBEAT):
+            return ev
+
+
+def test_ready_job_result_and_shutdown(tmp_path):
+    cha = make_corpus(tmp_path / "c", [3])[0]
+
+    async def scenario():
+        events: asyncio.Queue = asyncio.Queue()
+        pool = ProcessPool(worker_command("synthetic", _options()), events=events,
+                           env={**os.environ, "PYTHONPATH": str(ROOT)})
+        w = await pool.spawn()
+        ev = await _next(events, "message")
+        assert ev.msg["type"] == protocol.READY and ev.msg["pid"] == w.pid
+        w.transition(WorkerState.READY)
+        w.transition(WorkerState.BUSY)
+        await pool.send(w, {"type": protocol.JOB, "job": "j1", "input": str(cha), "output": str(tmp_path / "o.cha"),
+                            "media": str(cha.with_suffix(".wav")), "rel": "f000.cha"})
+        started = await _next(events, "message")
+        assert started.msg == {"type": protocol.STARTED, "job": "j1"}
+        result = await _next(events, "message")
+        assert result.msg["type"] == protocol.RESULT and result.msg["audio_seconds"] == pytest.approx(3, abs=0.01)
+        assert result.msg["peak_rss_mb"] > 0 and "%wor:" in (tmp_path / "o.cha").read_text()
+        w.transition(WorkerState.READY)
+        await pool.stop(w, "test over")
+        exited = await _next(events, "exited")
+        assert exited.returncode == protocol.EXIT_OK
+        with pytest.raises(IllegalTransition):
+            w.transition(WorkerState.BUSY)
+
+    asyncio.run(scenario())
+
+
+def test_a_broken_frame_from_the_supervisor_makes_the_worker_leave():
+    async def scenario():
+        events: asyncio.Queue = asyncio.Queue()
+        pool = ProcessPool(worker_command("synthetic", _options()), events=events,
+                           env={**os.environ, "PYTHONPATH": str(ROOT)})
+        w = await pool.spawn()
+        await _next(events, "message")
+        w.proc.stdin.write(b"\x00\x00\x00\x05nope!")
+        await w.proc.stdin.drain()
+        exited = await _next(events, "exited")
+        assert exited.returncode == protocol.EXIT_PROTOCOL_ERROR
+
+    asyncio.run(scenario())
+
+
+def test_boot_error_is_reported_with_its_exit_code():
+    async def scenario():
+        events: asyncio.Queue = asyncio.Queue()
+        pool = ProcessPool(worker_command("no-such-engine", {}), events=events,
+                           env={**os.environ, "PYTHONPATH": str(ROOT)})
+        await pool.spawn()
+        ev = await _next(events, "message")
+        assert ev.msg["type"] == protocol.BOOT_ERROR and "no-such-engine" in ev.msg["error"]
+        exited = await _next(events, "exited")
+        assert exited.returncode == protocol.EXIT_BOOT_ERROR
+
+    asyncio.run(scenario())
+
+
+def test_pause_resume_and_kill_reach_the_whole_process_group(tmp_path):
+    async def scenario():
+        events: asyncio.Queue = asyncio.Queue()
+        pool = ProcessPool(worker_command("synthetic", _options()), events=events,
+                           env={**os.environ, "PYTHONPATH": str(ROOT)})
+        w = await pool.spawn()
+        await _next(events, "message")
+        w.transition(WorkerState.READY)
+        w.transition(WorkerState.BUSY)
+        pool.pause(w)
+        await asyncio.sleep(0.2)
+        assert _proc_state(w.pid) == "T"
+        pool.resume(w)
+        await asyncio.sleep(0.2)
+        assert _proc_state(w.pid) in ("S", "R")
+        pool.kill(w, "test")
+        exited = await _next(events, "exited")
+        assert exited.returncode == -signal.SIGKILL and w.state is WorkerState.KILLED
+
+    asyncio.run(scenario())
+
+
+def test_worker_leaves_when_its_parent_is_killed(tmp_path):
+    """An intermediate 'supervisor' spawns a worker and is SIGKILLed: the worker must not survive."""
+    code = ("import subprocess, sys, os, json, time; "
+            f"p = subprocess.Popen({worker_command('synthetic', _options())!r}, stdin=subprocess.PIPE, "
+            "stdout=subprocess.PIPE, env={**os.environ, 'BATCHALIGN_SUPERVISE_PARENT_PID': str(os.getpid())}); "
+            "print(p.pid, flush=True); time.sleep(60)")
+    parent = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, cwd=ROOT,
+                              env={**os.environ, "PYTHONPATH": str(ROOT)})
+    worker_pid = int(parent.stdout.readline())
+    parent.kill()
+    parent.wait()
+    for _ in range(100):
+        if _proc_state(worker_pid) in (None, "Z"):
+            break
+        import time
+
+        time.sleep(0.1)
+    assert _proc_state(worker_pid) in (None, "Z")
+
+
+def _proc_state(pid: int) -> str | None:
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return None
