@@ -18,6 +18,7 @@ import logging
 import os
 import re
 import struct
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -207,7 +208,10 @@ def load_pretrained(
         model.to(device)
         log.debug("model %s on %s: weights are private device memory", model_id_or_path, device)
     elif quantize_int8:
-        model = torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
+        with warnings.catch_warnings():
+            # Deprecated in favour of torchao, which is not part of this stack; still works here.
+            warnings.simplefilter("ignore")
+            model = torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
         model.eval()
         model._shared_weights = False
         model._shared_bytes = 0
