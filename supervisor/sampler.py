@@ -648,15 +648,21 @@ class ProcSampler:
         if reading is None:
             self._exact.pop(pid, None)
             return None
-        uss, pss, swap = reading
+        uss, pss, swap, measured = reading
+        if not measured:
+            return uss, pss, swap, False
         tracked = max(1, len(self._exact) + (last is None))
         interval = cost * tracked / self.exact_share if self.exact_share > 0 else self.max_exact_interval
         interval = min(max(interval, self.min_exact_interval), self.max_exact_interval)
         self._exact[pid] = _Exact(now, now + interval, uss, pss, status.anon, status.file)
         return uss, pss, swap, True
 
-    def _read_smaps(self, pid: int) -> tuple[int, int, int] | None:
-        """(USS, PSS, swap) from smaps_rollup; psutil (full smaps) where the rollup is unavailable."""
+    def _read_smaps(self, pid: int) -> tuple[int, int, int, bool] | None:
+        """(USS, PSS, swap, measured) from smaps_rollup, or psutil (full smaps) without the rollup.
+
+        A process we may not inspect (another user's) gets anonymous RSS as USS and RSS as PSS,
+        not measured.
+        """
         if self._smaps_rollup is not False:
             try:
                 data = _read(f"{self._proc}/{pid}/smaps_rollup")
@@ -671,15 +677,15 @@ class ProcSampler:
             else:
                 self._smaps_rollup = True
                 uss = (_kb(data, b"Private_Clean") or 0) + (_kb(data, b"Private_Dirty") or 0)
-                return uss, _kb(data, b"Pss") or 0, _kb(data, b"Swap") or 0
+                return uss, _kb(data, b"Pss") or 0, _kb(data, b"Swap") or 0, True
         try:
             info = psutil.Process(pid).memory_full_info()
         except (psutil.NoSuchProcess, psutil.ZombieProcess):
             return None
         except psutil.AccessDenied:
             status = _read_status(self._proc, pid)
-            return None if status is None else (status.anon, status.rss, status.swap)
-        return info.uss, info.pss, getattr(info, "swap", 0)
+            return None if status is None else (status.anon, status.rss, status.swap, False)
+        return info.uss, info.pss, getattr(info, "swap", 0), True
 
     def _members(self, pid: int, now: float, force: bool) -> list[int]:
         """``pid`` and its descendants, rediscovered at most once per ``children_interval``."""
