@@ -19,7 +19,7 @@ from conftest_models import build_tiny_wav2vec, install_in_hub_cache  # noqa: E4
 
 from worker.align import UttRequest  # noqa: E402
 from worker.engines.base import BootError  # noqa: E402
-from worker.engines.loading import load_pretrained  # noqa: E402
+from worker.engines.loading import _file_mappings, load_pretrained  # noqa: E402
 from worker.engines.wav2vec import CharVocab, Wav2VecAligner, Wav2VecEngine  # noqa: E402
 
 pytestmark = pytest.mark.timeout(120)
@@ -53,6 +53,8 @@ def test_local_folder_loads_ready_for_inference(tiny):
     from transformers import Wav2Vec2ForCTC
 
     model = load_pretrained(Wav2Vec2ForCTC, str(tiny))
+    ranges = _file_mappings([tiny / "model.safetensors"])
+    assert all(any(lo <= p.data_ptr() < hi for lo, hi in ranges) for p in model.parameters())
     assert not model.training
     assert all(not p.requires_grad for p in model.parameters())
     assert model._shared_weights is True
@@ -65,6 +67,10 @@ def test_other_dtypes_and_int8_load_privately(tiny):
     bf16 = load_pretrained(Wav2Vec2ForCTC, str(tiny), dtype="bf16")
     assert next(bf16.parameters()).dtype == torch.bfloat16
     assert bf16._shared_weights is False
+    private = load_pretrained(Wav2Vec2ForCTC, str(tiny), share_weights=False)
+    assert private._shared_weights is False and private._private_bytes > 0
+    ranges = _file_mappings([tiny / "model.safetensors"])
+    assert not any(lo <= p.data_ptr() < hi for p in private.parameters() for lo, hi in ranges)
     q = load_pretrained(Wav2Vec2ForCTC, str(tiny), quantize_int8=True)
     assert q._shared_weights is False
     assert any("quantized" in type(m).__module__ for m in q.modules())

@@ -166,6 +166,7 @@ def load_pretrained(
 ) -> Any:
     """Load ``model_cls`` from a hub id or local folder, ready for inference.
 
+    ``share_weights=False`` copies the weights into private memory (one copy per worker).
     ``kwargs`` go to ``from_pretrained`` (e.g. ``attn_implementation="eager"``). ``strict`` refuses a
     checkpoint that lacks weights the model needs (e.g. a pretraining checkpoint without a CTC
     head), which would otherwise run with random weights and produce garbage alignments.
@@ -229,7 +230,21 @@ def load_pretrained(
                 model._shared_bytes >> 20,
                 model._private_bytes >> 20,
             )
+    else:
+        _make_private(model)
+        log.debug("model %s: weights copied into private memory", model_id_or_path)
     return model
+
+
+def _make_private(model: torch.nn.Module) -> None:
+    """Copy every tensor out of any file mapping: no dependence on the checkpoint file (or the
+    page cache) after loading, at the price of one private copy per worker."""
+    with torch.no_grad():
+        for t in list(model.parameters()) + list(model.buffers()):
+            t.data = t.data.clone()
+    model._shared_weights = False
+    model._shared_bytes = 0
+    model._private_bytes = _param_bytes(model)
 
 
 def _param_bytes(model: torch.nn.Module) -> int:
