@@ -1,0 +1,572 @@
+"""Whisper forced alignment: cross-attention of the alignment heads, then DTW from tokens to frames.
+
+The encoder runs once per span (padded to Whisper's 30 s window); each utterance's known words are
+then teacher-forced through the decoder, and only the alignment heads' cross-attention is kept (the
+full ``model(..., output_attentions=True)`` call also returns every encoder self-attention map, which
+roughly doubles the peak). The attention rows of each utterance are restricted to the frames of its
+own bullet, z-scored, median-filtered and averaged over heads; a DTW path through the negated matrix
+gives each token its first frame, and words start at their first token's frame and end where the
+next word (or the end-of-text prediction) starts.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import ctypes
+import gc
+from typing import Any
+
+import numpy as np
+import torch
+
+from worker.align import SpanAligner, UttRequest, UttResult, align_file
+from worker.engines.base import BootError, Engine, Job, JobResult, Progress
+from worker.engines.loading import DTYPES, configure_threads, load_pretrained, load_processor
+
+SAMPLE_RATE = 16000
+WINDOW_S = 30.0  # Whisper's fixed input window
+FRAME_S = 0.02  # one encoder frame (two 10 ms mel frames)
+SAMPLES_PER_FRAME = int(SAMPLE_RATE * FRAME_S)
+MEDIAN_WIDTH = 7
+MIN_RANGE_DB = 30.0  # loud-to-floor range below which no frame counts as a pause
+QUIET_FRACTION = 0.2
+MIN_PAUSE_S = 0.1  # a quiet run this long between words is a pause a boundary may snap to
+SNAP_S = 0.2  # how far a DTW word boundary may move onto a pause
+MAX_NEW_TOKENS = 224  # a 30 s window holds far fewer words; stops runaway repetition early
+DEFAULT_MODEL = "openai/whisper-base"
+
+# ISO 639-3 codes used in CHAT headers -> Whisper language codes.
+_ISO3 = {
+    "eng": "en", "fra": "fr", "spa": "es", "deu": "de", "ita": "it", "por": "pt", "nld": "nl",
+    "jpn": "ja", "zho": "zh", "cmn": "zh", "yue": "zh", "kor": "ko", "rus": "ru", "pol": "pl",
+    "tur": "tr", "ara": "ar", "heb": "he", "hun": "hu", "fin": "fi", "swe": "sv", "dan": "da",
+    "nor": "no", "ell": "el", "cat": "ca", "ces": "cs", "ron": "ro", "ind": "id", "tha": "th",
+}
+
+
+def median_filter(x: torch.Tensor, width: int = MEDIAN_WIDTH) -> torch.Tensor:
+    """Median over the last axis with reflected edges; too-short inputs are returned unchanged."""
+    pad = width // 2
+    if width <= 1 or x.shape[-1] <= pad:
+        return x
+    shape = x.shape
+    flat = x.reshape(-1, 1, shape[-1])
+    flat = torch.nn.functional.pad(flat, (pad, pad), mode="reflect")
+    return flat.unfold(-1, width, 1).median(dim=-1).values.reshape(shape)
+
+
+def dtw_path(cost: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Monotonic least-cost path from cell (0, 0) to (N-1, M-1) of an N x M cost matrix.
+
+    Moves are diagonal, down (next row, same column) and right (same row, next column), as in
+    Whisper's word timing. Each row is filled with one cumulative-min scan instead of a Python loop
+    over its cells: cost[i, j] = S[j] + min_{k<=j}(a[k] - S[k-1]), where S is the row's prefix sum
+    and a[k] the best cell reachable from the row above.
+    """
+    n, m = cost.shape
+    acc = np.full((n + 1, m + 1), np.inf)
+    acc[0, 0] = 0.0
+    # 0: diagonal, 1: from above, 2: from the left
+    trace = np.zeros((n + 1, m + 1), dtype=np.int8)
+    for i in range(1, n + 1):
+        diag = acc[i - 1, :-1]
+        up = acc[i - 1, 1:]
+        above = np.minimum(diag, up)
+        csum = np.cumsum(cost[i - 1].astype(np.float64))
+        prev_sum = np.concatenate(([0.0], csum[:-1]))
+        g = above - prev_sum
+        best = np.minimum.accumulate(g)
+        acc[i, 1:] = csum + best
+        left = np.zeros(m, dtype=bool)
+        left[1:] = best[:-1] < g[1:]
+        row = np.where(diag <= up, 0, 1).astype(np.int8)
+        row[left] = 2
+        trace[i, 1:] = row
+    i, j = n, m
+    rows, cols = [], []
+    while i > 0 and j > 0:
+        rows.append(i - 1)
+        cols.append(j - 1)
+        t = trace[i, j]
+        if t == 0:
+            i, j = i - 1, j - 1
+        elif t == 1:
+            i -= 1
+        else:
+            j -= 1
+    return np.array(rows[::-1]), np.array(cols[::-1])
+
+
+def first_frames(matrix: np.ndarray) -> np.ndarray:
+    """For each row of a token x frame score matrix, the frame where the DTW path enters it."""
+    rows, cols = dtw_path(-matrix)
+    starts = np.zeros(matrix.shape[0], dtype=np.int64)
+    seen = np.zeros(matrix.shape[0], dtype=bool)
+    for r, c in zip(rows, cols):
+        if not seen[r]:
+            starts[r] = c
+            seen[r] = True
+    return starts
+
+
+def attention_matrix(weights: torch.Tensor) -> np.ndarray:
+    """heads x tokens x frames cross-attention -> tokens x frames score.
+
+    Each head is standardised over the tokens at every frame (so a frame that every token attends
+    to stops standing out), median-filtered along time, then the heads are averaged.
+    """
+    w = weights.float()
+    std, mean = torch.std_mean(w, dim=-2, keepdim=True, unbiased=False)
+    w = (w - mean) / (std + 1e-8)
+    w = median_filter(w, MEDIAN_WIDTH)
+    return w.mean(dim=0).cpu().numpy()
+
+
+def frame_levels(audio: np.ndarray) -> np.ndarray:
+    """Energy in dB of each 20 ms frame (the encoder's frame grid)."""
+    n = len(audio) // SAMPLES_PER_FRAME
+    if n == 0:
+        return np.zeros(0)
+    frames = audio[: n * SAMPLES_PER_FRAME].astype(np.float64).reshape(n, SAMPLES_PER_FRAME)
+    return 10.0 * np.log10(np.mean(frames * frames, axis=1) + 1e-10)
+
+
+def quiet_frames(levels: np.ndarray) -> np.ndarray:
+    """Frames clearly below the span's speech level, or none when the span has no clear pauses.
+
+    DTW hands a pause to one of the words around it (Whisper's timing makes words contiguous);
+    trimming quiet frames from word edges puts the boundaries back where speech stops and starts.
+    The threshold sits a fifth of the way from the noise floor to the loud frames, and nothing is
+    called quiet when the two are less than ``MIN_RANGE_DB`` apart (noisy or pause-free audio).
+    """
+    if len(levels) < 2:
+        return np.zeros(len(levels), dtype=bool)
+    floor, loud = np.percentile(levels, [5, 99])
+    if loud - floor < MIN_RANGE_DB:
+        return np.zeros(len(levels), dtype=bool)
+    return levels < floor + QUIET_FRACTION * (loud - floor)
+
+
+def quiet_runs(quiet: np.ndarray, min_frames: int) -> list[tuple[int, int]]:
+    """Runs [a, b) of at least ``min_frames`` consecutive quiet frames."""
+    runs = []
+    padded = np.concatenate(([False], quiet, [False])).astype(np.int8)
+    edges = np.flatnonzero(np.diff(padded))
+    for a, b in zip(edges[::2], edges[1::2]):
+        if b - a >= min_frames:
+            runs.append((int(a), int(b)))
+    return runs
+
+
+def word_frames(bounds: list[int], quiet: np.ndarray) -> list[tuple[int, int]]:
+    """Frame ranges of consecutive words from DTW word starts (``bounds[-1]`` ends the last word).
+
+    DTW makes words contiguous, so a pause goes to one of the words around it and the boundary
+    can land a little inside a neighbour. A boundary with a pause (at least ``MIN_PAUSE_S``) within
+    ``SNAP_S`` of it moves onto that pause: the earlier word ends where the pause starts and the
+    later one starts where it ends. Quiet frames left at either edge of a word are trimmed.
+    """
+    n = len(bounds) - 1
+    starts = [int(b) for b in bounds[:-1]]
+    ends = [max(int(b), starts[i] + 1) for i, b in enumerate(bounds[1:])]
+    runs = quiet_runs(quiet, max(1, round(MIN_PAUSE_S / FRAME_S)))
+    snap = round(SNAP_S / FRAME_S)
+    for k in range(1, n):
+        b = bounds[k]
+        best = None
+        for ra, rb in runs:
+            if ra <= starts[k - 1] or rb >= ends[k]:
+                continue
+            dist = max(ra - b, b - rb, 0)
+            if dist <= snap and (best is None or (dist, ra - rb) < best[0]):
+                best = ((dist, ra - rb), ra, rb)
+        if best is not None:
+            ends[k - 1], starts[k] = best[1], best[2]
+    out = []
+    for a, b in zip(starts, ends):
+        b = max(b, a + 1)
+        while a < b - 1 and a < len(quiet) and quiet[a]:
+            a += 1
+        while b - 1 > a and b - 1 < len(quiet) and quiet[b - 1]:
+            b -= 1
+        out.append((a, b))
+    return out
+
+
+def whisper_language(code: str | None) -> str | None:
+    """A Whisper language code for a CHAT (ISO 639-3) or Whisper code; None means English."""
+    if not code:
+        return None
+    code = code.strip().lower()
+    return _ISO3.get(code, code)
+
+
+class WhisperAligner(SpanAligner):
+    """Forced alignment of known words with a Whisper model held for the worker's life."""
+
+    name = "whisper"
+
+    def __init__(self, model, processor, *, model_name: str, dtype: str = "fp32",
+                 language: str | None = None, max_span_s: float = WINDOW_S) -> None:
+        self.hf = model.eval()
+        self.processor = processor
+        self.tokenizer = processor.tokenizer
+        self.model = model_name
+        self.dtype = dtype
+        self.max_span_s = min(float(max_span_s), WINDOW_S)
+        param = next(model.parameters())
+        self.device = param.device
+        # int8 dynamic quantisation keeps float activations: feed float32 then.
+        self._feat_dtype = param.dtype if param.dtype.is_floating_point else torch.float32
+        gen = model.generation_config
+        cfg = model.config
+        self.eot = int(gen.eos_token_id if gen.eos_token_id is not None else cfg.eos_token_id)
+        self.language = whisper_language(language)
+        self.prefix = self._prefix(gen, cfg)
+        self.max_tokens = int(cfg.max_target_positions)
+        self.heads = self._alignment_heads(gen, cfg)
+        self._eager_cross_attention({layer for layer, _ in self.heads})
+
+    @classmethod
+    def load(cls, model_id: str = DEFAULT_MODEL, *, device: str = "cpu", dtype: str = "fp32",
+             int8: bool = False, share_weights: bool = True, threads: int | None = None,
+             language: str | None = None, max_span_s: float = WINDOW_S) -> "WhisperAligner":
+        """Load model and processor; anything that stops them loading is a BootError."""
+        from transformers import WhisperForConditionalGeneration, WhisperProcessor  # noqa: PLC0415
+
+        dtype = str(dtype or "fp32").lower()
+        if dtype not in DTYPES:
+            raise BootError(f"unknown dtype {dtype!r} for whisper; use fp32 or bf16")
+        processor = load_processor(WhisperProcessor, model_id)
+        model = load_pretrained(
+            WhisperForConditionalGeneration, model_id, device=device, dtype=dtype,
+            quantize_int8=int8, share_weights=share_weights, threads=threads,
+        )
+        try:
+            return cls(model, processor, model_name=model_id, dtype=dtype, language=language,
+                       max_span_s=max_span_s)
+        except (KeyError, ValueError, AttributeError, TypeError) as exc:
+            raise BootError(f"cannot load model {model_id!r}: not a usable Whisper model ({exc})") from None
+
+    # -- setup -------------------------------------------------------------------------------
+
+    def _prefix(self, gen, cfg) -> list[int]:
+        sot = int(gen.decoder_start_token_id if gen.decoder_start_token_id is not None
+                  else cfg.decoder_start_token_id)
+        no_ts = gen.no_timestamps_token_id
+        if no_ts is None:
+            no_ts = self.tokenizer.convert_tokens_to_ids("<|notimestamps|>")
+        prefix = [sot]
+        if getattr(gen, "is_multilingual", False):
+            lang = self.language or "en"
+            lang_ids = getattr(gen, "lang_to_id", None) or {}
+            token = f"<|{lang}|>"
+            if token not in lang_ids:
+                raise ValueError(f"language {lang!r} unknown to the model")
+            prefix += [int(lang_ids[token]), int(gen.task_to_id["transcribe"])]
+        prefix.append(int(no_ts))
+        return prefix
+
+    @staticmethod
+    def _alignment_heads(gen, cfg) -> list[tuple[int, int]]:
+        """The model's alignment heads, or every head of the last half of the decoder layers."""
+        heads = getattr(gen, "alignment_heads", None)
+        if heads:
+            return [(int(layer), int(head)) for layer, head in heads]
+        n_layers, n_heads = cfg.decoder_layers, cfg.decoder_attention_heads
+        return [(layer, head) for layer in range(n_layers // 2, n_layers) for head in range(n_heads)]
+
+    def _eager_cross_attention(self, layers: set[int]) -> None:
+        """Make only the alignment layers' cross-attention produce weights, and keep only those.
+
+        SDPA kernels never return attention weights, and switching the whole model to eager
+        attention would also materialise the encoder's 1500 x 1500 maps. The attention modules read
+        their implementation from their own ``config``, so the alignment layers' cross-attention
+        gets a private copy set to eager; a forward hook on each keeps just the alignment heads'
+        rows while a capture is open, so nothing else is retained.
+        """
+        self._captured: dict[int, torch.Tensor] | None = None
+        by_layer: dict[int, list[int]] = {}
+        for layer, head in self.heads:
+            by_layer.setdefault(layer, []).append(head)
+        decoder_layers = self.hf.model.decoder.layers
+        for idx in sorted(layers):
+            if idx >= len(decoder_layers):
+                raise ValueError(f"alignment head in layer {idx} of a {len(decoder_layers)}-layer decoder")
+            module = decoder_layers[idx].encoder_attn
+            cfg = copy.copy(module.config)
+            cfg._attn_implementation = "eager"
+            module.config = cfg
+            module.register_forward_hook(self._keep_heads(idx, by_layer[idx]))
+
+    def _keep_heads(self, layer: int, heads: list[int]):
+        index = torch.tensor(heads)
+
+        def hook(_module, _args, output):
+            if self._captured is not None:
+                weights = output[1] if isinstance(output, tuple) and len(output) > 1 else None
+                if weights is None:
+                    raise RuntimeError(f"decoder layer {layer} returned no cross-attention weights")
+                self._captured[layer] = weights[0].index_select(0, index.to(weights.device))
+
+        return hook
+
+    # -- model passes --------------------------------------------------------------------------
+
+    def _encode(self, audio: np.ndarray) -> tuple[torch.Tensor, int]:
+        """Encoder states of one <= 30 s window, and how many 20 ms frames hold real audio."""
+        audio = np.asarray(audio, dtype=np.float32).reshape(-1)
+        n = min(len(audio), int(WINDOW_S * SAMPLE_RATE))
+        feats = self.processor.feature_extractor(
+            audio[:n], sampling_rate=SAMPLE_RATE, return_tensors="pt"
+        ).input_features
+        feats = feats.to(self.device, self._feat_dtype)
+        enc = self.hf.model.encoder(feats).last_hidden_state
+        n_frames = min(enc.shape[1], -(-n // SAMPLES_PER_FRAME))
+        return enc, n_frames
+
+    def _token_starts(self, enc: torch.Tensor, tokens: list[int], f0: int, f1: int) -> np.ndarray:
+        """Frame (relative to f0) at which each text token, then end-of-text, starts."""
+        ids = self.prefix + tokens + [self.eot]
+        if len(ids) > self.max_tokens:
+            raise ValueError(f"{len(tokens)} tokens exceed the decoder's {self.max_tokens}")
+        inp = torch.tensor([ids], device=self.device)
+        self._captured = {}
+        try:
+            self.hf.model.decoder(input_ids=inp, encoder_hidden_states=enc, use_cache=False)
+            captured = self._captured
+        finally:
+            self._captured = None
+        # Input position p predicts token p+1: the rows that predict the text tokens and the
+        # end-of-text start at the last prefix position.
+        r0 = len(self.prefix) - 1
+        rows = slice(r0, r0 + len(tokens) + 1)
+        slot: dict[int, int] = {}
+        picked = []
+        for layer, _head in self.heads:
+            k = slot.get(layer, 0)
+            slot[layer] = k + 1
+            picked.append(captured[layer][k, rows, f0:f1])
+        weights = torch.stack(picked)
+        del captured, picked
+        return first_frames(attention_matrix(weights))
+
+    def _generation_config(self):
+        """Greedy, no timestamps, prompt set by language and task alone (no legacy forced ids)."""
+        gen = copy.deepcopy(self.hf.generation_config)
+        gen.forced_decoder_ids = None
+        gen.max_length = None
+        gen.max_new_tokens = min(self.max_tokens - len(self.prefix) - 1, MAX_NEW_TOKENS)
+        gen.num_beams = 1
+        gen.do_sample = False
+        gen.return_timestamps = False
+        if getattr(gen, "is_multilingual", False):
+            gen.language = self.language or "en"
+            gen.task = "transcribe"
+        return gen
+
+    def _word_tokens(self, words: list[str]) -> list[list[int]]:
+        return [self.tokenizer.encode(" " + w.strip(), add_special_tokens=False) for w in words]
+
+    # -- SpanAligner -------------------------------------------------------------------------
+
+    def align_span(self, audio: np.ndarray, span_start_s: float,
+                   utts: list[UttRequest]) -> list[UttResult]:
+        """Word times (absolute seconds) for each utterance, each kept inside its own bullet.
+
+        A span that fits Whisper's window is encoded once for all its utterances. A longer span
+        (one utterance longer than the window arrives alone) is encoded per utterance, and an
+        utterance longer than the window is aligned piece by piece.
+        """
+        audio = np.asarray(audio, dtype=np.float32).reshape(-1)
+        results = []
+        with torch.inference_mode():
+            if len(audio) <= WINDOW_S * SAMPLE_RATE:
+                window = self._window(audio, span_start_s)
+                for utt in utts:
+                    results.append(self._guarded(window.align, utt))
+                del window
+            else:
+                for utt in utts:
+                    results.append(self._guarded(lambda u: self._align_long(audio, span_start_s, u), utt))
+        return results
+
+    @staticmethod
+    def _guarded(fn, utt: UttRequest) -> UttResult:
+        try:
+            return fn(utt)
+        except Exception as exc:  # one bad utterance must not sink the span
+            return UttResult(utt.index, None, error=_one_line(exc))
+
+    def _window(self, audio: np.ndarray, start_s: float) -> "_Window":
+        enc, n_frames = self._encode(audio)
+        return _Window(self, enc, n_frames, quiet_frames(frame_levels(audio)), start_s)
+
+    def _align_long(self, audio: np.ndarray, span_start_s: float, utt: UttRequest) -> UttResult:
+        """An utterance of any length, one window at a time.
+
+        Each window gets the words that should fit in it by character count, keeps the first two
+        thirds of them (the last ones may really lie beyond the window) and the next window starts
+        where the last kept word ends.
+        """
+        words = list(utt.words)
+        times: list[tuple[float, float] | None] = []
+        t = max(utt.start_s, span_start_s)
+        end = min(utt.end_s, span_start_s + len(audio) / SAMPLE_RATE)
+        i = 0
+        while i < len(words):
+            if end - t < FRAME_S:
+                times += [None] * (len(words) - i)
+                break
+            win_end = min(end, t + WINDOW_S)
+            rest = words[i:]
+            if win_end >= end:
+                take = keep = len(rest)
+            else:
+                chars = np.cumsum([len(w) + 1 for w in rest])
+                frac = (win_end - t) / (end - t)
+                take = max(1, int(np.searchsorted(chars, frac * chars[-1], side="right")))
+                keep = max(1, (2 * take) // 3)
+            a = int(round((t - span_start_s) * SAMPLE_RATE))
+            b = int(round((win_end - span_start_s) * SAMPLE_RATE))
+            window = self._window(audio[a:b], t)
+            got = window.align(UttRequest(utt.index, t, win_end, rest[:take])).words
+            del window
+            times += got[:keep]
+            i += keep
+            t = max(t + FRAME_S, got[keep - 1][1])
+        return UttResult(utt.index, times)
+
+    def transcribe_words(self, audio: np.ndarray, offset_s: float) -> list[tuple[str, float, float]]:
+        """Recognise the words of ``audio`` (30 s windows) with their times, absolute seconds."""
+        audio = np.asarray(audio, dtype=np.float32).reshape(-1)
+        step = int(WINDOW_S * SAMPLE_RATE)
+        words: list[tuple[str, float, float]] = []
+        with torch.inference_mode():
+            for begin in range(0, max(len(audio), 1), step):
+                chunk = audio[begin:begin + step]
+                if len(chunk) < SAMPLES_PER_FRAME:
+                    continue
+                words += self._transcribe_window(chunk, offset_s + begin / SAMPLE_RATE)
+        return words
+
+    def _transcribe_window(self, audio: np.ndarray, offset_s: float) -> list[tuple[str, float, float]]:
+        """Greedy transcript of one window, then the same DTW on the generated tokens."""
+        from transformers.modeling_outputs import BaseModelOutput  # noqa: PLC0415
+
+        window = self._window(audio, offset_s)
+        with _quiet_transformers():
+            seq = self.hf.generate(
+                encoder_outputs=BaseModelOutput(last_hidden_state=window.enc),
+                generation_config=self._generation_config(),
+            )
+        seq = seq.sequences if hasattr(seq, "sequences") else seq
+        tokens = [int(t) for t in seq[0].tolist() if int(t) < self.eot]
+        if not tokens:
+            return []
+        groups: list[list[int]] = []
+        for t in tokens:
+            if not groups or self.tokenizer.decode([t]).startswith(" "):
+                groups.append([t])
+            else:
+                groups[-1].append(t)
+        starts = self._token_starts(window.enc, tokens, 0, window.n_frames)
+        bounds = np.cumsum([0] + [len(g) for g in groups])
+        frames = word_frames([int(starts[i]) for i in bounds], window.quiet)
+        out = []
+        for g, (a, b) in zip(groups, frames):
+            text = self.tokenizer.decode(g).strip()
+            if text:
+                out.append((text, round(offset_s + a * FRAME_S, 3), round(offset_s + b * FRAME_S, 3)))
+        return out
+
+
+class _Window:
+    """One encoded window of audio: encoder states, real frame count and quiet frames."""
+
+    def __init__(self, aligner: WhisperAligner, enc: torch.Tensor, n_frames: int,
+                 quiet: np.ndarray, start_s: float) -> None:
+        self.aligner = aligner
+        self.enc = enc
+        self.n_frames = n_frames
+        self.quiet = quiet
+        self.start_s = start_s
+
+    def align(self, utt: UttRequest) -> UttResult:
+        """Word times of one utterance, searched only within its own bullet."""
+        n_frames, span_start_s = self.n_frames, self.start_s
+        if not utt.words:
+            return UttResult(utt.index, [])
+        f0 = max(0, int(round((utt.start_s - span_start_s) / FRAME_S)))
+        f1 = min(n_frames, int(round((utt.end_s - span_start_s) / FRAME_S)))
+        if f1 - f0 < 1:
+            raise ValueError(f"utterance {utt.index} has no audio inside the span")
+        word_toks = self.aligner._word_tokens(utt.words)
+        if any(not t for t in word_toks):
+            raise ValueError(f"utterance {utt.index} has a word with no tokens")
+        tokens = [t for toks in word_toks for t in toks]
+        starts = self.aligner._token_starts(self.enc, tokens, f0, f1)
+        bounds = np.cumsum([0] + [len(t) for t in word_toks])
+        lo = max(utt.start_s, span_start_s)
+        hi = min(utt.end_s, span_start_s + f1 * FRAME_S)
+        frames = word_frames([f0 + int(starts[i]) for i in bounds], self.quiet)
+        times = []
+        for a, b in frames:
+            s = min(max(span_start_s + a * FRAME_S, lo), hi)
+            e = min(max(span_start_s + b * FRAME_S, s), hi)
+            times.append((round(s, 3), round(e, 3)))
+        return UttResult(utt.index, times)
+
+
+class WhisperEngine(Engine):
+    """A worker's Whisper aligner and the file-level driver around it."""
+
+    name = "whisper"
+
+    def __init__(self, options: dict[str, Any]) -> None:
+        opts = dict(options or {})
+        threads = int(opts["threads"]) if opts.get("threads") else None
+        configure_threads(threads)
+        span = float(opts.get("span_seconds") or WINDOW_S)
+        if not 0 < span <= WINDOW_S:
+            raise BootError(f"span_seconds must be in (0, {WINDOW_S:g}] for whisper, got {span:g}")
+        self.model = str(opts.get("model") or DEFAULT_MODEL)
+        self.device = str(opts.get("device") or "cpu")
+        self.cache_dir = opts.get("cache_dir")
+        self.aligner = WhisperAligner.load(
+            self.model, device=self.device, dtype=str(opts.get("dtype") or "fp32"),
+            int8=bool(opts.get("int8", False)), share_weights=bool(opts.get("share_weights", True)),
+            threads=threads, language=opts.get("language"), max_span_s=span,
+        )
+
+    def run(self, job: Job, progress: Progress) -> JobResult:
+        return align_file(job, self.aligner, progress, cache=self.cache_dir)
+
+    def release(self) -> None:
+        """Return freed heap pages to the OS so the next file starts from the READY baseline."""
+        gc.collect()
+        try:
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except (OSError, AttributeError):
+            pass
+        if self.device.startswith("cuda") and torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
+@contextlib.contextmanager
+def _quiet_transformers():
+    """Whisper's generate warns about its own legacy settings on every call; keep worker logs clean."""
+    from transformers.utils import logging as hf_logging  # noqa: PLC0415
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip().replace("\n", " ")
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
