@@ -6,9 +6,9 @@ paths are injectable so tests can build fake /proc and cgroup trees.
 Cost matters because the supervisor polls every worker four times a second and must stay under 2%
 of one core. Two readings are expensive and are therefore rationed:
 
-* USS/PSS need ``/proc/PID/smaps_rollup``, which walks the page tables: about 13 ms of CPU for a
-  1 GiB process on a virtualised host (it scales with resident pages), against about 30 us for
-  ``/proc/PID/status``. ``ProcSampler`` reads smaps_rollup for a process when it first sees it and
+* USS/PSS need ``/proc/PID/smaps_rollup``, which walks the page tables: about 12 ms of CPU per
+  GiB resident on a virtualised host, so 8 workers of 4 GiB polled 4 times a second would need
+  more than a whole core, against about 20 us for ``/proc/PID/status``. ``ProcSampler`` reads smaps_rollup for a process when it first sees it and
   then on a schedule that keeps those reads under ``exact_share`` of one core. In between, USS and
   PSS are the last exact values plus the change in anonymous RSS (private), and PSS also takes the
   change in file/shmem RSS in full (it may be shared: counting it whole errs on the safe side). A
