@@ -1,0 +1,988 @@
+"""Read a run's JSON-lines log (or the telemetry store's summary) and turn it into tables and a plot.
+
+The log is the record that survives anything: a supervisor killed with ``kill -9`` leaves a
+half-written last line and no ``run_finished``, and a restarted service appends its next run to the
+same file, gluing its first line onto the broken one. Reading is therefore forgiving line by line,
+and every summary works on a run that never finished.
+
+Text goes through rich tables rendered into a string without colour, so the same output reads well
+in a terminal, in ``journalctl`` and in an e-mail. Figures use matplotlib's Agg backend, which
+needs no display on a headless server.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+from rich import box as _box
+from rich.console import Console
+from rich.table import Table
+
+__all__ = [
+    "EventList",
+    "FileRow",
+    "KillRow",
+    "PauseRow",
+    "PredictionStats",
+    "Report",
+    "load_events",
+    "plot",
+    "render_text",
+    "runs",
+    "select_run",
+    "summarize",
+    "summarize_store",
+]
+
+OUTCOMES = ("done", "failed", "quarantined", "running", "pending", "killed")
+SORTS = ("peak", "time", "file")
+
+# A header rule of dashes and nothing else: survives journald, mail and terminals without UTF-8.
+_PLAIN = _box.Box("    \n    \n -  \n    \n    \n    \n    \n    \n", ascii=True)
+
+
+class EventList(list):
+    """A list of events that remembers how many lines of the log could not be read.
+
+    ``skipped_lines`` counts lines that were not a JSON object (a truncated tail after ``kill -9``,
+    binary garbage); ``recovered`` counts events salvaged from the end of such a line, which is
+    where a restarted run's first event lands when it is appended to a truncated log.
+    """
+
+    skipped_lines: int = 0
+    recovered: int = 0
+
+
+@dataclass
+class FileRow:
+    """One transcript's fate in the run.
+
+    ``outcome`` is ``done``, ``failed``, ``quarantined``, or, for a log that ended first,
+    ``running`` (admitted, no result yet), ``pending`` (requeued, not admitted again) or ``killed``
+    (its worker was killed and nothing else was logged). ``peak_mb`` is the reported peak of a
+    finished file, otherwise the highest usage observed (kill, requeue, quarantine or samples);
+    ``wall_s`` of a running file is the time it had been running when the log ended.
+    """
+
+    file: str
+    outcome: str
+    attempts: int = 0
+    audio_seconds: float | None = None
+    peak_mb: float | None = None
+    predicted_mb: float | None = None
+    wall_s: float | None = None
+    worker: Any = None
+    reason: str | None = None
+    kills: int = 0
+
+    @property
+    def error_mb(self) -> float | None:
+        """Observed peak minus prediction: positive means the model under-predicted."""
+        if self.peak_mb is None or self.predicted_mb is None:
+            return None
+        return self.peak_mb - self.predicted_mb
+
+
+@dataclass
+class KillRow:
+    """A worker killed by the supervisor, with the figures it decided on."""
+
+    t: float | None
+    worker: Any
+    pid: int | None
+    file: str | None
+    reason: str | None
+    uss_mb: float | None
+    used_mb: float | None
+    budget_mb: float | None
+    predicted_mb: float | None
+    audio_seconds: float | None = None
+
+
+@dataclass
+class PauseRow:
+    """A worker stopped with SIGSTOP to let memory settle; ``end_t`` is None if never resumed."""
+
+    t: float | None
+    worker: Any
+    pid: int | None
+    file: str | None
+    reason: str | None
+    used_mb: float | None
+    budget_mb: float | None
+    end_t: float | None = None
+    paused_s: float | None = None
+    resumed: bool = False
+
+
+@dataclass
+class PredictionStats:
+    """How the learned memory model did on the files that finished.
+
+    Errors are observed peak minus predicted peak in MiB; under-predictions are the ones that
+    cost pauses and kills, over-predictions cost parallelism.
+    """
+
+    n: int = 0
+    mean_error_mb: float | None = None
+    mean_abs_error_mb: float | None = None
+    p50_abs_error_mb: float | None = None
+    p90_abs_error_mb: float | None = None
+    max_abs_error_mb: float | None = None
+    under_predicted: int = 0
+    worst_under: list[FileRow] = field(default_factory=list)
+    killed_attempts: int = 0
+    killed_over_prediction: int = 0
+
+
+@dataclass
+class Report:
+    """Everything ``render_text`` shows, computed once from one run's events."""
+
+    run: str | None = None
+    started_ts: str | None = None
+    corpus: str | None = None
+    out: str | None = None
+    engine: str | None = None
+    model: str | None = None
+    device: str | None = None
+    limit_mb: float | None = None
+    budget_mb: float | None = None
+    reserve_mb: float | None = None
+    limit_source: str | None = None
+    planned_files: int | None = None
+    finished: bool = False
+    exit_code: int | None = None
+    wall_s: float = 0.0
+    last_t: float = 0.0
+    files: list[FileRow] = field(default_factory=list)
+    kills: list[KillRow] = field(default_factory=list)
+    pauses: list[PauseRow] = field(default_factory=list)
+    quarantined: list[FileRow] = field(default_factory=list)
+    skipped_files: list[str] = field(default_factory=list)
+    totals: dict[str, int] = field(default_factory=dict)
+    audio_seconds_done: float = 0.0
+    throughput_audio_h_per_h: float | None = None
+    prediction: PredictionStats = field(default_factory=PredictionStats)
+    max_used_mb: float | None = None
+    max_used_t: float | None = None
+    workers_spawned: int = 0
+    drain: tuple[float | None, str | None] | None = None
+    reloads: list[tuple[float | None, dict]] = field(default_factory=list)
+    skipped_lines: int = 0
+    recovered_lines: int = 0
+    run_finished: dict | None = None
+
+
+# --------------------------------------------------------------------------------------------
+# reading
+
+
+def _salvage(line: str) -> dict | None:
+    """The last complete JSON object at the end of a garbled line, if there is one.
+
+    After ``kill -9`` the log ends mid-object without a newline; the next run's first event is
+    appended right after it. Trying each ``{`` from the left finds that glued event.
+    """
+    start = line.find("{", 1)
+    tries = 0
+    while start != -1 and tries < 64:
+        tries += 1
+        try:
+            obj = json.loads(line[start:])
+        except ValueError:
+            start = line.find("{", start + 1)
+            continue
+        if isinstance(obj, dict) and "event" in obj:
+            return obj
+        start = line.find("{", start + 1)
+    return None
+
+
+def load_events(path: str | Path) -> EventList:
+    """All events in a JSON-lines log, in file order.
+
+    Blank lines are ignored; a line that is not a JSON object is counted in ``skipped_lines`` and
+    never raises, so logs of crashed runs can always be read.
+    """
+    events = EventList()
+    with open(path, "r", encoding="utf-8", errors="replace") as fh:
+        for raw in fh:
+            line = raw.strip()
+            if not line:
+                continue
+            try:
+                obj = json.loads(line)
+            except ValueError:
+                obj = None
+            if isinstance(obj, dict):
+                events.append(obj)
+                continue
+            events.skipped_lines += 1
+            salvaged = _salvage(line)
+            if salvaged is not None:
+                events.append(salvaged)
+                events.recovered += 1
+    return events
+
+
+def runs(events: Iterable[dict]) -> list[str]:
+    """Run ids in the order they first appear."""
+    seen: dict[str, None] = {}
+    for ev in events:
+        run = ev.get("run")
+        if run is not None and run not in seen:
+            seen[str(run)] = None
+    return list(seen)
+
+
+def select_run(events: list[dict], run: str | None = None) -> EventList:
+    """The events of one run: the last run in the log unless ``run`` names another.
+
+    Raises ValueError for a run id the log does not contain, listing the ones it does.
+    """
+    out = EventList()
+    out.skipped_lines = getattr(events, "skipped_lines", 0)
+    out.recovered = getattr(events, "recovered", 0)
+    ids = runs(events)
+    if not ids:
+        out.extend(events)
+        return out
+    if run is None:
+        run = ids[-1]
+    elif run not in ids:
+        raise ValueError(f"run {run!r} is not in this log; runs: {', '.join(ids)}")
+    out.extend(ev for ev in events if str(ev.get("run")) == run)
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# summarizing
+
+
+def _num(value: Any) -> float | None:
+    if isinstance(value, bool) or value is None:
+        return None
+    try:
+        f = float(value)
+    except (TypeError, ValueError):
+        return None
+    return f if math.isfinite(f) else None
+
+
+def _percentile(values: list[float], q: float) -> float | None:
+    """Linear-interpolated percentile (q in 0..100); None for no values."""
+    if not values:
+        return None
+    xs = sorted(values)
+    if len(xs) == 1:
+        return xs[0]
+    pos = (len(xs) - 1) * q / 100.0
+    lo = math.floor(pos)
+    hi = min(lo + 1, len(xs) - 1)
+    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
+
+
+def _max(a: float | None, b: float | None) -> float | None:
+    if a is None:
+        return b
+    if b is None:
+        return a
+    return max(a, b)
+
+
+def summarize(events: list[dict]) -> Report:
+    """Fold one run's events into a Report (call ``select_run`` first for multi-run logs)."""
+    rep = Report(
+        skipped_lines=getattr(events, "skipped_lines", 0),
+        recovered_lines=getattr(events, "recovered", 0),
+    )
+    rows: dict[str, FileRow] = {}
+    admitted_t: dict[str, float | None] = {}
+    sample_peak: dict[str, float] = {}
+    open_pauses: dict[Any, PauseRow] = {}
+    last_t = 0.0
+
+    def row(name: str) -> FileRow:
+        if name not in rows:
+            rows[name] = FileRow(file=name, outcome="pending")
+        return rows[name]
+
+    for ev in events:
+        kind = ev.get("event")
+        t = _num(ev.get("t"))
+        if t is not None:
+            last_t = max(last_t, t)
+        if rep.run is None and ev.get("run") is not None:
+            rep.run = str(ev["run"])
+        f = ev.get("file")
+        if kind == "run_started":
+            rep.started_ts = ev.get("ts")
+            for key in ("corpus", "out", "engine", "model", "device", "limit_source"):
+                setattr(rep, key, ev.get(key))
+            rep.limit_mb = _num(ev.get("limit_mb"))
+            rep.budget_mb = _num(ev.get("budget_mb"))
+            rep.reserve_mb = _num(ev.get("reserve_mb"))
+            files = _num(ev.get("files"))
+            rep.planned_files = int(files) if files is not None else None
+        elif kind == "worker_spawned":
+            rep.workers_spawned += 1
+        elif kind == "file_admitted" and f:
+            r = row(f)
+            attempt = _num(ev.get("attempt"))
+            r.attempts = max(r.attempts + 1 if attempt is None else int(attempt), r.attempts)
+            r.predicted_mb = _num(ev.get("predicted_mb"))
+            r.audio_seconds = _num(ev.get("audio_seconds")) or r.audio_seconds
+            r.worker = ev.get("worker")
+            r.outcome = "running"
+            r.reason = None
+            admitted_t[f] = t
+            if rep.budget_mb is None:
+                rep.budget_mb = _num(ev.get("budget_mb"))
+        elif kind == "file_started" and f:
+            r = row(f)
+            if r.outcome != "running":
+                r.outcome = "running"
+                r.attempts = max(r.attempts, 1)
+                admitted_t.setdefault(f, t)
+        elif kind == "file_done" and f:
+            r = row(f)
+            r.outcome = "done"
+            r.attempts = max(r.attempts, 1)
+            r.peak_mb = _num(ev.get("peak_mb"))
+            r.predicted_mb = _num(ev.get("predicted_mb")) or r.predicted_mb
+            r.audio_seconds = _num(ev.get("audio_seconds")) or r.audio_seconds
+            r.wall_s = _num(ev.get("wall_s"))
+            r.worker = ev.get("worker")
+            r.reason = None
+        elif kind == "file_failed" and f:
+            r = row(f)
+            r.outcome = "failed"
+            r.attempts = max(r.attempts, int(_num(ev.get("attempt")) or 1))
+            reason = ev.get("reason")
+            r.reason = f"{ev['kind']}: {reason}" if ev.get("kind") and reason and not str(reason).startswith(str(ev["kind"])) else reason
+        elif kind == "worker_killed":
+            k = KillRow(
+                t=t,
+                worker=ev.get("worker"),
+                pid=ev.get("pid"),
+                file=f,
+                reason=ev.get("reason"),
+                uss_mb=_num(ev.get("uss_mb")),
+                used_mb=_num(ev.get("used_mb")),
+                budget_mb=_num(ev.get("budget_mb")),
+                predicted_mb=_num(ev.get("predicted_mb")),
+            )
+            rep.kills.append(k)
+            if f:
+                r = row(f)
+                r.kills += 1
+                r.outcome = "killed"
+                r.reason = k.reason
+                r.peak_mb = _max(r.peak_mb, k.uss_mb)
+                k.audio_seconds = r.audio_seconds
+            _close_pause(open_pauses, ev.get("worker"), t, resumed=False)
+        elif kind == "file_requeued" and f:
+            r = row(f)
+            r.outcome = "pending"
+            r.reason = ev.get("reason")
+            r.peak_mb = _max(r.peak_mb, _num(ev.get("observed_mb")))
+        elif kind == "file_quarantined" and f:
+            r = row(f)
+            r.outcome = "quarantined"
+            r.reason = ev.get("reason")
+            attempts = _num(ev.get("attempts"))
+            if attempts is not None:
+                r.attempts = max(r.attempts, int(attempts))
+            r.peak_mb = _max(r.peak_mb, _num(ev.get("observed_mb")))
+        elif kind == "file_skipped" and f:
+            rep.skipped_files.append(f)
+        elif kind == "worker_paused":
+            p = PauseRow(
+                t=t,
+                worker=ev.get("worker"),
+                pid=ev.get("pid"),
+                file=f,
+                reason=ev.get("reason"),
+                used_mb=_num(ev.get("used_mb")),
+                budget_mb=_num(ev.get("budget_mb")),
+            )
+            rep.pauses.append(p)
+            open_pauses[p.worker] = p
+        elif kind == "worker_resumed":
+            p = _close_pause(open_pauses, ev.get("worker"), t, resumed=True)
+            if p is not None and _num(ev.get("paused_s")) is not None:
+                p.paused_s = _num(ev.get("paused_s"))
+        elif kind == "worker_exited":
+            _close_pause(open_pauses, ev.get("worker"), t, resumed=False)
+        elif kind == "memory_sample":
+            used = _num(ev.get("used_mb"))
+            if used is not None and (rep.max_used_mb is None or used > rep.max_used_mb):
+                rep.max_used_mb, rep.max_used_t = used, t
+            if rep.limit_mb is None:
+                rep.limit_mb = _num(ev.get("limit_mb"))
+            if rep.budget_mb is None:
+                rep.budget_mb = _num(ev.get("budget_mb"))
+            for w in ev.get("workers") or ():
+                if isinstance(w, dict) and w.get("file"):
+                    uss = _num(w.get("uss_mb"))
+                    if uss is not None:
+                        sample_peak[w["file"]] = max(sample_peak.get(w["file"], 0.0), uss)
+        elif kind == "config_reloaded":
+            rep.reloads.append((t, ev.get("changed") or {}))
+        elif kind == "drain_started":
+            rep.drain = (t, ev.get("reason"))
+        elif kind == "run_finished":
+            rep.finished = True
+            rep.run_finished = dict(ev)
+            code = _num(ev.get("exit_code"))
+            rep.exit_code = int(code) if code is not None else None
+            rep.wall_s = _num(ev.get("wall_s")) or 0.0
+
+    rep.last_t = last_t
+    if not rep.finished:
+        rep.wall_s = last_t
+    for name, r in rows.items():
+        if r.outcome != "done":
+            r.peak_mb = _max(r.peak_mb, sample_peak.get(name))
+        if r.outcome == "running" and admitted_t.get(name) is not None:
+            r.wall_s = max(0.0, last_t - admitted_t[name])
+    for p in rep.pauses:
+        if p.paused_s is None and p.t is not None:
+            p.paused_s = (p.end_t if p.end_t is not None else last_t) - p.t
+
+    rep.files = list(rows.values())
+    rep.quarantined = [r for r in rep.files if r.outcome == "quarantined"]
+    counts = {name: 0 for name in OUTCOMES}
+    for r in rep.files:
+        counts[r.outcome] = counts.get(r.outcome, 0) + 1
+    counts["skipped"] = len(rep.skipped_files)
+    counts["kills"] = len(rep.kills)
+    counts["pauses"] = len(rep.pauses)
+    counts["attempts"] = sum(r.attempts for r in rep.files)
+    rep.totals = counts
+    rep.audio_seconds_done = sum(r.audio_seconds or 0.0 for r in rep.files if r.outcome == "done")
+    if rep.wall_s > 0:
+        rep.throughput_audio_h_per_h = rep.audio_seconds_done / rep.wall_s
+    rep.prediction = _prediction_stats(rep)
+    return rep
+
+
+def _close_pause(open_pauses: dict, worker: Any, t: float | None, resumed: bool) -> PauseRow | None:
+    p = open_pauses.pop(worker, None)
+    if p is not None:
+        p.end_t = t
+        p.resumed = resumed
+        if t is not None and p.t is not None:
+            p.paused_s = max(0.0, t - p.t)
+    return p
+
+
+def _prediction_stats(rep: Report) -> PredictionStats:
+    done = [r for r in rep.files if r.outcome == "done" and r.error_mb is not None]
+    errors = [r.error_mb for r in done]
+    abs_errors = [abs(e) for e in errors]
+    st = PredictionStats(n=len(done))
+    if done:
+        st.mean_error_mb = sum(errors) / len(errors)
+        st.mean_abs_error_mb = sum(abs_errors) / len(abs_errors)
+        st.p50_abs_error_mb = _percentile(abs_errors, 50)
+        st.p90_abs_error_mb = _percentile(abs_errors, 90)
+        st.max_abs_error_mb = max(abs_errors)
+        under = sorted((r for r in done if r.error_mb > 0), key=lambda r: r.error_mb, reverse=True)
+        st.under_predicted = len(under)
+        st.worst_under = under[:5]
+    killed = [k for k in rep.kills if k.uss_mb is not None and k.predicted_mb is not None]
+    st.killed_attempts = len(killed)
+    st.killed_over_prediction = sum(1 for k in killed if k.uss_mb > k.predicted_mb)
+    return st
+
+
+# --------------------------------------------------------------------------------------------
+# text
+
+
+def _mib(v: float | None) -> str:
+    return "-" if v is None else f"{v:,.0f}"
+
+
+def _size(mb: float | None) -> str:
+    if mb is None:
+        return "?"
+    if abs(mb) >= 1024:
+        return f"{mb / 1024:.1f} GiB"
+    return f"{mb:.0f} MiB"
+
+
+def _dur(s: float | None) -> str:
+    if s is None:
+        return "-"
+    if s < 60:
+        return f"{s:.1f}s"
+    s = int(round(s))
+    h, rem = divmod(s, 3600)
+    m, sec = divmod(rem, 60)
+    if h:
+        return f"{h}h{m:02d}m"
+    return f"{m}m{sec:02d}s"
+
+
+def _table(title: str, columns: list[tuple[str, str]]) -> Table:
+    t = Table(
+        box=_PLAIN,
+        title=title,
+        title_justify="left",
+        title_style="bold",
+        show_edge=False,
+        pad_edge=False,
+        header_style="bold",
+    )
+    for name, justify in columns:
+        t.add_column(name, justify=justify, overflow="fold")
+    return t
+
+
+def _render(parts: list[Any]) -> str:
+    console = Console(file=io.StringIO(), width=120, color_system=None, force_terminal=False, highlight=False)
+    for i, part in enumerate(parts):
+        if i:
+            console.print()
+        console.print(part)
+    text = console.file.getvalue()
+    return "\n".join(line.rstrip() for line in text.splitlines()).strip("\n") + "\n"
+
+
+def _sorted_rows(rows: list[FileRow], sort: str) -> list[FileRow]:
+    if sort not in SORTS:
+        raise ValueError(f"sort must be one of {', '.join(SORTS)}, not {sort!r}")
+    if sort == "file":
+        return sorted(rows, key=lambda r: r.file)
+    attr = "peak_mb" if sort == "peak" else "wall_s"
+    # Largest first, unknowns last, ties by name so the order is stable across runs.
+    return sorted(rows, key=lambda r: (getattr(r, attr) is None, -(getattr(r, attr) or 0.0), r.file))
+
+
+def render_text(report: Report, sort: str = "peak", limit: int | None = None) -> str:
+    """A plain-text summary: header lines, then files, kills, pauses, quarantine and predictions."""
+    rep = report
+    head: list[str] = []
+    head.append(
+        f"run {rep.run or '?'}  {rep.engine or '?'} {rep.model or ''} on {rep.device or '?'}".rstrip()
+    )
+    if rep.corpus or rep.out:
+        head.append(f"corpus {rep.corpus or '?'} -> {rep.out or '?'}")
+    if rep.finished:
+        state = f"finished, exit code {rep.exit_code if rep.exit_code is not None else '?'}"
+    else:
+        state = "NOT FINISHED (no run_finished)"
+    head.append(f"started {rep.started_ts or '?'}  wall {_dur(rep.wall_s)}  {state}")
+    if not rep.finished:
+        head.append(f"the log ends {_dur(rep.last_t)} into the run: the supervisor crashed, was killed or is still running")
+    mem = f"memory limit {_size(rep.limit_mb)}"
+    if rep.limit_source:
+        mem += f" ({rep.limit_source})"
+    mem += f"  budget {_size(rep.budget_mb)}"
+    if rep.reserve_mb is not None:
+        mem += f"  reserve {_size(rep.reserve_mb)}"
+    if rep.max_used_mb is not None:
+        mem += f"  highest used {_size(rep.max_used_mb)} at {_dur(rep.max_used_t)}"
+    head.append(mem)
+    c = rep.totals
+    files = (
+        f"files {c.get('done', 0)} done, {c.get('failed', 0)} failed, {c.get('quarantined', 0)} quarantined, "
+        f"{c.get('skipped', 0)} skipped"
+    )
+    unfinished = [(n, c.get(n, 0)) for n in ("running", "pending", "killed") if c.get(n, 0)]
+    if unfinished:
+        files += ", " + ", ".join(f"{v} {n} when the log ended" for n, v in unfinished)
+    if rep.planned_files is not None:
+        files += f" (of {rep.planned_files})"
+    files += f"; {c.get('attempts', 0)} attempts, {rep.workers_spawned} workers spawned"
+    head.append(files)
+    tp = rep.throughput_audio_h_per_h
+    head.append(
+        f"audio {rep.audio_seconds_done / 3600:.2f} h aligned; throughput "
+        + (f"{tp:.2f} audio h per wall h" if tp is not None else "-")
+    )
+    paused_total = sum(p.paused_s or 0.0 for p in rep.pauses)
+    head.append(f"kills {len(rep.kills)}  pauses {len(rep.pauses)} (paused {_dur(paused_total)} in all)")
+    if rep.drain is not None:
+        head.append(f"drain started at {_dur(rep.drain[0])}: {rep.drain[1] or '?'}")
+    for t, changed in rep.reloads:
+        desc = ", ".join(f"{k} {v[0]}->{v[1]}" if isinstance(v, (list, tuple)) and len(v) == 2 else f"{k}" for k, v in changed.items())
+        head.append(f"config reloaded at {_dur(t)}: {desc or 'no changes'}")
+    if rep.skipped_lines:
+        head.append(
+            f"log: {rep.skipped_lines} unreadable line(s) skipped"
+            + (f", {rep.recovered_lines} event(s) salvaged from them" if rep.recovered_lines else "")
+        )
+    parts: list[Any] = ["\n".join(head)]
+
+    rows = _sorted_rows(rep.files, sort)
+    shown = rows if limit is None else rows[: max(0, limit)]
+    title = {"peak": "by peak memory", "time": "by wall time", "file": "by name"}[sort]
+    more = f", first {len(shown)} of {len(rows)}" if len(shown) < len(rows) else ""
+    ft = _table(
+        f"Files ({title}{more})",
+        [
+            ("file", "left"),
+            ("outcome", "left"),
+            ("tries", "right"),
+            ("audio", "right"),
+            ("peak MiB", "right"),
+            ("pred MiB", "right"),
+            ("err MiB", "right"),
+            ("wall", "right"),
+        ],
+    )
+    for r in shown:
+        err = r.error_mb
+        if err is None or r.outcome in ("failed", "running"):
+            err_text = "-"
+        elif r.outcome == "done":
+            err_text = f"{err:+,.0f}"
+        else:
+            # Killed before the end: the true peak is at least what was seen.
+            err_text = f">={err:+,.0f}" if r.kills else "-"
+        ft.add_row(
+            r.file,
+            r.outcome,
+            str(r.attempts),
+            _dur(r.audio_seconds),
+            _mib(r.peak_mb),
+            _mib(r.predicted_mb),
+            err_text,
+            _dur(r.wall_s),
+        )
+    parts.append(ft if rows else "Files: none admitted")
+
+    if rep.kills:
+        kt = _table(
+            "Kills",
+            [("at", "right"), ("worker", "left"), ("file", "left"), ("uss MiB", "right"),
+             ("pred MiB", "right"), ("used/budget MiB", "right"), ("reason", "left")],
+        )
+        for k in rep.kills:
+            kt.add_row(_dur(k.t), str(k.worker), k.file or "-", _mib(k.uss_mb), _mib(k.predicted_mb),
+                       f"{_mib(k.used_mb)}/{_mib(k.budget_mb)}", k.reason or "-")
+        parts.append(kt)
+    if rep.pauses:
+        pt = _table(
+            "Pauses",
+            [("at", "right"), ("worker", "left"), ("file", "left"), ("paused", "right"),
+             ("used/budget MiB", "right"), ("reason", "left")],
+        )
+        for p in rep.pauses:
+            how = _dur(p.paused_s) + ("" if p.resumed else (" (killed)" if p.end_t is not None else " (still)"))
+            pt.add_row(_dur(p.t), str(p.worker), p.file or "-", how, f"{_mib(p.used_mb)}/{_mib(p.budget_mb)}", p.reason or "-")
+        parts.append(pt)
+    if rep.quarantined:
+        qt = _table("Quarantined", [("file", "left"), ("tries", "right"), ("observed MiB", "right"), ("reason", "left")])
+        for r in rep.quarantined:
+            qt.add_row(r.file, str(r.attempts), _mib(r.peak_mb), r.reason or "-")
+        parts.append(qt)
+    failed = [r for r in rep.files if r.outcome == "failed"]
+    if failed:
+        ft2 = _table("Failed", [("file", "left"), ("tries", "right"), ("reason", "left")])
+        for r in failed:
+            ft2.add_row(r.file, str(r.attempts), r.reason or "-")
+        parts.append(ft2)
+
+    st = rep.prediction
+    if st.n:
+        lines = [
+            f"Learned vs observed memory ({st.n} finished files; error = observed peak - predicted)",
+            f"  mean error {st.mean_error_mb:+,.0f} MiB, mean |error| {st.mean_abs_error_mb:,.0f} MiB, "
+            f"p50 |error| {st.p50_abs_error_mb:,.0f} MiB, p90 |error| {st.p90_abs_error_mb:,.0f} MiB, "
+            f"max |error| {st.max_abs_error_mb:,.0f} MiB",
+            f"  under-predicted {st.under_predicted} of {st.n}" + (", worst:" if st.worst_under else ""),
+        ]
+        lines += [f"    {r.file}  {r.error_mb:+,.0f} MiB" for r in st.worst_under[:3]]
+        if st.killed_attempts:
+            lines.append(
+                f"  killed attempts above their prediction: {st.killed_over_prediction} of {st.killed_attempts}"
+            )
+        parts.append("\n".join(lines))
+    else:
+        parts.append("Learned vs observed memory: no finished file with a prediction")
+    return _render(parts)
+
+
+def summarize_store(summary: dict) -> str:
+    """Render the telemetry store's ``summary()`` dict; missing keys show as '-' or are left out."""
+    s = summary or {}
+
+    def g(key: str) -> Any:
+        v = s.get(key)
+        return "-" if v is None else v
+
+    tp = _num(s.get("throughput_audio_h_per_h"))
+    audio = _num(s.get("audio_seconds"))
+    head = [
+        f"files {g('files_done')} done, {g('files_failed')} failed, {g('files_quarantined')} quarantined; "
+        f"{g('attempts')} attempts, {g('kills')} kills",
+        f"audio {audio / 3600:.2f} h" if audio is not None else "audio -",
+    ]
+    head[-1] += f", wall {_dur(_num(s.get('wall_s')))}"
+    head[-1] += f", throughput {tp:.2f} audio h per wall h" if tp is not None else ", throughput -"
+    parts: list[Any] = ["\n".join(head)]
+    for key, title in (("worst_by_peak", "Highest peak memory"), ("worst_by_wall", "Longest wall time")):
+        items = s.get(key) or []
+        if not items:
+            continue
+        t = _table(title, [("file", "left"), ("peak MiB", "right"), ("audio", "right"), ("wall", "right")])
+        for it in items:
+            it = it or {}
+            t.add_row(str(it.get("file", "?")), _mib(_num(it.get("peak_mb"))),
+                      _dur(_num(it.get("audio_seconds"))), _dur(_num(it.get("wall_s"))))
+        parts.append(t)
+    q = s.get("quarantined") or []
+    if q:
+        t = _table("Quarantined", [("file", "left"), ("observed MiB", "right"), ("reason", "left")])
+        for it in q:
+            it = it or {}
+            t.add_row(str(it.get("file", "?")), _mib(_num(it.get("peak_mb"))), str(it.get("reason") or "-"))
+        parts.append(t)
+    return _render(parts)
+
+
+# --------------------------------------------------------------------------------------------
+# plot
+
+
+def _time_scale(span_s: float) -> tuple[float, str]:
+    if span_s <= 15 * 60:
+        return 1.0, "s"
+    if span_s <= 6 * 3600:
+        return 60.0, "min"
+    return 3600.0, "h"
+
+
+def plot(events: list[dict], png_path: str | Path) -> Path:
+    """Write one PNG (1600x1000) of a run: memory over time on top, peak vs audio length below.
+
+    Top: per-worker USS (solid) and PSS (dotted), total used, the budget and the limit, kills as
+    crosses and pauses as shaded spans. Bottom: each finished file's peak and each killed attempt's
+    memory against audio length, with the learned prediction line, so a reader sees at once whether
+    the model under-predicts long files.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch
+
+    rep = summarize(events)
+    samples = [ev for ev in events if ev.get("event") == "memory_sample"]
+    span = max([rep.last_t] + [_num(ev.get("t")) or 0.0 for ev in samples] + [1.0])
+    scale, unit = _time_scale(span)
+
+    fig, (ax, ax2) = plt.subplots(
+        2, 1, figsize=(16, 10), dpi=100, gridspec_kw={"height_ratios": [3, 2], "hspace": 0.32}
+    )
+    status = "finished" if rep.finished else "log ended without run_finished"
+    fig.suptitle(
+        f"Run {rep.run or '?'}: {rep.engine or '?'} {rep.model or ''} on {rep.device or '?'}",
+        x=0.05, ha="left", fontsize=15, fontweight="bold",
+    )
+    fig.text(
+        0.05, 0.935,
+        f"{rep.totals.get('done', 0)} done, {rep.totals.get('failed', 0)} failed, "
+        f"{rep.totals.get('quarantined', 0)} quarantined, {len(rep.kills)} kills, {len(rep.pauses)} pauses; "
+        f"wall {_dur(rep.wall_s)}, {rep.audio_seconds_done / 3600:.2f} h of audio aligned; {status}",
+        ha="left", fontsize=11, color="0.25",
+    )
+
+    # ---- memory over time
+    per_worker: dict[str, dict[str, list[float]]] = {}
+    used_t: list[float] = []
+    used_v: list[float] = []
+    budget_t: list[float] = []
+    budget_v: list[float] = []
+    limit_t: list[float] = []
+    limit_v: list[float] = []
+    for ev in samples:
+        t = _num(ev.get("t"))
+        if t is None:
+            continue
+        x = t / scale
+        used = _num(ev.get("used_mb"))
+        if used is not None:
+            used_t.append(x)
+            used_v.append(used / 1024)
+        b = _num(ev.get("budget_mb"))
+        if b is not None:
+            budget_t.append(x)
+            budget_v.append(b / 1024)
+        lim = _num(ev.get("limit_mb"))
+        if lim is not None:
+            limit_t.append(x)
+            limit_v.append(lim / 1024)
+        for w in ev.get("workers") or ():
+            if not isinstance(w, dict):
+                continue
+            name = str(w.get("worker", w.get("pid", "?")))
+            d = per_worker.setdefault(name, {"t": [], "uss": [], "pss": []})
+            d["t"].append(x)
+            uss, pss = _num(w.get("uss_mb")), _num(w.get("pss_mb"))
+            d["uss"].append(float("nan") if uss is None else uss / 1024)
+            d["pss"].append(float("nan") if pss is None else pss / 1024)
+
+    handles: list[Any] = []
+    tab10 = plt.get_cmap("tab10")
+    # Red, orange and grey mean limit, budget and annotations here; workers get the other hues.
+    palette = [tab10(i) for i in (0, 2, 4, 5, 6, 8, 9)]
+    if not samples:
+        ax.text(0.5, 0.5, "no memory_sample events in this log", ha="center", va="center",
+                transform=ax.transAxes, fontsize=14, color="0.4")
+    for i, (name, d) in enumerate(per_worker.items()):
+        color = palette[i % len(palette)]
+        (h,) = ax.plot(d["t"], d["uss"], color=color, lw=1.6, label=f"{name} USS")
+        ax.plot(d["t"], d["pss"], color=color, lw=1.0, ls=":", alpha=0.8)
+        handles.append(h)
+    if per_worker:
+        handles.append(Line2D([], [], color="0.3", lw=1.0, ls=":", label="PSS (same colour)"))
+    if used_t:
+        (h,) = ax.plot(used_t, used_v, color="black", lw=2.6, label="total used")
+        handles.append(h)
+    if budget_t:
+        (h,) = ax.step(budget_t, budget_v, where="post", color="tab:orange", lw=2.0, ls="--",
+                       label=f"budget ({budget_v[-1]:.1f} GiB)")
+        handles.append(h)
+    elif rep.budget_mb is not None:
+        handles.append(ax.axhline(rep.budget_mb / 1024, color="tab:orange", lw=2.0, ls="--",
+                                  label=f"budget ({rep.budget_mb / 1024:.1f} GiB)"))
+    if limit_t:
+        (h,) = ax.step(limit_t, limit_v, where="post", color="tab:red", lw=2.0,
+                       label=f"limit ({limit_v[-1]:.1f} GiB)")
+        handles.append(h)
+    elif rep.limit_mb is not None:
+        handles.append(ax.axhline(rep.limit_mb / 1024, color="tab:red", lw=2.0,
+                                  label=f"limit ({rep.limit_mb / 1024:.1f} GiB)"))
+
+    pause_color = "goldenrod"
+    last_label_x = None
+    stagger = 0
+    for p in rep.pauses:
+        if p.t is None:
+            continue
+        end = p.end_t if p.end_t is not None else rep.last_t
+        # A pause of a second would be invisible at run scale; give it a visible minimum width.
+        width = max((end - p.t) / scale, span / scale * 0.004)
+        ax.axvspan(p.t / scale, p.t / scale + width, color=pause_color, alpha=0.22, lw=0)
+        x = p.t / scale
+        close = last_label_x is not None and (x - last_label_x) < span / scale * 0.03
+        stagger = stagger + 1 if close else 0
+        last_label_x = x
+        ax.annotate(f"pause {p.worker}", (x, 1.0), xycoords=("data", "axes fraction"),
+                    xytext=(3, -6 - 64 * (stagger % 3)), textcoords="offset points", fontsize=9,
+                    color="darkgoldenrod", rotation=90, va="top", ha="left")
+    if rep.pauses:
+        handles.append(Patch(color=pause_color, alpha=0.35, label="worker paused"))
+    if not rep.finished and samples:
+        handles.append(ax.axvline(rep.last_t / scale, color="0.35", lw=1.5, ls="-.",
+                                  label="log ends (no run_finished)"))
+
+    kill_y: list[float] = []
+    kill_x: list[float] = []
+    for k in rep.kills:
+        if k.t is None:
+            continue
+        y = k.uss_mb if k.uss_mb is not None else k.used_mb
+        if y is None:
+            continue
+        kill_x.append(k.t / scale)
+        kill_y.append(y / 1024)
+        label = (k.file or "?").rsplit("/", 1)[-1]
+        ax.annotate(f"killed {k.worker}: {label}", (k.t / scale, y / 1024), xytext=(6, 6),
+                    textcoords="offset points", fontsize=9, color="tab:red")
+        if k.used_mb is not None:
+            ax.plot([k.t / scale], [k.used_mb / 1024], marker="x", color="tab:red", ms=9, mew=2)
+    if kill_x:
+        (h,) = ax.plot(kill_x, kill_y, ls="none", marker="X", color="tab:red", ms=12, mec="white", mew=1,
+                       label="kill (worker USS; x on total)")
+        handles.append(h)
+
+    ax.set_title("Memory over time per worker", fontsize=13, loc="left")
+    ax.set_xlabel(f"time since run start ({unit})", fontsize=11)
+    ax.set_ylabel("memory (GiB)", fontsize=11)
+    ax.set_ylim(bottom=0)
+    ax.set_xlim(left=0)
+    ax.grid(True, alpha=0.3)
+    if handles:
+        ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.005, 1.0), fontsize=10, frameon=False)
+
+    # ---- peak vs audio length
+    done_x = [r.audio_seconds / 60 for r in rep.files if r.outcome == "done" and r.audio_seconds and r.peak_mb]
+    done_y = [r.peak_mb / 1024 for r in rep.files if r.outcome == "done" and r.audio_seconds and r.peak_mb]
+    handles2: list[Any] = []
+    if done_x:
+        handles2.append(ax2.scatter(done_x, done_y, s=46, color="tab:blue", edgecolor="white", lw=0.6, zorder=3,
+                                    label="finished file: observed peak"))
+    audio_of = {r.file: r.audio_seconds for r in rep.files}
+    kx = [audio_of.get(k.file) / 60 for k in rep.kills if audio_of.get(k.file) and k.uss_mb is not None]
+    ky = [k.uss_mb / 1024 for k in rep.kills if audio_of.get(k.file) and k.uss_mb is not None]
+    if kx:
+        handles2.append(ax2.scatter(kx, ky, s=90, marker="X", color="tab:red", edgecolor="white", lw=0.6, zorder=4,
+                                    label="killed attempt: USS at kill\n(the true peak is higher)"))
+    x_max = max([r.audio_seconds or 0.0 for r in rep.files] + [1.0]) / 60
+    for r in rep.files:
+        if r.kills and r.audio_seconds and r.peak_mb:
+            # Labels near the right edge go to the left of their point so they stay inside the axes.
+            right = r.audio_seconds / 60 > 0.75 * x_max
+            ax2.annotate(r.file.rsplit("/", 1)[-1] + ("" if r.outcome == "done" else f" ({r.outcome})"),
+                         (r.audio_seconds / 60, r.peak_mb / 1024), xytext=(-10 if right else 8, -4),
+                         textcoords="offset points", fontsize=9, color="0.2", ha="right" if right else "left",
+                         va="top")
+    others = [r for r in rep.files if r.outcome in ("running", "pending", "killed", "quarantined")
+              and r.audio_seconds and r.peak_mb and r.kills == 0]
+    if others:
+        handles2.append(ax2.scatter([r.audio_seconds / 60 for r in others], [r.peak_mb / 1024 for r in others],
+                                    s=46, marker="s", facecolor="none", edgecolor="0.35", zorder=3,
+                                    label="unfinished file: highest seen"))
+    # The learned line: the last prediction made for each file, sorted by audio length.
+    last_pred: dict[str, tuple[float, float]] = {}
+    first_pred: dict[str, tuple[float, float]] = {}
+    for ev in events:
+        if ev.get("event") == "file_admitted" and ev.get("file"):
+            a, p = _num(ev.get("audio_seconds")), _num(ev.get("predicted_mb"))
+            if a is not None and p is not None:
+                first_pred.setdefault(ev["file"], (a, p))
+                last_pred[ev["file"]] = (a, p)
+    if first_pred:
+        pts = sorted(first_pred.values())
+        (h,) = ax2.plot([a / 60 for a, _ in pts], [p / 1024 for _, p in pts], color="tab:green", lw=2.0,
+                        marker=".", ms=6, label="learned prediction (first admission)")
+        handles2.append(h)
+        raised = [(a, p) for f, (a, p) in last_pred.items() if (a, p) != first_pred[f]]
+        if raised:
+            handles2.append(ax2.scatter([a / 60 for a, _ in raised], [p / 1024 for _, p in raised], s=70,
+                                        marker="^", color="tab:green", edgecolor="black", lw=0.6, zorder=4,
+                                        label="raised estimate on retry"))
+    if rep.budget_mb is not None:
+        handles2.append(ax2.axhline(rep.budget_mb / 1024, color="tab:orange", lw=1.5, ls="--",
+                                    label="budget (whole pool)"))
+    if not (done_x or kx or first_pred or others):
+        ax2.text(0.5, 0.5, "no finished or admitted files in this log", ha="center", va="center",
+                 transform=ax2.transAxes, fontsize=14, color="0.4")
+    ax2.set_title("Peak memory vs audio length per file", fontsize=13, loc="left")
+    ax2.set_xlabel("audio length (min)", fontsize=11)
+    ax2.set_ylabel("peak worker memory, USS (GiB)", fontsize=11)
+    ax2.set_ylim(bottom=0)
+    ax2.set_xlim(left=0)
+    ax2.grid(True, alpha=0.3)
+    if handles2:
+        ax2.legend(handles=handles2, loc="upper left", bbox_to_anchor=(1.005, 1.0), fontsize=10, frameon=False)
+
+    fig.subplots_adjust(left=0.05, right=0.80, top=0.87, bottom=0.07)
+    out = Path(png_path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
