@@ -118,6 +118,7 @@ class Supervisor:
         self.ledger_owner = f"{os.getpid()}-{self.run_id}"
         self.audio_done_s = 0.0
         self._status_hooks: list[Callable[[dict], None]] = []
+        self.others_mb = 0.0
 
     # -- helpers -----------------------------------------------------------------------------------
     @property
@@ -561,6 +562,7 @@ class Supervisor:
                 others = self.ledger.others(self.ledger_owner) / MiB
             except OSError:
                 others = 0.0
+        self.others_mb = others
         snap = Snapshot(now=now, budget_mb=self.budget_mb, reserve_mb=self.limits.reserve / MiB,
                         available_mb=available, workers=tuple(workers), pending=pending,
                         predicted_baseline_mb=self.predictor.baseline_mb, max_workers=self.s.max_workers(),
@@ -641,6 +643,7 @@ class Supervisor:
                       budget_mb=round(self.budget_mb, 1), limit_mb=round(self.limits.limit / MiB, 1),
                       available_mb=round(self.host.available / MiB, 1) if self.host else None,
                       psi_some10=self.host.psi_some_avg10 if self.host else None,
+                      others_reserved_mb=round(self.others_mb, 1),
                       workers=[{"worker": w.id, "pid": w.pid, "state": w.state.value, "uss_mb": round(w.uss_mb, 1),
                                 "pss_mb": round(w.pss_mb, 1), "file": w.job.rel if w.job else None}
                                for w in self.pool.live()])

@@ -242,11 +242,16 @@ def test_learned_model_predicts_the_synthetic_profile_within_20_percent(tmp_path
 
     with TelemetryStore(telemetry) as store:
         params = store.load_model("synthetic", "synthetic", "cpu")
+        samples = store.samples("synthetic", "synthetic", "cpu")
+    # The profile is 4 MiB per audio second on top of a fixed per-file cost (reading and writing the
+    # transcript); take that cost from the measurements, then judge the model against the profile.
+    overhead = sorted(smp.growth_mb - 4.0 * smp.audio_seconds for smp in samples)[len(samples) // 2]
+    assert 0 <= overhead < 40
     model = MemoryModel.from_params(params, Defaults(60, 16, 2.0, 60))
     for seconds in (15, 35, 90, 200):
         upper, _central = model.predict_growth(seconds, None)
-        truth = 4.0 * seconds
-        assert abs(upper - truth) / truth < 0.2, (seconds, upper, truth)
+        truth = 4.0 * seconds + overhead
+        assert upper >= truth * 0.95 and abs(upper - truth) / truth < 0.2, (seconds, upper, truth)
     # The next run starts warm: its first admissions use the learned estimate.
     (corpus_dir / "extra").mkdir()
     make_corpus(corpus_dir / "extra", [100], seed=9)
@@ -256,7 +261,7 @@ def test_learned_model_predicts_the_synthetic_profile_within_20_percent(tmp_path
     assert r.returncode == 0
     adm = [e for e in named(events(log), "file_admitted") if e["file"] == "extra/f000.cha"][0]
     assert adm["estimate_source"] == "learned"
-    assert abs(adm["predicted_growth_mb"] - 400) / 400 < 0.2
+    assert abs(adm["predicted_growth_mb"] - (400 + overhead)) / (400 + overhead) < 0.2
 
 
 def test_dry_run_prints_the_plan_and_runs_nothing(tmp_path):
