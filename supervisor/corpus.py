@@ -16,7 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
 
-MEDIA_EXTENSIONS = (".wav", ".flac", ".mp3", ".ogg", ".m4a", ".mp4")
+from worker.audio import MEDIA_EXTENSIONS, find_media, media_duration
+
 MANIFEST_DIR = ".batchalign-supervise"
 _MEDIA_RE = re.compile(rb"^@Media:\t([^,\r\n]+)", re.MULTILINE)
 _FINGERPRINT_CHUNK = 1 << 20
@@ -67,40 +68,6 @@ def media_name(transcript: bytes) -> str | None:
     return m.group(1).decode("utf-8", "replace").strip() or None
 
 
-def find_media(cha: Path, name: str, media_dir: Path | None = None, rel: str | None = None) -> Path | None:
-    """The media named by @Media: beside the transcript, else under media_dir mirroring the corpus."""
-    folders = [cha.parent]
-    if media_dir is not None:
-        if rel is not None:
-            folders.append(media_dir / Path(rel).parent)
-        folders.append(media_dir)
-    for folder in folders:
-        try:
-            entries = {p.name.lower(): p for p in folder.iterdir() if p.is_file()}
-        except OSError:
-            continue
-        if name.lower() in entries and Path(name).suffix.lower() in MEDIA_EXTENSIONS:
-            return entries[name.lower()]
-        for ext in MEDIA_EXTENSIONS:
-            hit = entries.get((name + ext).lower())
-            if hit is not None:
-                return hit
-    return None
-
-
-def audio_duration(path: Path) -> float | None:
-    """Duration from the media header; None when soundfile cannot read the format (mp4, m4a)."""
-    import soundfile
-
-    try:
-        info = soundfile.info(str(path))
-    except Exception:
-        return None
-    if not info.samplerate or info.frames <= 0:
-        return None
-    return info.frames / info.samplerate
-
-
 def media_fingerprint(path: Path) -> str:
     """Size plus the first and last MiB: cheap on multi-GB recordings, still catches real edits."""
     h = hashlib.sha256()
@@ -130,13 +97,13 @@ def describe(root: Path, cha: Path, *, out_root: Path | None, in_place: bool,
     if name is None:
         media_error = f"{cha}: no @Media header"
     else:
-        media = find_media(cha, name, media_dir, rel)
+        media = find_media(cha, name, media_dir, root)
         if media is None:
             where = f" or under {media_dir}" if media_dir else ""
             media_error = (f"{cha}: media {name!r} not found beside the transcript{where} "
-                           f"(looked for {', '.join(MEDIA_EXTENSIONS)})")
+                           f"(looked for .{', .'.join(MEDIA_EXTENSIONS)})")
     media_bytes = media.stat().st_size if media is not None else None
-    seconds = audio_duration(media) if media is not None else None
+    seconds = media_duration(media) if media is not None else None
     h = hashlib.sha256(data)
     if media is not None:
         h.update(media_fingerprint(media).encode())

@@ -41,7 +41,7 @@ class InboxWatcher:
             sig: list = [st.st_size, st.st_mtime_ns]
             name = media_name(cha.read_bytes()[:65536])
             if name:
-                media = find_media(cha, name, self.media_dir, cha.relative_to(self.inbox).as_posix())
+                media = find_media(cha, name, self.media_dir, self.inbox)
                 if media is not None:
                     mst = media.stat()
                     sig += [str(media), mst.st_size, mst.st_mtime_ns]

@@ -27,13 +27,15 @@ def test_discover_mirrors_tree_and_finds_media(tmp_path):
 
 def test_media_lookup_is_case_insensitive_and_uses_media_dir(tmp_path):
     (tmp_path / "a").mkdir()
-    (tmp_path / "a" / "REC.WAV").write_bytes(b"x")
-    assert find_media(tmp_path / "a" / "t.cha", "rec") == tmp_path / "a" / "REC.WAV"
+    (tmp_path / "a" / "rec.WAV").write_bytes(b"x")
+    assert find_media(tmp_path / "a" / "t.cha", "rec") == tmp_path / "a" / "rec.WAV"
+    (tmp_path / "corpus" / "sub").mkdir(parents=True)
     media = tmp_path / "media" / "sub"
     media.mkdir(parents=True)
     (media / "other.flac").write_bytes(b"x")
-    assert find_media(tmp_path / "a" / "t.cha", "other", tmp_path / "media", "sub/t.cha") == media / "other.flac"
-    assert find_media(tmp_path / "a" / "t.cha", "missing", tmp_path / "media", "sub/t.cha") is None
+    cha = tmp_path / "corpus" / "sub" / "t.cha"
+    assert find_media(cha, "other", tmp_path / "media", tmp_path / "corpus") == media / "other.flac"
+    assert find_media(cha, "missing", tmp_path / "media", tmp_path / "corpus") is None
 
 
 def test_missing_media_is_reported_with_the_file(tmp_path):
