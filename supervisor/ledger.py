@@ -1,0 +1,295 @@
+"""A host-wide ledger of memory reservations shared by every supervisor on the machine.
+
+Each supervisor sees the host's free memory, but free memory is a promise to nobody: two
+supervisors (often started by different people on a shared lab server) that both see 20 GiB free
+would both admit files that grow into it. Each therefore writes what it has committed but not yet
+used into one small JSON file, and subtracts what the others reserved before admitting.
+
+Concurrency: every read-modify-write happens under an exclusive ``flock`` on a separate lock file,
+so readers never see a half-written ledger. Writes go to a temporary file renamed over the ledger;
+in a sticky world-writable directory a user may not rename over another user's file, so then the
+ledger is rewritten in place, which the lock makes just as safe for readers.
+
+Liveness: an entry names its process by pid *and* that process's start time from
+``/proc/PID/stat``, so an entry whose supervisor died is dropped even when the pid was reused.
+Entries that were not refreshed for ``stale_after`` seconds are dropped too (a hung supervisor
+must not pin memory forever). The ledger is soft state: losing it costs at most one refresh.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import json
+import os
+import pwd
+import tempfile
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+__all__ = ["HostLedger", "default_ledger_path", "proc_start_time"]
+
+MIB = 1024 * 1024
+RUN_DIR = Path("/run/batchalign-supervise")
+TMP_DIR = Path("/tmp/batchalign-supervise")
+LEDGER_NAME = "ledger.json"
+VERSION = 1
+
+
+def default_ledger_path() -> Path:
+    """``/run/batchalign-supervise/ledger.json`` when usable, else the same name under /tmp.
+
+    An existing, writable ``/run/batchalign-supervise`` (made by tmpfiles.d or the service unit)
+    wins, so root and unprivileged supervisors end up in the same file.
+    """
+    if RUN_DIR.is_dir() and os.access(RUN_DIR, os.W_OK | os.X_OK):
+        return RUN_DIR / LEDGER_NAME
+    if not RUN_DIR.exists() and os.access("/run", os.W_OK | os.X_OK):
+        return RUN_DIR / LEDGER_NAME
+    return TMP_DIR / LEDGER_NAME
+
+
+def proc_start_time(pid: int) -> int | None:
+    """Start time of ``pid`` in clock ticks since boot (field 22 of /proc/PID/stat), or None."""
+    try:
+        with open(f"/proc/{int(pid)}/stat", "rb") as fh:
+            data = fh.read()
+    except OSError:
+        return None
+    # The command name (field 2) may contain spaces and parentheses; fields after the last ')'
+    # start at field 3.
+    try:
+        return int(data.rsplit(b")", 1)[1].split()[19])
+    except (IndexError, ValueError):
+        return None
+
+
+def _pid_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _user_name(uid: int) -> str:
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return str(uid)
+
+
+class HostLedger:
+    """Reservations of every live supervisor on this host, keyed by owner id.
+
+    ``update`` is cheap enough for every loop tick: it skips the write when the value moved by at
+    most 1 MiB and this process's entry was refreshed recently.
+    """
+
+    def __init__(
+        self,
+        path: Path | None = None,
+        stale_after: float = 60.0,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.path = Path(path) if path is not None else default_ledger_path()
+        self.lock_path = self.path.with_name(self.path.name + ".lock")
+        self.stale_after = float(stale_after)
+        self._clock = clock
+        self._pid = os.getpid()
+        self._start = proc_start_time(self._pid)
+        self._uid = os.geteuid()
+        self._user = _user_name(self._uid)
+        self._written: dict[str, tuple[int, float]] = {}
+        self._ensure_dir()
+
+    # -- public API --------------------------------------------------------------------------------
+    def register(self, owner_id: str) -> None:
+        """Create (or refresh) this process's entry with nothing reserved yet."""
+        self._store(owner_id, 0)
+
+    def update(self, owner_id: str, reserved_bytes: int | float) -> None:
+        """Record what this supervisor has committed now (bytes); usually a no-op write-wise."""
+        reserved = max(0, int(reserved_bytes))
+        last = self._written.get(owner_id)
+        if last is not None:
+            value, at = last
+            if abs(value - reserved) <= MIB and self._clock() - at < self.stale_after / 4:
+                return
+        self._store(owner_id, reserved)
+
+    def others(self, owner_id: str) -> int:
+        """Bytes reserved by other live supervisors; stale and dead entries are removed on the way."""
+        with self._locked():
+            entries = self._read()
+            changed = self._prune(entries, keep=owner_id)
+            if changed:
+                self._write(entries)
+        total = 0
+        for key, entry in entries.items():
+            if key == owner_id:
+                continue
+            try:
+                total += max(0, int(entry.get("reserved_bytes", 0)))
+            except (TypeError, ValueError):
+                continue
+        return total
+
+    def unregister(self, owner_id: str) -> None:
+        """Remove this owner's entry (on a clean exit; a crash is cleaned up by the others)."""
+        self._written.pop(owner_id, None)
+        with self._locked():
+            entries = self._read()
+            removed = entries.pop(owner_id, None) is not None
+            if removed or self._prune(entries, keep=None):
+                self._write(entries)
+
+    def entries(self) -> list[dict[str, Any]]:
+        """Copies of the live entries (stale ones are removed first)."""
+        with self._locked():
+            entries = self._read()
+            if self._prune(entries, keep=None):
+                self._write(entries)
+        return [dict(e) for e in entries.values()]
+
+    # -- internals -----------------------------------------------------------------------------------
+    def _store(self, owner_id: str, reserved: int) -> None:
+        now = self._clock()
+        with self._locked():
+            entries = self._read()
+            self._prune(entries, keep=owner_id)
+            entries[owner_id] = {
+                "owner": owner_id,
+                "pid": self._pid,
+                "pid_start_time": self._start,
+                "user": self._user,
+                "uid": self._uid,
+                "reserved_bytes": reserved,
+                "updated": round(now, 3),
+            }
+            self._write(entries)
+        self._written[owner_id] = (reserved, now)
+
+    def _alive(self, entry: dict[str, Any]) -> bool:
+        try:
+            pid = int(entry["pid"])
+        except (KeyError, TypeError, ValueError):
+            return False
+        if pid <= 0:
+            return False
+        start = proc_start_time(pid)
+        if start is None:
+            # Gone, or hidden by /proc's hidepid=: kill(0) still tells the two apart, and a hidden
+            # entry lives until it goes stale since its start time cannot be checked.
+            return _pid_exists(pid)
+        recorded = entry.get("pid_start_time")
+        return recorded is None or int(recorded) == start
+
+    def _prune(self, entries: dict[str, dict], keep: str | None) -> bool:
+        now = self._clock()
+        dead = []
+        for key, entry in entries.items():
+            if key == keep:
+                continue
+            if not isinstance(entry, dict):
+                dead.append(key)
+                continue
+            try:
+                age = now - float(entry.get("updated", 0))
+            except (TypeError, ValueError):
+                age = float("inf")
+            if age > self.stale_after or not self._alive(entry):
+                dead.append(key)
+        for key in dead:
+            del entries[key]
+        return bool(dead)
+
+    def _ensure_dir(self) -> None:
+        d = self.path.parent
+        if d.is_dir():
+            return
+        try:
+            d.mkdir(parents=True)
+        except FileExistsError:
+            return
+        try:
+            # Sticky and world-writable like /tmp: every user may add files, none may delete others'.
+            os.chmod(d, 0o1777)
+        except PermissionError:
+            pass
+
+    @contextmanager
+    def _locked(self) -> Iterator[None]:
+        fd = self._open_lock()
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)  # closing drops the lock
+
+    def _open_lock(self) -> int:
+        for _ in range(10):
+            try:
+                return os.open(self.lock_path, os.O_RDWR | os.O_CLOEXEC)
+            except PermissionError:
+                # flock works on a read-only descriptor; a lock file we cannot write is fine.
+                return os.open(self.lock_path, os.O_RDONLY | os.O_CLOEXEC)
+            except FileNotFoundError:
+                pass
+            try:
+                # O_EXCL, never plain O_CREAT: with fs.protected_regular an O_CREAT open of another
+                # user's file in a sticky directory fails even when the file is 0666.
+                fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
+            except FileExistsError:
+                continue
+            os.fchmod(fd, 0o666)
+            return fd
+        raise OSError(errno.EAGAIN, f"cannot open the ledger lock {self.lock_path}")
+
+    def _read(self) -> dict[str, dict]:
+        try:
+            with open(self.path, "rb") as fh:
+                data = json.loads(fh.read() or b"{}")
+        except FileNotFoundError:
+            return {}
+        except (ValueError, UnicodeDecodeError):
+            return {}  # torn or foreign content: start over, every live owner rewrites its entry
+        entries = data.get("entries") if isinstance(data, dict) else None
+        if not isinstance(entries, dict):
+            return {}
+        return {str(k): v for k, v in entries.items() if isinstance(v, dict)}
+
+    def _write(self, entries: dict[str, dict]) -> None:
+        data = json.dumps({"version": VERSION, "entries": entries}, separators=(",", ":")).encode()
+        d = self.path.parent
+        fd, tmp = tempfile.mkstemp(dir=d, prefix=f".{self.path.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(data)
+                os.fchmod(fh.fileno(), 0o666)
+            os.replace(tmp, self.path)
+            return
+        except PermissionError:
+            os.unlink(tmp)
+        except BaseException:
+            try:
+                os.unlink(tmp)
+            except FileNotFoundError:
+                pass
+            raise
+        # Another user's ledger in a sticky directory: rewrite it in place, still under the lock.
+        try:
+            fd = os.open(self.path, os.O_WRONLY | os.O_CLOEXEC)
+        except PermissionError as exc:
+            raise PermissionError(
+                exc.errno, f"cannot update the memory ledger {self.path}: not writable by {self._user}"
+            ) from None
+        try:
+            os.pwrite(fd, data, 0)
+            os.ftruncate(fd, len(data))
+        finally:
+            os.close(fd)

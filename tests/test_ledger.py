@@ -1,0 +1,261 @@
+"""Host ledger: real processes sharing one file, dead and reused pids, staleness, other users."""
+
+from __future__ import annotations
+
+import json
+import os
+import pwd
+import shutil
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+import supervisor.ledger as ledger_mod
+from supervisor.ledger import HostLedger, default_ledger_path, proc_start_time
+
+pytestmark = pytest.mark.timeout(60)
+
+MIB = 1024 * 1024
+
+CHILD = textwrap.dedent(
+    r'''
+    import importlib.util, json, sys, time
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("ledger_copy", sys.argv[1])
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    mode, path, owner, value = sys.argv[2], Path(sys.argv[3]), sys.argv[4], int(sys.argv[5])
+    MIB = 1024 * 1024
+    ledger = mod.HostLedger(path)
+
+    def wait_all(tag, peers, barrier):
+        (barrier / f"{tag}.{owner}").touch()
+        deadline = time.monotonic() + 30
+        while not all((barrier / f"{tag}.{p}").exists() for p in peers):
+            if time.monotonic() > deadline:
+                raise SystemExit(f"timed out at barrier {tag}")
+            time.sleep(0.01)
+
+    if mode == "concurrent":
+        barrier, peers = Path(sys.argv[6]), sys.argv[7].split(",")
+        ledger.register(owner)
+        wait_all("ready", peers, barrier)
+        seen_max, lost = 0, 0
+        for i in range(200):
+            ledger.update(owner, value + (i % 7) * 2 * MIB)  # always more than 1 MiB away: a real write
+            seen_max = max(seen_max, ledger.others(owner))
+            if owner not in {e["owner"] for e in ledger.entries()}:
+                lost += 1
+        ledger.update(owner, value)
+        wait_all("done", peers, barrier)
+        final = ledger.others(owner)
+        wait_all("read", peers, barrier)
+        print(json.dumps({"final": final, "seen_max": seen_max, "lost": lost}))
+    elif mode == "once":
+        ledger.update(owner, value)
+        print(json.dumps({"pid": __import__("os").getpid()}))
+    elif mode == "hold":
+        ledger.update(owner, value)
+        print(json.dumps({"others": ledger.others(owner)}), flush=True)
+        for line in sys.stdin:  # one command per line until the parent closes stdin
+            new = int(line)
+            ledger.update(owner, new)
+            print(json.dumps({"others": ledger.others(owner)}), flush=True)
+    '''
+)
+
+
+@pytest.fixture
+def shared(tmp_path_factory):
+    """A directory every user can reach (pytest's tmp dirs are 0700 root)."""
+    d = Path(tempfile.mkdtemp(prefix="bas-ledger-", dir="/tmp"))
+    os.chmod(d, 0o755)
+    shutil.copy(ledger_mod.__file__, d / "ledger_copy.py")
+    (d / "child.py").write_text(CHILD)
+    os.chmod(d / "ledger_copy.py", 0o644)
+    os.chmod(d / "child.py", 0o644)
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
+def _spawn(shared: Path, mode: str, path: Path, owner: str, value: int, *extra: str, python: str | None = None,
+           user: dict | None = None, stdin=None) -> subprocess.Popen:
+    args = [python or sys.executable, str(shared / "child.py"), str(shared / "ledger_copy.py"), mode, str(path),
+            owner, str(value), *extra]
+    return subprocess.Popen(args, cwd=shared, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            stdin=stdin, env={"PATH": os.environ.get("PATH", "/usr/bin:/bin")}, **(user or {}))
+
+
+def _nobody() -> dict:
+    if os.geteuid() != 0:
+        pytest.skip("needs root to start a child as another user")
+    try:
+        pw = pwd.getpwnam("nobody")
+    except KeyError:
+        pytest.skip("no 'nobody' user on this host")
+    return {"user": pw.pw_uid, "group": pw.pw_gid, "extra_groups": []}
+
+
+def _python_for(user: dict) -> str:
+    """An interpreter the demoted child can execute (a venv under /root is out of its reach)."""
+    for exe in dict.fromkeys([sys.executable, "/usr/bin/python3", shutil.which("python3") or ""]):
+        if not exe:
+            continue
+        try:
+            r = subprocess.run([exe, "-c", "import fcntl, json, pwd"], capture_output=True, timeout=30, cwd="/",
+                               **user)
+        except OSError:
+            continue
+        if r.returncode == 0:
+            return exe
+    pytest.skip("no Python interpreter is usable by the unprivileged user")
+
+
+def test_two_processes_see_each_other_concurrently(shared):
+    path = shared / "run" / "ledger.json"
+    barrier = shared / "barrier"
+    barrier.mkdir()
+    peers = "alice,bob"
+    a = _spawn(shared, "concurrent", path, "alice", 100 * MIB, str(barrier), peers)
+    b = _spawn(shared, "concurrent", path, "bob", 300 * MIB, str(barrier), peers)
+    out_a, err_a = a.communicate(timeout=50)
+    out_b, err_b = b.communicate(timeout=50)
+    assert a.returncode == 0 and b.returncode == 0, (err_a, err_b)
+    ra, rb = json.loads(out_a), json.loads(out_b)
+    assert ra["final"] == 300 * MIB and rb["final"] == 100 * MIB
+    assert ra["seen_max"] >= 300 * MIB and rb["seen_max"] >= 100 * MIB
+    assert ra["lost"] == 0 and rb["lost"] == 0  # no write ever dropped another process's entry
+    assert (path.parent.stat().st_mode & 0o7777) == 0o1777
+    assert (path.stat().st_mode & 0o777) == 0o666
+    # both are gone now: their entries are removed by the next reader
+    assert HostLedger(path).others("someone-else") == 0
+    assert json.loads(path.read_text())["entries"] == {}
+
+
+def test_dead_process_entry_is_removed(shared):
+    path = shared / "ledger.json"
+    p = _spawn(shared, "once", path, "ghost", 512 * MIB)
+    out, err = p.communicate(timeout=30)
+    assert p.returncode == 0, err
+    raw = json.loads(path.read_text())["entries"]
+    assert raw["ghost"]["reserved_bytes"] == 512 * MIB and raw["ghost"]["pid"] == json.loads(out)["pid"]
+    mine = HostLedger(path)
+    mine.register("me")
+    assert mine.others("me") == 0
+    assert [e["owner"] for e in mine.entries()] == ["me"]
+
+
+def test_reused_pid_is_detected_by_start_time(shared):
+    path = shared / "ledger.json"
+    sleeper = subprocess.Popen(["sleep", "30"])
+    try:
+        real_start = proc_start_time(sleeper.pid)
+        assert real_start is not None
+        ledger = HostLedger(path)
+        ledger.register("me")
+        entries = json.loads(path.read_text())["entries"]
+        now = time.time()
+        base = {"user": "x", "uid": 1, "updated": now}
+        entries["reused"] = dict(base, owner="reused", pid=sleeper.pid, pid_start_time=real_start - 1,
+                                 reserved_bytes=700 * MIB)
+        entries["genuine"] = dict(base, owner="genuine", pid=sleeper.pid, pid_start_time=real_start,
+                                  reserved_bytes=200 * MIB)
+        path.write_text(json.dumps({"version": 1, "entries": entries}))
+        assert ledger.others("me") == 200 * MIB
+        assert sorted(e["owner"] for e in ledger.entries()) == ["genuine", "me"]
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    assert ledger.others("me") == 0  # the genuine owner died too
+
+
+def test_entries_not_refreshed_go_stale():
+    now = [1000.0]
+    with tempfile.TemporaryDirectory() as d:
+        path = Path(d) / "l" / "ledger.json"
+        a = HostLedger(path, stale_after=60, clock=lambda: now[0])
+        b = HostLedger(path, stale_after=60, clock=lambda: now[0])
+        a.update("a", 64 * MIB)
+        assert b.others("b") == 64 * MIB
+        now[0] += 59
+        assert b.others("b") == 64 * MIB
+        now[0] += 2
+        assert b.others("b") == 0
+        assert "a" not in {e["owner"] for e in b.entries()}
+
+
+def test_unchanged_values_skip_the_write(tmp_path):
+    now = [0.0]
+    path = tmp_path / "ledger.json"
+    ledger = HostLedger(path, stale_after=60, clock=lambda: now[0])
+    ledger.update("me", 100 * MIB)
+    ino = path.stat().st_ino
+    for delta in (0, MIB // 2, -MIB):
+        now[0] += 1
+        ledger.update("me", 100 * MIB + delta)
+        assert path.stat().st_ino == ino
+    now[0] += 1
+    ledger.update("me", 103 * MIB)
+    assert path.stat().st_ino != ino
+    ino = path.stat().st_ino
+    now[0] += 16  # past stale_after / 4: refreshed even though the value is the same
+    ledger.update("me", 103 * MIB)
+    assert path.stat().st_ino != ino
+    (entry,) = ledger.entries()
+    assert entry["updated"] == now[0] and entry["reserved_bytes"] == 103 * MIB
+    assert entry["pid"] == os.getpid() and entry["pid_start_time"] == proc_start_time(os.getpid())
+    assert entry["user"] == pwd.getpwuid(os.geteuid()).pw_name
+
+
+def test_corrupt_ledger_is_rebuilt(tmp_path):
+    path = tmp_path / "ledger.json"
+    path.write_text('{"version": 1, "entries": {"x": {"pid"')
+    ledger = HostLedger(path)
+    assert ledger.others("me") == 0
+    ledger.register("me")
+    assert [e["owner"] for e in ledger.entries()] == ["me"]
+    ledger.unregister("me")
+    assert ledger.entries() == []
+
+
+def test_another_user_can_update_the_same_ledger(shared):
+    user = _nobody()
+    python = _python_for(user)
+    path = shared / "run" / "ledger.json"
+    mine = HostLedger(path)
+    mine.update("root-run", 50 * MIB)  # root creates the file: the child must write into root's file
+    assert path.stat().st_uid == 0
+    child = _spawn(shared, "hold", path, "nobody-run", 200 * MIB, python=python, user=user, stdin=subprocess.PIPE)
+    try:
+        first = json.loads(child.stdout.readline() or "{}")
+        assert first.get("others") == 50 * MIB, child.stderr.read() if child.poll() is not None else first
+        assert mine.others("root-run") == 200 * MIB
+        users = {e["owner"]: e["user"] for e in mine.entries()}
+        assert users["nobody-run"] == "nobody"
+        # nobody may not rename over root's file in the sticky directory: it rewrote it in place
+        assert path.stat().st_uid == 0 and (path.stat().st_mode & 0o777) == 0o666
+        # root writes again (a rename: the file is root's), then the child updates in place once more
+        mine.update("root-run", 80 * MIB)
+        child.stdin.write(f"{900 * MIB}\n")
+        child.stdin.flush()
+        assert json.loads(child.stdout.readline())["others"] == 80 * MIB
+        assert mine.others("root-run") == 900 * MIB
+    finally:
+        child.stdin.close()
+        child.wait(timeout=30)
+    assert child.returncode == 0, child.stderr.read()
+    assert mine.others("root-run") == 0  # the child exited
+
+
+def test_default_path_is_a_shared_run_dir():
+    p = default_ledger_path()
+    assert p.name == "ledger.json"
+    assert p.parent in (Path("/run/batchalign-supervise"), Path("/tmp/batchalign-supervise"))
+    if os.access("/run", os.W_OK):
+        assert p.parent == Path("/run/batchalign-supervise")
