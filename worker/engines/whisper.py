@@ -159,13 +159,15 @@ def quiet_runs(quiet: np.ndarray, min_frames: int) -> list[tuple[int, int]]:
     return runs
 
 
-def word_frames(bounds: list[int], quiet: np.ndarray) -> list[tuple[int, int]]:
+def word_frames(bounds: list[int], quiet: np.ndarray, lo: int = 0,
+                hi: int | None = None) -> list[tuple[int, int]]:
     """Frame ranges of consecutive words from DTW word starts (``bounds[-1]`` ends the last word).
 
     DTW makes words contiguous, so a pause goes to one of the words around it and the boundary
     can land a little inside a neighbour. A boundary with a pause (at least ``MIN_PAUSE_S``) within
     ``SNAP_S`` of it moves onto that pause: the earlier word ends where the pause starts and the
-    later one starts where it ends. Quiet frames left at either edge of a word are trimmed.
+    later one starts where it ends. Quiet frames left at either edge of a word are trimmed. The
+    result is ordered and disjoint inside [lo, hi), each word one frame or more where there is room.
     """
     n = len(bounds) - 1
     starts = [int(b) for b in bounds[:-1]]
@@ -183,15 +185,27 @@ def word_frames(bounds: list[int], quiet: np.ndarray) -> list[tuple[int, int]]:
                 best = ((dist, ra - rb), ra, rb)
         if best is not None:
             ends[k - 1], starts[k] = best[1], best[2]
-    out = []
+    trimmed = []
     for a, b in zip(starts, ends):
         b = max(b, a + 1)
         while a < b - 1 and a < len(quiet) and quiet[a]:
             a += 1
         while b - 1 > a and b - 1 < len(quiet) and quiet[b - 1]:
             b -= 1
-        out.append((a, b))
-    return out
+        trimmed.append([a, b])
+    # DTW may give several tokens one frame: push words apart forwards, then pull back from hi.
+    hi = max(bounds[-1], lo + 1) if hi is None else hi
+    prev = lo
+    for pair in trimmed:
+        pair[0] = max(pair[0], prev)
+        pair[1] = max(pair[1], pair[0] + 1)
+        prev = pair[1]
+    nxt = hi
+    for pair in reversed(trimmed):
+        pair[1] = min(pair[1], nxt)
+        pair[0] = min(pair[0], max(pair[1] - 1, lo))
+        nxt = pair[0]
+    return [(a, b) for a, b in trimmed]
 
 
 def whisper_language(code: str | None) -> str | None:
@@ -473,7 +487,7 @@ class WhisperAligner(SpanAligner):
                 groups[-1].append(t)
         starts = self._token_starts(window.enc, tokens, 0, window.n_frames)
         bounds = np.cumsum([0] + [len(g) for g in groups])
-        frames = word_frames([int(starts[i]) for i in bounds], window.quiet)
+        frames = word_frames([int(starts[i]) for i in bounds], window.quiet, 0, window.n_frames)
         out = []
         for g, (a, b) in zip(groups, frames):
             text = self.tokenizer.decode(g).strip()
@@ -510,12 +524,12 @@ class _Window:
         bounds = np.cumsum([0] + [len(t) for t in word_toks])
         lo = max(utt.start_s, span_start_s)
         hi = min(utt.end_s, span_start_s + f1 * FRAME_S)
-        frames = word_frames([f0 + int(starts[i]) for i in bounds], self.quiet)
+        frames = word_frames([f0 + int(starts[i]) for i in bounds], self.quiet, f0, f1)
         times = []
         for a, b in frames:
-            s = min(max(span_start_s + a * FRAME_S, lo), hi)
-            e = min(max(span_start_s + b * FRAME_S, s), hi)
-            times.append((round(s, 3), round(e, 3)))
+            s = min(max(round(span_start_s + a * FRAME_S, 3), lo), hi)
+            e = min(max(round(span_start_s + b * FRAME_S, 3), s), hi)
+            times.append((s, e))
         return UttResult(utt.index, times)
 
 

@@ -1,0 +1,332 @@
+"""Whisper forced alignment on a tiny random model that loads exactly like a real checkpoint.
+
+The model's weights are random (d_model 64, 2 layers), but its tokenizer, processor and generation
+config come from the real tiny.en folder, fetched once by ``../shared/models/get_whisper.sh`` into
+``$BATCHALIGN_TEST_CACHE`` (default ``~/.cache/batchalign-supervise-tests``). The plumbing is the
+same as with real weights: loading, encoding, teacher forcing, alignment heads, DTW, word mapping.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from conftest_models import build_tiny_wav2vec, install_in_hub_cache  # noqa: E402
+
+from worker.align import UttRequest  # noqa: E402
+from worker.engines import whisper as W  # noqa: E402
+from worker.engines.base import BootError, Job  # noqa: E402
+from worker.engines.whisper import WhisperAligner, WhisperEngine, dtw_path, median_filter, word_frames  # noqa: E402
+
+pytestmark = pytest.mark.timeout(300)
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"
+SYNTH = SHARED / "synth"
+GET_WHISPER = SHARED / "models" / "get_whisper.sh"
+HEADER = "@UTF8\n@Begin\n@Languages:\teng\n@Participants:\tPAR Participant\n@ID:\teng|t|PAR|||||Participant|||\n"
+
+
+def test_cache() -> Path:
+    return Path(os.environ.get("BATCHALIGN_TEST_CACHE", "~/.cache/batchalign-supervise-tests")).expanduser()
+
+
+test_cache.__test__ = False  # a helper, not a test
+
+
+def real_whisper(size: str = "tiny.en") -> Path:
+    """The real Whisper folder for ``size``, converted once into the test cache (skips if impossible)."""
+    out = test_cache() / f"whisper-{size}"
+    if (out / "config.json").is_file():
+        return out
+    if not GET_WHISPER.is_file():
+        pytest.skip(f"no {GET_WHISPER} to fetch Whisper {size}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out.parent / ".whisper.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # parallel test processes fetch once
+        if not (out / "config.json").is_file():
+            proc = subprocess.run(
+                ["bash", str(GET_WHISPER), sys.executable, str(out), size],
+                capture_output=True, text=True, timeout=900,
+            )
+            if proc.returncode != 0 or not (out / "config.json").is_file():
+                tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
+                pytest.skip(f"cannot fetch Whisper {size}: {tail[0]}")
+    return out
+
+
+def build_tiny_whisper(directory: Path, source: Path, *, seed: int = 0,
+                       alignment_heads: list[list[int]] | None = ((1, 0), (1, 1))) -> Path:
+    """A random 2-layer Whisper with ``source``'s tokenizer, processor and generation config."""
+    import torch
+    from transformers import GenerationConfig, WhisperConfig, WhisperForConditionalGeneration, WhisperProcessor
+
+    real = WhisperConfig.from_pretrained(source)
+    cfg = WhisperConfig(
+        vocab_size=real.vocab_size, num_mel_bins=real.num_mel_bins, d_model=64,
+        encoder_layers=2, decoder_layers=2, encoder_attention_heads=2, decoder_attention_heads=2,
+        encoder_ffn_dim=128, decoder_ffn_dim=128, max_source_positions=1500, max_target_positions=448,
+        bos_token_id=real.bos_token_id, eos_token_id=real.eos_token_id, pad_token_id=real.pad_token_id,
+        decoder_start_token_id=real.decoder_start_token_id, tie_word_embeddings=True,
+    )
+    torch.manual_seed(seed)
+    model = WhisperForConditionalGeneration(cfg)
+    gen = GenerationConfig.from_pretrained(source)
+    gen.alignment_heads = [list(h) for h in alignment_heads] if alignment_heads else None
+    model.generation_config = gen
+    directory.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(directory, safe_serialization=True)
+    WhisperProcessor.from_pretrained(source).save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> Path:
+    return build_tiny_whisper(tmp_path_factory.mktemp("whisper") / "tiny", real_whisper("tiny.en"))
+
+
+@pytest.fixture(scope="module")
+def aligner(tiny) -> WhisperAligner:
+    return WhisperAligner.load(str(tiny), threads=1)
+
+
+def synth(name: str) -> tuple[np.ndarray, list[str], float, float]:
+    audio, rate = sf.read(SYNTH / f"{name}.wav", dtype="float32")
+    assert rate == 16000
+    words = [w["word"] for w in json.loads((SYNTH / f"{name}.json").read_text())["words"]]
+    words = " ".join(words).split()
+    text = (SYNTH / f"{name}.cha").read_text()
+    bullet = text.split("*PAR:")[1].split("\x15")[1]
+    start, end = (int(x) / 1000 for x in bullet.split("_"))
+    return audio, words, start, end
+
+
+@pytest.fixture(scope="module")
+def two_utterances() -> tuple[np.ndarray, list[UttRequest]]:
+    """c1 then one second of silence then c5, as one span starting at 10 s."""
+    a1, w1, s1, e1 = synth("c1")
+    a5, w5, s5, e5 = synth("c5")
+    gap = np.zeros(16000, dtype=np.float32)
+    audio = np.concatenate([a1, gap, a5])
+    off = (len(a1) + len(gap)) / 16000
+    return audio, [UttRequest(0, 10 + s1, 10 + e1, w1), UttRequest(1, 10 + off + s5, 10 + off + e5, w5)]
+
+
+def check_words(times, utt: UttRequest) -> None:
+    assert times is not None and len(times) == len(utt.words)
+    prev = utt.start_s
+    for t in times:
+        assert t is not None
+        s, e = t
+        assert utt.start_s - 1e-6 <= s <= e <= utt.end_s + 1e-6
+        assert s >= prev - 1e-6
+        prev = e
+
+
+# -- pieces ------------------------------------------------------------------------------------
+
+
+def test_dtw_path_follows_the_cheapest_monotonic_route():
+    cost = np.ones((3, 6))
+    for i, cols in enumerate(([0, 1], [2, 3, 4], [5])):
+        cost[i, cols] = -1.0
+    rows, cols = dtw_path(cost)
+    assert rows[0] == 0 and cols[0] == 0 and rows[-1] == 2 and cols[-1] == 5
+    assert list(rows) == [0, 0, 1, 1, 1, 2] and list(cols) == [0, 1, 2, 3, 4, 5]
+    # more tokens than frames: tokens share frames, the path still ends in the corner
+    rows, cols = dtw_path(np.random.default_rng(0).normal(size=(7, 3)))
+    assert rows[-1] == 6 and cols[-1] == 2
+    assert all(np.diff(rows) >= 0) and all(np.diff(cols) >= 0)
+
+
+def test_median_filter_smooths_spikes_and_keeps_short_rows():
+    import torch
+
+    x = torch.zeros(2, 20)
+    x[0, 5] = 10.0
+    y = median_filter(x, 7)
+    assert y.shape == x.shape and float(y.abs().max()) == 0.0
+    short = torch.arange(3.0)[None]
+    assert torch.equal(median_filter(short, 7), short)
+
+
+def test_word_boundaries_snap_onto_nearby_pauses_and_skip_quiet_edges():
+    quiet = np.zeros(100, dtype=bool)
+    quiet[40:55] = True  # a 300 ms pause
+    quiet[:5] = True
+    quiet[95:] = True
+    frames = word_frames([0, 35, 70, 100], quiet)
+    assert frames == [(5, 40), (55, 70), (70, 95)]
+    # no pause near the boundary: it stays where DTW put it
+    assert word_frames([10, 20, 30], np.zeros(40, dtype=bool)) == [(10, 20), (20, 30)]
+
+
+# -- the aligner -------------------------------------------------------------------------------
+
+
+def test_words_get_monotonic_times_inside_their_utterances(aligner, two_utterances):
+    audio, utts = two_utterances
+    results = aligner.align_span(audio, 10.0, utts)
+    assert [r.index for r in results] == [0, 1]
+    for res, utt in zip(results, utts):
+        assert res.error is None
+        check_words(res.words, utt)
+
+
+def test_only_alignment_heads_over_the_utterance_frames_are_used(aligner, two_utterances, monkeypatch):
+    audio, utts = two_utterances
+    shapes = []
+    real = W.attention_matrix
+
+    def spy(weights):
+        shapes.append(tuple(weights.shape))
+        return real(weights)
+
+    monkeypatch.setattr(W, "attention_matrix", spy)
+    aligner.align_span(audio, 10.0, utts[:1])
+    utt = utts[0]
+    frames = round((utt.end_s - 10.0) / W.FRAME_S) - round((utt.start_s - 10.0) / W.FRAME_S)
+    n_tokens = sum(len(t) for t in aligner._word_tokens(utt.words))
+    assert shapes == [(2, n_tokens + 1, frames)]  # 2 heads, tokens + end of text, the bullet's frames
+    assert aligner.hf.config._attn_implementation != "eager"  # the encoder keeps its fast kernel
+    layers = aligner.hf.model.decoder.layers
+    assert layers[1].encoder_attn.config._attn_implementation == "eager"
+    assert layers[0].encoder_attn.config._attn_implementation != "eager"
+    assert aligner._captured is None
+
+
+def test_a_failing_utterance_leaves_the_others_aligned(aligner, two_utterances):
+    audio, utts = two_utterances
+    beyond = UttRequest(7, 40.0, 42.0, ["nobody", "here"])  # after the span's audio
+    too_long = UttRequest(8, utts[0].start_s, utts[0].end_s, ["word"] * 500)  # over 448 tokens
+    empty = UttRequest(9, utts[0].start_s, utts[0].end_s, [])
+    results = {r.index: r for r in aligner.align_span(audio, 10.0, [utts[0], beyond, too_long, empty, utts[1]])}
+    check_words(results[0].words, utts[0])
+    check_words(results[1].words, utts[1])
+    assert results[7].words is None and "no audio" in results[7].error
+    assert results[8].words is None and "tokens" in results[8].error
+    assert results[9].words == [] and results[9].error is None
+    assert all("\n" not in (r.error or "") for r in results.values())
+
+
+def test_an_utterance_longer_than_the_window_is_aligned_in_pieces(aligner):
+    pieces, words = [], []
+    for name in ["c1", "s1", "c2", "s2", "c3", "s3", "c4", "c5"]:
+        a, w, _, _ = synth(name)
+        pieces.append(a)
+        words += w
+    audio = np.concatenate(pieces)
+    assert len(audio) / 16000 > 35
+    utt = UttRequest(3, 0.2, len(audio) / 16000 - 0.1, words)
+    (res,) = aligner.align_span(audio, 0.0, [utt])
+    assert res.error is None
+    check_words(res.words, utt)
+
+
+def test_fallback_heads_are_the_last_half_of_the_decoder(tmp_path):
+    folder = build_tiny_whisper(tmp_path / "noheads", real_whisper("tiny.en"), alignment_heads=None)
+    al = WhisperAligner.load(str(folder), threads=1)
+    assert al.heads == [(1, 0), (1, 1)]
+    audio, words, s, e = synth("c3")
+    utt = UttRequest(0, s, e, words)
+    check_words(al.align_span(audio, 0.0, [utt])[0].words, utt)
+
+
+def test_bf16_weights_align_too(tiny):
+    al = WhisperAligner.load(str(tiny), dtype="bf16", threads=1)
+    audio, words, s, e = synth("c4")
+    utt = UttRequest(0, s, e, words)
+    check_words(al.align_span(audio, 0.0, [utt])[0].words, utt)
+
+
+def test_transcribe_words_returns_timed_words_inside_the_window(aligner):
+    audio, *_ = synth("c2")
+    words = aligner.transcribe_words(audio, 5.0)
+    assert isinstance(words, list)
+    end = 5.0 + len(audio) / 16000
+    for w, s, e in words:
+        assert isinstance(w, str) and w
+        assert 5.0 - 1e-6 <= s <= e <= end + 0.02
+
+
+# -- loading and the engine --------------------------------------------------------------------
+
+
+def test_missing_or_wrong_models_are_boot_errors(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(BootError) as err:
+        WhisperAligner.load(str(tmp_path / "absent"))
+    assert str(tmp_path / "absent") in str(err.value) and "\n" not in str(err.value)
+    with pytest.raises(BootError, match="no-such-org/no-such-whisper"):
+        WhisperEngine({"model": "no-such-org/no-such-whisper"})
+    w2v = build_tiny_wav2vec(tmp_path / "w2v")
+    with pytest.raises(BootError):
+        WhisperAligner.load(str(w2v))
+    with pytest.raises(BootError, match="span_seconds"):
+        WhisperEngine({"model": str(w2v), "span_seconds": 45})
+    with pytest.raises(BootError, match="dtype"):
+        WhisperAligner.load(str(w2v), dtype="int4")
+
+
+def test_hub_id_loads_from_the_cache_offline(tiny, tmp_path):
+    hub = tmp_path / "hub"
+    install_in_hub_cache(tiny, hub, "tiny-org/tiny-whisper")
+    code = (
+        "import json; from worker.engines.whisper import WhisperEngine; from worker.align import UttRequest;"
+        "import numpy as np;"
+        "e = WhisperEngine({'model': 'tiny-org/tiny-whisper', 'threads': 1});"
+        "r = e.aligner.align_span(np.zeros(32000, np.float32), 0.0, [UttRequest(0, 0.1, 1.9, ['hello', 'world'])]);"
+        "print(json.dumps([e.model, r[0].words, e.aligner.hf._shared_weights]))"
+    )
+    env = dict(os.environ, HF_HUB_CACHE=str(hub), HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT))
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    model, words, shared = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert model == "tiny-org/tiny-whisper" and len(words) == 2 and shared is True
+
+
+def write_case(folder: Path, bullets: bool) -> tuple[Path, list[list[str]]]:
+    a1, w1, s1, e1 = synth("c1")
+    a2, w2, s2, e2 = synth("c2")
+    gap = np.zeros(8000, dtype=np.float32)
+    audio = np.concatenate([a1, gap, a2])
+    off = (len(a1) + len(gap)) / 16000
+    folder.mkdir(parents=True, exist_ok=True)
+    sf.write(folder / "rec.wav", audio, 16000)
+    lines = []
+    for words, (s, e) in ((w1, (s1, e1)), (w2, (off + s2, off + e2))):
+        bullet = f" \x15{int(s * 1000)}_{int(e * 1000)}\x15" if bullets else ""
+        lines.append(f"*PAR:\t{' '.join(words)} .{bullet}\n")
+    cha = folder / "t.cha"
+    cha.write_text(HEADER + "@Media:\trec, audio\n" + "".join(lines) + "@End\n")
+    return cha, [w1, w2]
+
+
+@pytest.mark.parametrize("bullets", [True, False], ids=["timed", "untimed"])
+def test_engine_writes_word_tiers(tiny, tmp_path, bullets):
+    engine = WhisperEngine({"model": str(tiny), "threads": 1, "cache_dir": str(tmp_path / "cache")})
+    assert engine.name == "whisper" and engine.model == str(tiny) and engine.device == "cpu"
+    cha, words = write_case(tmp_path / "in", bullets)
+    progress: list[float] = []
+    job = Job("j1", cha, tmp_path / "out.cha", None, "t.cha")
+    result = engine.run(job, progress.append)
+    engine.release()
+    out = (tmp_path / "out.cha").read_text()
+    wor = [line for line in out.splitlines() if line.startswith("%wor:")]
+    assert len(wor) == 2
+    for line, ws in zip(wor, words):
+        assert line.count("\x15") == 2 * len(ws)
+    assert result.stats["aligned_words"] == sum(len(w) for w in words)
+    assert progress and progress[-1] == 1.0
+    mains = [line for line in out.splitlines() if line.startswith("*PAR:")]
+    bullets_ms = [tuple(int(x) for x in m.split("\x15")[1].split("_")) for m in mains]
+    assert bullets_ms[0][1] <= bullets_ms[1][0]
