@@ -714,39 +714,65 @@ def render_text(report: Report, sort: str = "peak", limit: int | None = None) ->
 
 
 def summarize_store(summary: dict) -> str:
-    """Render the telemetry store's ``summary()`` dict; missing keys show as '-' or are left out."""
+    """Render the telemetry store's ``summary()`` dict; missing keys show as '-' or are left out.
+
+    Both spellings are read (``files_done``/``done``, ``throughput_audio_h_per_h``/``throughput``,
+    a ``quarantined`` list or count with ``quarantined_files``) so the view survives the store's
+    schema moving on.
+    """
     s = summary or {}
 
-    def g(key: str) -> Any:
-        v = s.get(key)
-        return "-" if v is None else v
+    def first(*keys: str) -> Any:
+        for key in keys:
+            v = s.get(key)
+            if v is not None and not isinstance(v, (list, dict)):
+                return v
+        return None
 
-    tp = _num(s.get("throughput_audio_h_per_h"))
-    audio = _num(s.get("audio_seconds"))
+    def count(*keys: str) -> str:
+        v = first(*keys)
+        return "-" if v is None else str(v)
+
+    q_list = s.get("quarantined") if isinstance(s.get("quarantined"), list) else s.get("quarantined_files")
+    q_count = first("files_quarantined", "quarantined")
+    if q_count is None and isinstance(q_list, list):
+        q_count = len(q_list)
+    tp = _num(first("throughput_audio_h_per_h", "throughput"))
+    audio = _num(first("audio_seconds"))
+    scope = f"run {s['run']}" if s.get("run") else (f"{s['runs']} runs" if s.get("runs") is not None else "all runs")
     head = [
-        f"files {g('files_done')} done, {g('files_failed')} failed, {g('files_quarantined')} quarantined; "
-        f"{g('attempts')} attempts, {g('kills')} kills",
-        f"audio {audio / 3600:.2f} h" if audio is not None else "audio -",
+        f"{scope}: files {count('files_done', 'done')} done, {count('files_failed', 'failed')} failed, "
+        f"{'-' if q_count is None else q_count} quarantined"
+        + (f" (of {s['files']})" if isinstance(s.get("files"), int) else "")
+        + f"; {count('attempts')} attempts, {count('kills')} kills",
+        (f"audio {audio / 3600:.2f} h" if audio is not None else "audio -")
+        + f", wall {_dur(_num(s.get('wall_s')))}"
+        + (f", worker busy {_dur(_num(s.get('worker_s')))}" if _num(s.get("worker_s")) is not None else "")
+        + (f", throughput {tp:.2f} audio h per wall h" if tp is not None else ", throughput -"),
     ]
-    head[-1] += f", wall {_dur(_num(s.get('wall_s')))}"
-    head[-1] += f", throughput {tp:.2f} audio h per wall h" if tp is not None else ", throughput -"
     parts: list[Any] = ["\n".join(head)]
     for key, title in (("worst_by_peak", "Highest peak memory"), ("worst_by_wall", "Longest wall time")):
-        items = s.get(key) or []
+        items = [it for it in s.get(key) or [] if isinstance(it, dict)]
         if not items:
             continue
-        t = _table(title, [("file", "left"), ("peak MiB", "right"), ("audio", "right"), ("wall", "right")])
+        t = _table(title, [("file", "left"), ("outcome", "left"), ("peak MiB", "right"), ("pred MiB", "right"),
+                           ("audio", "right"), ("wall", "right")])
         for it in items:
-            it = it or {}
-            t.add_row(str(it.get("file", "?")), _mib(_num(it.get("peak_mb"))),
-                      _dur(_num(it.get("audio_seconds"))), _dur(_num(it.get("wall_s"))))
+            t.add_row(str(it.get("file", "?")), str(it.get("outcome") or "-"), _mib(_num(it.get("peak_mb"))),
+                      _mib(_num(it.get("predicted_mb"))), _dur(_num(it.get("audio_seconds"))),
+                      _dur(_num(it.get("wall_s"))))
         parts.append(t)
-    q = s.get("quarantined") or []
-    if q:
+    if isinstance(q_list, list) and q_list:
         t = _table("Quarantined", [("file", "left"), ("observed MiB", "right"), ("reason", "left")])
-        for it in q:
-            it = it or {}
+        for it in q_list:
+            it = it if isinstance(it, dict) else {"file": it}
             t.add_row(str(it.get("file", "?")), _mib(_num(it.get("peak_mb"))), str(it.get("reason") or "-"))
+        parts.append(t)
+    failed = [it for it in s.get("failed_files") or [] if isinstance(it, dict)]
+    if failed:
+        t = _table("Failed", [("file", "left"), ("outcome", "left"), ("reason", "left")])
+        for it in failed:
+            t.add_row(str(it.get("file", "?")), str(it.get("outcome") or "-"), str(it.get("reason") or "-"))
         parts.append(t)
     return _render(parts)
 

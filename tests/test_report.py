@@ -213,3 +213,30 @@ def test_summarize_store_tolerates_missing_keys():
     sparse = summarize_store({"files_done": 3})
     assert "3 done" in sparse and "throughput -" in sparse
     assert summarize_store({})
+
+
+def test_summarize_store_renders_the_real_store_summary(tmp_path):
+    store_mod = pytest.importorskip("telemetry.store")
+    store = store_mod.TelemetryStore(tmp_path / "t.sqlite")
+    try:
+        store.start_run("r1", corpus="/c", engine="wav2vec", model="m", device="cpu", settings={})
+        t0 = 1_700_000_000.0
+
+        def attempt(file: str, outcome: str, peak: float, wall: float, i: int, reason: str | None = None):
+            return store_mod.Attempt(
+                run_id="r1", file=file, path=f"/c/{file}", input_hash=file, engine="wav2vec", model="m",
+                device="cpu", audio_seconds=600.0, media_bytes=1000, transcript_bytes=100, worker_baseline_mb=1400.0,
+                peak_mb=peak, growth_mb=peak - 1400.0, predicted_mb=peak - 100, wall_s=wall, cpu_s=wall * 3,
+                outcome=outcome, reason=reason, worker_pid=100 + i, started_at=t0 + i, finished_at=t0 + i + wall)
+
+        store.record_attempt(attempt("big.cha", "killed", 6100.0, 90.0, 0, "over budget"))
+        store.record_attempt(attempt("big.cha", "quarantined", 6400.0, 95.0, 1, "needs 9 GiB"))
+        store.record_attempt(attempt("ok.cha", "done", 2500.0, 120.0, 2))
+        store.record_attempt(attempt("bad.cha", "failed", 1500.0, 5.0, 3, "media: cannot decode"))
+        store.finish_run("r1", {})
+        text = summarize_store(store.summary("r1"))
+    finally:
+        store.close()
+    assert "run r1" in text and "1 done" in text and "1 failed" in text and "1 quarantined" in text
+    assert "6,400" in text and "needs 9 GiB" in text and "media: cannot decode" in text
+    assert "audio h per wall h" in text
