@@ -146,7 +146,9 @@ class Manifest:
 
     def __init__(self, path: Path) -> None:
         self.path = path
+        self.failed_path = path.with_name("failed.jsonl")
         self._entries: dict[str, dict] = {}
+        self._failed: dict[str, dict] = {}
         self._load()
 
     @classmethod
@@ -155,16 +157,40 @@ class Manifest:
         return cls(base / MANIFEST_DIR / "done.jsonl")
 
     def _load(self) -> None:
-        try:
-            lines = self.path.read_bytes().splitlines()
-        except FileNotFoundError:
-            return
-        for line in lines:
+        for path, entries in ((self.path, self._entries), (self.failed_path, self._failed)):
             try:
-                entry = json.loads(line)
-                self._entries[entry["rel"]] = entry
-            except (ValueError, KeyError, TypeError):
+                lines = path.read_bytes().splitlines()
+            except FileNotFoundError:
                 continue
+            for line in lines:
+                try:
+                    entry = json.loads(line)
+                    entries[entry["rel"]] = entry
+                except (ValueError, KeyError, TypeError):
+                    continue
+
+    def failed(self, info: FileInfo) -> dict | None:
+        """The failure recorded for this exact input, if it failed for good before."""
+        entry = self._failed.get(info.rel)
+        if entry is not None and entry.get("input_hash") == info.input_hash:
+            return entry
+        return None
+
+    def mark_failed(self, info: FileInfo, state: str, reason: str) -> None:
+        entry = {"rel": info.rel, "input_hash": info.input_hash, "state": state, "reason": reason}
+        self._failed[info.rel] = entry
+        self._append(self.failed_path, entry)
+
+    @staticmethod
+    def _append(path: Path, entry: dict) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        line = (json.dumps(entry, separators=(",", ":")) + "\n").encode()
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            os.write(fd, line)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
     def is_done(self, info: FileInfo) -> bool:
         entry = self._entries.get(info.rel)
@@ -189,11 +215,4 @@ class Manifest:
                 h.update(media_fingerprint(info.media).encode())
             entry["output_input_hash"] = h.hexdigest()
         self._entries[info.rel] = entry
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        line = (json.dumps(entry, separators=(",", ":")) + "\n").encode()
-        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-        try:
-            os.write(fd, line)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        self._append(self.path, entry)

@@ -149,6 +149,7 @@ class Supervisor:
                 self.queue.fail(job, info.media_error, retry=False)
                 self.emit("file_failed", level="warning", file=info.rel, reason=info.media_error,
                           kind="media", attempt=0)
+                self._remember_failure(job)
                 continue
             self.estimate(job)
 
@@ -304,7 +305,7 @@ class Supervisor:
                 return
             w.transition(WorkerState.READY)
             w.ready_at = w.idle_since = w.last_heartbeat = now
-            mem = self.sampler.tree(w.pid)
+            mem = self.sampler.tree(w.pid, exact=True)  # a real smaps read, not an estimate
             w.baseline_uss_mb = (mem.uss if mem else msg.get("uss_mb", 0) * MiB) / MiB
             w.baseline_pss_mb = (mem.pss if mem else msg.get("pss_mb", 0) * MiB) / MiB
             w.baseline_rss_mb = (mem.rss if mem else msg.get("rss_mb", 0) * MiB) / MiB
@@ -412,7 +413,16 @@ class Supervisor:
         if self.draining:
             asyncio.get_running_loop().create_task(self.pool.stop(w, "draining"))
 
+    def _remember_failure(self, job: FileJob) -> None:
+        """Record a file that failed for good, so watch mode does not retry it after a restart."""
+        try:
+            self._manifest_for(job.info).mark_failed(job.info, job.state.value, job.reason or "")
+        except OSError as exc:
+            self.emit("manifest_write_failed", level="warning", file=job.rel, error=str(exc))
+
     def _after_failure(self, job: FileJob, state: FileState, reason: str) -> None:
+        if state in (FileState.FAILED, FileState.QUARANTINED):
+            self._remember_failure(job)
         if state is FileState.PENDING:
             self.policy.forget(job.rel)
             self.estimate(job)
@@ -624,6 +634,7 @@ class Supervisor:
             else:
                 self.queue.fail(job, d.reason, retry=False)
                 self.emit("file_failed", level="warning", file=job.rel, reason=d.reason, kind="too_big", attempt=0)
+            self._remember_failure(job)
 
     def _kill(self, w: Worker, reason: str, figures: dict | None = None) -> None:
         self.kills += 1
@@ -701,7 +712,15 @@ class Supervisor:
             return
         if existing is not None and existing.info.input_hash == info.input_hash:
             return  # unchanged since we last handled it (done, failed or quarantined)
-        if not self.s.force and self._manifest_for(info).is_done(info):
+        manifest = self._manifest_for(info)
+        if not self.s.force and manifest.is_done(info):
+            return
+        earlier = None if self.s.force else manifest.failed(info)
+        if earlier is not None:
+            if existing is None:
+                self.queue.add(info, FileState.SKIPPED)
+                self.emit("file_skipped", file=info.rel,
+                          reason=f"{earlier['state']} earlier, unchanged since: {earlier.get('reason', '')}")
             return
         if existing is not None:
             del self.queue.jobs[info.rel]
@@ -711,6 +730,7 @@ class Supervisor:
         if info.media_error:
             self.queue.fail(job, info.media_error, retry=False)
             self.emit("file_failed", level="warning", file=info.rel, reason=info.media_error, kind="media", attempt=0)
+            self._remember_failure(job)
             return
         self.estimate(job)
 
@@ -751,7 +771,9 @@ class Supervisor:
         failures = [(j.rel, j.state.value, j.reason or "") for j in self.queue.in_state(FileState.FAILED, FileState.QUARANTINED)]
         if self.halted:
             code = EXIT_HALTED
-        elif failures or (not self.draining and (c["pending"] or c["running"])):
+        elif self.draining:
+            code = EXIT_OK  # asked to stop (systemd stop, SIGTERM): a clean drain is a success
+        elif failures or c["pending"] or c["running"]:
             code = EXIT_FAILED
         else:
             code = EXIT_OK
