@@ -87,9 +87,11 @@ class Limits:
 
 
 class Sampler(Protocol):
+    """What the supervisor reads memory through; tests pass fakes."""
+
     def host(self) -> HostMem: ...
 
-    def tree(self, pid: int) -> ProcMem | None: ...
+    def tree(self, pid: int, *, exact: bool = False) -> ProcMem | None: ...
 
 
 @dataclass(frozen=True)
