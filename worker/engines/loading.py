@@ -95,6 +95,9 @@ def _boot_error(model_id: str, exc: BaseException, what: str = "model") -> BootE
             else "not in the local Hugging Face cache and HF_HUB_OFFLINE is set"
         )
         hint = "download it once with network access or pass --model /path/to/local/folder"
+    elif "not a valid json" in low:
+        reason = "its config.json is not valid JSON"
+        hint = "re-save the model with save_pretrained or download it again"
     elif "is not a local folder" in low or "repository not found" in low or "404" in low:
         reason = "no such model on the Hugging Face hub and no such local folder"
     elif "does not appear to have a file named" in low or "no file named" in low:
