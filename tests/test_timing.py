@@ -9,6 +9,7 @@ from worker.align import SpanAligner
 from worker.chat import parse_chat
 from worker.engines.timing import (
     EDGE_PAD_S,
+    align_sequences,
     match_words,
     normalize,
     recover_utterance_times,
@@ -26,18 +27,27 @@ def chat_of(*utterances: str):
 
 
 class FakeSource:
-    """A recording of ``duration`` seconds of silence that records every span read from it."""
+    """A recording of ``duration`` seconds, noise where the timeline has words and silence
+    elsewhere, that records every span read from it."""
 
-    def __init__(self, duration: float, known: bool = True) -> None:
+    def __init__(self, duration: float, known: bool = True, timeline=()) -> None:
         self._duration = duration
         self.duration_s = duration if known else None
+        self.timeline = list(timeline)
         self.reads: list[tuple[float, float]] = []
 
     def read(self, start_s: float, end_s: float, rate: int = 16000) -> np.ndarray:
         end = min(end_s, self._duration)
         self.reads.append((start_s, end_s))
         n = max(0, int(round((end - start_s) * rate)))
-        return np.zeros(n, dtype=np.float32)
+        out = np.zeros(n, dtype=np.float32)
+        rng = np.random.default_rng(int(start_s * 1000))
+        for _, s, e in self.timeline:
+            a, b = int(round((s - start_s) * rate)), int(round((e - start_s) * rate))
+            a, b = max(a, 0), min(b, n)
+            if b > a:
+                out[a:b] = rng.normal(0, 0.1, b - a)
+        return out
 
 
 class FakeRecognizer(SpanAligner):
@@ -105,6 +115,51 @@ def test_match_words_pairs_exact_and_close_spellings_in_order():
     assert [j for _, j in pairs] == sorted(j for _, j in pairs)
 
 
+def levenshtein(a, b) -> int:
+    d = list(range(len(b) + 1))
+    for i in range(1, len(a) + 1):
+        prev, d[0] = d[0], i
+        for j in range(1, len(b) + 1):
+            prev, d[j] = d[j], min(d[j] + 1, d[j - 1] + 1, prev + (a[i - 1] != b[j - 1]))
+    return d[len(b)]
+
+
+def test_sequence_alignment_is_a_least_edit_alignment():
+    rng = np.random.default_rng(5)
+    for _ in range(40):
+        ref = list(rng.choice(list("abcde"), size=rng.integers(1, 30)))
+        hyp = list(rng.choice(list("abcde"), size=rng.integers(1, 30)))
+        pairs = align_sequences(ref, hyp)
+        subs = sum(ref[i] != hyp[j] for i, j in pairs)
+        cost = (len(ref) - len(pairs)) + (len(hyp) - len(pairs)) + subs
+        assert cost == levenshtein(ref, hyp)
+        assert all(b[0] > a[0] and b[1] > a[1] for a, b in zip(pairs, pairs[1:]))
+
+
+def test_repeated_phrases_stay_with_their_own_utterances():
+    # The same sentence twice, the first time misheard: a greedy longest match would pair the
+    # first utterance with the second reading and lose everything in between.
+    utterances = [(1.0, "the quick brown fox jumps over the lazy dog"), (8.0, "please call stella now"),
+                  (14.0, "the quick brown fox jumps over the lazy dog"), (22.0, "good night")]
+    timeline = timeline_for(utterances)
+    heard = [("jump" if w == "jumps" and s < 5 else w, s, e) for w, s, e in timeline]
+    chat = chat_of(*(t for _, t in utterances))
+    got = recover_utterance_times(FakeSource(30.0), chat, FakeRecognizer(heard), lambda f: None)
+    spans = [got[u.index] for u in chat.utterances]
+    for (s, e), (ts, te) in zip(spans, truth_of(timeline, utterances)):
+        assert abs(s - ts) <= 0.2 and abs(e - te) <= 0.2
+
+
+def test_long_transcripts_align_in_bounded_memory():
+    rng = np.random.default_rng(2)
+    words = [f"w{k}" for k in rng.integers(0, 300, size=12000)]
+    hyp = [w for w in words if rng.random() > 0.1]  # a tenth of the words never recognised
+    hyp[::50] = ["uh"] * len(hyp[::50])
+    pairs = match_words(words, hyp)
+    assert len(pairs) >= 0.85 * len(hyp)
+    assert sum(words[i] == hyp[j] for i, j in pairs) >= 0.95 * len(pairs)
+
+
 def test_spans_follow_the_recognised_words_across_windows():
     utterances = [(1.0, "the quick brown fox"), (20.0, "jumps over the lazy dog"),
                   (28.5, "and then it ran away into the woods"), (61.0, "good night")]
@@ -120,22 +175,54 @@ def test_spans_follow_the_recognised_words_across_windows():
         assert te - 1e-6 <= e <= te + EDGE_PAD_S + 0.01
 
 
-def test_windows_are_bounded_overlapping_and_keep_each_word_once():
-    utterances = [(t, "one two three four five six") for t in (0.5, 9.0, 27.3, 44.5, 55.7, 80.0)]
+def test_windows_are_bounded_cut_in_pauses_and_keep_each_word_once():
+    utterances = [(t, "one two three four five six") for t in (0.5, 9.0, 25.3, 44.5, 55.7, 80.0)]
     timeline = timeline_for(utterances)
-    source = FakeSource(90.0)
+    source = FakeSource(90.0, timeline=timeline)
     rec = FakeRecognizer(timeline)
     progress: list[float] = []
-    words, read_end = stream_words(source, rec, progress.append, window_s=30.0, overlap_s=2.0)
+    words, read_end = stream_words(source, rec, progress.append, window_s=30.0)
     assert read_end == pytest.approx(90.0)
     assert all(e - s <= 30.0 + 1e-9 for s, e in source.reads)  # never the whole recording
-    starts = [s for s, _ in rec.windows]
-    assert starts == [0.0, 28.0, 56.0, 84.0]
-    # every word exactly once, with its full (unclipped) time from the window that saw it whole
+    assert len(rec.windows) >= 3
+    for (s0, e0), (s1, _) in zip(rec.windows, rec.windows[1:]):
+        assert s1 == pytest.approx(e0)  # contiguous: each window starts at the previous cut
+        assert 30.0 - 8.0 - 0.05 <= e0 - s0 <= 30.0
+        assert not any(s < e0 < e for _, s, e in timeline), f"cut at {e0:.2f} s splits a word"
+    # every word exactly once, with its full time
     assert words == timeline
-    cut = [w for w in timeline if w[1] < 28.0 < w[2] or w[1] < 56.0 < w[2]]
-    assert len(cut) == 2, "the timeline should have words across window starts"
     assert progress == sorted(progress) and progress[-1] == pytest.approx(1.0)
+
+
+def test_continuous_speech_is_still_cut_and_every_word_kept_once():
+    timeline = timeline_for([(0.0, " ".join(f"w{i}" for i in range(140)))], word_s=0.45, gap_s=0.0)
+    source = FakeSource(70.0, timeline=timeline)
+    rec = FakeRecognizer(timeline)
+    words, _ = stream_words(source, rec, lambda f: None, window_s=30.0)
+    assert all(e - s <= 30.0 + 1e-9 for s, e in source.reads)
+    names = [w for w, _, _ in words]
+    # a word the cut splits is heard in both windows (as two pieces); none is lost
+    assert set(names) == {w for w, _, _ in timeline}
+    assert len(names) <= len(timeline) + len(rec.windows) - 1
+
+
+class SkippingRecognizer(FakeRecognizer):
+    """Hears only the last three words of any window longer than 12 s (as Whisper can do when
+    a window holds sparse speech)."""
+
+    def transcribe_words(self, audio, offset_s):
+        words = super().transcribe_words(audio, offset_s)
+        return words[-3:] if len(audio) / self.sample_rate > 12.0 else words
+
+
+def test_a_window_that_heard_too_little_is_retried_in_halves():
+    utterances = [(t, "alpha beta gamma") for t in (1.0, 6.0, 11.0, 16.0, 21.0, 26.0)]
+    timeline = timeline_for(utterances)
+    source = FakeSource(29.0, timeline=timeline)
+    rec = SkippingRecognizer(timeline)
+    words, _ = stream_words(source, rec, lambda f: None, window_s=30.0)
+    assert words == timeline
+    assert max(e - s for s, e in rec.windows) > 12.0 and min(e - s for s, e in rec.windows) <= 12.0
 
 
 def test_unmatched_utterances_share_the_gap_by_characters():

@@ -218,6 +218,25 @@ def test_a_failing_utterance_leaves_the_others_aligned(aligner, two_utterances):
     assert all("\n" not in (r.error or "") for r in results.values())
 
 
+def test_utterances_past_the_token_budget_start_a_new_window(aligner, monkeypatch):
+    audio = np.random.default_rng(1).normal(0, 0.05, 16000 * 24).astype(np.float32)
+    utts = [UttRequest(k, 2.0 + 2.5 * k, 4.4 + 2.5 * k, ["hello"] * 60) for k in range(8)]  # 480 tokens
+    encoded = []
+    real = aligner._encode
+
+    def count(a):
+        encoded.append(len(a))
+        return real(a)
+
+    monkeypatch.setattr(aligner, "_encode", count)
+    results = aligner.align_span(audio, 0.0, list(reversed(utts)))
+    assert [r.index for r in results] == list(reversed(range(8)))  # the caller's order
+    for res, utt in zip(results, reversed(utts)):
+        assert res.error is None
+        check_words(res.words, utt)
+    assert len(encoded) == 2 and encoded[1] < encoded[0]  # the rest: a window from its first utterance
+
+
 def test_an_utterance_longer_than_the_window_is_aligned_in_pieces(aligner):
     pieces, words = [], []
     for name in ["c1", "s1", "c2", "s2", "c3", "s3", "c4", "c5"]:

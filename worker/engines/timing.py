@@ -1,8 +1,8 @@
 """Utterance times for transcripts without bullets: recognise the recording, then match the words.
 
-The recording is streamed in overlapping windows (never loaded whole), each window is transcribed
+The recording is streamed in windows cut at pauses (never loaded whole), each window is transcribed
 with word times by the engine's own model, and the recognised words are matched to the transcript's
-words by sequence alignment. An utterance takes its span from its first and last matched words
+words by a least-edit sequence alignment. An utterance takes its span from its first and last matched words
 (stretched by the speaking rate over unmatched words at its edges); utterances with no matched word
 share the gap between their neighbours in proportion to their length in characters. Spans come out
 in transcript order, non-overlapping and inside the recording, ready to be refined by forced
@@ -18,14 +18,23 @@ import unicodedata
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
+import numpy as np
+
 from worker.chat import spoken_text
 
 log = logging.getLogger(__name__)
 
 WINDOW_S = 30.0
-OVERLAP_S = 2.0  # words cut by a window edge are recognised whole in the neighbouring window
+CUT_SEARCH_S = 8.0  # a window is cut at its quietest moment within its last seconds
 EDGE_PAD_S = 0.15  # recognised word times are tight; forced alignment wants a little room
-MIN_SIMILARITY = 0.6  # a mismatched pair ("stella"/"steller") still anchors above this
+MIN_SIMILARITY = 0.7  # a mismatched pair ("stella"/"steller") still anchors above this
+MIN_SIMILAR_LEN = 4  # shorter words anchor only when identical ("her" is not "for")
+MIN_WORDS_PER_SPEECH_S = 0.7  # fewer recognised words than this per second of sound: retry halves
+MIN_SPLIT_S = 6.0  # pieces shorter than this are not split again
+MAX_SPLITS = 2
+MIN_BAND = 200  # words either side of the diagonal the alignment may stray
+BAND_FRACTION = 0.15
+MAX_BAND_CELLS = 20_000_000  # bounds the traceback memory (one byte a cell) on huge transcripts
 SEC_PER_CHAR = (0.03, 0.15)  # bounds on the speaking rate used to stretch over unmatched words
 
 _NOT_WORD = re.compile(r"[^\w]+", re.UNICODE)
@@ -59,16 +68,68 @@ def transcript_words(chat: Any) -> tuple[list[Any], list[_RefWord]]:
     return utts, ref
 
 
+def quietest_point(audio: np.ndarray, rate: int, lo_s: float, hi_s: float) -> float:
+    """Seconds into ``audio`` of the quietest 200 ms between ``lo_s`` and ``hi_s``."""
+    frame = max(1, int(rate * 0.02))
+    n = len(audio) // frame
+    a, b = max(0, int(lo_s / 0.02)), min(n, int(hi_s / 0.02))
+    if b <= a:
+        return min(hi_s, len(audio) / rate)
+    x = audio[: n * frame].astype(np.float64).reshape(n, frame)
+    energy = np.convolve((x * x).mean(axis=1), np.ones(10) / 10, mode="same")
+    return (a + int(np.argmin(energy[a:b]))) * 0.02 + 0.01
+
+
+def speech_seconds(audio: np.ndarray, rate: int) -> float:
+    """Seconds of ``audio`` louder than its pauses (all of it when it has no clear pauses)."""
+    frame = max(1, int(rate * 0.02))
+    n = len(audio) // frame
+    if n < 2:
+        return len(audio) / rate
+    x = audio[: n * frame].astype(np.float64).reshape(n, frame)
+    level = 10.0 * np.log10((x * x).mean(axis=1) + 1e-10)
+    floor, loud = np.percentile(level, [5, 99])
+    if loud - floor < 30.0:
+        return len(audio) / rate
+    quiet = level < max(floor + 0.2 * (loud - floor), loud - 40.0)
+    return float((~quiet).sum()) * 0.02
+
+
+def transcribe_piece(aligner: Any, audio: np.ndarray, offset_s: float, rate: int,
+                     depth: int = 0) -> list[tuple[str, float, float]]:
+    """``aligner.transcribe_words``, retried on halves when it heard too few words.
+
+    Whisper can skip most of a window that holds sparse speech between long pauses (it then
+    returns a handful of words for twenty seconds of talk). Fewer than ``MIN_WORDS_PER_SPEECH_S``
+    words per second of sound triggers a retry on the two halves (cut at the quietest moment of
+    the middle third), kept when they hear more words.
+    """
+    words = list(aligner.transcribe_words(audio, offset_s))
+    length = len(audio) / rate
+    if depth >= MAX_SPLITS or length < MIN_SPLIT_S:
+        return words
+    speech = speech_seconds(audio, rate)
+    if speech < 2.0 or len(words) >= MIN_WORDS_PER_SPEECH_S * speech:
+        return words
+    mid = quietest_point(audio, rate, length / 3, 2 * length / 3)
+    cut = int(round(mid * rate))
+    halves = (transcribe_piece(aligner, audio[:cut], offset_s, rate, depth + 1)
+              + transcribe_piece(aligner, audio[cut:], offset_s + cut / rate, rate, depth + 1))
+    return halves if len(halves) > len(words) else words
+
+
 def stream_words(source: Any, aligner: Any, progress: Progress, *, window_s: float = WINDOW_S,
-                 overlap_s: float = OVERLAP_S) -> tuple[list[tuple[str, float, float]], float]:
+                 search_s: float = CUT_SEARCH_S) -> tuple[list[tuple[str, float, float]], float]:
     """Recognised (word, start, end) over the whole recording, and the seconds of audio read.
 
-    Windows of ``window_s`` overlap by ``overlap_s``; each keeps the words whose midpoint falls in
-    its own core (half the overlap away from a shared edge), so a word is kept exactly once.
+    The recording is read ``window_s`` at a time; each window is cut at its quietest moment within
+    its last ``search_s`` and only the part before the cut is transcribed, the next window starting
+    at the cut. Cuts fall between words, so no word is heard cut in two, and a recogniser never
+    has to guess at a word clipped by the window edge (Whisper merges or invents words there).
     """
-    window_s = max(float(window_s), 2.0 * overlap_s + 1.0)
-    step = window_s - overlap_s
     rate = int(getattr(aligner, "sample_rate", 16000))
+    window_s = max(float(window_s), 2.0)
+    search_s = min(float(search_s), window_s / 2)
     duration = getattr(source, "duration_s", None)
     words: list[tuple[str, float, float]] = []
     t = 0.0
@@ -81,34 +142,90 @@ def stream_words(source: Any, aligner: Any, progress: Progress, *, window_s: flo
         read_end = max(read_end, got_end)
         short = len(audio) < (window_s - 0.05) * rate  # the recording ended inside this window
         last = short or (duration is not None and got_end >= duration - 1e-3)
-        lo = t + overlap_s / 2 if t > 0 else float("-inf")
-        hi = float("inf") if last else t + step + overlap_s / 2
-        for word, s, e in aligner.transcribe_words(audio, t):
-            mid = (s + e) / 2
-            if lo <= mid < hi:
-                words.append((word, float(s), float(e)))
+        if not last:
+            cut = quietest_point(audio, rate, window_s - search_s, window_s - 0.5)
+            audio = audio[: int(round(cut * rate))]
+        end = t + len(audio) / rate
+        for word, s, e in transcribe_piece(aligner, audio, t, rate):
+            s, e = max(float(s), t), min(float(e), end)
+            words.append((word, s, max(s, e)))
         if duration:
-            progress(min(1.0, got_end / duration))
+            progress(min(1.0, end / duration))
         if last:
             break
-        t += step
+        t = end
     words.sort(key=lambda w: (w[1], w[2]))
     return words, read_end
 
 
-def match_words(ref: Sequence[str], hyp: Sequence[str]) -> list[tuple[int, int]]:
-    """Pairs (ref index, hyp index), increasing in both: exact matches of a sequence alignment,
-    plus position-wise pairs inside equal-length substitutions whose spelling is close."""
-    sm = difflib.SequenceMatcher(None, list(ref), list(hyp), autojunk=False)
+def align_sequences(ref: Sequence[str], hyp: Sequence[str]) -> list[tuple[int, int]]:
+    """Substitution and match pairs (ref index, hyp index) of a least-edit alignment.
+
+    Levenshtein alignment over a band around the proportional diagonal (hyp position ~ ref
+    position scaled by the lengths), filled a row at a time with numpy: a within-row run of
+    insertions is one cumulative minimum. A global alignment matters here: transcripts repeat
+    phrases, and a greedy longest-match (difflib) can pair a phrase with a later repetition and
+    lose everything in between. The band keeps time and memory linear in the transcript length.
+    """
+    n, m = len(ref), len(hyp)
+    if n == 0 or m == 0:
+        return []
+    vocab: dict[str, int] = {}
+    r = np.array([vocab.setdefault(w, len(vocab)) for w in ref], dtype=np.int64)
+    h = np.array([vocab.setdefault(w, len(vocab)) for w in hyp], dtype=np.int64)
+    band = max(MIN_BAND, int(BAND_FRACTION * max(n, m)))
+    band = max(8, min(band, MAX_BAND_CELLS // (2 * n + 2)))
+    inf = np.int64(1 << 40)
+    prev_lo = 0
+    prev = np.arange(0, min(m, band) + 1, dtype=np.int64)  # row 0: only insertions
+    traces: list[tuple[int, np.ndarray]] = []
+    for i in range(1, n + 1):
+        c = int(round(i * m / n))
+        lo, hi = max(0, c - band), min(m, c + band)
+        js = np.arange(lo, hi + 1)
+        k = js - prev_lo
+        ok = (k >= 0) & (k < len(prev))
+        up = np.where(ok, prev[np.clip(k, 0, len(prev) - 1)], inf) + 1
+        k1 = k - 1
+        ok1 = (k1 >= 0) & (k1 < len(prev)) & (js >= 1)
+        sub = (h[np.clip(js - 1, 0, m - 1)] != r[i - 1]).astype(np.int64)
+        diag = np.where(ok1, prev[np.clip(k1, 0, len(prev) - 1)], inf) + sub
+        above = np.minimum(diag, up)
+        choice = np.where(diag <= up, 0, 1).astype(np.int8)
+        g = above - js
+        best = np.minimum.accumulate(g)
+        row = js + best
+        left = np.zeros(len(js), dtype=bool)
+        left[1:] = best[:-1] < g[1:]
+        choice[left] = 2
+        traces.append((lo, choice))
+        prev, prev_lo = row, lo
     pairs: list[tuple[int, int]] = []
-    for tag, i1, i2, j1, j2 in sm.get_opcodes():
-        if tag == "equal":
-            pairs += [(i1 + k, j1 + k) for k in range(i2 - i1)]
-        elif tag == "replace" and i2 - i1 == j2 - j1:
-            for k in range(i2 - i1):
-                if difflib.SequenceMatcher(None, ref[i1 + k], hyp[j1 + k]).ratio() >= MIN_SIMILARITY:
-                    pairs.append((i1 + k, j1 + k))
+    i, j = n, m
+    while i > 0 and j > 0:
+        lo, choice = traces[i - 1]
+        step = choice[j - lo] if 0 <= j - lo < len(choice) else 1
+        if step == 0:
+            pairs.append((i - 1, j - 1))
+            i, j = i - 1, j - 1
+        elif step == 1:
+            i -= 1
+        else:
+            j -= 1
+    pairs.reverse()
     return pairs
+
+
+def match_words(ref: Sequence[str], hyp: Sequence[str]) -> list[tuple[int, int]]:
+    """Pairs (ref index, hyp index), increasing in both: the exact matches of a least-edit
+    alignment, plus its substitutions whose spellings are close ("stella" / "steller")."""
+    out = []
+    for i, j in align_sequences(ref, hyp):
+        a, b = ref[i], hyp[j]
+        if a == b or (min(len(a), len(b)) >= MIN_SIMILAR_LEN
+                      and difflib.SequenceMatcher(None, a, b).ratio() >= MIN_SIMILARITY):
+            out.append((i, j))
+    return out
 
 
 def recover_utterance_times(source: Any, chat: Any, aligner: Any,

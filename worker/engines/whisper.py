@@ -31,6 +31,7 @@ SAMPLES_PER_FRAME = int(SAMPLE_RATE * FRAME_S)
 MEDIAN_WIDTH = 7
 MIN_RANGE_DB = 30.0  # loud-to-floor range below which no frame counts as a pause
 QUIET_FRACTION = 0.2
+QUIET_BELOW_LOUD_DB = 40.0
 MIN_PAUSE_S = 0.1  # a quiet run this long between words is a pause a boundary may snap to
 SNAP_S = 0.2  # how far a DTW word boundary may move onto a pause
 MAX_NEW_TOKENS = 224  # a 30 s window holds far fewer words; stops runaway repetition early
@@ -137,15 +138,17 @@ def quiet_frames(levels: np.ndarray) -> np.ndarray:
 
     DTW hands a pause to one of the words around it (Whisper's timing makes words contiguous);
     trimming quiet frames from word edges puts the boundaries back where speech stops and starts.
-    The threshold sits a fifth of the way from the noise floor to the loud frames, and nothing is
-    called quiet when the two are less than ``MIN_RANGE_DB`` apart (noisy or pause-free audio).
+    The threshold sits a fifth of the way from the noise floor to the loud frames, or
+    ``QUIET_BELOW_LOUD_DB`` under the loud frames when that is higher (a digitally silent floor
+    would otherwise leave low hiss counted as sound); nothing is called quiet when floor and loud
+    frames are less than ``MIN_RANGE_DB`` apart (noisy or pause-free audio).
     """
     if len(levels) < 2:
         return np.zeros(len(levels), dtype=bool)
     floor, loud = np.percentile(levels, [5, 99])
     if loud - floor < MIN_RANGE_DB:
         return np.zeros(len(levels), dtype=bool)
-    return levels < floor + QUIET_FRACTION * (loud - floor)
+    return levels < max(floor + QUIET_FRACTION * (loud - floor), loud - QUIET_BELOW_LOUD_DB)
 
 
 def quiet_runs(quiet: np.ndarray, min_frames: int) -> list[tuple[int, int]]:
@@ -252,11 +255,11 @@ class WhisperAligner(SpanAligner):
         dtype = str(dtype or "fp32").lower()
         if dtype not in DTYPES:
             raise BootError(f"unknown dtype {dtype!r} for whisper; use fp32 or bf16")
-        processor = load_processor(WhisperProcessor, model_id)
         model = load_pretrained(
             WhisperForConditionalGeneration, model_id, device=device, dtype=dtype,
             quantize_int8=int8, share_weights=share_weights, threads=threads,
         )
+        processor = load_processor(WhisperProcessor, model_id)
         try:
             return cls(model, processor, model_name=model_id, dtype=dtype, language=language,
                        max_span_s=max_span_s)
@@ -340,8 +343,9 @@ class WhisperAligner(SpanAligner):
         n_frames = min(enc.shape[1], -(-n // SAMPLES_PER_FRAME))
         return enc, n_frames
 
-    def _token_starts(self, enc: torch.Tensor, tokens: list[int], f0: int, f1: int) -> np.ndarray:
-        """Frame (relative to f0) at which each text token, then end-of-text, starts."""
+    def _cross_attention(self, enc: torch.Tensor, tokens: list[int]) -> torch.Tensor:
+        """Alignment heads' cross-attention of the rows that predict each text token and then the
+        end of text: heads x (tokens + 1) x encoder frames, from one teacher-forced decoder pass."""
         ids = self.prefix + tokens + [self.eot]
         if len(ids) > self.max_tokens:
             raise ValueError(f"{len(tokens)} tokens exceed the decoder's {self.max_tokens}")
@@ -361,10 +365,8 @@ class WhisperAligner(SpanAligner):
         for layer, _head in self.heads:
             k = slot.get(layer, 0)
             slot[layer] = k + 1
-            picked.append(captured[layer][k, rows, f0:f1])
-        weights = torch.stack(picked)
-        del captured, picked
-        return first_frames(attention_matrix(weights))
+            picked.append(captured[layer][k, rows])
+        return torch.stack(picked)
 
     def _generation_config(self):
         """Greedy, no timestamps, prompt set by language and task alone (no legacy forced ids)."""
@@ -389,22 +391,31 @@ class WhisperAligner(SpanAligner):
                    utts: list[UttRequest]) -> list[UttResult]:
         """Word times (absolute seconds) for each utterance, each kept inside its own bullet.
 
-        A span that fits Whisper's window is encoded once for all its utterances. A longer span
-        (one utterance longer than the window arrives alone) is encoded per utterance, and an
-        utterance longer than the window is aligned piece by piece.
+        A span that fits Whisper's window is encoded once and its utterances' words are
+        teacher-forced together, in time order, from the window's start: Whisper's decoder expects
+        the text of everything it hears from the start of its window, and an utterance forced alone
+        in the middle of a window draws its first words' attention towards the window's start.
+        Utterances past the decoder's token budget start a new window of their own. A longer span
+        (an utterance longer than the window arrives alone) is aligned piece by piece.
         """
         audio = np.asarray(audio, dtype=np.float32).reshape(-1)
-        results = []
+        done: dict[int, UttResult] = {}
         with torch.inference_mode():
             if len(audio) <= WINDOW_S * SAMPLE_RATE:
-                window = self._window(audio, span_start_s)
-                for utt in utts:
-                    results.append(self._guarded(window.align, utt))
-                del window
+                todo = list(utts)
+                start = span_start_s
+                while todo:
+                    a = max(0, int(round((start - span_start_s) * SAMPLE_RATE)))
+                    window = self._window(audio[a:], span_start_s + a / SAMPLE_RATE)
+                    results, todo = window.align_many(todo)
+                    del window
+                    done.update((r.index, r) for r in results)
+                    if todo:
+                        start = min(u.start_s for u in todo)
             else:
                 for utt in utts:
-                    results.append(self._guarded(lambda u: self._align_long(audio, span_start_s, u), utt))
-        return results
+                    done[utt.index] = self._guarded(lambda u: self._align_long(audio, span_start_s, u), utt)
+        return [done[u.index] for u in utts]
 
     @staticmethod
     def _guarded(fn, utt: UttRequest) -> UttResult:
@@ -445,8 +456,11 @@ class WhisperAligner(SpanAligner):
             a = int(round((t - span_start_s) * SAMPLE_RATE))
             b = int(round((win_end - span_start_s) * SAMPLE_RATE))
             window = self._window(audio[a:b], t)
-            got = window.align(UttRequest(utt.index, t, win_end, rest[:take])).words
+            (res,), _ = window.align_many([UttRequest(utt.index, t, win_end, rest[:take])])
             del window
+            if res.words is None:
+                raise ValueError(res.error or "no alignment")
+            got = res.words
             times += got[:keep]
             i += keep
             t = max(t + FRAME_S, got[keep - 1][1])
@@ -485,7 +499,8 @@ class WhisperAligner(SpanAligner):
                 groups.append([t])
             else:
                 groups[-1].append(t)
-        starts = self._token_starts(window.enc, tokens, 0, window.n_frames)
+        weights = self._cross_attention(window.enc, tokens)[:, :, : window.n_frames]
+        starts = first_frames(attention_matrix(weights))
         bounds = np.cumsum([0] + [len(g) for g in groups])
         frames = word_frames([int(starts[i]) for i in bounds], window.quiet, 0, window.n_frames)
         out = []
@@ -507,28 +522,86 @@ class _Window:
         self.quiet = quiet
         self.start_s = start_s
 
-    def align(self, utt: UttRequest) -> UttResult:
-        """Word times of one utterance, searched only within its own bullet."""
-        n_frames, span_start_s = self.n_frames, self.start_s
+    def align_many(self, utts: list[UttRequest]) -> tuple[list[UttResult], list[UttRequest]]:
+        """Results for the utterances whose words fit one decoder pass, and those left over.
+
+        Utterances are forced in time order as one text; each one's DTW then runs on its own rows
+        (from the row predicting its first token to the one predicting the next utterance's) and
+        only over its bullet's frames. An utterance that cannot be placed gets an error result; if
+        the joint pass fails, each utterance is forced alone so the others still get times.
+        """
+        aligner = self.aligner
+        budget = aligner.max_tokens - len(aligner.prefix) - 1
+        results: list[UttResult] = []
+        ready: list[tuple[UttRequest, list[list[int]], int, int]] = []
+        for utt in utts:
+            try:
+                prepared = self._prepare(utt)
+            except ValueError as exc:
+                results.append(UttResult(utt.index, None, error=_one_line(exc)))
+                continue
+            if prepared is None:
+                results.append(UttResult(utt.index, []))
+            else:
+                ready.append(prepared)
+        ready.sort(key=lambda p: (p[0].start_s, p[0].end_s))
+        chunk, rest, used = [], [], 0
+        for p in ready:
+            n = sum(len(t) for t in p[1])
+            if n > budget:
+                results.append(UttResult(p[0].index, None, error=f"ValueError: {n} tokens exceed the decoder's {budget}"))
+            elif not rest and used + n <= budget:
+                chunk.append(p)
+                used += n
+            else:
+                rest.append(p[0])
+        if chunk:
+            try:
+                results += self._force(chunk)
+            except Exception:  # noqa: BLE001 - fall back to one pass per utterance
+                for p in chunk:
+                    results.append(self.aligner._guarded(lambda _u, p=p: self._force([p])[0], p[0]))
+        return results, rest
+
+    def _prepare(self, utt: UttRequest):
+        """(utt, tokens per word, first frame, end frame), or None for an utterance without words."""
         if not utt.words:
-            return UttResult(utt.index, [])
-        f0 = max(0, int(round((utt.start_s - span_start_s) / FRAME_S)))
-        f1 = min(n_frames, int(round((utt.end_s - span_start_s) / FRAME_S)))
+            return None
+        f0 = max(0, int(round((utt.start_s - self.start_s) / FRAME_S)))
+        f1 = min(self.n_frames, int(round((utt.end_s - self.start_s) / FRAME_S)))
         if f1 - f0 < 1:
             raise ValueError(f"utterance {utt.index} has no audio inside the span")
         word_toks = self.aligner._word_tokens(utt.words)
         if any(not t for t in word_toks):
             raise ValueError(f"utterance {utt.index} has a word with no tokens")
-        tokens = [t for toks in word_toks for t in toks]
-        starts = self.aligner._token_starts(self.enc, tokens, f0, f1)
+        return utt, word_toks, f0, f1
+
+    def _force(self, chunk) -> list[UttResult]:
+        """One teacher-forced pass over the chunk's words, then a DTW per utterance."""
+        tokens = [t for _, word_toks, _, _ in chunk for toks in word_toks for t in toks]
+        weights = self.aligner._cross_attention(self.enc, tokens)
+        results = []
+        row = 0
+        for utt, word_toks, f0, f1 in chunk:
+            n = sum(len(t) for t in word_toks)
+            try:
+                results.append(self._times(utt, word_toks, f0, f1, weights[:, row:row + n + 1, f0:f1]))
+            except Exception as exc:  # noqa: BLE001 - this utterance only
+                results.append(UttResult(utt.index, None, error=_one_line(exc)))
+            row += n
+        return results
+
+    def _times(self, utt: UttRequest, word_toks: list[list[int]], f0: int, f1: int,
+               weights: torch.Tensor) -> UttResult:
+        starts = first_frames(attention_matrix(weights))
         bounds = np.cumsum([0] + [len(t) for t in word_toks])
-        lo = max(utt.start_s, span_start_s)
-        hi = min(utt.end_s, span_start_s + f1 * FRAME_S)
+        lo = max(utt.start_s, self.start_s)
+        hi = min(utt.end_s, self.start_s + f1 * FRAME_S)
         frames = word_frames([f0 + int(starts[i]) for i in bounds], self.quiet, f0, f1)
         times = []
         for a, b in frames:
-            s = min(max(round(span_start_s + a * FRAME_S, 3), lo), hi)
-            e = min(max(round(span_start_s + b * FRAME_S, 3), s), hi)
+            s = min(max(round(self.start_s + a * FRAME_S, 3), lo), hi)
+            e = min(max(round(self.start_s + b * FRAME_S, 3), s), hi)
             times.append((s, e))
         return UttResult(utt.index, times)
 
