@@ -612,7 +612,8 @@ class Supervisor:
             w.transition(WorkerState.BUSY)
             w.job, w.job_id = job, f"{job.rel}#{job.attempts}"
             w.file_started_at, w.idle_since = now, None
-            w.peak_uss_mb = w.uss_mb
+            # The last reading may predate the previous file's release: start from the baseline.
+            w.peak_uss_mb = w.baseline_uss_mb or 0.0
             w.last_heartbeat = now
             self._job_started_wall[job.rel] = time.time()
             info = job.info
