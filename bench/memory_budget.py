@@ -182,7 +182,10 @@ def main(argv: list[str] | None = None) -> int:
             if fin and start:
                 loop_cpu = fin[-1]["supervisor_cpu_s"] - start[0].get("supervisor_cpu_s", 0.0)
                 loop_wall = fin[-1]["t"] - start[0]["t"]
-                note = (f"budget {start[0]['budget_mb']:.0f} MiB from {start[0]['limit_source']}; "
+                work_cpu = sum(e.get("cpu_s") or 0.0 for e in evs if e["event"] == "file_done")
+                note = (f"work measured by the workers: {work_cpu:.1f} CPU-s (profile plus page faults and CHAT I/O) "
+                        f"-> ideal {work_cpu / cores:.1f} s, makespan {r['makespan'] / (work_cpu / cores):.2f}x that\n    "
+                        f"budget {start[0]['budget_mb']:.0f} MiB from {start[0]['limit_source']}; "
                         f"{fin[-1]['kills']} guard kills, {fin[-1]['pauses']} pauses, "
                         f"{fin[-1]['failed'] + fin[-1]['quarantined']} failed; supervisor loop CPU "
                         f"{loop_cpu:.2f} s over {loop_wall:.1f} s = {100 * loop_cpu / loop_wall:.2f}% of one core")
