@@ -275,3 +275,31 @@ def test_two_supervisors_share_one_cgroup_budget_through_the_host_ledger(tmp_pat
         assert named(evs, "run_started")[0]["limit_mb"] == 900.0
         seen_others = max([seen_others] + [e.get("others_reserved_mb", 0) for e in named(evs, "memory_sample")])
     assert seen_others > 0, "neither supervisor saw the other's reservation"
+
+
+def test_prometheus_metrics_over_http_and_textfile_during_a_run(tmp_path):
+    import urllib.request
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    corpus = tmp_path / "corpus"
+    make_corpus(corpus, [30, 30, 5])
+    prom = tmp_path / "textfile" / "batchalign.prom"
+    log = tmp_path / "run.jsonl"
+    p = start_cli(cli_args(corpus, tmp_path / "out", "--memory-budget", "600MiB", "--log-json", str(log),
+                           "--metrics-port", str(port), "--metrics-textfile", str(prom)), tmp_path,
+                  BATCHALIGN_SUPERVISE_ENGINE_SYNTHETIC_CPU_SECONDS_PER_AUDIO_SECOND="0.1")
+    try:
+        wait_for_event(log, "file_started")
+        body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+        assert "batchalign_up 1" in body
+        assert f"batchalign_memory_budget_bytes {600 * 2**20}" in body
+        assert 'batchalign_workers{state="busy"}' in body
+        assert p.wait(timeout=120) == 0
+    finally:
+        if p.poll() is None:
+            p.kill()
+    final = prom.read_text()
+    assert 'batchalign_files{state="done"} 3' in final
+    assert "batchalign_kills_total 0" in final

@@ -12,7 +12,9 @@ from pathlib import Path
 import pytest
 
 from bench.synth_corpus import make_corpus
-from helpers import cli_args, events, named, pid_alive, run_cli, start_cli, wait_for_event
+import subprocess
+
+from helpers import cli_args, env_for, events, named, pid_alive, run_cli, start_cli, wait_for_event
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -315,3 +317,56 @@ def test_usage_errors_exit_2(tmp_path):
     assert r.returncode == 2 and "lots" in r.stderr
     r = run_cli(cli_args(tmp_path, None), tmp_path)
     assert r.returncode == 2
+
+
+def test_a_run_inside_a_memory_limited_cgroup_reads_the_limit_and_is_never_oom_killed(tmp_path):
+    from supervisor.cgroups import MemoryCgroup, cgroups_available
+
+    if not cgroups_available():
+        pytest.skip("needs root and a writable memory cgroup hierarchy (cgroup v1 here)")
+    corpus_dir = tmp_path / "corpus"
+    make_corpus(corpus_dir, [60, 50, 40, 30, 20, 10, 5, 5, 5, 5])
+    log = tmp_path / "run.jsonl"
+    limit = 700 * 2**20
+    with MemoryCgroup(f"bas-run-{os.getpid()}", limit) as cg:
+        p = subprocess.Popen(cli_args(corpus_dir, tmp_path / "out", "--reserve", "100MiB", "--log-json", str(log),
+                                      "--workers", "3"),
+                             cwd=tmp_path, preexec_fn=cg.preexec(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True, env=env_for(tmp_path))
+        code = p.wait(timeout=150)
+        oom, peak = cg.oom_kills(), cg.max_usage()
+    assert code == 0, p.stderr.read()[-3000:]
+    evs = events(log)
+    started = named(evs, "run_started")[0]
+    assert started["limit_mb"] == 700.0 and "cgroup" in started["limit_source"]
+    assert started["budget_mb"] == 600.0
+    assert oom == 0 and peak <= limit
+    assert len(named(evs, "file_done")) == 10
+
+
+def test_second_sigterm_stops_at_once_and_requeues(tmp_path):
+    corpus_dir = tmp_path / "corpus"
+    make_corpus(corpus_dir, [60, 60, 5, 5])
+    out = tmp_path / "out"
+    log = tmp_path / "run.jsonl"
+    args = cli_args(corpus_dir, out, "--memory-budget", "800MiB", "--workers", "2", "--log-json", str(log))
+    p = start_cli(args, tmp_path, BATCHALIGN_SUPERVISE_ENGINE_SYNTHETIC_CPU_SECONDS_PER_AUDIO_SECOND="0.2")
+    try:
+        wait_for_event(log, "file_started", timeout=60)
+        p.send_signal(signal.SIGTERM)
+        wait_for_event(log, "drain_started")
+        p.send_signal(signal.SIGTERM)
+        p.wait(timeout=30)
+    finally:
+        if p.poll() is None:
+            p.kill()
+    evs = events(log)
+    assert named(evs, "stop_requested")
+    killed = [e for e in named(evs, "worker_exited") if e["signal"] == "SIGKILL"]
+    assert killed, "running workers were not stopped at once"
+    assert not named(evs, "file_done")
+    assert not list(out.rglob("*.cha"))
+    # Nothing was charged to the files: a re-run does all of them, first try.
+    assert run_cli(args, tmp_path).returncode == 0
+    again = [e for e in named(events(log), "file_admitted") if e["run"] == named(events(log), "run_started")[-1]["run"]]
+    assert {e["attempt"] for e in again} == {1}
