@@ -12,9 +12,10 @@ import asyncio
 import inspect
 import math
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Awaitable, Callable
+
+from worker.output import atomic_write_bytes
 
 __all__ = ["CONTENT_TYPE", "DEFAULT_HOST", "MetricsServer", "render_prometheus", "write_textfile"]
 
@@ -167,22 +168,8 @@ def write_textfile(path: str | Path, status: dict) -> Path:
     ``.prom`` (so the collector never reads it half-written).
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    data = render_prometheus(status).encode("utf-8")
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+    # Readable by node_exporter, which usually runs as another user.
+    atomic_write_bytes(path, render_prometheus(status).encode("utf-8"), mode=0o644)
     return path
 
 

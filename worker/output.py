@@ -48,22 +48,24 @@ def _fsync_dir(folder: Path) -> None:
         os.close(dfd)
 
 
-def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
+def atomic_write_bytes(path: str | os.PathLike[str], data: bytes, mode: int | None = None) -> None:
     """Replace ``path`` with ``data`` atomically.
 
     Parent folders are created. An existing target keeps its permission bits (an in-place run must
-    not turn a group-readable transcript private). A symlinked target is followed so the link stays a
-    link. On any error the temporary file is removed and the target is left as it was.
+    not turn a group-readable transcript private) unless ``mode`` says otherwise. A symlinked target
+    is followed so the link stays a link. On any error the temporary file is removed and the target
+    is left as it was.
     """
     target = Path(path)
     if target.is_symlink():
         target = target.resolve()
     folder = target.parent
     folder.mkdir(parents=True, exist_ok=True)
-    try:
-        mode: int | None = stat.S_IMODE(os.stat(target).st_mode)
-    except FileNotFoundError:
-        mode = None
+    if mode is None:
+        try:
+            mode = stat.S_IMODE(os.stat(target).st_mode)
+        except FileNotFoundError:
+            mode = None
 
     fd, tmp = _open_temp(folder, target.name)
     try:
