@@ -218,7 +218,7 @@ def build_recording(names: list[str], folder: Path, *, gap_s: float = 1.0, bulle
         while True:
             name = names[k % len(names)]
             audio, rate = sf.read(synth / f"{name}.wav", dtype="float32")
-            if total_s is not None and t + (len(audio) + len(gap)) / rate > total_s and k >= len(names):
+            if total_s is not None and k > 0 and t + (len(audio) + len(gap)) / rate > total_s:
                 break
             truth = truth_words(name, synth)
             src = (synth / f"{name}.cha").read_text()

@@ -159,6 +159,13 @@ def test_median_filter_smooths_spikes_and_keeps_short_rows():
     assert torch.equal(median_filter(short, 7), short)
 
 
+def test_chat_language_codes_map_to_whisper_codes():
+    assert W.whisper_language("eng") == "en"
+    assert W.whisper_language("spa") == "es"
+    assert W.whisper_language("fr") == "fr"
+    assert W.whisper_language(None) is None
+
+
 def test_word_boundaries_snap_onto_nearby_pauses_and_skip_quiet_edges():
     quiet = np.zeros(100, dtype=bool)
     quiet[40:55] = True  # a 300 ms pause
@@ -263,6 +270,13 @@ def test_fallback_heads_are_the_last_half_of_the_decoder(tmp_path):
 def test_bf16_weights_align_too(tiny):
     al = WhisperAligner.load(str(tiny), dtype="bf16", threads=1)
     audio, words, s, e = synth("c4")
+    utt = UttRequest(0, s, e, words)
+    check_words(al.align_span(audio, 0.0, [utt])[0].words, utt)
+
+
+def test_int8_weights_align_too(tiny):
+    al = WhisperAligner.load(str(tiny), int8=True, threads=1)
+    audio, words, s, e = synth("c5")
     utt = UttRequest(0, s, e, words)
     check_words(al.align_span(audio, 0.0, [utt])[0].words, utt)
 

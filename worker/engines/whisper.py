@@ -1,12 +1,14 @@
 """Whisper forced alignment: cross-attention of the alignment heads, then DTW from tokens to frames.
 
-The encoder runs once per span (padded to Whisper's 30 s window); each utterance's known words are
-then teacher-forced through the decoder, and only the alignment heads' cross-attention is kept (the
-full ``model(..., output_attentions=True)`` call also returns every encoder self-attention map, which
-roughly doubles the peak). The attention rows of each utterance are restricted to the frames of its
-own bullet, z-scored, median-filtered and averaged over heads; a DTW path through the negated matrix
-gives each token its first frame, and words start at their first token's frame and end where the
-next word (or the end-of-text prediction) starts.
+The encoder runs once per span (padded to Whisper's 30 s window). The span's utterances are then
+teacher-forced through the decoder as one text in time order, because Whisper's decoder expects the
+transcript of everything it hears from the start of its window. Only the alignment heads'
+cross-attention is kept: the full ``model(..., output_attentions=True)`` call would also return
+every encoder self-attention map, which roughly doubles the peak. Each utterance's rows are cut to
+the frames of its own bullet, z-scored, median-filtered and averaged over heads; a DTW path through
+the negated matrix gives each token its first frame. Words start at their first token's frame and
+end where the next word (or the end of text) starts, and word boundaries next to a pause move onto
+it, since DTW otherwise hands the pause to one of the neighbouring words.
 """
 
 from __future__ import annotations
@@ -549,7 +551,7 @@ class _Window:
         for p in ready:
             n = sum(len(t) for t in p[1])
             if n > budget:
-                results.append(UttResult(p[0].index, None, error=f"ValueError: {n} tokens exceed the decoder's {budget}"))
+                results.append(UttResult(p[0].index, None, error=f"{n} tokens exceed the decoder's {budget}"))
             elif not rest and used + n <= budget:
                 chunk.append(p)
                 used += n
