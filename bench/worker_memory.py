@@ -28,6 +28,7 @@ PSS); a 10 min recording peaks no higher than a 60 s one.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import subprocess
@@ -162,6 +163,10 @@ def zygote(args: argparse.Namespace) -> int:
     else:
         import transformers.models.wav2vec2.modeling_wav2vec2  # noqa: F401
         import worker.engines.wav2vec  # noqa: F401
+    # Objects the children never free need not be scanned by their collectors: a collection
+    # writes to every tracked object's header and so copies the page it sits on.
+    gc.collect()
+    gc.freeze()
     emit({"event": "zygote", "pid": os.getpid(), **proc_mem()})
     pids = []
     for k in range(args.workers):
