@@ -403,7 +403,8 @@ def print_groups(groups: list[Group]) -> None:
             minutes = max(audio, 1e-9) / 60
             words = f"{sum(f['aligned_words'] or 0 for f in rows)}/{sum(f['words'] or 0 for f in rows)}"
             print(f"{g.label:38} {name:6} {audio:7.0f} {mean([f['wall_s'] for f in rows]):7.1f} "
-                  f"{mean([f['wall_s'] for f in rows]) / minutes:10.1f} {mean([f['cpu_s'] for f in rows]) / minutes:9.1f} "
+                  f"{mean([f['wall_s'] for f in rows]) / minutes:10.1f} "
+                  f"{mean([f['cpu_s'] for f in rows]) / minutes:9.1f} "
                   f"{mean([f['peak_rss'] for f in rows]):6.0f} {mean([f['peak_uss'] for f in rows]):6.0f} "
                   f"{mean([f['peak_uss'] - f['uss_before'] for f in rows]):6.0f} {words:>9}")
 
@@ -412,7 +413,8 @@ def print_targets(groups: list[Group]) -> None:
     print("\ntargets")
     ok = [g for g in groups if not g.error and g.files_out and g.files_out[0]]
     for many in [g for g in ok if g.workers > 1]:
-        ones = [g for g in ok if g.workers == 1 and (g.engine, g.dtype, g.start) == (many.engine, many.dtype, many.start)]
+        key = (many.engine, many.dtype, many.start)
+        ones = [g for g in ok if g.workers == 1 and (g.engine, g.dtype, g.start) == key]
         ones = ones or [g for g in ok if g.workers == 1 and (g.engine, g.dtype) == (many.engine, many.dtype)]
         if not ones:
             continue

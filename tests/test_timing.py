@@ -18,7 +18,8 @@ from worker.engines.timing import (
 
 pytestmark = pytest.mark.timeout(60)
 
-HEADER = "@UTF8\n@Begin\n@Languages:\teng\n@Participants:\tPAR Participant\n@ID:\teng|t|PAR|||||Participant|||\n@Media:\trec, audio\n"
+HEADER = ("@UTF8\n@Begin\n@Languages:\teng\n@Participants:\tPAR Participant\n"
+          "@ID:\teng|t|PAR|||||Participant|||\n@Media:\trec, audio\n")
 
 
 def chat_of(*utterances: str):

@@ -15,7 +15,9 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from test_whisper import real_whisper  # noqa: E402
 
-from bench.alignment_accuracy import FILES, boundary_errors, build_recording, print_table, read_wor, score_files  # noqa: E402
+from bench.alignment_accuracy import (  # noqa: E402
+    FILES, boundary_errors, build_recording, print_table, read_wor, score_files,
+)
 from worker.audio import AudioSource  # noqa: E402
 from worker.chat import read_chat  # noqa: E402
 from worker.engines.base import Job  # noqa: E402

@@ -2,9 +2,9 @@
 
 The recording is streamed in windows cut at pauses (never loaded whole), each window is transcribed
 with word times by the engine's own model, and the recognised words are matched to the transcript's
-words by a least-edit sequence alignment. An utterance takes its span from its first and last matched words
-(stretched by the speaking rate over unmatched words at its edges); utterances with no matched word
-share the gap between their neighbours in proportion to their length in characters. Spans come out
+words by a least-edit sequence alignment. An utterance takes its span from its first and last
+matched words (stretched by the speaking rate over unmatched words at its edges); utterances with
+no matched word share the gap between their neighbours in proportion to their length in characters. Spans come out
 in transcript order, non-overlapping and inside the recording, ready to be refined by forced
 alignment.
 """
@@ -254,15 +254,15 @@ def utterance_spans(utts: Sequence[Any], ref: Sequence[_RefWord],
                     duration: float) -> list[tuple[float, float]]:
     """One (start, end) per utterance from the matched words; the rest interpolated."""
     n = len(utts)
-    chars = [max(1, sum(len(r.text) for r in ref if r.utt == k)) for k in range(n)]
-    # chars of each reference word before/after it within its utterance
+    # characters per utterance, and those before each reference word within its utterance
+    seen = [0] * n
+    offset: list[int] = []
+    for r in ref:
+        offset.append(seen[r.utt])
+        seen[r.utt] += len(r.text)
+    chars = [max(1, c) for c in seen]
     first: dict[int, tuple[int, float, float]] = {}
     last: dict[int, tuple[int, float, float]] = {}
-    offset: list[int] = []
-    seen: dict[int, int] = {}
-    for r in ref:
-        offset.append(seen.get(r.utt, 0))
-        seen[r.utt] = seen.get(r.utt, 0) + len(r.text)
     for i, j in pairs:
         k = ref[i].utt
         _, s, e = hyp[j]
