@@ -255,6 +255,14 @@ def _trim_heap() -> None:
         pass
 
 
+def release_memory(device: str) -> None:
+    """Between files: collect, trim the heap and empty the CUDA cache, so the next file starts from
+    the READY baseline and the supervisor's USS readings stay honest."""
+    _trim_heap()
+    if device.startswith("cuda") and torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 def _make_private(model: torch.nn.Module) -> None:
     """Copy every tensor out of any file mapping: no dependence on the checkpoint file (or the
     page cache) after loading, at the price of one private copy per worker."""

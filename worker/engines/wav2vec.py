@@ -8,8 +8,6 @@ emissions, so one utterance that does not fit never disturbs the others.
 
 from __future__ import annotations
 
-import ctypes
-import gc
 import logging
 import math
 import unicodedata
@@ -21,7 +19,7 @@ import torch
 from worker.align import SpanAligner, UttRequest, UttResult, align_file
 from worker.engines.base import BootError, Engine, Job, JobResult, Progress
 from worker.engines.ctc import AlignmentError, forced_align_best, greedy_decode, merge_tokens, min_frames, word_frames
-from worker.engines.loading import configure_threads, load_pretrained, load_processor
+from worker.engines.loading import configure_threads, load_pretrained, load_processor, release_memory
 
 log = logging.getLogger(__name__)
 
@@ -321,12 +319,4 @@ class Wav2VecEngine(Engine):
         return align_file(job, self.aligner, progress, cache=self.cache_dir)
 
     def release(self) -> None:
-        """Hand the heap pages freed by the last file back to the OS, so the next file starts from
-        the READY baseline and the supervisor's USS readings stay honest."""
-        gc.collect()
-        try:
-            ctypes.CDLL("libc.so.6").malloc_trim(0)
-        except (OSError, AttributeError):
-            pass
-        if self.device.startswith("cuda") and torch.cuda.is_available():
-            torch.cuda.empty_cache()
+        release_memory(self.device)

@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import ctypes
-import gc
 from typing import Any
 
 import numpy as np
@@ -24,7 +22,7 @@ import torch
 
 from worker.align import SpanAligner, UttRequest, UttResult, align_file
 from worker.engines.base import BootError, Engine, Job, JobResult, Progress
-from worker.engines.loading import DTYPES, configure_threads, load_pretrained, load_processor
+from worker.engines.loading import DTYPES, configure_threads, load_pretrained, load_processor, release_memory
 
 SAMPLE_RATE = 16000
 WINDOW_S = 30.0  # Whisper's fixed input window
@@ -633,14 +631,7 @@ class WhisperEngine(Engine):
         return align_file(job, self.aligner, progress, cache=self.cache_dir)
 
     def release(self) -> None:
-        """Return freed heap pages to the OS so the next file starts from the READY baseline."""
-        gc.collect()
-        try:
-            ctypes.CDLL("libc.so.6").malloc_trim(0)
-        except (OSError, AttributeError):
-            pass
-        if self.device.startswith("cuda") and torch.cuda.is_available():
-            torch.cuda.empty_cache()
+        release_memory(self.device)
 
 
 @contextlib.contextmanager
