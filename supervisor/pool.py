@@ -14,6 +14,7 @@ import enum
 import json
 import os
 import signal
+import socket
 import sys
 import time
 from dataclasses import dataclass, field
@@ -63,7 +64,7 @@ class PoolEvent:
 @dataclass(eq=False)
 class Worker:
     id: int
-    proc: asyncio.subprocess.Process
+    proc: Any  # asyncio.subprocess.Process or ForkedProcess
     spawned_at: float
     state: WorkerState = WorkerState.STARTING
     ready_at: float | None = None
@@ -104,16 +105,285 @@ def worker_command(engine: str, options: dict[str, Any], python: str | None = No
             "--options", json.dumps(options, separators=(",", ":"))]
 
 
+START_METHODS = ("auto", "spawn", "zygote")
+_STREAM_LIMIT = protocol.MAX_FRAME + protocol.HEADER_SIZE
+
+
+def resolve_start_method(method: str, engine: str) -> str:
+    """``auto``: fork torch engines from a zygote (shared runtime pages), spawn the synthetic one."""
+    if method == "auto":
+        return "zygote" if engine in ("wav2vec", "whisper") else "spawn"
+    return method
+
+
+class SpawnLauncher:
+    """Each worker a fresh interpreter (``asyncio.create_subprocess_exec``)."""
+
+    async def launch(self, command: list[str], env: dict[str, str], cwd: Path | None) -> Any:
+        return await asyncio.create_subprocess_exec(
+            *command, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE, env=env, cwd=cwd, start_new_session=True, limit=_STREAM_LIMIT)
+
+    async def close(self) -> None:
+        return None
+
+
+class ZygoteError(RuntimeError):
+    """The zygote could not be started or stopped answering."""
+
+
+class ForkedProcess:
+    """A worker forked by the zygote, with the surface the pool uses of ``asyncio.subprocess.Process``."""
+
+    def __init__(self) -> None:
+        self.pid: int = 0
+        self.returncode: int | None = None
+        self.stdin: asyncio.StreamWriter | None = None
+        self.stdout: asyncio.StreamReader | None = None
+        self.stderr: asyncio.StreamReader | None = None
+        self._exited: asyncio.Future = asyncio.get_running_loop().create_future()
+
+    def _set_exited(self, rc: int) -> None:
+        if not self._exited.done():
+            self.returncode = rc
+            self._exited.set_result(rc)
+
+    async def wait(self) -> int:
+        return await asyncio.shield(self._exited)
+
+
+class ZygoteLauncher:
+    """Forks workers from ``python -m worker.zygote``, started once (on the first launch) and again
+    after it dies. The supervisor itself never forks: it holds asyncio state, sockets and SQLite.
+
+    The zygote imports the engine's runtime and freezes its objects, so its workers share those
+    pages instead of each holding ~270 MiB of private runtime. If the zygote dies, every worker it
+    forked dies with it (PR_SET_PDEATHSIG) and is reported exited with -SIGKILL. If it cannot be
+    started at all, workers are spawned as fresh interpreters instead (``fallback_reason`` says why).
+    """
+
+    READY_TIMEOUT = 120.0
+    MAX_START_FAILURES = 3
+
+    def __init__(self, engine: str, *, python: str | None = None) -> None:
+        self.engine = engine
+        self.python = python or sys.executable
+        self.zygote: asyncio.subprocess.Process | None = None
+        self.zygote_pid: int | None = None
+        self.fallback_reason: str | None = None
+        self._spawn = SpawnLauncher()
+        self._sock: Any = None
+        self._reader: asyncio.Task | None = None
+        self._stderr_task: asyncio.Task | None = None
+        self._stderr_tail: list[str] = []
+        self._ready: asyncio.Future | None = None
+        self._pending: dict[int, tuple[asyncio.Future, ForkedProcess]] = {}
+        self._procs: dict[int, ForkedProcess] = {}
+        self._next_req = 1
+        self._failures = 0
+        self._lock = asyncio.Lock()
+
+    async def launch(self, command: list[str], env: dict[str, str], cwd: Path | None) -> Any:
+        argv = _worker_argv(command)
+        if argv is None or self._failures >= self.MAX_START_FAILURES:
+            return await self._spawn.launch(command, env, cwd)
+        try:
+            await self._ensure_zygote(env, cwd)
+            return await self._fork(argv, env, cwd)
+        except ZygoteError as exc:
+            self._failures += 1
+            self.fallback_reason = str(exc)
+            await self._discard_zygote()
+            return await self._spawn.launch(command, env, cwd)
+
+    async def _ensure_zygote(self, env: dict[str, str], cwd: Path | None) -> None:
+        async with self._lock:
+            if self.zygote is not None and self.zygote.returncode is None and self._reader is not None \
+                    and not self._reader.done():
+                return
+            await self._discard_zygote()
+            loop = asyncio.get_running_loop()
+            ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+            try:
+                self.zygote = await asyncio.create_subprocess_exec(
+                    self.python, "-m", "worker.zygote", "--engine", self.engine, "--control-fd", str(theirs.fileno()),
+                    pass_fds=(theirs.fileno(),), stdin=asyncio.subprocess.DEVNULL,
+                    stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE, env=env, cwd=cwd,
+                    start_new_session=True)
+            except OSError as exc:
+                ours.close()
+                raise ZygoteError(f"zygote did not start: {exc}") from None
+            finally:
+                theirs.close()
+            ours.setblocking(False)
+            self._sock = ours
+            self._stderr_tail = []
+            self._ready = loop.create_future()
+            self._reader = asyncio.create_task(self._read_control(ours), name="zygote-control")
+            self._stderr_task = asyncio.create_task(self._read_zygote_stderr(self.zygote), name="zygote-stderr")
+            try:
+                self.zygote_pid = await asyncio.wait_for(asyncio.shield(self._ready), self.READY_TIMEOUT)
+            except (asyncio.TimeoutError, ZygoteError) as exc:
+                tail = " | ".join(self._stderr_tail[-5:])
+                raise ZygoteError(f"zygote not ready: {exc or 'timeout'} {tail}".strip()) from None
+
+    async def _fork(self, argv: list[str], env: dict[str, str], cwd: Path | None) -> ForkedProcess:
+        loop = asyncio.get_running_loop()
+        proc = ForkedProcess()
+        pipes = [os.pipe() for _ in range(3)]  # (read, write) each
+        child = [pipes[0][0], pipes[1][1], pipes[2][1]]
+        ours = [pipes[0][1], pipes[1][0], pipes[2][0]]
+        req_id, self._next_req = self._next_req, self._next_req + 1
+        fut = loop.create_future()
+        self._pending[req_id] = (fut, proc)
+        env = {**env, "BATCHALIGN_SUPERVISE_PARENT_PID": str(self.zygote_pid)}
+        body = json.dumps({"req": req_id, "argv": argv, "env": env, "cwd": str(cwd) if cwd else None}).encode()
+        try:
+            for _ in range(500):
+                try:
+                    socket.send_fds(self._sock, [body], child)
+                    break
+                except BlockingIOError:
+                    await asyncio.sleep(0.01)
+            else:
+                raise ZygoteError("zygote control socket stays full")
+            reply = await asyncio.wait_for(asyncio.shield(fut), 30.0)
+        except (OSError, asyncio.TimeoutError, ZygoteError) as exc:
+            self._pending.pop(req_id, None)
+            for fd in ours:
+                os.close(fd)
+            raise ZygoteError(f"zygote did not fork a worker: {exc or 'timeout'}") from None
+        finally:
+            for fd in child:
+                os.close(fd)
+        if "pid" not in reply:
+            for fd in ours:
+                os.close(fd)
+            raise ZygoteError(f"zygote refused: {reply.get('error')}")
+        proc.stdout = asyncio.StreamReader(limit=_STREAM_LIMIT, loop=loop)
+        await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(proc.stdout, loop=loop),
+                                     os.fdopen(ours[1], "rb", buffering=0))
+        proc.stderr = asyncio.StreamReader(limit=_STREAM_LIMIT, loop=loop)
+        await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(proc.stderr, loop=loop),
+                                     os.fdopen(ours[2], "rb", buffering=0))
+        transport, proto = await loop.connect_write_pipe(asyncio.streams.FlowControlMixin,
+                                                         os.fdopen(ours[0], "wb", buffering=0))
+        proc.stdin = asyncio.StreamWriter(transport, proto, None, loop)
+        return proc
+
+    async def _read_control(self, sock: Any) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            while True:
+                data = await loop.sock_recv(sock, 1 << 16)
+                if not data:
+                    break
+                msg = json.loads(data)
+                if "ready" in msg:
+                    if self._ready is not None and not self._ready.done():
+                        self._ready.set_result(int(msg["ready"]))
+                elif "exited" in msg:
+                    proc = self._procs.pop(int(msg["exited"]), None)
+                    if proc is not None:
+                        proc._set_exited(int(msg["returncode"]))
+                elif "req" in msg:
+                    fut, proc = self._pending.pop(msg["req"], (None, None))
+                    if fut is None:
+                        continue
+                    if "pid" in msg:
+                        proc.pid = int(msg["pid"])
+                        self._procs[proc.pid] = proc
+                    if not fut.done():
+                        fut.set_result(msg)
+        except (OSError, ValueError):
+            pass
+        finally:
+            await self._zygote_gone()
+
+    async def _zygote_gone(self) -> None:
+        """The zygote is gone: its workers die with it (pdeathsig); report each once it has."""
+        if self._ready is not None and not self._ready.done():
+            self._ready.set_exception(ZygoteError("zygote exited"))
+        for fut, _ in self._pending.values():
+            if not fut.done():
+                fut.set_exception(ZygoteError("zygote exited"))
+        self._pending.clear()
+        procs, self._procs = list(self._procs.values()), {}
+        for _ in range(100):
+            if not any(_alive(p.pid) for p in procs):
+                break
+            await asyncio.sleep(0.05)
+        for p in procs:
+            p._set_exited(-signal.SIGKILL)
+
+    async def _read_zygote_stderr(self, zygote: asyncio.subprocess.Process) -> None:
+        assert zygote.stderr is not None
+        while line := await zygote.stderr.readline():
+            self._stderr_tail = (self._stderr_tail + [line.decode("utf-8", "replace").rstrip()])[-20:]
+
+    async def _discard_zygote(self) -> None:
+        if self._sock is not None:
+            try:
+                self._sock.shutdown(socket.SHUT_WR)  # the zygote reads EOF and leaves
+            except OSError:
+                pass
+        if self.zygote is not None:
+            if self.zygote.returncode is None:
+                try:
+                    await asyncio.wait_for(self.zygote.wait(), 5.0)
+                except asyncio.TimeoutError:
+                    try:
+                        self.zygote.kill()
+                    except ProcessLookupError:
+                        pass
+                    await self.zygote.wait()
+            self.zygote = None
+        if self._reader is not None:
+            await asyncio.gather(self._reader, return_exceptions=True)
+            self._reader = None
+        if self._stderr_task is not None:
+            await asyncio.gather(self._stderr_task, return_exceptions=True)
+            self._stderr_task = None
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+
+    async def close(self) -> None:
+        """Stop the zygote: closing its control socket makes it leave."""
+        async with self._lock:
+            await self._discard_zygote()
+
+
+def _worker_argv(command: list[str]) -> list[str] | None:
+    """The worker's own arguments when ``command`` is ``PYTHON -m worker ...``; else None (spawn it)."""
+    if len(command) >= 3 and command[1:3] == ["-m", "worker"]:
+        return list(command[3:])
+    return None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
 class ProcessPool:
-    """Local subprocess workers. Events (messages, exits, protocol breaks) go to ``events``."""
+    """Local subprocess workers. Events (messages, exits, protocol breaks) go to ``events``.
+
+    ``launcher`` starts each worker process: ``SpawnLauncher`` (default) or ``ZygoteLauncher``.
+    """
 
     def __init__(self, command: list[str], *, events: asyncio.Queue, env: dict[str, str] | None = None,
-                 clock: Callable[[], float] = time.monotonic, cwd: Path | None = None) -> None:
+                 clock: Callable[[], float] = time.monotonic, cwd: Path | None = None,
+                 launcher: SpawnLauncher | ZygoteLauncher | None = None) -> None:
         self.command = command
         self.events = events
         self.env = env
         self.clock = clock
         self.cwd = cwd
+        self.launcher = launcher or SpawnLauncher()
         self.workers: dict[int, Worker] = {}
         self._next_id = 1
 
@@ -121,10 +391,7 @@ class ProcessPool:
         env = dict(os.environ if self.env is None else self.env)
         env["BATCHALIGN_SUPERVISE_PARENT_PID"] = str(os.getpid())
         env.setdefault("PYTHONUNBUFFERED", "1")
-        proc = await asyncio.create_subprocess_exec(
-            *self.command, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE, env=env, cwd=self.cwd, start_new_session=True,
-            limit=protocol.MAX_FRAME + protocol.HEADER_SIZE)
+        proc = await self.launcher.launch(self.command, env, self.cwd)
         w = Worker(id=self._next_id, proc=proc, spawned_at=self.clock())
         w.last_heartbeat = w.spawned_at
         self._next_id += 1
@@ -208,6 +475,10 @@ class ProcessPool:
             return True
         done, pending = await asyncio.wait(tasks, timeout=timeout)
         return not pending
+
+    async def close(self) -> None:
+        """Release what the launcher holds (the zygote); call after the workers are gone."""
+        await self.launcher.close()
 
     # -- per-worker tasks ------------------------------------------------------------------------
     async def _read_frames(self, w: Worker) -> None:
