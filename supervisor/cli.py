@@ -35,7 +35,8 @@ def cli_mapping(opts: dict[str, Any]) -> dict[str, Any]:
     """Only the options the user gave, shaped like config.toml."""
     run_keys = {"engine": "engine", "model": "model", "device": "device", "dtype": "dtype", "workers": "workers",
                 "max_attempts": "max_attempts", "media_dir": "media_dir", "state_dir": "state_dir",
-                "telemetry": "telemetry", "log_json": "log_json", "progress": "progress"}
+                "telemetry": "telemetry", "log_json": "log_json", "progress": "progress",
+                "start_method": "start_method"}
     out: dict[str, dict[str, Any]] = {}
     for opt, key in run_keys.items():
         if opts.get(opt) is not None:
@@ -83,6 +84,8 @@ def cli() -> None:
 @click.option("--metrics-textfile", type=click.Path(path_type=Path), help="Write Prometheus metrics to this .prom file.")
 @click.option("--control-socket", help="Status socket path, or 'off'.")
 @click.option("--progress", type=click.Choice(["auto", "on", "off"]), help="Progress display on a terminal.")
+@click.option("--start-method", type=click.Choice(["auto", "spawn", "zygote"]),
+              help="Fork workers from a zygote that imported the runtime, or spawn fresh interpreters.")
 def run_cmd(corpus: tuple[Path, ...], out: Path | None, in_place: bool, config: Path | None, force: bool,
             dry_run: bool, **opts: Any) -> None:
     """Align every .cha under CORPUS (folders or files)."""

@@ -58,6 +58,7 @@ class RunSettings:
     drain_grace: float = _duration(600.0)  # SIGTERM: how long running files may take to finish
     boot_timeout: float = _duration(600.0)  # a worker that is not READY by then is killed
     progress: str = "auto"  # auto | on | off
+    start_method: str = "auto"  # auto (zygote for torch engines, spawn for synthetic) | spawn | zygote
 
 
 @dataclass
@@ -349,3 +350,5 @@ def validate(s: Settings) -> None:
         raise SettingsError("memory quantile must be in [0.5, 1)")
     if s.run.progress not in ("auto", "on", "off"):
         raise SettingsError("progress must be auto, on or off")
+    if s.run.start_method not in ("auto", "spawn", "zygote"):
+        raise SettingsError(f"start_method {s.run.start_method!r} is not one of auto, spawn, zygote")

@@ -20,7 +20,8 @@ from typing import Any, Callable
 from supervisor import corpus as corpus_mod
 from supervisor.corpus import FileInfo, Manifest
 from supervisor.policy import Act, Bands, Decision, MemoryPolicy, PendingView, Snapshot, WorkerView, remaining_growth
-from supervisor.pool import PoolEvent, ProcessPool, Worker, WorkerState, worker_command
+from supervisor.pool import (PoolEvent, ProcessPool, Worker, WorkerState, ZygoteLauncher, resolve_start_method,
+                             worker_command)
 from supervisor.queue import FileJob, FileState, WorkQueue
 from supervisor.sampler import Limits, ProcSampler, Sampler, detect_limits
 from supervisor.sd_notify import Notifier
@@ -198,7 +199,9 @@ class Supervisor:
                                  settings=self.s.to_dict())
         self._open_ledger()
         cmd = worker_command(self.s.engine_name, self._engine_options())
-        self.pool = ProcessPool(cmd, events=self.events, clock=self.clock)
+        method = resolve_start_method(self.s.run.start_method, self.s.engine_name)
+        launcher = ZygoteLauncher(self.s.engine_name) if method == "zygote" else None
+        self.pool = ProcessPool(cmd, events=self.events, clock=self.clock, launcher=launcher)
         try:
             await self._loop()
         finally:
@@ -774,6 +777,7 @@ class Supervisor:
         if not await self.pool.wait_all(10.0):
             self.pool.kill_all("did not exit after shutdown")
             await self.pool.wait_all(10.0)
+        await self.pool.close()
         while not self.events.empty():
             ev = self.events.get_nowait()
             if isinstance(ev, PoolEvent) and ev.kind == "exited":
