@@ -39,10 +39,15 @@ def import_runtime(engine: str) -> None:
         import transformers  # noqa: F401
 
         import worker.align  # noqa: F401
+        # transformers imports model classes lazily, on first attribute access: touch the ones the
+        # engine loads so their modules sit in the shared pages too.
         if engine == "wav2vec":
             import worker.engines.wav2vec  # noqa: F401
+            from transformers import Wav2Vec2CTCTokenizer, Wav2Vec2FeatureExtractor, Wav2Vec2ForCTC  # noqa: F401
         else:
             import worker.engines.whisper  # noqa: F401
+            from transformers import WhisperForConditionalGeneration, WhisperProcessor  # noqa: F401
+            from transformers.modeling_outputs import BaseModelOutput  # noqa: F401
     import telemetry.logging  # noqa: F401
     import worker.engines.base  # noqa: F401
 
