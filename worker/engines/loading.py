@@ -13,6 +13,8 @@ parameter; ``model._shared_bytes`` / ``model._private_bytes`` give the split.
 
 from __future__ import annotations
 
+import functools
+
 import json
 import logging
 import os
@@ -243,16 +245,27 @@ def load_pretrained(
     return model
 
 
-def _trim_heap() -> None:
-    """Return freed heap pages to the OS (glibc keeps them otherwise) so baselines stay honest."""
+def trim_heap() -> None:
+    """Return freed heap pages to the OS: glibc keeps them otherwise and RSS only ever grows."""
+    try:
+        _libc().malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+@functools.lru_cache(maxsize=1)
+def _libc():
     import ctypes
+
+    return ctypes.CDLL("libc.so.6")
+
+
+def _trim_heap() -> None:
+    """Collect, then trim: after loading, so the READY baseline is what the worker really keeps."""
     import gc
 
     gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
+    trim_heap()
 
 
 def release_memory(device: str) -> None:

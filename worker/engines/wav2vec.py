@@ -19,7 +19,7 @@ import torch
 from worker.align import SpanAligner, UttRequest, UttResult, align_file
 from worker.engines.base import BootError, Engine, Job, JobResult, Progress
 from worker.engines.ctc import AlignmentError, forced_align_best, greedy_decode, merge_tokens, min_frames, word_frames
-from worker.engines.loading import configure_threads, load_pretrained, load_processor, release_memory
+from worker.engines.loading import configure_threads, load_pretrained, load_processor, release_memory, trim_heap
 
 log = logging.getLogger(__name__)
 
@@ -215,6 +215,10 @@ class Wav2VecAligner(SpanAligner):
             except AlignmentError as exc:
                 results.append(UttResult(utt.index, None, error=str(exc)))
         del em
+        # Spans differ in length, so freed activation blocks fragment glibc's heap; trimming after
+        # each span keeps a long recording's peak at a short one's (measured: 1301 -> 1184 MiB on a
+        # 60 s file and 1270 -> 1184 MiB on a 10 min one, wav2vec2-base, fp32).
+        trim_heap()
         return results
 
     def _align_utterance(self, em: torch.Tensor, span_start_s: float, utt: UttRequest) -> UttResult:
