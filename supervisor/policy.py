@@ -187,14 +187,17 @@ class MemoryPolicy:
         if s.draining:
             return out
 
-        # 5. Files that cannot fit even alone fail at once.
+        # 5. Files that cannot fit even alone fail at once. Alone, a worker has the budget less what
+        # the supervisor (and its zygote) hold.
+        capacity = s.budget_mb - s.overhead_mb
         pending = []
         for p in s.pending:
-            if p.central_peak_mb > s.budget_mb:
+            if p.central_peak_mb > capacity:
                 if p.file not in self._rejected:
                     self._rejected.add(p.file)
+                    left = f" ({gib(capacity)} GiB beside the supervisor)" if s.overhead_mb >= 1 else ""
                     out.append(Decision(Act.REJECT, file=p.file, reason=(
-                        f"needs ~{gib(p.central_peak_mb)} GiB, budget is {gib(s.budget_mb)} GiB"),
+                        f"needs ~{gib(p.central_peak_mb)} GiB, budget is {gib(s.budget_mb)} GiB{left}"),
                         figures={**figs, "predicted_mb": round(p.peak_mb, 1)}))
             else:
                 pending.append(p)
@@ -210,7 +213,7 @@ class MemoryPolicy:
         starting = any(w.state == "starting" for w in live)
         room = s.budget_mb - committed
         head = pending[0]
-        if head.peak_mb > s.budget_mb:
+        if head.peak_mb > capacity:
             # Runs alone: wait for running files, retire all idle workers but one.
             if busy or paused or starting:
                 return out
@@ -227,7 +230,7 @@ class MemoryPolicy:
         assigned: set[str] = set()
         for w in idle:
             for p in pending:
-                if p.file in assigned or p.peak_mb > s.budget_mb:
+                if p.file in assigned or p.peak_mb > capacity:
                     continue
                 if p.growth_mb <= room and unrealised + p.growth_mb <= host_room:
                     out.append(Decision(Act.ADMIT, worker=w.id, file=p.file, reason="fits",
@@ -238,7 +241,7 @@ class MemoryPolicy:
                     committed += p.growth_mb
                     unrealised += p.growth_mb
                     break
-        waiting = [p for p in pending if p.file not in assigned and p.peak_mb <= s.budget_mb]
+        waiting = [p for p in pending if p.file not in assigned and p.peak_mb <= capacity]
         free_idle = [w for w in idle if not any(d.worker == w.id for d in out if d.act is Act.ADMIT)]
         if not waiting:
             return out + self._retire_idle(s, live)

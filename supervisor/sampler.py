@@ -659,6 +659,12 @@ class ProcSampler:
         self._exact[pid] = _Exact(now, now + interval, uss, pss, status.anon, status.file)
         return uss, pss, swap, True
 
+    def process_pss(self, pid: int) -> int | None:
+        """PSS of one process alone (not its tree), exact; for the supervisor's and the zygote's
+        own share, which the budget must carry too."""
+        got = self._read_smaps(pid)
+        return None if got is None else got[1]
+
     def _read_smaps(self, pid: int) -> tuple[int, int, int, bool] | None:
         """(USS, PSS, swap, measured) from smaps_rollup, or psutil (full smaps) without the rollup.
 

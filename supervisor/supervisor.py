@@ -123,6 +123,8 @@ class Supervisor:
         self._status_hooks: list[Callable[[dict], None]] = []
         self.others_mb = 0.0
         self._capacity_changed = False
+        self.overhead_mb = 0.0
+        self._overhead_at = -1e9
 
     # -- helpers -----------------------------------------------------------------------------------
     @property
@@ -555,7 +557,21 @@ class Supervisor:
             if w.job is not None:
                 w.peak_uss_mb = max(w.peak_uss_mb, w.uss_mb)
             used += w.pss_mb
-        self.used_mb = used
+        if now - self._overhead_at >= 10.0:  # static memory: an exact read now and then is enough
+            self._overhead_at = now
+            self.overhead_mb = self._overhead()
+        self.used_mb = used + self.overhead_mb
+
+    def _overhead(self) -> float:
+        """The supervisor's own PSS and the zygote's (its workers are counted on their own)."""
+        read = getattr(self.sampler, "process_pss", None)
+        if read is None:
+            return 0.0
+        total = 0
+        for pid in (os.getpid(), getattr(self.pool.launcher, "zygote_pid", None)):
+            if pid:
+                total += read(pid) or 0
+        return total / MiB
 
     def _check_health(self, now: float) -> None:
         hb, boot = self.s.run.heartbeat_timeout, self.s.run.boot_timeout
@@ -596,6 +612,7 @@ class Supervisor:
                         psi_some10=self.host.psi_some_avg10 if self.host else None,
                         psi_full10=self.host.psi_full_avg10 if self.host else None,
                         draining=self.draining or self.stop_now, others_reserved_mb=others,
+                        overhead_mb=self.overhead_mb,
                         idle_retire_s=self.s.service.idle_retire if self.watcher is not None else None)
         live = [v for v in workers if v.state != "killed"]
         self.committed_mb = self.used_mb + sum(remaining_growth(v) for v in live) + \

@@ -261,3 +261,13 @@ def test_sum_of_admitted_predictions_never_exceeds_budget_randomised():
             if not files and all(w.state == "ready" for w in workers.values()):
                 break
         assert not [f for f in files if f.peak_mb <= budget], f"trial {trial}: files left behind"
+
+
+def test_the_supervisors_own_memory_counts_against_the_budget():
+    p = MemoryPolicy(Bands())
+    # 9000 of peak fits a 10000 budget, but not beside 1500 held by the supervisor and its zygote.
+    out = p.decide(snap(pending=[pend("a", 8000, central=9000)], overhead_mb=1500))
+    assert out[0].act is Act.REJECT and "beside the supervisor" in out[0].reason
+    # Used memory includes the overhead: 8800 of workers + 1500 is over the guard.
+    out = p.decide(snap(workers=[busy(1, uss=8800, growth=9000)], overhead_mb=1500))
+    assert acts(out) == [(Act.KILL, 1, "f1.cha")]

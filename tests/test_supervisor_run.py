@@ -106,7 +106,7 @@ def test_too_big_file_is_killed_requeued_larger_and_quarantined_while_rest_finis
     assert [e["file"] for e in q] == ["f000.cha"]
     # The kill showed it needs more than the whole budget: no attempt is wasted on it.
     assert q[0]["reason"].startswith("needs ~") and "budget is" in q[0]["reason"]
-    assert q[0]["observed_mb"] > 420 * 0.95
+    assert q[0]["observed_mb"] > 420 * 0.75  # the rest of the budget is the supervisor's own
     assert {e["file"] for e in named(evs, "file_done")} == {"f001.cha", "f002.cha", "f003.cha", "f004.cha"}
     assert "quarantined: f000.cha" in r.stderr
 
