@@ -318,6 +318,8 @@ class Wav2VecEngine(Engine):
             threads=int(threads) if threads else None,
             max_span_s=span,
         )
+        self.aligner.warm_up()
+        release_memory(self.device)
 
     def run(self, job: Job, progress: Progress) -> JobResult:
         return align_file(job, self.aligner, progress, cache=self.cache_dir)

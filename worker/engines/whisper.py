@@ -626,6 +626,8 @@ class WhisperEngine(Engine):
             int8=bool(opts.get("int8", False)), share_weights=bool(opts.get("share_weights", True)),
             threads=threads, language=opts.get("language"), max_span_s=span,
         )
+        self.aligner.warm_up()
+        release_memory(self.device)
 
     def run(self, job: Job, progress: Progress) -> JobResult:
         return align_file(job, self.aligner, progress, cache=self.cache_dir)
