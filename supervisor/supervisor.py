@@ -33,6 +33,7 @@ from worker import protocol
 MiB = 2**20
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_HALTED = 0, 1, 2, 3
 MAX_BOOT_FAILURES = 3
+REESTIMATE_S = 2.0
 
 
 @dataclass
@@ -123,6 +124,9 @@ class Supervisor:
         self._status_hooks: list[Callable[[dict], None]] = []
         self.others_mb = 0.0
         self._capacity_changed = False
+        self._bounds_read: set[str] = set()
+        self._model_changed = False
+        self._reestimated_at = -1e9
         self.overhead_mb = 0.0
         self._overhead_at = -1e9
 
@@ -171,11 +175,14 @@ class Supervisor:
         return info.out.parents[depth - 1] if depth else info.out.parent
 
     def estimate(self, job: FileJob) -> None:
-        lb = job.lower_bound_mb
-        if lb is None and self.store is not None:
-            lb = self.store.lower_bound(job.info.input_hash, self.s.engine_name, self.s.model_id, self.s.run.device)
-            job.lower_bound_mb = lb
-        job.estimate = self.predictor.estimate(job.info.audio_seconds, job.info.media_mb, lb)
+        if job.rel not in self._bounds_read and self.store is not None:
+            # Once per file: later bounds come from this run's own kills, already on the job.
+            self._bounds_read.add(job.rel)
+            stored = self.store.lower_bound(job.info.input_hash, self.s.engine_name, self.s.model_id,
+                                            self.s.run.device)
+            if stored is not None:
+                job.lower_bound_mb = max(job.lower_bound_mb or 0.0, stored)
+        job.estimate = self.predictor.estimate(job.info.audio_seconds, job.info.media_mb, job.lower_bound_mb)
 
     def reestimate_pending(self) -> None:
         for job in self.queue.in_state(FileState.PENDING):
@@ -408,7 +415,7 @@ class Supervisor:
                   warnings=len(msg.get("warnings") or []), stats=msg.get("stats"))
         for line in (msg.get("warnings") or [])[:20]:
             self.emit("file_warning", level="warning", file=info.rel, warning=line)
-        self.reestimate_pending()
+        self._model_changed = True
         if self.draining:
             asyncio.get_running_loop().create_task(self.pool.stop(w, "draining"))
 
@@ -537,6 +544,11 @@ class Supervisor:
         self._publish(now)
 
     async def _decide(self, now: float) -> None:
+        # Refitting costs milliseconds per sample set: at most every REESTIMATE_S, not per file.
+        if self._model_changed and now - self._reestimated_at >= REESTIMATE_S:
+            self._model_changed = False
+            self._reestimated_at = now
+            self.reestimate_pending()
         self._capacity_changed = False
         for d in self.policy.decide(self.snapshot(now)):
             await self._act(d, now)
