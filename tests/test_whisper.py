@@ -363,3 +363,19 @@ def test_engine_writes_word_tiers(tiny, tmp_path, bullets):
     mains = [line for line in out.splitlines() if line.startswith("*PAR:")]
     bullets_ms = [tuple(int(x) for x in m.split("\x15")[1].split("_")) for m in mains]
     assert bullets_ms[0][1] <= bullets_ms[1][0]
+
+
+def test_the_transcripts_language_conditions_a_multilingual_decoder(tiny):
+    fresh = WhisperAligner.load(str(tiny))
+    gen = fresh.hf.generation_config
+    gen.is_multilingual = True
+    gen.lang_to_id = {"<|en|>": 50259, "<|es|>": 50262}
+    gen.task_to_id = {"transcribe": 50360}
+    fresh.use_language("spa")  # CHAT's ISO 639-3 code
+    assert fresh.language == "es" and fresh.prefix[1] == 50262
+    fresh.use_language("qqq")  # unknown to the model: keep the previous language, fail nothing
+    assert fresh.language == "es" and fresh.prefix[1] == 50262
+    fixed = WhisperAligner.load(str(tiny), language="en")
+    fixed.hf.generation_config.is_multilingual = True
+    fixed.use_language("spa")
+    assert fixed.language == "en"

@@ -68,6 +68,12 @@ class SpanAligner(abc.ABC):
         """Results for ``utts`` (any order); ``audio`` starts at ``span_start_s``. An utterance longer
         than ``max_span_s`` may arrive alone and must be handled (split), never skipped."""
 
+    language: str | None = None
+
+    def use_language(self, code: str | None) -> None:
+        """The transcript's first ``@Languages`` code (ISO 639-3), before each file. Engines whose
+        model conditions on the language (Whisper) switch to it; the others ignore it."""
+
     def warm_up(self) -> None:
         """One small span through the model at load time: weights paged in, lazy buffers and the
         allocator's pools made. The READY baseline is then what a worker really holds, and the first
@@ -139,7 +145,7 @@ class ResultCache:
 
 
 def _cache_tag(aligner: SpanAligner) -> str:
-    return f"{aligner.name}|{aligner.model}|{aligner.dtype}|{aligner.sample_rate}"
+    return f"{aligner.name}|{aligner.model}|{aligner.dtype}|{aligner.sample_rate}|{aligner.language or ''}"
 
 
 def _resolve_cache(cache: Any, job: Job) -> tuple[Path, ResultCache | None]:
@@ -304,6 +310,7 @@ def _one_line(exc: BaseException) -> str:
 def align_file(job: Job, aligner: SpanAligner, progress: Progress, *, cache: Any = None) -> JobResult:
     """Align one transcript against its recording and write ``job.output`` atomically."""
     chat = _read_transcript(job)
+    aligner.use_language(chat.languages[0] if chat.languages else None)
     media = _locate_media(job, chat)
     cache_dir, result_cache = _resolve_cache(cache, job)
     where = job.rel or str(job.input)

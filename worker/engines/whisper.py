@@ -240,6 +240,7 @@ class WhisperAligner(SpanAligner):
         cfg = model.config
         self.eot = int(gen.eos_token_id if gen.eos_token_id is not None else cfg.eos_token_id)
         self.language = whisper_language(language)
+        self._fixed_language = self.language is not None  # the engine option wins over @Languages
         self.prefix = self._prefix(gen, cfg)
         self.max_tokens = int(cfg.max_target_positions)
         self.heads = self._alignment_heads(gen, cfg)
@@ -265,6 +266,20 @@ class WhisperAligner(SpanAligner):
                        max_span_s=max_span_s)
         except (KeyError, ValueError, AttributeError, TypeError) as exc:
             raise BootError(f"cannot load model {model_id!r}: not a usable Whisper model ({exc})") from None
+
+    def use_language(self, code: str | None) -> None:
+        """Condition the decoder on the transcript's language, unless the engine was given one; a
+        language the model does not know keeps the previous one rather than failing the file."""
+        if self._fixed_language or not getattr(self.hf.generation_config, "is_multilingual", False):
+            return
+        wanted = whisper_language(code) or "en"
+        if wanted == (self.language or "en"):
+            return
+        previous, self.language = self.language, wanted
+        try:
+            self.prefix = self._prefix(self.hf.generation_config, self.hf.config)
+        except ValueError:
+            self.language = previous
 
     # -- setup -------------------------------------------------------------------------------
 
