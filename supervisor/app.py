@@ -117,20 +117,18 @@ async def _serve(sup: Supervisor, infos: list) -> RunSummary:
         await metrics.start()
         services.append(metrics)
         sup.emit("metrics_listening", host=s.service.metrics_host, port=metrics.port)
-    if s.service.metrics_textfile:
+    textfile = Path(s.service.metrics_textfile) if s.service.metrics_textfile else None
+    if textfile is not None:
         from supervisor.metrics import write_textfile
 
-        target = Path(s.service.metrics_textfile)
-        sup.add_status_hook(lambda status: write_textfile(target, status))
+        sup.add_status_hook(lambda status: write_textfile(textfile, status))
     try:
         return await sup.run(infos)
     finally:
         for svc in services:
             await svc.stop()
-        if s.service.metrics_textfile:
-            from supervisor.metrics import write_textfile
-
-            write_textfile(Path(s.service.metrics_textfile), sup.status())
+        if textfile is not None:
+            write_textfile(textfile, sup.status())
 
 
 def print_plan(sup: Supervisor) -> None:

@@ -6,9 +6,7 @@ or configuration; 3 halted (workers cannot start).
 
 from __future__ import annotations
 
-import asyncio
 import json
-import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -16,7 +14,7 @@ from typing import Any
 import click
 
 from supervisor.settings import ENGINES, Settings, SettingsError, load_settings
-from supervisor.units import format_size, parse_size
+from supervisor.units import parse_size
 
 EXIT_USAGE = 2
 COMMANDS = ("run", "ratios", "report", "status")

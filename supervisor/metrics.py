@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import inspect
 import math
-import os
 from pathlib import Path
 from typing import Any, Awaitable, Callable
 

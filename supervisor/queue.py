@@ -52,10 +52,16 @@ class WorkQueue:
     def __init__(self, max_attempts: int) -> None:
         self.max_attempts = max_attempts
         self.jobs: dict[str, FileJob] = {}
+        self._order: list[FileJob] | None = None  # pending, sorted; rebuilt after a change
+
+    def touch(self) -> None:
+        """Something that orders pending files changed (a state, an estimate): sort again."""
+        self._order = None
 
     def add(self, info: FileInfo, state: FileState = FileState.PENDING) -> FileJob:
         job = FileJob(info=info, state=state, seq=len(self.jobs))
         self.jobs[info.rel] = job
+        self._order = None
         return job
 
     def __iter__(self) -> Iterator[FileJob]:
@@ -68,9 +74,12 @@ class WorkQueue:
         return self.jobs.get(rel)
 
     def pending(self) -> list[FileJob]:
-        jobs = [j for j in self.jobs.values() if j.state is FileState.PENDING]
-        jobs.sort(key=lambda j: (-(j.estimate.peak_mb if j.estimate else 0.0), j.seq))
-        return jobs
+        """Pending files in run order. Cached: the supervisor asks several times a second."""
+        if self._order is None:
+            jobs = [j for j in self.jobs.values() if j.state is FileState.PENDING]
+            jobs.sort(key=lambda j: (-(j.estimate.peak_mb if j.estimate else 0.0), j.seq))
+            self._order = jobs
+        return list(self._order)
 
     def in_state(self, *states: FileState) -> list[FileJob]:
         return [j for j in self.jobs.values() if j.state in states]
@@ -92,6 +101,7 @@ class WorkQueue:
         job.state = FileState.RUNNING
         job.worker = worker
         job.attempts += 1
+        self._order = None
 
     def finish(self, job: FileJob, peak_mb: float | None) -> None:
         job.state = FileState.DONE
@@ -103,6 +113,7 @@ class WorkQueue:
         """Record a failed attempt; retryable failures requeue until ``max_attempts``."""
         job.failures.append(reason)
         job.worker = None
+        self._order = None
         if observed_mb is not None:
             job.last_peak_mb = observed_mb
         if lower_bound_mb is not None:
@@ -122,11 +133,13 @@ class WorkQueue:
             job.state = FileState.PENDING
             job.worker = None
             job.failures.append(reason)
+            self._order = None
 
     def quarantine(self, job: FileJob, reason: str) -> None:
         job.failures.append(reason)
         job.state = FileState.QUARANTINED
         job.worker = None
+        self._order = None
 
     def extend(self, infos: Iterable[FileInfo]) -> list[FileJob]:
         return [self.add(i) for i in infos]

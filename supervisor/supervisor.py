@@ -9,6 +9,7 @@ cannot boot halts the run instead of being respawned forever. Memory decisions c
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import time
@@ -34,6 +35,8 @@ MiB = 2**20
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_HALTED = 0, 1, 2, 3
 MAX_BOOT_FAILURES = 3
 REESTIMATE_S = 2.0
+# The policy fits files first-fit in queue order; the head of a large queue is enough to find one.
+POLICY_WINDOW = 256
 
 
 @dataclass
@@ -183,6 +186,7 @@ class Supervisor:
             if stored is not None:
                 job.lower_bound_mb = max(job.lower_bound_mb or 0.0, stored)
         job.estimate = self.predictor.estimate(job.info.audio_seconds, job.info.media_mb, job.lower_bound_mb)
+        self.queue.touch()
 
     def reestimate_pending(self) -> None:
         for job in self.queue.in_state(FileState.PENDING):
@@ -207,7 +211,7 @@ class Supervisor:
                                  engine=self.s.engine_name, model=self.s.model_id, device=self.s.run.device,
                                  settings=self.s.to_dict())
         self._open_ledger()
-        cmd = worker_command(self.s.engine_name, self._engine_options())
+        cmd = worker_command(self.s.engine_name, engine_options(self.s, self.s.max_workers()))
         method = resolve_start_method(self.s.run.start_method, self.s.engine_name)
         launcher = ZygoteLauncher(self.s.engine_name) if method == "zygote" else None
         self.pool = ProcessPool(cmd, events=self.events, clock=self.clock, launcher=launcher)
@@ -220,10 +224,6 @@ class Supervisor:
             if self.ledger is not None:
                 self.ledger.unregister(self.ledger_owner)
         return self._finish()
-
-    def _engine_options(self) -> dict[str, Any]:
-        opts = engine_options(self.s, self.s.max_workers())
-        return opts
 
     async def _loop(self) -> None:
         next_tick = self.now()
@@ -467,8 +467,6 @@ class Supervisor:
     def _on_output(self, w: Worker, line: str) -> None:
         if not line:
             return
-        import json
-
         try:
             rec = json.loads(line)
             if not isinstance(rec, dict):
@@ -609,7 +607,7 @@ class Supervisor:
                 file_started_at=w.file_started_at, paused_at=w.paused_at, idle_since=w.idle_since))
         pending = tuple(PendingView(file=j.rel, peak_mb=j.estimate.peak_mb, growth_mb=j.estimate.growth_mb,
                                     central_peak_mb=j.estimate.central_mb)
-                        for j in self.queue.pending() if j.estimate is not None)
+                        for j in self.queue.pending()[:POLICY_WINDOW] if j.estimate is not None)
         available = self.host.available / MiB if self.host else float("inf")
         others = 0.0
         if self.ledger is not None:
@@ -771,6 +769,7 @@ class Supervisor:
             return
         if existing is not None:
             del self.queue.jobs[info.rel]
+            self.queue.touch()
         job = self.queue.add(info)
         self.policy.forget(info.rel)
         self.emit("file_discovered", file=info.rel, audio_seconds=info.audio_seconds)

@@ -391,15 +391,12 @@ def _share_from_safetensors(model: torch.nn.Module, files: list[Path]) -> None:
                 continue
             if not torch.equal(src, param.data):
                 continue
-            module_name, _, attr = name.rpartition(".")
-            module = model.get_submodule(module_name) if module_name else model
             new = torch.nn.Parameter(src, requires_grad=False)
             # Re-point every alias (tied weights) of this parameter at the shared view.
             for mod in model.modules():
                 for key, val in list(mod._parameters.items()):
                     if val is param:
                         mod._parameters[key] = new
-            del module, attr
             pending.pop(name)
     shared = sum(p.numel() * p.element_size() for n, p in named.items() if n not in pending)
     total = _param_bytes(model)
