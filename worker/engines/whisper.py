@@ -49,19 +49,21 @@ class Steps:
     on real and synthetic speech (``bench/alignment_accuracy.py --ablation``); one is on by default
     only where it does not cost accuracy on real speech."""
 
-    joint: bool = False  # force a span's utterances together from its window start, not each alone
-    snap_pauses: bool = False  # a word boundary near a pause moves onto the pause
-    trim_quiet: bool = False  # quiet frames at a word's edges are cut off it
+    joint: bool = True  # force a span's utterances together from its window start, not each alone
+    snap_pauses: bool = True  # a word boundary near a pause moves onto the pause
+    trim_quiet: bool = True  # quiet frames at a word's edges are cut off it
     repair_squeezed: bool = True  # a path that piles words into a sliver is re-run with a prior
     retry_sparse: bool = True  # timing recovery retries halves of a window that heard too few words
+    refine_recovered: bool = True  # recovered utterance times refined by forcing the transcript's words
     median_width: int = MEDIAN_WIDTH  # median filter over time on the attention (1: none)
+    renormalize: bool = True  # each token's attention rescaled over the utterance's own frames
 
     @classmethod
     def from_options(cls, options: dict[str, Any]) -> "Steps":
         """The engine options that name a step (``joint``, ``snap_pauses``, ...) override its default."""
         given = {f.name: options[f.name] for f in fields(cls) if options.get(f.name) is not None}
         try:
-            return replace(cls(), **{k: (int(v) if k == "median_width" else _flag(v)) for k, v in given.items()})
+            return replace(cls(), **{k: int(v) if k == "median_width" else _flag(v) for k, v in given.items()})
         except ValueError as exc:
             raise BootError(f"whisper option: {exc}") from None
 
@@ -114,13 +116,18 @@ def first_frames(matrix: np.ndarray) -> np.ndarray:
     return starts
 
 
-def attention_matrix(weights: torch.Tensor, width: int = MEDIAN_WIDTH) -> np.ndarray:
+def attention_matrix(weights: torch.Tensor, width: int = MEDIAN_WIDTH, renormalize: bool = True) -> np.ndarray:
     """heads x tokens x frames cross-attention -> tokens x frames score.
 
-    Each head is standardised over the tokens at every frame (so a frame that every token attends
-    to stops standing out), median-filtered along time, then the heads are averaged.
+    With ``renormalize`` each token's attention is first rescaled to sum to one over the frames
+    kept (the softmax restricted to the utterance's audio, as Whisper's own word timing computes
+    it), so a token that mostly attends to the padding after the audio does not fade out. Each
+    head is then standardised over the tokens at every frame (so a frame that every token attends
+    to stops standing out), median-filtered along time, and the heads are averaged.
     """
     w = weights.float()
+    if renormalize:
+        w = w / (w.sum(dim=-1, keepdim=True) + 1e-12)
     std, mean = torch.std_mean(w, dim=-2, keepdim=True, unbiased=False)
     w = (w - mean) / (std + 1e-8)
     w = median_filter(w, width)
@@ -577,7 +584,7 @@ class WhisperAligner(SpanAligner):
                 groups[-1].append(t)
         weights = self._cross_attention(window.enc, tokens)[:, :, : window.n_frames]
         steps = self.steps
-        starts = first_frames(attention_matrix(weights, steps.median_width))
+        starts = first_frames(attention_matrix(weights, steps.median_width, steps.renormalize))
         bounds = np.cumsum([0] + [len(g) for g in groups])
         frames = word_frames([int(starts[i]) for i in bounds], window.quiet, 0, window.n_frames,
                              snap=steps.snap_pauses, trim=steps.trim_quiet)
@@ -676,7 +683,7 @@ class _Window:
         still squeezed, the result goes back as it is: the driver's plausibility check reports the
         utterance and keeps its bullet."""
         steps = self.aligner.steps
-        matrix = attention_matrix(weights, steps.median_width)
+        matrix = attention_matrix(weights, steps.median_width, steps.renormalize)
         times = self._word_times(utt, word_toks, f0, f1, first_frames(matrix))
         if steps.repair_squeezed and squeezed_run(times, utt.words) is not None:
             rows = [weight(w) / len(t) for w, t in zip(utt.words, word_toks) for _ in t] + [0.5]
