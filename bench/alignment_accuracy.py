@@ -1,12 +1,27 @@
-"""Word-boundary accuracy of Whisper forced alignment on synthetic speech with exact word times.
+"""Word-boundary and utterance-timing accuracy of Whisper forced alignment, on real and synthetic speech.
 
-Each ``../shared/synth`` transcript has its ``%wor`` tier removed, so the engine sees only the
-utterance bullets; its output ``%wor`` is scored against the synthesizer's word times (words marked
-``merged`` are skipped): the mean absolute difference of word starts and ends, in milliseconds.
-Beside each model's figure stands the baseline that spreads an utterance's words over its bullet in
-proportion to their characters: a model is only useful where it beats that.
+Synthetic: each ``../shared/synth`` transcript has its ``%wor`` tier removed, so the engine sees only
+the utterance bullets; its output ``%wor`` is scored against the synthesizer's word times (words
+marked ``merged`` are skipped): the mean absolute difference of word starts and ends, in ms.
 
-usage: python -m bench.alignment_accuracy [--models tiny.en base] [--files c1 c2 ...] [--threads 2]
+Real: every recording of ``../shared/chat`` with its audio (English, French, Spanish, Cantonese,
+Venetian/Croatian), read in place (the data are CC BY-NC-SA and stay outside the project):
+
+- ``words``: word boundaries against the reference ``%wor`` inside the human utterance bullets;
+- ``joins``: two neighbouring utterances joined into one (bullet spanning both); the first one's last
+  word must end at its human bullet's end and the second one's first word start at its start, a
+  word boundary with a human reference on every recording that has bullets;
+- ``utterances``: every bullet stripped, utterance times recovered from the recording, starts and
+  ends scored against the human bullets (share within 250 / 500 ms).
+
+Each figure is mean, median and the share within 20 / 50 / 100 ms, and beside every one stands the
+baseline that spreads words (or utterances, over the whole recording) in proportion to their
+characters: a model is only useful where it beats that. ``sq`` counts utterances whose output words
+are squeezed (``worker.engines.plausibility``), ``impl`` those the engine reported as implausible.
+``--ablation`` flips each post-processing step (``worker.engines.whisper.Steps``) in turn.
+
+usage: python -m bench.alignment_accuracy [--models tiny.en base] [--files c1 c2 ...] [--real [NAME ...]]
+                                          [--kinds words joins utterances] [--no-synthetic] [--ablation]
 
 Models are the real Whisper weights converted by ``../shared/models/get_whisper.sh`` into
 ``$BATCHALIGN_TEST_CACHE`` (default ``~/.cache/batchalign-supervise-tests``); a missing one is

@@ -111,6 +111,16 @@ def synth(name: str) -> tuple[np.ndarray, list[str], float, float]:
     return audio, words, start, end
 
 
+def joined_synth(names: list[str]) -> tuple[np.ndarray, list[str]]:
+    """The synth recordings one after the other, as one long utterance's audio and words."""
+    pieces, words = [], []
+    for name in names:
+        a, w, _, _ = synth(name)
+        pieces.append(a)
+        words += w
+    return np.concatenate(pieces), words
+
+
 @pytest.fixture(scope="module")
 def two_utterances() -> tuple[np.ndarray, list[UttRequest]]:
     """c1 then one second of silence then c5, as one span starting at 10 s."""
@@ -247,12 +257,7 @@ def test_utterances_past_the_token_budget_start_a_new_window(aligner, monkeypatc
 
 
 def test_an_utterance_longer_than_the_window_is_aligned_in_pieces(aligner):
-    pieces, words = [], []
-    for name in ["c1", "s1", "c2", "s2", "c3", "s3", "c4", "c5"]:
-        a, w, _, _ = synth(name)
-        pieces.append(a)
-        words += w
-    audio = np.concatenate(pieces)
+    audio, words = joined_synth(["c1", "s1", "c2", "s2", "c3", "s3", "c4", "c5"])
     assert len(audio) / 16000 > 35
     utt = UttRequest(3, 0.2, len(audio) / 16000 - 0.1, words)
     (res,) = aligner.align_span(audio, 0.0, [utt])
@@ -441,12 +446,7 @@ def test_the_aligner_detects_a_squeeze_and_reruns_with_the_prior(real_aligner, m
 
 
 def test_a_piece_of_a_long_utterance_that_cannot_be_aligned_leaves_only_its_words_untimed(aligner, monkeypatch):
-    pieces, words = [], []
-    for name in ["c1", "s1", "c2", "s2", "c3", "s3", "c4", "c5"]:
-        a, w, _, _ = synth(name)
-        pieces.append(a)
-        words += w
-    audio = np.concatenate(pieces)
+    audio, words = joined_synth(["c1", "s1", "c2", "s2", "c3", "s3", "c4", "c5"])
     utt = UttRequest(3, 0.2, len(audio) / 16000 - 0.1, words)
     real = W._Window.align_many
     seen = []
@@ -470,12 +470,7 @@ def test_a_piece_of_a_long_utterance_that_cannot_be_aligned_leaves_only_its_word
 def test_a_long_utterance_through_the_driver_warns_about_its_missing_words(tmp_path, monkeypatch):
     model = real_whisper("tiny.en")
     engine = WhisperEngine({"model": str(model), "threads": 1})
-    pieces, words = [], []
-    for name in ["c1", "c2", "c3", "c4", "c5", "c1", "c2", "c3", "c4", "c5"]:
-        a, w, _, _ = synth(name)
-        pieces.append(a)
-        words += w
-    audio = np.concatenate(pieces)
+    audio, words = joined_synth(["c1", "c2", "c3", "c4", "c5", "c1", "c2", "c3", "c4", "c5"])
     folder = tmp_path / "long"
     folder.mkdir()
     sf.write(folder / "rec.wav", audio, 16000)

@@ -5,10 +5,13 @@ teacher-forced through the decoder as one text in time order, because Whisper's 
 transcript of everything it hears from the start of its window. Only the alignment heads'
 cross-attention is kept: the full ``model(..., output_attentions=True)`` call would also return
 every encoder self-attention map, which roughly doubles the peak. Each utterance's rows are cut to
-the frames of its own bullet, z-scored, median-filtered and averaged over heads; a DTW path through
-the negated matrix gives each token its first frame. Words start at their first token's frame and
-end where the next word (or the end of text) starts, and word boundaries next to a pause move onto
-it, since DTW otherwise hands the pause to one of the neighbouring words.
+the frames of its own bullet, renormalised over them, z-scored, median-filtered and averaged over
+heads; a DTW path through the negated matrix gives each token its first frame. Words start at their
+first token's frame and end where the next word (or the end of text) starts, and word boundaries
+next to a pause move onto it, since DTW otherwise hands the pause to one of the neighbouring words.
+A path that squeezes words into a sliver of the bullet is re-run on a better-conditioned matrix.
+Every step around the plain cross-attention + DTW is a :class:`Steps` flag, measured on and off by
+``bench/alignment_accuracy.py --ablation``.
 """
 
 from __future__ import annotations
@@ -448,12 +451,13 @@ class WhisperAligner(SpanAligner):
                    utts: list[UttRequest]) -> list[UttResult]:
         """Word times (absolute seconds) for each utterance, each kept inside its own bullet.
 
-        By default each utterance is aligned alone: its bullet's audio is encoded as a window of its
-        own and its words teacher-forced from that window's start, the plain cross-attention + DTW
-        that measured best on real speech. With ``Steps.joint`` a span that fits Whisper's window is
-        encoded once and its utterances forced together in time order from the window's start
-        (utterances past the decoder's token budget start a new window). An utterance longer than
-        the window is aligned piece by piece either way.
+        With ``Steps.joint`` (the default: on the real recordings it placed the boundaries between
+        neighbouring utterances better than forcing each alone) a span that fits Whisper's window is
+        encoded once and its utterances forced together in time order from the window's start, as
+        Whisper's decoder expects the text of everything it hears from there; utterances past the
+        decoder's token budget start a new window. Without it each utterance is aligned alone, its
+        bullet's audio encoded as a window of its own. An utterance longer than the window is
+        aligned piece by piece either way.
         """
         audio = np.asarray(audio, dtype=np.float32).reshape(-1)
         done: dict[int, UttResult] = {}
