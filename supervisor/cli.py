@@ -17,7 +17,7 @@ from supervisor.settings import ENGINES, Settings, SettingsError, load_settings
 from supervisor.units import parse_size
 
 EXIT_USAGE = 2
-COMMANDS = ("run", "ratios", "report", "status")
+COMMANDS = ("run", "ratios", "report", "status", "worker")
 
 
 def _size_option(value: str | None) -> int | None:
@@ -46,6 +46,8 @@ def cli_mapping(opts: dict[str, Any]) -> dict[str, Any]:
                      ("control_socket", "control_socket")):
         if opts.get(opt) is not None:
             out.setdefault("service", {})[key] = str(opts[opt]) if isinstance(opts[opt], Path) else opts[opt]
+    if opts.get("cluster") is not None:
+        out.setdefault("cluster", {})["address"] = opts["cluster"]
     return out
 
 
@@ -84,6 +86,8 @@ def cli() -> None:
 @click.option("--progress", type=click.Choice(["auto", "on", "off"]), help="Progress display on a terminal.")
 @click.option("--start-method", type=click.Choice(["auto", "spawn", "zygote"]),
               help="Fork workers from a zygote that imported the runtime, or spawn fresh interpreters.")
+@click.option("--cluster", help="Run on Dask: tcp://HOST:PORT (a running scheduler), local (a LocalCluster) or "
+                               "slurm (dask-jobqueue, [cluster.slurm] in config.toml).")
 def run_cmd(corpus: tuple[Path, ...], out: Path | None, in_place: bool, config: Path | None, force: bool,
             dry_run: bool, **opts: Any) -> None:
     """Align every .cha under CORPUS (folders or files)."""
@@ -192,6 +196,19 @@ def status_cmd(socket_path: Path | None, state_dir: Path | None, as_json: bool) 
         click.echo(f"batchalign-supervise status: {exc}", err=True)
         sys.exit(1)
     click.echo(json.dumps(status, indent=2) if as_json else format_status(status))
+
+
+@cli.command("worker", context_settings={"ignore_unknown_options": True, "allow_extra_args": True,
+                                         "help_option_names": []})
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+def worker_cmd(args: tuple[str, ...]) -> None:
+    """Dask worker processes for alignment: SCHEDULER [--memory-limit SIZE] [--nworkers N] [--engine E].
+
+    Run `batchalign-supervise worker --help` for every option (needs the 'cluster' extra).
+    """
+    from supervisor.cluster.worker import main as worker_main
+
+    sys.exit(worker_main(list(args)))
 
 
 def _settings_or_exit(config: Path | None, cli_map: dict) -> Settings:
