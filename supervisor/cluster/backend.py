@@ -208,7 +208,11 @@ class DaskBackend:
 
     def poll(self) -> None:
         if self.slurm is not None:
-            self.slurm.poll()
+            busy = {info.get("worker") for info in self.running.values()}
+            idle = [w.get("name") for addr, w in self._sched_workers.items()
+                    if addr not in busy and not w.get("metrics", {}).get("task_counts", {}).get("executing")
+                    and not w.get("processing")]
+            self.slurm.poll([str(n) for n in idle if n is not None])
 
     def cancel(self, file: str) -> None:
         key = self.by_file.pop(file, None)
@@ -292,7 +296,7 @@ class DaskBackend:
             return
         except KilledWorker as exc:
             await asyncio.sleep(MEMORY_EVENT_GRACE_S)
-            self._lost(key, job, exc)
+            await self._lost(key, job, exc)
             return
         except Exception as exc:
             started = self.running.pop(key, {})
@@ -314,7 +318,7 @@ class DaskBackend:
             warnings=r.get("warnings") or [], output=r.get("output", job.out), pid=r.get("pid"),
             baseline_mb=r.get("baseline_rss_mb"), audio_seconds=r.get("audio_seconds"), stats=r.get("stats")))
 
-    def _lost(self, key: str, job: JobSpec, exc: Exception) -> None:
+    async def _lost(self, key: str, job: JobSpec, exc: Exception) -> None:
         started = self.running.pop(key, {})
         self._forget(key)
         last = getattr(exc, "last_worker", None)
@@ -327,7 +331,7 @@ class DaskBackend:
                                             baseline_mb=started.get("rss_mb")))
             return
         observed = started.get("rss_mb")
-        where = self.slurm.describe_loss(addr) if self.slurm is not None and addr else None
+        where = await self.slurm.describe_loss(addr) if self.slurm is not None and addr else None
         self.queue.put_nowait(FileError(worker_id=addr, file=job.file, pid=started.get("pid"),
                                         reason=f"worker {addr} lost while aligning ({where or 'killed or crashed'})",
                                         kind="memory" if where and "OUT_OF_MEMORY" in where else "lost",

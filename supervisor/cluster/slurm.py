@@ -17,7 +17,7 @@ import subprocess
 import sys
 from typing import Any, Callable
 
-from supervisor.cluster.worker import TERMINATE_FRACTION, offered_mb
+from supervisor.cluster.worker import JOB_OVERHEAD_MB, TERMINATE_FRACTION, offered_mb
 
 MiB = 2**20
 STEP_MB = 64  # sized jobs are rounded up to this
@@ -31,6 +31,8 @@ class SlurmPool:
         self.sized: list[Any] = []  # SLURMJob objects started for large files
         self._sized_offers: list[float] = []
         self._reported: set[str] = set()
+        self._ended: set[str] = set()
+        self._free_needed = 0  # standard jobs to retire (when idle) to make room for sized ones
         self._target = 0
 
     # -- set-up ----------------------------------------------------------------------------------------
@@ -68,11 +70,16 @@ class SlurmPool:
     def max_memory(self) -> int:
         return self.s.max_memory or 4 * self.s.memory
 
+    @staticmethod
+    def offer_of(job_memory: int, processes: int = 1) -> float:
+        """What each worker of a job with this ``--mem`` offers (see ``worker.slurm_job_limit``)."""
+        return offered_mb(max(64 * MiB, job_memory - JOB_OVERHEAD_MB * MiB) // max(1, processes))
+
     def standard_offer_mb(self) -> float:
-        return offered_mb(self.s.memory // max(1, self.s.processes))
+        return self.offer_of(self.s.memory, self.s.processes)
 
     def max_offer_mb(self) -> float:
-        return offered_mb(self.max_memory)
+        return self.offer_of(self.max_memory)
 
     def target_workers(self) -> int:
         return self._target * max(1, self.s.processes) + len(self.sized)
@@ -82,7 +89,7 @@ class SlurmPool:
         """Scale standard jobs up for what waits; never down mid-run (that would cut a file short)."""
         if self.cluster is None:
             return
-        room = max(0, self.s.max_jobs - len(self.sized))
+        room = max(0, self.s.max_jobs - len(self.sized) - self._free_needed)
         want = min(room, math.ceil(pending / max(1, self.s.processes)))
         if want > self._target:
             self._target = want
@@ -94,15 +101,17 @@ class SlurmPool:
             return
         if any(offer >= request_mb for offer in self._sized_offers):
             return
-        need = math.ceil(request_mb / TERMINATE_FRACTION / STEP_MB) * STEP_MB * MiB
+        need = math.ceil((request_mb / TERMINATE_FRACTION + JOB_OVERHEAD_MB) / STEP_MB) * STEP_MB * MiB
         memory = min(max(need, self.s.memory), self.max_memory)
+        if self._target + len(self.sized) + 1 > self.s.max_jobs:
+            self._free_needed += 1  # max_jobs is the user's cap: an idle standard job makes room
         from dask_jobqueue.slurm import SLURMJob
 
         kw = self.job_kwargs(memory)
         kw.update(processes=1, worker_extra_args=["--nworkers", "1"])
         job = SLURMJob(scheduler=self.cluster.scheduler_address, name=f"batchalign-sized-{len(self.sized)}", **kw)
         self.sized.append(job)
-        self._sized_offers.append(offered_mb(memory))
+        self._sized_offers.append(self.offer_of(memory))
         import asyncio
 
         asyncio.get_running_loop().create_task(self._start_sized(job, memory, request_mb))
@@ -116,8 +125,8 @@ class SlurmPool:
         self.emit("slurm_job_submitted", job_id=job.job_id, memory_mb=memory // MiB, cores=self.s.cores,
                   sized_for_mb=round(request_mb, 1), kind="sized")
 
-    def poll(self) -> None:
-        """Log each standard job once it has a Slurm job id."""
+    def poll(self, idle_names: list[str] | None = None) -> None:
+        """Log each standard job once it has a Slurm job id; retire idle ones a sized job waits for."""
         if self.cluster is None:
             return
         for name, job in list(getattr(self.cluster, "workers", {}).items()):
@@ -126,19 +135,39 @@ class SlurmPool:
                 self._reported.add(jid)
                 self.emit("slurm_job_submitted", job_id=jid, name=str(name), memory_mb=self.s.memory // MiB,
                           cores=self.s.cores, kind="standard")
+        retire = []
+        for name in idle_names or []:
+            if self._free_needed <= 0 or self._target <= 0:
+                break
+            if name in self.cluster.worker_spec or any(name.startswith(str(k) + "-") for k in self.cluster.worker_spec):
+                retire.append(name)
+                self._free_needed -= 1
+                self._target -= 1
+        if retire:
+            import asyncio
 
-    def describe_loss(self, worker_addr: str) -> str | None:
-        """Slurm's word on a lost worker's job (OUT_OF_MEMORY, TIMEOUT, ...), when it can be had."""
+            self.emit("slurm_job_retired", names=retire, reason="room for a job sized for a larger file")
+            asyncio.get_running_loop().create_task(self.cluster.scale_down(retire))
+
+    async def describe_loss(self, worker_addr: str) -> str | None:
+        """Slurm's word on the jobs that ended (OUT_OF_MEMORY, FAILED, TIMEOUT...), when it can be had."""
+        import asyncio
+
         jobs = [j for j in [*getattr(self.cluster, "workers", {}).values(), *self.sized] if getattr(j, "job_id", None)]
         states = []
         for job in jobs:
+            if job.job_id in self._ended:
+                continue
             try:
-                out = subprocess.run(["scontrol", "show", "job", str(job.job_id)], capture_output=True, text=True,
-                                     timeout=5).stdout
-            except (OSError, subprocess.TimeoutExpired):
+                proc = await asyncio.create_subprocess_exec("scontrol", "-o", "show", "job", str(job.job_id),
+                                                            stdout=asyncio.subprocess.PIPE,
+                                                            stderr=asyncio.subprocess.DEVNULL)
+                out, _ = await asyncio.wait_for(proc.communicate(), 5)
+            except (OSError, asyncio.TimeoutError):
                 return None
-            for token in out.split():
-                if token.startswith("JobState=") and token.split("=", 1)[1] not in ("RUNNING", "PENDING"):
+            for token in out.decode(errors="replace").split():
+                if token.startswith("JobState=") and token.split("=", 1)[1] not in ("RUNNING", "PENDING", "CONFIGURING"):
+                    self._ended.add(job.job_id)
                     states.append(f"Slurm job {job.job_id} {token.split('=', 1)[1]}")
         return "; ".join(states) or None
 

@@ -26,6 +26,9 @@ from supervisor.cluster.engine import THREADS_ENV, EnginePlugin
 MiB = 2**20
 # Where the nanny restarts a worker: the share of its limit a file's peak may reach.
 TERMINATE_FRACTION = 0.95
+# Inside a Slurm job the limit covers every process of the job, not only the workers: this process
+# (which hosts the nannies), multiprocessing's resource tracker and the job's shell (~80 MiB measured).
+JOB_OVERHEAD_MB = 128
 
 
 def dask_memory_config() -> dict[str, Any]:
@@ -47,6 +50,14 @@ def _cores() -> int:
         return len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
         return os.cpu_count() or 1
+
+
+def slurm_job_limit(nworkers: int) -> int | None:
+    """Per-worker share of this Slurm job's ``--mem`` after the job's own overhead (None outside Slurm)."""
+    mb = os.environ.get("SLURM_MEM_PER_NODE")
+    if not mb or not mb.isdigit():
+        return None
+    return max(64, int(mb) - JOB_OVERHEAD_MB) * MiB // max(1, nworkers)
 
 
 def default_memory_limit(nworkers: int) -> int:
@@ -83,6 +94,9 @@ async def serve(args: argparse.Namespace) -> int:
     dask.config.set(dask_memory_config())
     n = max(1, args.nworkers)
     limit = parse_size(args.memory_limit) if args.memory_limit else default_memory_limit(n)
+    job = slurm_job_limit(n)
+    if job is not None and job < limit:
+        limit = job  # so the nanny restarts a worker before Slurm kills the whole job
     threads = args.threads or max(1, _cores() // n)
     plugins = set()
     if args.engine:
