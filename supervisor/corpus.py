@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
 
-from worker.audio import MEDIA_EXTENSIONS, find_media, media_duration
+from worker.audio import MEDIA_EXTENSIONS, find_media, media_duration, validate_media
 
 MANIFEST_DIR = ".batchalign-supervise"
 _MEDIA_RE = re.compile(rb"^@Media:\t([^,\r\n]+)", re.MULTILINE)
@@ -102,6 +102,8 @@ def describe(root: Path, cha: Path, *, out_root: Path | None, in_place: bool,
             where = f" or under {media_dir}" if media_dir else ""
             media_error = (f"{cha}: media {name!r} not found beside the transcript{where} "
                            f"(looked for .{', .'.join(MEDIA_EXTENSIONS)})")
+        else:
+            media_error = validate_media(media)
     media_bytes = media.stat().st_size if media is not None else None
     seconds = media_duration(media) if media is not None else None
     h = hashlib.sha256(data)
