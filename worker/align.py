@@ -11,6 +11,7 @@ still written.
 from __future__ import annotations
 
 import abc
+import functools
 import hashlib
 import json
 import logging
@@ -154,8 +155,21 @@ class ResultCache:
             log.debug("result cache write failed: %s", exc)
 
 
+@functools.lru_cache(maxsize=1)
+def _aligner_version() -> str:
+    """This release's version: a new release may place words differently, so it never reuses
+    the word times an older one cached."""
+    try:
+        from importlib.metadata import version
+
+        return version("batchalign-supervise")
+    except Exception:  # noqa: BLE001 - a source tree never installed
+        return "0+unknown"
+
+
 def _cache_tag(aligner: SpanAligner) -> str:
-    return f"{aligner.name}|{aligner.model}|{aligner.dtype}|{aligner.sample_rate}|{aligner.language or ''}"
+    return (f"{aligner.name}|{aligner.model}|{aligner.dtype}|{aligner.sample_rate}|{aligner.language or ''}"
+            f"|{_aligner_version()}")
 
 
 def _resolve_cache(cache: Any, job: Job) -> tuple[Path, ResultCache | None]:
