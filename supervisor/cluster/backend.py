@@ -56,6 +56,7 @@ class DaskBackend:
         self._seq = 0
         self._closing = False
         self._sched_workers: dict[str, Any] = {}
+        self.baselines: dict[str, float | None] = {}  # address -> READY RSS, kept after the worker left
         self._refresher: asyncio.Task | None = None
 
     # -- lifecycle -----------------------------------------------------------------------------------
@@ -249,8 +250,9 @@ class DaskBackend:
             self.emit("worker_boot_error", level="error", worker=addr, pid=msg.get("pid"), error=msg["boot_error"])
             return
         self.workers[addr] = msg
+        self.baselines[addr] = msg.get("baseline_rss_mb")
         self.queue.put_nowait(WorkerReady(worker_id=addr, pid=msg.get("pid"), baseline_mb=msg.get("baseline_rss_mb", 0.0),
-                                          host=msg.get("host")))
+                                          calibration=msg.get("calibration") or [], host=msg.get("host")))
 
     def _on_file(self, event: tuple) -> None:
         _ts, msg = event
@@ -263,9 +265,10 @@ class DaskBackend:
             self.queue.put_nowait(FileStarted(worker_id=msg["worker"], file=job.file, pid=msg.get("pid")))
         else:
             info = self.running.setdefault(key, dict(msg))
-            info["rss_mb"] = max(info.get("rss_mb") or 0.0, msg.get("rss_mb") or 0.0)
-            self.queue.put_nowait(FileProgress(worker_id=msg["worker"], file=job.file,
-                                               progress={"fraction": msg.get("fraction"), "rss_mb": msg.get("rss_mb")}))
+            # The high-water mark so far: what a lost attempt is known to have needed at least.
+            info["peak_rss_mb"] = max(info.get("peak_rss_mb") or 0.0, msg.get("peak_rss_mb") or 0.0)
+            self.queue.put_nowait(FileProgress(worker_id=msg["worker"], file=job.file, progress={
+                k: msg.get(k) for k in ("fraction", "rss_mb", "spans_done", "spans_total", "growth_mb")}))
 
     def _on_memory_restart(self, event: tuple) -> None:
         _ts, msg = event
@@ -328,14 +331,15 @@ class DaskBackend:
             self.queue.put_nowait(FileError(worker_id=addr, file=job.file, pid=started.get("pid") or kill.get("pid"),
                                             reason=f"nanny memory restart at {kill['rss_mb']:.0f} MiB",
                                             kind="memory", observed_mb=kill["rss_mb"],
-                                            baseline_mb=started.get("rss_mb")))
+                                            baseline_mb=self.baselines.get(addr or "") or started.get("rss_mb")))
             return
-        observed = started.get("rss_mb")
+        observed = started.get("peak_rss_mb") or started.get("rss_mb")
+        baseline = self.baselines.get(addr or "")
         where = await self.slurm.describe_loss(addr) if self.slurm is not None and addr else None
         self.queue.put_nowait(FileError(worker_id=addr, file=job.file, pid=started.get("pid"),
                                         reason=f"worker {addr} lost while aligning ({where or 'killed or crashed'})",
                                         kind="memory" if where and "OUT_OF_MEMORY" in where else "lost",
-                                        observed_mb=observed))
+                                        observed_mb=observed, baseline_mb=baseline))
 
     def _forget(self, key: str) -> None:
         entry = self.futures.pop(key, None)

@@ -24,7 +24,8 @@ from typing import Any
 from distributed.diagnostics.plugin import WorkerPlugin
 
 from supervisor.cluster import TOPIC_FILE, TOPIC_READY
-from worker.__main__ import _clear_hwm, _own_memory_mb, _read_status_kb, load_engine
+from worker import selfmem
+from worker.__main__ import calibrate, load_engine
 from worker.engines.base import Job, JobError
 from worker.protocol import EXIT_PARENT_GONE
 
@@ -55,17 +56,27 @@ class EngineHolder:
                 opts["threads"] = threads
                 t0 = time.monotonic()
                 self.engine = load_engine(engine, opts)
-                mem = _own_memory_mb()
+                probes = calibrate(self.engine, opts, _Log())
+                mem = selfmem.own_memory_mb()
                 self.key = key
                 self.info = {"pid": os.getpid(), "host": socket.gethostname(), "engine": engine,
                              "threads": threads, "startup_s": round(time.monotonic() - t0, 3),
                              "baseline_rss_mb": round(mem["rss_mb"], 1), "baseline_uss_mb": round(mem["uss_mb"], 1),
-                             "baseline_pss_mb": round(mem["pss_mb"], 1)}
+                             "baseline_pss_mb": round(mem["pss_mb"], 1), "calibration": probes}
                 _announce(TOPIC_READY, self.info)
             return self.engine
 
 
 HOLDER = EngineHolder()
+
+
+class _Log:
+    """``calibrate`` logs a failed probe; in a Dask worker that goes to the worker's own log."""
+
+    def warning(self, event: str, **kw: Any) -> None:
+        import logging
+
+        logging.getLogger("batchalign_supervise.worker").warning("%s %s", event, kw.get("traceback", ""))
 
 
 def _worker():
@@ -143,6 +154,37 @@ def _unreadable(path: Path, what: str, where: str) -> str | None:
             f"shared with the workers, at the same path")
 
 
+class _Progress:
+    """The engine's progress callback: a fraction, and spans done with the growth so far above
+    READY (the local worker's ``progress`` message), sent to the supervisor at most once a second.
+    Growth is counted from the READY baseline, as the local pool counts it: memory an earlier file
+    left in the heap is this file's to reuse, so counting from just before the file would undercount."""
+
+    def __init__(self, spec: dict[str, Any], ready_rss_mb: float) -> None:
+        self.spec, self.ready_rss_mb = spec, ready_rss_mb
+        self.fraction: float | None = None
+        self._sent_at = 0.0
+
+    def _send(self, **extra: Any) -> None:
+        now = time.monotonic()
+        if now - self._sent_at < PROGRESS_EVERY_S and not extra.get("final"):
+            return
+        self._sent_at = now
+        rss = selfmem.rss_mb() or 0.0
+        peak = selfmem.hwm_mb() or rss
+        _announce(TOPIC_FILE, {"phase": "progress", "key": self.spec["key"], "file": self.spec["file"],
+                               "pid": os.getpid(), "fraction": self.fraction, "rss_mb": round(rss, 1),
+                               "peak_rss_mb": round(peak, 1), "growth_mb": round(max(0.0, peak - self.ready_rss_mb), 1),
+                               **{k: v for k, v in extra.items() if k != "final"}})
+
+    def __call__(self, fraction: float) -> None:
+        self.fraction = round(float(fraction), 4)
+        self._send()
+
+    def spans(self, done: int, total: int) -> None:
+        self._send(spans_done=int(done), spans_total=int(total), final=done >= total)
+
+
 def align_file(spec: dict[str, Any]) -> dict[str, Any]:
     """Align one file on this worker; returns its result or ``{"error", "kind"}``, and its memory."""
     w = _worker()
@@ -159,28 +201,17 @@ def align_file(spec: dict[str, Any]) -> dict[str, Any]:
                 "kind": "boot"}
     job = Job(job=spec["key"], input=Path(spec["cha"]), output=Path(spec["out"]),
               media=Path(spec["media"]) if spec.get("media") else None, rel=spec["file"], options={})
-    _clear_hwm()
-    before = _own_memory_mb()
+    selfmem.clear_hwm()
+    before = selfmem.own_memory_mb()
     t0, c0 = time.monotonic(), time.process_time()
     ru0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     _announce(TOPIC_FILE, {"phase": "started", "key": spec["key"], "file": spec["file"], "pid": os.getpid(),
                            "rss_mb": round(before["rss_mb"], 1)})
-    last = [0.0]
-
-    def progress(fraction: float) -> None:
-        now = time.monotonic()
-        if now - last[0] >= PROGRESS_EVERY_S:
-            last[0] = now
-            _announce(TOPIC_FILE, {"phase": "progress", "key": spec["key"], "file": spec["file"], "pid": os.getpid(),
-                                   "fraction": round(float(fraction), 4),
-                                   "rss_mb": round((_read_status_kb("VmRSS") or 0) / 1024, 1)})
-
-    # Growth is counted from the READY baseline, as the local pool counts it: memory an earlier file
-    # left in the heap is this file's to reuse, so measuring from just before the file would undercount.
     ready_rss = (HOLDER.info or {}).get("baseline_rss_mb") or before["rss_mb"]
+    progress = _Progress(spec, ready_rss)
 
     def memory() -> dict[str, Any]:
-        hwm = (_read_status_kb("VmHWM") or 0) / 1024
+        hwm = selfmem.hwm_mb() or 0.0
         return {"baseline_rss_mb": round(ready_rss, 1), "rss_before_mb": round(before["rss_mb"], 1),
                 "peak_rss_mb": round(hwm, 1), "growth_mb": round(max(0.0, hwm - ready_rss), 1),
                 "wall_s": round(time.monotonic() - t0, 3)}
@@ -203,4 +234,5 @@ def align_file(spec: dict[str, Any]) -> dict[str, Any]:
     ru1 = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu = time.process_time() - c0 + (ru1.ru_utime - ru0.ru_utime) + (ru1.ru_stime - ru0.ru_stime)
     return {**base, **memory(), "output": str(result.output), "audio_seconds": result.audio_seconds,
-            "cpu_s": round(cpu, 3), "stats": result.stats, "warnings": result.warnings[:200]}
+            "cpu_s": round(cpu, 3), "stats": result.stats, "warnings": result.warnings[:200],
+            "features_run": getattr(result, "features_run", None)}

@@ -184,7 +184,8 @@ class ClusterSupervisor(Supervisor):
                                                   "since": self.now()}
             before = self.predictor.baseline_mb
             self.predictor.observe_baseline(ev.baseline_mb)
-            if abs(self.predictor.baseline_mb - before) >= 1.0:
+            calibrated = self.predictor.calibrate(ev.calibration)
+            if calibrated or abs(self.predictor.baseline_mb - before) >= 1.0:
                 self.reestimate_pending()  # requests are peaks: a Dask worker's baseline is part of them
             self.emit("worker_ready", worker=ev.worker_id, pid=ev.pid, baseline_mb=round(ev.baseline_mb, 1),
                       host=ev.host)
@@ -246,8 +247,9 @@ class ClusterSupervisor(Supervisor):
             self.emit("manifest_write_failed", level="warning", file=info.rel, error=str(exc))
         self.queue.finish(job, ev.peak_mb)
         self.audio_done_s += float(ev.audio_seconds or info.audio_seconds or 0.0)
-        self.predictor.observe_growth(info.audio_seconds, info.media_mb, ev.growth_mb)
-        self._model_changed = True
+        if ev.features_run is not None:  # only real work teaches (not spans from the result cache)
+            self.predictor.observe_growth(ev.features_run, ev.growth_mb)
+            self._model_changed = True
         w = SimpleNamespace(baseline_pss_mb=ev.baseline_mb, pid=ev.pid)
         self._attempt(job, w, "done", None, ev.growth_mb, ev.wall_s, ev.cpu_s, ev.audio_seconds)
         request = where.get("request")
@@ -287,6 +289,8 @@ class ClusterSupervisor(Supervisor):
                 self.emit("worker_killed", level="warning", worker=ev.worker_id, pid=ev.pid, file=job.rel,
                           reason=ev.reason, rss_mb=observed and round(observed, 1),
                           predicted_mb=where.get("request") and round(where["request"], 1))
+                if growth is not None:
+                    self.predictor.observe_kill(self.features(job), growth)
                 if self.store is not None and observed is not None:
                     self.store.set_lower_bound(job.info.input_hash, self.s.engine_name, self.s.model_id,
                                                self.s.run.device, observed)
