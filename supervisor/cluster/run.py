@@ -275,6 +275,13 @@ class ClusterSupervisor(Supervisor):
             self.halted = ev.reason
             self.emit("run_halted", level="error", reason=ev.reason)
             return
+        if kind == "lost" and not where.get("started"):
+            # Queued on a worker that died under another file: not this file's doing, no attempt spent.
+            self.queue.requeue(job, ev.reason)
+            self.emit("file_requeued", file=job.rel, reason=f"{ev.reason}; it had not started there",
+                      attempt=job.attempts, estimate_mb=round(job.estimate.peak_mb, 1) if job.estimate else None,
+                      observed_mb=None)
+            return
         observed = ev.observed_mb
         baseline = ev.baseline_mb
         growth = max(0.0, observed - baseline) if observed is not None and baseline is not None else None
