@@ -56,6 +56,7 @@ class DaskBackend:
         self._seq = 0
         self._closing = False
         self._sched_workers: dict[str, Any] = {}
+        self.boot_errors: list[str] = []  # engines that could not load on a worker (the run halts)
         self.baselines: dict[str, float | None] = {}  # address -> READY RSS, kept after the worker left
         self._refresher: asyncio.Task | None = None
 
@@ -248,6 +249,7 @@ class DaskBackend:
         addr = msg.get("worker")
         if msg.get("boot_error"):
             self.emit("worker_boot_error", level="error", worker=addr, pid=msg.get("pid"), error=msg["boot_error"])
+            self.boot_errors.append(f"workers cannot load the engine: {msg['boot_error']}")
             return
         self.workers[addr] = msg
         self.baselines[addr] = msg.get("baseline_rss_mb")

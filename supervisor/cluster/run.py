@@ -123,6 +123,13 @@ class ClusterSupervisor(Supervisor):
         running = len(self.queue.in_state(FileState.RUNNING))
         pending = self.queue.pending()
         b.wanted(len(pending) + running)
+        if not self.cluster_workers:
+            # Requests are peaks with a Dask worker's own baseline in them (and its probe spans):
+            # nothing can run before a worker exists anyway, so wait for the first one's figures.
+            if b.boot_errors:
+                self.halted = b.boot_errors[0]
+                self.emit("run_halted", level="error", reason=self.halted)
+            return
         window = max(1, b.worker_count()) + 1  # a little queued at the scheduler; later files get newer estimates
         largest = b.largest_offer_mb()
         for job in pending:
