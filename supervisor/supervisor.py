@@ -87,7 +87,8 @@ def make_predictor(s: Settings, store: TelemetryStore | None) -> Predictor:
     model = MemoryModel.from_params(params, defaults, **kw) if params else MemoryModel(defaults, **kw)
     # PSS at READY: what a worker is charged, and close to its whole cost when it runs alone.
     learned = store.baseline(s.engine_name, s.model_id, s.run.device, measure="pss") if store else None
-    return Predictor(model, learned if learned is not None else eng.cold_baseline_mb)
+    return Predictor(model, learned if learned is not None else eng.cold_baseline_mb,
+                     baseline_measured=learned is not None)
 
 
 def bands_from(s: Settings) -> Bands:
@@ -653,8 +654,10 @@ class Supervisor:
                 file=w.job.rel if w.job else None,
                 growth_mb=self._corrected_growth(w),
                 file_started_at=w.file_started_at, paused_at=w.paused_at, idle_since=w.idle_since))
+        # A cold guess never refuses a file ("cannot fit even alone"): the first worker's probe spans
+        # at READY re-estimate everything on figures from this machine before anything is refused.
         pending = tuple(PendingView(file=j.rel, peak_mb=j.estimate.peak_mb, growth_mb=j.estimate.growth_mb,
-                                    central_peak_mb=j.estimate.central_mb)
+                                    central_peak_mb=j.estimate.central_mb if j.estimate.source != "cold" else 0.0)
                         for j in self.queue.pending()[:POLICY_WINDOW] if j.estimate is not None)
         available = self.host.available / MiB if self.host else float("inf")
         others = 0.0

@@ -356,42 +356,59 @@ def plan_features(cha_path: Path | str, media_path: Path | str | None, engine: s
 
 
 def measure_probes(aligner: "SpanAligner", lengths: Sequence[float], release: Any = None) -> list[dict[str, Any]]:
-    """Growth of this worker on probe spans of known length: the READY ``calibration`` list.
+    """Growth of this worker on probe files of known length: the READY ``calibration`` list.
 
-    Each probe is a span of faint noise with a transcript at a speaking rate, run through the
-    model exactly as a file's span is; its growth is the peak RSS during the span (VmHWM, cleared
-    first) above the RSS just before it, which is how a file's growth is measured too.
+    Each probe is a small file of faint noise with a timed transcript at a speaking rate that
+    makes one span of the given length, aligned by ``align_file`` exactly as a real file is
+    (transcript read, audio read, spans through the model, result cache, output written), so the
+    per-file overhead is in the figure too. Its growth is measured as a file's is (see
+    ``selfmem.PeakWatch``).
     """
+    import soundfile  # noqa: PLC0415
+
     from worker import selfmem  # noqa: PLC0415
 
     rng = np.random.default_rng(0)
     out: list[dict[str, Any]] = []
-    for seconds in lengths:
-        seconds = float(seconds)
-        if seconds <= 0:
-            continue
-        audio = (rng.standard_normal(int(aligner.sample_rate * seconds)) * 1e-3).astype(np.float32)
-        words = [PROBE_WORDS[i % len(PROBE_WORDS)] for i in range(max(1, int(seconds * 2.5)))]
-        req = UttRequest(0, 0.0, seconds, words)
-        if release is not None:
-            release()
-        before = selfmem.rss_mb()
-        selfmem.clear_hwm()
-        try:
-            aligner.align_span(audio, 0.0, [req])
-        except Exception as exc:  # noqa: BLE001 - a probe that fails only leaves the defaults in charge
-            log.debug("probe span of %.1f s failed: %s", seconds, exc)
-            continue
-        peak = selfmem.hwm_mb()
-        del audio
-        if before is None or peak is None:
-            continue
-        feats = FileFeatures(audio_s=seconds, longest_span_s=seconds, longest_span_chars=_chars(words), n_spans=1,
-                             windows=0, sample_rate=aligner.sample_rate, channels=1)
-        out.append({"features": feats.to_dict(), "growth_mb": round(max(0.0, peak - before), 1)})
+    with tempfile.TemporaryDirectory(prefix="batchalign-probe-") as tmp:
+        root = Path(tmp)
+        for k, seconds in enumerate(lengths):
+            seconds = float(seconds)
+            if seconds <= 0:
+                continue
+            wav, cha = root / f"probe{k}.wav", root / f"probe{k}.cha"
+            soundfile.write(str(wav), (rng.standard_normal(int(16000 * seconds)) * 1e-3).astype(np.float32), 16000)
+            cha.write_text(_probe_chat(wav.stem, seconds), encoding="utf-8")
+            job = Job(job=f"probe{k}", input=cha, output=root / f"out{k}.cha", media=wav, rel=cha.name)
+            if release is not None:
+                release()
+            try:
+                with selfmem.PeakWatch() as watch:
+                    result = align_file(job, aligner, lambda f: None, cache=ResultCache(root / f"results{k}"))
+            except Exception as exc:  # noqa: BLE001 - a probe that fails only leaves the defaults in charge
+                log.debug("probe of %.1f s failed: %s", seconds, exc)
+                continue
+            if result.features_run is None:
+                continue
+            out.append({"features": result.features_run, "growth_mb": round(watch.growth_mb, 1)})
     if release is not None:
         release()
     return out
+
+
+def _probe_chat(stem: str, seconds: float) -> str:
+    """A timed transcript whose utterances (at most 3 s, 2.5 words a second) fill ``seconds``."""
+    lines = ["@UTF8", "@Begin", "@Languages:\teng", "@Participants:\tPAR Participant",
+             "@ID:\teng|probe|PAR|||||Participant|||", f"@Media:\t{stem}, audio"]
+    t, k = 0.0, 0
+    while t < seconds - 0.05:
+        end = min(seconds, t + 3.0)
+        n = max(1, int(round((end - t) * 2.5)))
+        words = " ".join(PROBE_WORDS[(k + i) % len(PROBE_WORDS)] for i in range(n))
+        lines.append(f"*PAR:\t{words} . \x15{int(round(t * 1000))}_{int(round(end * 1000))}\x15")
+        t, k = end, k + n
+    lines.append("@End")
+    return "\n".join(lines) + "\n"
 
 
 def probe_lengths(cap: float) -> list[float]:

@@ -119,14 +119,10 @@ class SyntheticEngine(Engine):
         out = []
         for seconds in lengths:
             gc.collect()
-            before = selfmem.rss_mb()
-            selfmem.clear_hwm()
-            self._grow(float(seconds), 0.0)
-            peak = selfmem.hwm_mb()
-            if before is None or peak is None:
-                continue
+            with selfmem.PeakWatch() as watch:
+                self._grow(float(seconds), 0.0)
             feats = FileFeatures(audio_s=seconds, longest_span_s=seconds, n_spans=1, windows=0)
-            out.append({"features": feats.to_dict(), "growth_mb": round(max(0.0, peak - before), 1)})
+            out.append({"features": feats.to_dict(), "growth_mb": round(watch.growth_mb, 1)})
         gc.collect()
         return out
 
