@@ -120,11 +120,11 @@ def calibrate(engine, options: dict[str, Any], log) -> list[dict[str, Any]]:
     if not options.get("calibrate", True):
         return []
     try:
-        from worker.align import SpanAligner, measure_probes, probe_lengths, span_cap
+        from worker.align import SpanAligner, measure_probes, probe_lengths, probe_plans, span_cap
 
         aligner = getattr(engine, "aligner", None)
         if isinstance(aligner, SpanAligner):
-            return measure_probes(aligner, probe_lengths(aligner.max_span_s), engine.release)
+            return measure_probes(aligner, probe_plans(aligner.max_span_s), engine.release)
         return engine.probe(probe_lengths(span_cap(getattr(engine, "name", ""), options)))
     except Exception:  # noqa: BLE001 - a failed probe leaves the defaults in charge, never the worker down
         log.warning("calibration_failed", traceback=traceback.format_exc())

@@ -355,14 +355,16 @@ def plan_features(cha_path: Path | str, media_path: Path | str | None, engine: s
                         sample_rate=rate, channels=channels)
 
 
-def measure_probes(aligner: "SpanAligner", lengths: Sequence[float], release: Any = None) -> list[dict[str, Any]]:
-    """Growth of this worker on probe files of known length: the READY ``calibration`` list.
+def measure_probes(aligner: "SpanAligner", plans: Sequence[Sequence[float]], release: Any = None) -> list[dict[str, Any]]:
+    """Growth of this worker on probe files of known spans: the READY ``calibration`` list.
 
-    Each probe is a small file of faint noise with a timed transcript at a speaking rate that
-    makes one span of the given length, aligned by ``align_file`` exactly as a real file is
-    (transcript read, audio read, spans through the model, result cache, output written), so the
-    per-file overhead is in the figure too. Its growth is measured as a file's is (see
-    ``selfmem.PeakWatch``).
+    Each plan is a file of faint noise whose timed transcript (at a speaking rate) makes spans of
+    the given lengths, aligned by ``align_file`` exactly as a real file is (transcript read, audio
+    read, spans through the model, result cache, output written), so the per-file overhead is in
+    the figure too. The largest plan runs once unmeasured first: the buffers and allocator pools a
+    worker keeps after its first files are then part of its READY baseline, as they are for every
+    file after the first, and each measured probe grows as a real file after READY does. Growth is
+    measured as a file's is (see ``selfmem.PeakWatch``).
     """
     import soundfile  # noqa: PLC0415
 
@@ -370,15 +372,21 @@ def measure_probes(aligner: "SpanAligner", lengths: Sequence[float], release: An
 
     rng = np.random.default_rng(0)
     out: list[dict[str, Any]] = []
+    plans = [list(map(float, p)) for p in plans if p and all(x > 0 for x in p)]
+    if not plans:
+        return out
+    largest = max(plans, key=sum)
     with tempfile.TemporaryDirectory(prefix="batchalign-probe-") as tmp:
         root = Path(tmp)
-        for k, seconds in enumerate(lengths):
-            seconds = float(seconds)
-            if seconds <= 0:
-                continue
+        for k, spans in enumerate([largest, *plans]):
+            starts, t = [], 0.0
+            for seconds in spans:
+                starts.append(t)
+                t += seconds + MAX_GAP_S + 1.0  # a gap the driver will not bridge: separate spans
+            total = starts[-1] + spans[-1]
             wav, cha = root / f"probe{k}.wav", root / f"probe{k}.cha"
-            soundfile.write(str(wav), (rng.standard_normal(int(16000 * seconds)) * 1e-3).astype(np.float32), 16000)
-            cha.write_text(_probe_chat(wav.stem, seconds), encoding="utf-8")
+            soundfile.write(str(wav), (rng.standard_normal(int(16000 * total)) * 1e-3).astype(np.float32), 16000)
+            cha.write_text(_probe_chat(wav.stem, list(zip(starts, spans))), encoding="utf-8")
             job = Job(job=f"probe{k}", input=cha, output=root / f"out{k}.cha", media=wav, rel=cha.name)
             if release is not None:
                 release()
@@ -386,33 +394,42 @@ def measure_probes(aligner: "SpanAligner", lengths: Sequence[float], release: An
                 with selfmem.PeakWatch() as watch:
                     result = align_file(job, aligner, lambda f: None, cache=ResultCache(root / f"results{k}"))
             except Exception as exc:  # noqa: BLE001 - a probe that fails only leaves the defaults in charge
-                log.debug("probe of %.1f s failed: %s", seconds, exc)
+                log.debug("probe %s failed: %s", spans, exc)
                 continue
-            if result.features_run is None:
-                continue
+            if k == 0 or result.features_run is None:
+                continue  # the unmeasured first pass
             out.append({"features": result.features_run, "growth_mb": round(watch.growth_mb, 1)})
     if release is not None:
         release()
     return out
 
 
-def _probe_chat(stem: str, seconds: float) -> str:
-    """A timed transcript whose utterances (at most 3 s, 2.5 words a second) fill ``seconds``."""
+def _probe_chat(stem: str, spans: Sequence[tuple[float, float]]) -> str:
+    """A timed transcript whose utterances (at most 3 s, 2.5 words a second) fill each (start, length)."""
     lines = ["@UTF8", "@Begin", "@Languages:\teng", "@Participants:\tPAR Participant",
              "@ID:\teng|probe|PAR|||||Participant|||", f"@Media:\t{stem}, audio"]
-    t, k = 0.0, 0
-    while t < seconds - 0.05:
-        end = min(seconds, t + 3.0)
-        n = max(1, int(round((end - t) * 2.5)))
-        words = " ".join(PROBE_WORDS[(k + i) % len(PROBE_WORDS)] for i in range(n))
-        lines.append(f"*PAR:\t{words} . \x15{int(round(t * 1000))}_{int(round(end * 1000))}\x15")
-        t, k = end, k + n
+    k = 0
+    for start, seconds in spans:
+        t, stop = start, start + seconds
+        while t < stop - 0.05:
+            end = min(stop, t + 3.0)
+            n = max(1, int(round((end - t) * 2.5)))
+            words = " ".join(PROBE_WORDS[(k + i) % len(PROBE_WORDS)] for i in range(n))
+            lines.append(f"*PAR:\t{words} . \x15{int(round(t * 1000))}_{int(round(end * 1000))}\x15")
+            t, k = end, k + n
     lines.append("@End")
     return "\n".join(lines) + "\n"
 
 
+def probe_plans(cap: float) -> list[list[float]]:
+    """Probe files for a span aligner: one short span, and a full span followed by a short one (a
+    file of several spans, as every long recording is). Two points of the span line."""
+    short = min(PROBE_SHORT_S, cap)
+    return [[short], [cap, short]]
+
+
 def probe_lengths(cap: float) -> list[float]:
-    """A short probe and one at the span cap: two points of the span line, measured here."""
+    """Probe spans for an engine without a span aligner (the synthetic one): short and the cap."""
     return sorted({min(PROBE_SHORT_S, cap), cap})
 
 
