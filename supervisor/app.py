@@ -83,14 +83,22 @@ def run_app(settings: Settings, reload_cli: dict | None = None) -> int:
         print_plan(sup)
         store.close()
         return EXIT_OK
+    from supervisor.cache import Pruner
+
+    pruner = Pruner(s.cache_dir, s.run.cache_max)
+    pruner.maybe(force=True)
+    sup.add_status_hook(pruner.maybe)
     try:
         if display is not None:
             display.start()
         summary = asyncio.run(_serve(sup, infos))
     finally:
         if display is not None:
-            display.stop()
+            display.stop(sup.status())
         store.close()
+    pruner.join()
+    pruner.maybe(force=True)
+    pruner.join()
     print_summary(summary, sup, log_path)
     return summary.exit_code
 
@@ -103,7 +111,8 @@ async def _serve(sup: Supervisor, infos: list) -> RunSummary:
         from supervisor.control import ControlServer, default_socket_path
 
         path = Path(s.service.control_socket) if s.service.control_socket else default_socket_path(s.state_dir)
-        server = ControlServer(path, sup.status)
+        server = ControlServer(path, sup.status, info={"out": str(s.out) if s.out else None,
+                                                       "corpus": [str(c) for c in s.corpus]})
         try:
             await server.start()
             services.append(server)

@@ -43,7 +43,8 @@ def _duration(default: float, **kw: Any) -> Any:
 @dataclass
 class RunSettings:
     engine: str = "wav2vec"
-    model: str = ""  # empty: the engine's default model
+    model: str = ""  # a store name, hub id or folder; empty: the engine's default model
+    model_store: str = ""  # empty: $XDG_DATA_HOME/batchalign-supervise/models
     device: str = "cpu"
     dtype: str = "fp32"
     workers: str = "auto"  # an integer or "auto" (one per core, capped by memory)
@@ -51,6 +52,7 @@ class RunSettings:
     media_dir: str = ""  # where media live when not beside the transcripts (mirrors the corpus tree)
     state_dir: str = ""  # empty: $XDG_STATE_HOME/batchalign-supervise
     telemetry: str = ""  # empty: <state_dir>/telemetry.sqlite
+    cache_max: int | None = _size(2 * 2**30)  # bytes the result cache may hold
     log_json: str = ""  # empty: <out>/batchalign-supervise.log.jsonl (in-place: <state_dir>/logs/)
     heartbeat_timeout: float = _duration(60.0)
     file_timeout: float = _duration(1800.0)  # base allowance per file ...
@@ -144,6 +146,7 @@ class Settings:
     force: bool = False
     dry_run: bool = False
     config_path: Path | None = None
+    resolved_model: Any = None  # supervisor.models.Resolved, set once before workers start
 
     # -- derived -----------------------------------------------------------------------------
     @property
@@ -153,6 +156,22 @@ class Settings:
     @property
     def model_id(self) -> str:
         return self.run.model or DEFAULT_MODELS[self.run.engine]
+
+    @property
+    def model_location(self) -> str:
+        """What workers load: the resolved store folder, folder or hub id."""
+        return self.resolved_model.location if self.resolved_model is not None else self.model_id
+
+    @property
+    def model_store(self) -> Path:
+        if self.run.model_store:
+            return Path(self.run.model_store).expanduser()
+        base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+        return Path(base) / "batchalign-supervise" / "models"
+
+    @property
+    def cache_dir(self) -> Path:
+        return self.state_dir / "cache"
 
     @property
     def engine_settings(self) -> EngineDefaults:
@@ -188,6 +207,7 @@ class Settings:
             d[key] = [str(p) for p in d[key]]
         for key in ("out", "config_path"):
             d[key] = str(d[key]) if d[key] is not None else None
+        d["resolved_model"] = dataclasses.asdict(self.resolved_model) if self.resolved_model is not None else None
         return d
 
 
@@ -288,14 +308,12 @@ def env_mapping(environ: Mapping[str, str]) -> dict[str, Any]:
 
 
 def find_config(explicit: Path | None, environ: Mapping[str, str]) -> Path | None:
-    """--config, then $BATCHALIGN_SUPERVISE_CONFIG, then ./config.toml, then the user's config dir."""
+    """--config, then $BATCHALIGN_SUPERVISE_CONFIG, then the user's config dir. Never whatever
+    config.toml sits in the current folder: it may belong to any other program."""
     if explicit is not None:
         return explicit
     if environ.get(ENV_PREFIX + "CONFIG"):
         return Path(environ[ENV_PREFIX + "CONFIG"])
-    local = Path("config.toml")
-    if local.is_file():
-        return local
     xdg = Path(environ.get("XDG_CONFIG_HOME") or Path.home() / ".config") / "batchalign-supervise" / "config.toml"
     return xdg if xdg.is_file() else None
 

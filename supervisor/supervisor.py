@@ -20,6 +20,7 @@ from typing import Any, Callable
 
 from supervisor import corpus as corpus_mod
 from supervisor.corpus import FileInfo, Manifest
+from supervisor.identity import output_identity
 from supervisor.policy import Act, Bands, Decision, MemoryPolicy, PendingView, Snapshot, WorkerView, remaining_growth
 from supervisor.pool import (PoolEvent, ProcessPool, Worker, WorkerState, ZygoteLauncher, resolve_start_method,
                              worker_command)
@@ -35,7 +36,7 @@ from worker.align import plan_features
 from worker.engines.base import JobError
 
 MiB = 2**20
-EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_HALTED = 0, 1, 2, 3
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_HALTED, EXIT_INTERRUPTED = 0, 1, 2, 3, 4
 MAX_BOOT_FAILURES = 3
 REESTIMATE_S = 2.0
 # The policy fits files first-fit in queue order; the head of a large queue is enough to find one.
@@ -55,7 +56,7 @@ def engine_options(s: Settings, workers: int) -> dict[str, Any]:
     eng = s.engine_settings
     opts: dict[str, Any] = {k: v for k, v in vars(eng).items() if not k.startswith("cold_")}
     threads = eng.threads or max(1, (os.cpu_count() or 1) // max(1, workers))
-    opts.update(model=s.model_id, device=s.run.device, dtype=s.run.dtype, threads=threads,
+    opts.update(model=s.model_location, device=s.run.device, dtype=s.run.dtype, threads=threads,
                 cache_dir=str(s.state_dir / "cache"))
     return opts
 
@@ -122,6 +123,7 @@ class Supervisor:
         self.events: asyncio.Queue = asyncio.Queue()
         self.pool: ProcessPool | None = None
         self.manifests: dict[Path, Manifest] = {}
+        self.identity = output_identity(settings)
         self.t0 = clock()
         self.wall0 = time.time()
         self.draining = False
@@ -177,6 +179,9 @@ class Supervisor:
                 self.queue.add(info, FileState.SKIPPED)
                 self.emit("file_skipped", file=info.rel, reason="already done")
                 continue
+            stale = None if self.s.force else manifest.stale_reason(info)
+            if stale:
+                self.emit("file_realigned", file=info.rel, reason=f"made with other settings: {stale}")
             job = self.queue.add(info)
             if info.media_error:
                 self.queue.fail(job, info.media_error, retry=False)
@@ -190,7 +195,7 @@ class Supervisor:
         root = self._out_root(info)
         m = self.manifests.get(root)
         if m is None:
-            m = self.manifests[root] = Manifest(root / corpus_mod.MANIFEST_DIR / "done.jsonl")
+            m = self.manifests[root] = Manifest(root / corpus_mod.MANIFEST_DIR / "done.jsonl", self.identity)
         return m
 
     def _out_root(self, info: FileInfo) -> Path:
@@ -870,8 +875,10 @@ class Supervisor:
         failures = [(j.rel, j.state.value, j.reason or "") for j in self.queue.in_state(FileState.FAILED, FileState.QUARANTINED)]
         if self.halted:
             code = EXIT_HALTED
+        elif (self.draining or self.stop_now) and (c["pending"] or c["running"]):
+            code = EXIT_INTERRUPTED  # asked to stop with files left: re-running finishes them
         elif self.draining:
-            code = EXIT_OK  # asked to stop (systemd stop, SIGTERM): a clean drain is a success
+            code = EXIT_OK  # a drain that left nothing undone (watch mode's stop): a success
         elif failures or c["pending"] or c["running"]:
             code = EXIT_FAILED
         else:

@@ -11,6 +11,7 @@ still written.
 from __future__ import annotations
 
 import abc
+import functools
 import hashlib
 import json
 import logging
@@ -154,8 +155,21 @@ class ResultCache:
             log.debug("result cache write failed: %s", exc)
 
 
+@functools.lru_cache(maxsize=1)
+def _aligner_version() -> str:
+    """This release's version: a new release may place words differently, so it never reuses
+    the word times an older one cached."""
+    try:
+        from importlib.metadata import version
+
+        return version("batchalign-supervise")
+    except Exception:  # noqa: BLE001 - a source tree never installed
+        return "0+unknown"
+
+
 def _cache_tag(aligner: SpanAligner) -> str:
-    return f"{aligner.name}|{aligner.model}|{aligner.dtype}|{aligner.sample_rate}|{aligner.language or ''}"
+    return (f"{aligner.name}|{aligner.model}|{aligner.dtype}|{aligner.sample_rate}|{aligner.language or ''}"
+            f"|{_aligner_version()}")
 
 
 def _resolve_cache(cache: Any, job: Job) -> tuple[Path, ResultCache | None]:
@@ -514,10 +528,23 @@ def _run_span(
             res = UttResult(req.index, None, error="the aligner returned no result")
         elif res.words is not None and len(res.words) != len(req.words):
             res = UttResult(req.index, None, error=f"the aligner returned {len(res.words)} times for {len(req.words)} words")
+        elif res.words is not None:
+            res = _plausible(res, req, audio, start, aligner.sample_rate)
         results[req.index] = res
         if cache is not None and res.error is None and res.words is not None and req.index in keys:
             cache.put(keys[req.index], [None if w is None else (w[0] - req.start_s, w[1] - req.start_s) for w in res.words])
     return results, len(audio) / float(aligner.sample_rate), sum(_chars(r.words) for r in todo)
+
+
+def _plausible(res: UttResult, req: UttRequest, audio: np.ndarray, start: float, rate: int) -> UttResult:
+    """``res``, or an ``implausible:`` error when its word times cannot be real (see
+    ``worker.engines.plausibility``): the utterance then keeps its bullet and gets no word times."""
+    from worker.engines.plausibility import IMPLAUSIBLE, check  # noqa: PLC0415
+
+    a = max(0, int(round((req.start_s - start) * rate)))
+    b = max(a, int(round((req.end_s - start) * rate)))
+    reason = check(res.words, req.words, req.start_s, req.end_s, audio[a:b], rate)
+    return res if reason is None else UttResult(req.index, None, error=f"{IMPLAUSIBLE} {reason}")
 
 
 def _one_line(exc: BaseException) -> str:
@@ -632,6 +659,11 @@ def _utterance_alignment(
     """The writer's view of one result: word times in ms and a bullet spanning the aligned words."""
     original = utt.bullet if utt.bullet is not None else (int(round(req.start_s * 1000)), int(round(req.end_s * 1000)))
     if res.words is None:
+        if res.error and res.error.startswith("implausible:"):
+            # Tagged first so reports can count them; no made-up bullet for an untimed utterance.
+            stats["implausible_utterances"] = stats.get("implausible_utterances", 0) + 1
+            warnings.append(f"implausible: {where}:{utt.line}: {res.error[len('implausible:'):].strip()}")
+            return UttAlignment(bullet=utt.bullet, words=[WordTime(w, None, None) for w in utt.words])
         warnings.append(f"{where}:{utt.line}: {res.error or 'could not be aligned'}")
         return UttAlignment(bullet=original, words=[WordTime(w, None, None) for w in utt.words])
     ms = _sanitize(list(res.words), req.start_s, req.end_s)

@@ -87,3 +87,21 @@ class Engine(abc.ABC):
         """Growth measured on probe spans of these lengths at load (the READY ``calibration``).
         Engines built on a ``SpanAligner`` get this from the worker loop; others may override."""
         return []
+
+
+class AlignerEngine(Engine):
+    """An engine that hands each file to the shared driver (``worker.align.align_file``) with its
+    one :class:`~worker.align.SpanAligner`; the real engines differ only in how they load it."""
+
+    aligner: Any = None
+    cache_dir: str | None = None
+
+    def run(self, job: Job, progress: Progress) -> JobResult:
+        from worker.align import align_file  # noqa: PLC0415 - worker.align imports this module
+
+        return align_file(job, self.aligner, progress, cache=self.cache_dir)
+
+    def release(self) -> None:
+        from worker.engines.loading import release_memory  # noqa: PLC0415 - keeps torch out of base
+
+        release_memory(self.device)

@@ -104,7 +104,7 @@ class SyntheticEngine(Engine):
                 self._grow(span.seconds, cpu_per_s)
                 progress(n / len(spans))
                 report_spans(progress, n, len(spans))
-        text = render_spread(chat, seconds)
+        text = mark_synthetic(render_spread(chat, seconds))
         atomic_write_text(Path(job.output), text)
         return JobResult(output=Path(job.output), audio_seconds=seconds,
                          stats={"utterances": len(chat.utterances),
@@ -128,6 +128,18 @@ class SyntheticEngine(Engine):
 
     def release(self) -> None:
         gc.collect()
+
+
+SYNTHETIC_MARK = "@Comment:\tsynthetic timings (batchalign-supervise --engine synthetic), not an alignment"
+
+
+def mark_synthetic(text: str) -> str:
+    """Say in the transcript itself that its times are made up, so nobody takes them for real."""
+    lines = text.split("\n")
+    at = next((i + 1 for i, ln in enumerate(lines) if ln.startswith("@Media:")),
+              next((i + 1 for i, ln in enumerate(lines) if ln.startswith("@Begin")), 0))
+    lines.insert(at, SYNTHETIC_MARK)
+    return "\n".join(lines)
 
 
 def render_spread(chat, seconds: float) -> str:
