@@ -170,6 +170,9 @@ def print_summary(summary: RunSummary, sup: Supervisor, log_path: Path | None) -
             f"{', ' + str(c['pending']) + ' not started' if c['pending'] else ''}; "
             f"{sup.kills} kills, {sup.pauses} pauses")
     print(f"batchalign-supervise: {line}", file=sys.stderr)
+    if sup.realigned:
+        print(f"  re-aligned {len(sup.realigned)} finished file(s) made with other settings "
+              f"({sup.realigned[0][1]}); the same settings skip them", file=sys.stderr)
     if summary.halted:
         _err(f"halted: {summary.halted}")
     for rel, state, reason in summary.failures:
