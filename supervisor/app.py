@@ -146,7 +146,7 @@ def print_plan(sup: Supervisor) -> None:
 
     table = Table(title=f"Plan: {sup.s.engine_name} / {sup.s.model_id} on {sup.s.run.device}, "
                         f"budget {format_size(sup.limits.budget)} ({sup.limits.source})")
-    for col in ("#", "file", "audio s", "predicted peak MiB", "growth MiB", "estimate", "note"):
+    for col in ("#", "file", "audio s", "predicted peak MiB", "growth MiB", "estimate", "what drives it", "note"):
         table.add_column(col)
     order = sup.queue.pending()
     for i, job in enumerate(order, 1):
@@ -157,11 +157,19 @@ def print_plan(sup: Supervisor) -> None:
         elif e.peak_mb > sup.budget_mb:
             note = "runs alone"
         table.add_row(str(i), job.rel, "-" if job.info.audio_seconds is None else f"{job.info.audio_seconds:.1f}",
-                      f"{e.peak_mb:.0f}", f"{e.growth_mb:.0f}", e.source, note)
+                      f"{e.peak_mb:.0f}", f"{e.growth_mb:.0f}", e.source + (" (uncertain)" if e.uncertain else ""),
+                      e.features.words() if e.features is not None else "-", note)
     for job in sup.queue:
         if job.state.value in ("skipped", "failed"):
-            table.add_row("-", job.rel, "-", "-", "-", "-", job.state.value + (f": {job.reason}" if job.reason else ""))
-    Console(width=160).print(table)
+            table.add_row("-", job.rel, "-", "-", "-", "-", "-", job.state.value + (f": {job.reason}" if job.reason else ""))
+    console = Console(width=160)
+    console.print(table)
+    from telemetry.model import describe
+
+    console.print("Memory model: " + "\n  ".join(describe(sup.predictor.model.params(), sup.predictor.model.defaults)),
+                  highlight=False)
+    if order:
+        console.print(f"First file: {order[0].estimate.explain}", highlight=False)
 
 
 def print_summary(summary: RunSummary, sup: Supervisor, log_path: Path | None) -> None:

@@ -414,9 +414,12 @@ def cache_clear(settings: Settings, part: str, as_json: bool) -> None:
 @click.option("--telemetry", type=click.Path(path_type=Path), help="SQLite telemetry store.")
 @click.option("--config", "config", type=click.Path(path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-def ratios_cmd(telemetry: Path | None, config: Path | None, as_json: bool) -> None:
-    """The learned memory model per engine/model/device, with sample counts."""
+@click.option("--reset", is_flag=True, help="Forget what was learned for TARGET (ENGINE or ENGINE/MODEL; all if omitted).")
+@click.argument("target", required=False)
+def ratios_cmd(telemetry: Path | None, config: Path | None, as_json: bool, reset: bool, target: str | None) -> None:
+    """The learned memory model per engine/model/device, with sample counts and its terms in words."""
     settings = _settings(config, {"run": {"telemetry": str(telemetry)}} if telemetry else {})
+    from telemetry.model import describe
     from telemetry.store import TelemetryStore
 
     path = settings.telemetry_path
@@ -425,18 +428,30 @@ def ratios_cmd(telemetry: Path | None, config: Path | None, as_json: bool) -> No
             _json([])
         click.echo(f"no telemetry store at {path} yet: nothing learned", err=True)
         sys.exit(0)
+    if target is not None and not reset:
+        raise click.UsageError("TARGET is only used with --reset")
+    if reset:
+        engine, _, model = (target or "").partition("/")
+        with TelemetryStore(path) as store:
+            n = store.reset_model(engine or None, model or None)
+        click.echo(f"forgot {n} learned model{'s' if n != 1 else ''} for {target or 'every engine'} in {path}")
+        return
     with TelemetryStore(path) as store:
         rows = store.ratios()
+        for r in rows:
+            r["explain"] = describe(store.load_model(r["engine"], r["model"], r["device"]))
     if as_json:
         _json(rows)
         return
     click.echo(table(
-        ["engine", "model", "device", "samples", "intercept MiB", "MiB/audio s", "MiB/media MiB", "baseline MiB",
-         "updated"],
+        ["engine", "model", "device", "samples", "intercept MiB", "MiB/span s", "MiB/further audio s",
+         "baseline MiB", "updated"],
         [[r.get("engine"), r.get("model"), r.get("device"), r.get("samples"), _num(r.get("intercept_mb")),
-          _num(r.get("mb_per_audio_second"), 2), _num(r.get("mb_per_media_mb"), 2), _num(r.get("baseline_mb")),
+          _num(r.get("mb_per_span_second"), 2), _num(r.get("mb_per_audio_second"), 3), _num(r.get("baseline_mb")),
           when(r.get("updated_at"))] for r in rows],
         title=f"Learned memory model ({path})"), nl=False)
+    for r in rows:
+        click.echo(f"{r['engine']} / {r['model']} / {r['device']}:\n  " + "\n  ".join(r["explain"]))
 
 
 def _num(v: Any, digits: int = 0) -> str:

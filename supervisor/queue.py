@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
-from typing import Iterable, Iterator
+from typing import Any, Iterable, Iterator
 
 from supervisor.corpus import FileInfo
 from telemetry.model import Estimate
@@ -35,6 +35,7 @@ class FileJob:
     last_peak_mb: float | None = None
     worker: int | None = None
     seq: int = 0  # discovery order; ties in scheduling order
+    features: Any = None  # telemetry.model.FileFeatures from the file's plan
 
     @property
     def rel(self) -> str:

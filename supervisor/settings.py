@@ -89,10 +89,12 @@ class EngineDefaults:
     """Engine options and the cold-start memory model used before anything has been learned."""
 
     cold_baseline_mb: float = 1500.0  # a loaded worker before any file (USS)
-    cold_intercept_mb: float = 200.0  # growth of a file of length 0
-    cold_mb_per_audio_second: float = 25.0
+    cold_intercept_mb: float = 200.0  # growth of a file whose spans are empty
+    cold_mb_per_span_second: float = 10.0  # growth per second of the file's longest span
+    cold_mb_per_audio_second: float = 0.0  # growth per audio second beyond the longest span
     cold_mb_per_media_mb: float = 60.0  # used when the audio duration is unknown
     span_seconds: float = 30.0
+    calibrate: bool = True  # workers measure their growth on probe spans at READY
     threads: int = 0  # torch threads per worker; 0: cores / workers
     int8: bool = False
     share_weights: bool = True
@@ -104,11 +106,13 @@ class SyntheticSettings(EngineDefaults):
 
     cold_baseline_mb: float = 60.0
     cold_intercept_mb: float = 16.0
-    cold_mb_per_audio_second: float = 2.0
+    cold_mb_per_span_second: float = 2.0
+    cold_mb_per_audio_second: float = 0.0
     cold_mb_per_media_mb: float = 60.0
     baseline_mb: float = 40.0  # the profile: memory held after READY ...
-    mb_per_audio_second: float = 4.0  # ... grown per audio second of the file ...
+    mb_per_audio_second: float = 4.0  # ... grown per audio second of the file (or of the span) ...
     cpu_seconds_per_audio_second: float = 0.02  # ... over this much CPU work per audio second
+    profile: str = "total"  # total: holds the whole file; streaming: one span at a time
 
 
 @dataclass
@@ -130,9 +134,8 @@ class Settings:
     service: ServiceSettings = field(default_factory=ServiceSettings)
     engine: dict[str, EngineDefaults] = field(
         default_factory=lambda: {
-            "wav2vec": EngineDefaults(cold_baseline_mb=1100.0, cold_mb_per_audio_second=22.0),
-            "whisper": EngineDefaults(cold_baseline_mb=900.0, cold_intercept_mb=600.0,
-                                      cold_mb_per_audio_second=8.0),
+            "wav2vec": EngineDefaults(cold_baseline_mb=1100.0, cold_intercept_mb=200.0, cold_mb_per_span_second=12.0),
+            "whisper": EngineDefaults(cold_baseline_mb=900.0, cold_intercept_mb=300.0, cold_mb_per_span_second=10.0),
             "synthetic": SyntheticSettings(),
         }
     )

@@ -28,9 +28,12 @@ from supervisor.queue import FileJob, FileState, WorkQueue
 from supervisor.sampler import Limits, ProcSampler, Sampler, detect_limits
 from supervisor.sd_notify import Notifier
 from supervisor.settings import Settings, SettingsError, reload_settings
-from telemetry.model import Defaults, MemoryModel, Predictor
+from telemetry.model import Defaults, FileFeatures, MemoryModel, Predictor
+from telemetry.model import remaining_growth as file_remaining_growth
 from telemetry.store import Attempt, TelemetryStore
 from worker import protocol
+from worker.align import plan_features
+from worker.engines.base import JobError
 
 MiB = 2**20
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_HALTED, EXIT_INTERRUPTED = 0, 1, 2, 3, 4
@@ -58,16 +61,31 @@ def engine_options(s: Settings, workers: int) -> dict[str, Any]:
     return opts
 
 
+def cold_defaults(s: Settings) -> Defaults:
+    eng = s.engine_settings
+    return Defaults(baseline_mb=eng.cold_baseline_mb, intercept_mb=eng.cold_intercept_mb,
+                    mb_per_span_second=eng.cold_mb_per_span_second,
+                    mb_per_audio_second=eng.cold_mb_per_audio_second, mb_per_media_mb=eng.cold_mb_per_media_mb)
+
+
+def model_key(s: Settings) -> str:
+    """The learned model's key beside engine and device: the model, its dtype unless fp32, and the
+    synthetic engine's profile (different shapes must never share one model)."""
+    key = s.model_id
+    if s.run.dtype and s.run.dtype != "fp32":
+        key += f"@{s.run.dtype}"
+    profile = getattr(s.engine_settings, "profile", "total")
+    if s.engine_name == "synthetic" and profile != "total":
+        key += f"/{profile}"
+    return key
+
+
 def make_predictor(s: Settings, store: TelemetryStore | None) -> Predictor:
     eng = s.engine_settings
-    defaults = Defaults(baseline_mb=eng.cold_baseline_mb, intercept_mb=eng.cold_intercept_mb,
-                        mb_per_audio_second=eng.cold_mb_per_audio_second, mb_per_media_mb=eng.cold_mb_per_media_mb)
+    defaults = cold_defaults(s)
     kw = dict(quantile=s.memory.quantile, margin=s.memory.margin, min_samples=s.memory.min_samples)
-    params = store.load_model(s.engine_name, s.model_id, s.run.device) if store else None
+    params = store.load_model(s.engine_name, model_key(s), s.run.device) if store else None
     model = MemoryModel.from_params(params, defaults, **kw) if params else MemoryModel(defaults, **kw)
-    if store is not None and not params:
-        for smp in reversed(store.samples(s.engine_name, s.model_id, s.run.device)):
-            model.observe(smp.audio_seconds, smp.media_mb, smp.growth_mb)
     # PSS at READY: what a worker is charged, and close to its whole cost when it runs alone.
     learned = store.baseline(s.engine_name, s.model_id, s.run.device, measure="pss") if store else None
     return Predictor(model, learned if learned is not None else eng.cold_baseline_mb)
@@ -135,6 +153,7 @@ class Supervisor:
         self._reestimated_at = -1e9
         self.overhead_mb = 0.0
         self._overhead_at = -1e9
+        self._spans_progress: dict[Any, dict] = {}
 
     # -- helpers -----------------------------------------------------------------------------------
     @property
@@ -192,8 +211,19 @@ class Supervisor:
                                             self.s.run.device)
             if stored is not None:
                 job.lower_bound_mb = max(job.lower_bound_mb or 0.0, stored)
-        job.estimate = self.predictor.estimate(job.info.audio_seconds, job.info.media_mb, job.lower_bound_mb)
+        job.estimate = self.predictor.estimate(self.features(job), job.lower_bound_mb)
         self.queue.touch()
+
+    def features(self, job: FileJob) -> FileFeatures:
+        """What the engine will hold for this file, from its plan (once per file)."""
+        if job.features is None:
+            info = job.info
+            try:
+                job.features = plan_features(info.path, info.media, self.s.engine_name, engine_options(self.s, 1))
+            except (JobError, OSError, ValueError):
+                # The worker reports bad input with its line; until then, size alone.
+                job.features = FileFeatures(audio_s=info.audio_seconds, media_mb=info.media_mb)
+        return job.features
 
     def reestimate_pending(self) -> None:
         for job in self.queue.in_state(FileState.PENDING):
@@ -329,6 +359,10 @@ class Supervisor:
         if kind == protocol.HEARTBEAT:
             w.last_heartbeat = now
             w.progress = msg.get("progress")
+        elif kind == protocol.PROGRESS:
+            w.last_heartbeat = now
+            if w.job is not None and msg.get("job") == w.job_id:
+                self._spans_progress[w.id] = msg
         elif kind == protocol.READY:
             if w.state is not WorkerState.STARTING:
                 self.pool.kill(w, "protocol error: READY twice")
@@ -342,6 +376,8 @@ class Supervisor:
             w.uss_mb, w.pss_mb, w.rss_mb = w.baseline_uss_mb, w.baseline_pss_mb, w.baseline_rss_mb
             self.boot_failures = 0
             self.predictor.observe_baseline(w.baseline_pss_mb)
+            if self.predictor.calibrate(msg.get("calibration")):
+                self._model_changed = True
             if self.store is not None:
                 self.store.record_baseline(self.s.engine_name, self.s.model_id, self.s.run.device,
                                            w.baseline_uss_mb, w.baseline_rss_mb, w.baseline_pss_mb)
@@ -392,6 +428,7 @@ class Supervisor:
         w.job_id = None
         w.file_started_at = None
         w.progress = None
+        self._spans_progress.pop(w.id, None)
         if w.state is WorkerState.BUSY:
             w.transition(WorkerState.READY)
             w.idle_since = self.now()
@@ -413,7 +450,9 @@ class Supervisor:
             self.emit("manifest_write_failed", level="warning", file=info.rel, error=str(exc))
         self.queue.finish(job, (w.baseline_pss_mb or 0.0) + growth)
         self.audio_done_s += float(audio or info.audio_seconds or 0.0)
-        self.predictor.observe_growth(info.audio_seconds, info.media_mb, growth)
+        # Only real work teaches: nothing when every span came from the result cache.
+        if msg.get("features_run") is not None:
+            self.predictor.observe_growth(msg["features_run"], growth)
         self._attempt(job, w, "done", None, growth, msg.get("wall_s"), msg.get("cpu_s"), audio)
         self.emit("file_done", **self._wfields(w), file=info.rel, peak_mb=round((w.baseline_pss_mb or 0) + growth, 1),
                   growth_mb=round(growth, 1), predicted_mb=round(job.estimate.peak_mb, 1) if job.estimate else None,
@@ -525,6 +564,8 @@ class Supervisor:
             reason = f"worker died ({'signal ' + signal.Signals(sig).name if sig else f'exit code {rc}'})"
         state = self.queue.fail(job, reason, retry=True, observed_mb=observed_peak,
                                 lower_bound_mb=observed_peak if (memory_kill or sig == signal.SIGKILL) else None)
+        if memory_kill:
+            self.predictor.observe_kill(job.features, growth)
         if memory_kill and self.store is not None:
             self.store.set_lower_bound(job.info.input_hash, self.s.engine_name, self.s.model_id, self.s.run.device,
                                        observed_peak)
@@ -602,6 +643,13 @@ class Supervisor:
                 if now - w.file_started_at > limit:
                     self._kill(w, f"file timeout after {limit:.0f} s")
 
+    def _corrected_growth(self, w: Worker) -> float:
+        """A running file's predicted growth, corrected from its progress (seen + what remains)."""
+        if w.job is None or w.job.estimate is None:
+            return 0.0
+        seen = max(0.0, w.uss_mb - (w.baseline_uss_mb or 0.0)) if w.baseline_uss_mb is not None else 0.0
+        return seen + file_remaining_growth(w.job.estimate, self._spans_progress.get(w.id), seen)
+
     def snapshot(self, now: float) -> Snapshot:
         workers = []
         for w in self.pool.workers.values():
@@ -610,7 +658,7 @@ class Supervisor:
             workers.append(WorkerView(
                 id=w.id, state=w.state.value, pss_mb=w.pss_mb, uss_mb=w.uss_mb, baseline_uss_mb=w.baseline_uss_mb,
                 file=w.job.rel if w.job else None,
-                growth_mb=w.job.estimate.growth_mb if w.job is not None and w.job.estimate else 0.0,
+                growth_mb=self._corrected_growth(w),
                 file_started_at=w.file_started_at, paused_at=w.paused_at, idle_since=w.idle_since))
         pending = tuple(PendingView(file=j.rel, peak_mb=j.estimate.peak_mb, growth_mb=j.estimate.growth_mb,
                                     central_peak_mb=j.estimate.central_mb)
@@ -656,6 +704,7 @@ class Supervisor:
             info = job.info
             self.emit("file_admitted", **self._wfields(w), file=job.rel, predicted_mb=round(job.estimate.peak_mb, 1),
                       predicted_growth_mb=round(job.estimate.growth_mb, 1), estimate_source=job.estimate.source,
+                      estimate_uncertain=job.estimate.uncertain,
                       audio_seconds=info.audio_seconds, attempt=job.attempts, reason=d.reason,
                       committed_mb=d.figures.get("committed_mb"), budget_mb=round(self.budget_mb, 1))
             await self.pool.send(w, {"type": protocol.JOB, "job": w.job_id, "input": str(info.path),
@@ -840,7 +889,7 @@ class Supervisor:
                    "drained": self.draining, "supervisor_cpu_s": round(time.process_time(), 3)}
         self.emit("run_finished", level="info" if code == 0 else "warning", **summary)
         if self.store is not None:
-            self.store.save_model(self.s.engine_name, self.s.model_id, self.s.run.device, self.predictor.model.params())
+            self.store.save_model(self.s.engine_name, model_key(self.s), self.s.run.device, self.predictor.model.params())
             self.store.finish_run(self.run_id, summary)
         self.notifier.stopping()
         return RunSummary(exit_code=code, counts=c, failures=failures, halted=self.halted)
