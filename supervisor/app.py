@@ -147,7 +147,7 @@ def print_plan(sup: Supervisor) -> None:
     table = Table(title=f"Plan: {sup.s.engine_name} / {sup.s.model_id} on {sup.s.run.device}, "
                         f"budget {format_size(sup.limits.budget)} ({sup.limits.source})")
     for col in ("#", "file", "audio s", "predicted peak MiB", "growth MiB", "estimate", "what drives it", "note"):
-        table.add_column(col)
+        table.add_column(col, overflow="fold")  # wrapped, never cut with an ellipsis
     order = sup.queue.pending()
     for i, job in enumerate(order, 1):
         e = job.estimate
