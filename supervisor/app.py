@@ -147,7 +147,7 @@ def print_plan(sup: Supervisor) -> None:
     table = Table(title=f"Plan: {sup.s.engine_name} / {sup.s.model_id} on {sup.s.run.device}, "
                         f"budget {format_size(sup.limits.budget)} ({sup.limits.source})")
     for col in ("#", "file", "audio s", "predicted peak MiB", "growth MiB", "estimate", "what drives it", "note"):
-        table.add_column(col)
+        table.add_column(col, overflow="fold")  # wrapped, never cut with an ellipsis
     order = sup.queue.pending()
     for i, job in enumerate(order, 1):
         e = job.estimate
@@ -178,6 +178,9 @@ def print_summary(summary: RunSummary, sup: Supervisor, log_path: Path | None) -
             f"{', ' + str(c['pending']) + ' not started' if c['pending'] else ''}; "
             f"{sup.kills} kills, {sup.pauses} pauses")
     print(f"batchalign-supervise: {line}", file=sys.stderr)
+    if sup.realigned:
+        print(f"  re-aligned {len(sup.realigned)} finished file(s) made with other settings "
+              f"({sup.realigned[0][1]}); the same settings skip them", file=sys.stderr)
     if summary.halted:
         _err(f"halted: {summary.halted}")
     for rel, state, reason in summary.failures:

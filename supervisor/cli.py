@@ -333,9 +333,9 @@ def models_path(name: str, config: Path | None, model_store: Path | None) -> Non
     except ModelError as exc:
         raise Failure(str(exc)) from None
     if r.kind == "hub":
-        from supervisor.models import _hub_cached
+        from supervisor.models import hub_cached
 
-        cached = _hub_cached(r.location)
+        cached = hub_cached(r.location)
         if cached is None:
             raise Failure(f"{name} is not on this machine; run `{PROG} models pull {name}`")
         click.echo(str(cached))

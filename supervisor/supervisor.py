@@ -124,6 +124,7 @@ class Supervisor:
         self.pool: ProcessPool | None = None
         self.manifests: dict[Path, Manifest] = {}
         self.identity = output_identity(settings)
+        self.realigned: list[tuple[str, str]] = []  # (file, what changed) of outputs made again
         self.t0 = clock()
         self.wall0 = time.time()
         self.draining = False
@@ -181,6 +182,7 @@ class Supervisor:
                 continue
             stale = None if self.s.force else manifest.stale_reason(info)
             if stale:
+                self.realigned.append((info.rel, stale))
                 self.emit("file_realigned", file=info.rel, reason=f"made with other settings: {stale}")
             job = self.queue.add(info)
             if info.media_error:
