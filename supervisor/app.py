@@ -73,7 +73,10 @@ def run_app(settings: Settings, reload_cli: dict | None = None) -> int:
         from supervisor.progress import ProgressDisplay
 
         display = ProgressDisplay()
-    sup = Supervisor(s, log=log, store=store, limits=limits, display=display, reload_cli=reload_cli,
+    sup_cls = Supervisor
+    if s.cluster.address:
+        from supervisor.cluster.run import ClusterSupervisor as sup_cls  # needs the 'cluster' extra
+    sup = sup_cls(s, log=log, store=store, limits=limits, display=display, reload_cli=reload_cli,
                      watcher=watcher)
     from telemetry.logging import bind_run
 
