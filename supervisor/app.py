@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from supervisor.corpus import CorpusError, discover
+from supervisor.corpus import CorpusError, find_transcripts
 from supervisor.sampler import detect_limits
 from supervisor.settings import Settings
 from supervisor.supervisor import EXIT_OK, EXIT_USAGE, RunSummary, Supervisor
@@ -46,13 +46,13 @@ def run_app(settings: Settings, reload_cli: dict | None = None) -> int:
 
             watcher = InboxWatcher(Path(s.service.watch), out_root=s.out, in_place=s.in_place, media_dir=media_dir,
                                    settle_s=s.service.settle, scan_interval=s.service.scan_interval)
-            infos = []
+            found = []
         else:
-            infos = discover(s.corpus, out_root=s.out, in_place=s.in_place, media_dir=media_dir)
+            found = find_transcripts(s.corpus, out_root=s.out, in_place=s.in_place)
     except (CorpusError, OSError) as exc:
         _err(str(exc))
         return EXIT_USAGE
-    if not infos and watcher is None:
+    if not found and watcher is None:
         _err(f"no .cha transcripts found under {', '.join(map(str, s.corpus))}")
         return EXIT_USAGE
 
@@ -79,14 +79,14 @@ def run_app(settings: Settings, reload_cli: dict | None = None) -> int:
 
     bind_run(sup.run_id)
     if s.dry_run:
-        sup.plan(infos)
+        sup.plan(found)
         print_plan(sup)
         store.close()
         return EXIT_OK
     try:
         if display is not None:
             display.start()
-        summary = asyncio.run(_serve(sup, infos))
+        summary = asyncio.run(_serve(sup, found))
     finally:
         if display is not None:
             display.stop()
@@ -95,7 +95,7 @@ def run_app(settings: Settings, reload_cli: dict | None = None) -> int:
     return summary.exit_code
 
 
-async def _serve(sup: Supervisor, infos: list) -> RunSummary:
+async def _serve(sup: Supervisor, found: list) -> RunSummary:
     """The loop plus the services around it (status socket, metrics), stopped together."""
     s = sup.s
     services: list[Any] = []
@@ -123,7 +123,7 @@ async def _serve(sup: Supervisor, infos: list) -> RunSummary:
 
         sup.add_status_hook(lambda status: write_textfile(textfile, status))
     try:
-        return await sup.run(infos)
+        return await sup.run(found)
     finally:
         for svc in services:
             await svc.stop()

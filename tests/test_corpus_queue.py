@@ -82,8 +82,8 @@ def test_in_place_manifest_recognises_its_own_output(tmp_path):
     assert Manifest(m.path).is_done(again)
 
 
-def _est(peak):
-    return Estimate(peak_mb=peak, growth_mb=peak - 10, baseline_mb=10, source="cold", lower_bound_mb=None,
+def _est(peak, source="learned"):
+    return Estimate(peak_mb=peak, growth_mb=peak - 10, baseline_mb=10, source=source, lower_bound_mb=None,
                     central_mb=peak)
 
 
@@ -109,3 +109,31 @@ def test_queue_orders_largest_first_and_counts_attempts(tmp_path):
     with pytest.raises(ValueError):
         q.start(job, worker=1)
     assert q.counts()["quarantined"] == 1 and q.counts()["failed"] == 1
+
+
+def test_uncertain_estimates_run_after_trusted_ones_smallest_first(tmp_path):
+    make_corpus(tmp_path / "c", [3, 9, 5, 7, 2])
+    q = WorkQueue(max_attempts=2)
+    for info in discover([tmp_path / "c"], out_root=tmp_path / "o", in_place=False):
+        q.add(info).estimate = _est(info.audio_seconds * 10, source="learned" if info.audio_seconds > 6 else "cold")
+    # trusted: 9 s, 7 s largest first; then the cold ones smallest first (learn cheaply)
+    assert [j.rel for j in q.pending()] == ["f001.cha", "f003.cha", "f004.cha", "f000.cha", "f002.cha"]
+
+
+def test_file_states_change_only_along_the_table(tmp_path):
+    from supervisor.queue import IllegalFileTransition
+
+    make_corpus(tmp_path / "c", [3])
+    q = WorkQueue(max_attempts=2)
+    (info,) = discover([tmp_path / "c"], out_root=tmp_path / "o", in_place=False)
+    job = q.add(info)
+    with pytest.raises(IllegalFileTransition):
+        q.finish(job, 10.0)  # a pending file cannot be done without running
+    q.start(job, worker="w1")
+    q.finish(job, 10.0)
+    with pytest.raises(IllegalFileTransition):
+        q.fail(job, "late error", retry=True)  # a done file stays done
+    with pytest.raises(ValueError):
+        q.start(job, worker="w2")
+    again = q.add(info)  # a changed file replaces its finished record, keeping its place
+    assert again is not job and again.state is FileState.PENDING and again.seq == job.seq

@@ -85,8 +85,9 @@ def test_rerun_skips_done_files_and_force_redoes_them(tmp_path):
 
 def test_too_big_file_is_killed_requeued_larger_and_quarantined_while_rest_finish(tmp_path):
     corpus_dir = tmp_path / "corpus"
-    # f000 is 150 s: at 4 MiB/s it grows ~600 MiB, while the cold estimate is ~2 MiB/s.
-    files = make_corpus(corpus_dir, [150, 5, 6, 7, 8])
+    # f000 is 150 s: at 4 MiB/s it grows ~600 MiB, while the cold estimate is ~2 MiB/s. Two small
+    # files are too few to trust a model (min_samples 3): f000 runs on the cold guess.
+    files = make_corpus(corpus_dir, [150, 5, 6])
     out = tmp_path / "out"
     log = tmp_path / "run.jsonl"
     r = run_cli(cli_args(corpus_dir, out, "--memory-budget", "420MiB", "--workers", "2", "--log-json", str(log),
@@ -107,8 +108,27 @@ def test_too_big_file_is_killed_requeued_larger_and_quarantined_while_rest_finis
     # The kill showed it needs more than the whole budget: no attempt is wasted on it.
     assert q[0]["reason"].startswith("needs ~") and "budget is" in q[0]["reason"]
     assert q[0]["observed_mb"] > 420 * 0.75  # the rest of the budget is the supervisor's own
-    assert {e["file"] for e in named(evs, "file_done")} == {"f001.cha", "f002.cha", "f003.cha", "f004.cha"}
+    assert {e["file"] for e in named(evs, "file_done")} == {"f001.cha", "f002.cha"}
     assert "quarantined: f000.cha" in r.stderr
+
+
+def test_a_cold_run_learns_on_small_files_before_it_bets_a_large_one(tmp_path):
+    """While the model is uncertain, small files go first; by the time the large file's turn comes
+    the model has learned enough to see it cannot fit: refused at once, no guard kill."""
+    corpus_dir = tmp_path / "corpus"
+    make_corpus(corpus_dir, [150, 5, 6, 7, 8])
+    out = tmp_path / "out"
+    log = tmp_path / "run.jsonl"
+    r = run_cli(cli_args(corpus_dir, out, "--memory-budget", "420MiB", "--workers", "2", "--log-json", str(log)),
+                tmp_path, BATCHALIGN_SUPERVISE_ENGINE_SYNTHETIC_CPU_SECONDS_PER_AUDIO_SECOND="0.03")
+    assert r.returncode == 1, r.stderr[-3000:]
+    evs = events(log)
+    assert named(evs, "worker_killed") == []
+    admitted = [e["file"] for e in named(evs, "file_admitted")]
+    assert admitted[:2] == ["f001.cha", "f002.cha"] and "f000.cha" not in admitted
+    (failed,) = named(evs, "file_failed")
+    assert failed["file"] == "f000.cha" and failed["kind"] == "too_big"
+    assert named(evs, "run_finished")[0]["done"] == 4
 
 
 def test_file_that_keeps_crashing_its_worker_is_quarantined_after_max_attempts(tmp_path):
@@ -273,7 +293,8 @@ def test_dry_run_prints_the_plan_and_runs_nothing(tmp_path):
     r = run_cli(cli_args(corpus_dir, out, "--memory-budget", "1GiB", "--dry-run"), tmp_path)
     assert r.returncode == 0, r.stderr
     lines = [ln for ln in r.stdout.splitlines() if ".cha" in ln]
-    assert [ln.split("│")[2].strip() for ln in lines] == ["f001.cha", "f002.cha", "f000.cha"]
+    # Nothing learned yet: uncertain estimates run smallest first, so the model learns cheaply.
+    assert [ln.split("│")[2].strip() for ln in lines] == ["f000.cha", "f002.cha", "f001.cha"]
     assert not out.exists()
 
 
@@ -292,7 +313,7 @@ def test_bad_input_fails_that_file_with_one_line_and_the_rest_finish(tmp_path):
     failed = {e["file"]: e for e in named(evs, "file_failed")}
     assert set(failed) == {"f001.cha", "nomedia.cha"}
     assert "f001.cha" in failed["f001.cha"]["reason"] and "\n" not in failed["f001.cha"]["reason"]
-    assert failed["f001.cha"]["kind"] == "input"
+    assert failed["f001.cha"]["kind"] == "bad_input"
     assert "ghost" in failed["nomedia.cha"]["reason"]
     assert {e["file"] for e in named(evs, "file_done")} == {"f000.cha", "f002.cha"}
     assert "failed: f001.cha" in r.stderr

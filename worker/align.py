@@ -288,7 +288,8 @@ def _run_span(
     try:
         got = aligner.align_span(audio, start, list(todo))
     except (RuntimeError, MemoryError) as exc:
-        raise JobError(f"{source.path}: the model failed on {start:.2f}-{end:.2f} s: {_one_line(exc)}", kind="engine") from None
+        kind = "memory" if is_out_of_memory(exc) else "engine"
+        raise JobError(f"{source.path}: the model failed on {start:.2f}-{end:.2f} s: {_one_line(exc)}", kind=kind) from None
     by_index = {r.index: r for r in got}
     for req in todo:
         res = by_index.get(req.index)
@@ -300,6 +301,15 @@ def _run_span(
         if cache is not None and res.error is None and res.words is not None and req.index in keys:
             cache.put(keys[req.index], [None if w is None else (w[0] - req.start_s, w[1] - req.start_s) for w in res.words])
     return results, len(audio) / float(aligner.sample_rate)
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """MemoryError or torch's out-of-memory (CPU allocator or CUDA): a memory failure of the file,
+    which the supervisor retries with a larger estimate, never a warning."""
+    if isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError":
+        return True
+    text = str(exc).lower()
+    return "out of memory" in text or "can't allocate memory" in text or "defaultcpuallocator" in text
 
 
 def _one_line(exc: BaseException) -> str:
