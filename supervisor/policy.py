@@ -301,10 +301,10 @@ class MemoryPolicy:
             return out + self._retire_idle(s, live)
         if free_idle:
             # Idle workers that are there but cannot take the head: if their memory is what blocks
-            # it, retire the largest one so the file can start elsewhere later.
+            # it (in the budget or on the host), retire the largest one so the file can start later.
             if not assigned and not busy and not paused and len(free_idle) > 1:
                 need = waiting[0].growth_mb
-                if need > room:
+                if need > room or unrealised + need > host_room:
                     largest = max(free_idle, key=lambda w: w.pss_mb)
                     return out + [Decision(Act.RETIRE, worker=largest.id,
                                            reason="idle worker blocks a large file", figures=figs)]

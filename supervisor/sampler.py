@@ -176,14 +176,14 @@ class ProcStat:
 
     state: str
     ppid: int
-    start_time: int  # clock ticks since boot (field 22): tells a reused pid apart
+    start_time: int | None  # clock ticks since boot (field 22): tells a reused pid apart
 
 
 @dataclass(frozen=True)
 class ProcScope:
     pid: int
     uid: int
-    start_time: int
+    start_time: int | None
     cgroup: str | None
     headroom: int | None  # bytes its memory cgroup can still take; None when unlimited
 
@@ -192,7 +192,8 @@ def parse_stat(data: bytes) -> ProcStat | None:
     """Parse ``/proc/PID/stat``; the command name (field 2) may hold spaces and parentheses."""
     try:
         fields = data.rsplit(b")", 1)[1].split()
-        return ProcStat(state=fields[0].decode(), ppid=int(fields[1]), start_time=int(fields[19]))
+        start = int(fields[19]) if len(fields) > 19 else None
+        return ProcStat(state=fields[0].decode(), ppid=int(fields[1]), start_time=start)
     except (IndexError, ValueError, UnicodeDecodeError):
         return None
 

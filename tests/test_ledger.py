@@ -24,12 +24,11 @@ MIB = 1024 * 1024
 
 CHILD = textwrap.dedent(
     r'''
-    import importlib.util, json, sys, time
+    import json, sys, time
     from pathlib import Path
 
-    spec = importlib.util.spec_from_file_location("ledger_copy", sys.argv[1])
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    sys.path.insert(0, sys.argv[1])  # a copy of the ledger and what it imports, readable by any user
+    import supervisor.ledger as mod
     mode, path, owner, value = sys.argv[2], Path(sys.argv[3]), sys.argv[4], int(sys.argv[5])
     MIB = 1024 * 1024
     ledger = mod.HostLedger(path)
@@ -71,14 +70,24 @@ CHILD = textwrap.dedent(
 )
 
 
+# The ledger's own imports: stdlib only beyond these, so any user's python3 can run the copy.
+LEDGER_FILES = ("supervisor/__init__.py", "supervisor/ledger.py", "supervisor/sampler.py", "supervisor/units.py",
+                "supervisor/paths.py", "worker/__init__.py", "worker/output.py")
+
+
 @pytest.fixture
 def shared(tmp_path_factory):
     """A directory every user can reach (pytest's tmp dirs are 0700 root)."""
     d = Path(tempfile.mkdtemp(prefix="bas-ledger-", dir="/tmp"))
     os.chmod(d, 0o755)
-    shutil.copy(ledger_mod.__file__, d / "ledger_copy.py")
+    root = Path(ledger_mod.__file__).resolve().parents[1]
+    for rel in LEDGER_FILES:
+        (d / "pkg" / rel).parent.mkdir(parents=True, exist_ok=True)
+        os.chmod((d / "pkg" / rel).parent, 0o755)
+        shutil.copy(root / rel, d / "pkg" / rel)
+        os.chmod(d / "pkg" / rel, 0o644)
+    os.chmod(d / "pkg", 0o755)
     (d / "child.py").write_text(CHILD)
-    os.chmod(d / "ledger_copy.py", 0o644)
     os.chmod(d / "child.py", 0o644)
     yield d
     shutil.rmtree(d, ignore_errors=True)
@@ -86,7 +95,7 @@ def shared(tmp_path_factory):
 
 def _spawn(shared: Path, mode: str, path: Path, owner: str, value: int, *extra: str, python: str | None = None,
            user: dict | None = None, stdin=None) -> subprocess.Popen:
-    args = [python or sys.executable, str(shared / "child.py"), str(shared / "ledger_copy.py"), mode, str(path),
+    args = [python or sys.executable, str(shared / "child.py"), str(shared / "pkg"), mode, str(path),
             owner, str(value), *extra]
     return subprocess.Popen(args, cwd=shared, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             stdin=stdin, env={"PATH": os.environ.get("PATH", "/usr/bin:/bin")}, **(user or {}))
@@ -161,7 +170,7 @@ def test_reused_pid_is_detected_by_start_time(shared):
         ledger.register("me")
         entries = json.loads(path.read_text())["entries"]
         now = time.time()
-        base = {"user": "x", "uid": 1, "updated": now}
+        base = {"user": "x", "uid": os.getuid(), "updated": now}
         entries["reused"] = dict(base, owner="reused", pid=sleeper.pid, pid_start_time=real_start - 1,
                                  reserved_bytes=700 * MIB)
         entries["genuine"] = dict(base, owner="genuine", pid=sleeper.pid, pid_start_time=real_start,
