@@ -56,11 +56,11 @@ def run_app(settings: Settings, reload_cli: dict | None = None) -> int:
         _err(f"no .cha transcripts found under {', '.join(map(str, s.corpus))}")
         return EXIT_USAGE
 
+    store_error = None
     try:
         store = TelemetryStore(s.telemetry_path)
-    except Exception as exc:  # sqlite3 errors and permissions alike: a usage problem, say which file
-        _err(f"cannot open the telemetry store {s.telemetry_path}: {exc}")
-        return EXIT_USAGE
+    except Exception as exc:  # sqlite3 errors, permissions, a full disk: the run does not need the store
+        store, store_error = None, f"{type(exc).__name__}: {exc}"
 
     progress = _progress_mode(s) and not s.dry_run
     log_path = None if s.dry_run else s.log_path
@@ -78,10 +78,14 @@ def run_app(settings: Settings, reload_cli: dict | None = None) -> int:
     from telemetry.logging import bind_run
 
     bind_run(sup.run_id)
+    if store_error is not None:
+        sup.emit("telemetry_unavailable", level="warning", store=str(s.telemetry_path), error=store_error,
+                 effect="starting from the cold defaults; learning stays in memory for this run")
     if s.dry_run:
         sup.plan(found)
         print_plan(sup)
-        store.close()
+        if store is not None:
+            store.close()
         return EXIT_OK
     try:
         if display is not None:
@@ -90,7 +94,8 @@ def run_app(settings: Settings, reload_cli: dict | None = None) -> int:
     finally:
         if display is not None:
             display.stop()
-        store.close()
+        if store is not None:
+            store.close()
     print_summary(summary, sup, log_path)
     return summary.exit_code
 

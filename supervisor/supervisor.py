@@ -485,10 +485,12 @@ class Supervisor:
             file_timeout=lambda job: r.file_timeout + r.file_timeout_per_audio_second * (job.info.audio_seconds or 0))
         for w, reason in overdue:
             self.workers.kill(w, reason)
-        if self.workers.stale_spawns(now, r.boot_timeout):
-            self._check_boot()
+        self.workers.stale_spawns(now, r.boot_timeout)
+        self._check_boot()
 
     def _decide(self, now: float) -> None:
+        if self.halted:
+            return
         self.estimator.refresh(now)
         self._capacity_changed = False
         for d in self.policy.decide(self.snapshot(now)):

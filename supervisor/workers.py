@@ -70,6 +70,7 @@ class WorkerRecord:
     kill_reason: str | None = None
     exit_reason: str | None = None
     by_us: bool = False  # stopped or killed because the run is ending (not the worker's failure)
+    boot_failed: bool = False  # already counted as a boot failure
 
     @property
     def live(self) -> bool:
@@ -218,7 +219,7 @@ class WorkerTable:
         self._to(w, WorkerState.EXITED, "worker_exited", level="info" if quiet else "warning", exitcode=ev.exitcode,
                  signal=signal_name(ev.signal), state=was.value, reason=why)
         boot = w.ready_at is None and not w.by_us
-        if boot:
+        if boot and not w.boot_failed:
             cause = ev.reason or w.kill_reason or (
                 f"killed by {signal_name(ev.signal)}" if ev.signal else f"exit code {ev.exitcode}")
             self._boot_failed(cause, fatal=ev.exitcode == 3)
@@ -273,6 +274,9 @@ class WorkerTable:
             return
         self.kills += 0 if by_us else 1
         w.kill_reason, w.by_us = reason, by_us
+        if w.state is WorkerState.STARTING and not by_us:
+            w.boot_failed = True  # counted now, so that no spawn goes out before the halt
+            self._boot_failed(reason)
         predicted = w.job.estimate.peak_mb if w.job is not None and w.job.estimate else None
         # Ending the run is not a failure of the worker: said as a stop, not counted as a kill.
         self._to(w, WorkerState.KILLED, "worker_stopped" if by_us else "worker_killed",
