@@ -12,6 +12,7 @@ from supervisor.sampler import detect_limits
 from supervisor.settings import Settings
 from supervisor.supervisor import EXIT_OK, EXIT_USAGE, RunSummary, Supervisor
 from supervisor.units import format_size
+from worker.audio import DirListing
 
 MiB = 2**20
 
@@ -40,6 +41,7 @@ def run_app(settings: Settings, reload_cli: dict | None = None) -> int:
         return EXIT_USAGE
     media_dir = Path(s.run.media_dir) if s.run.media_dir else None
     watcher = None
+    listing = DirListing()  # the walk's listings, reused to find media: each folder listed once
     try:
         if s.service.watch:
             from supervisor.watch import InboxWatcher
@@ -48,7 +50,7 @@ def run_app(settings: Settings, reload_cli: dict | None = None) -> int:
                                    settle_s=s.service.settle, scan_interval=s.service.scan_interval)
             found = []
         else:
-            found = find_transcripts(s.corpus, out_root=s.out, in_place=s.in_place)
+            found = find_transcripts(s.corpus, out_root=s.out, in_place=s.in_place, listing=listing)
     except (CorpusError, OSError) as exc:
         _err(str(exc))
         return EXIT_USAGE
@@ -74,7 +76,7 @@ def run_app(settings: Settings, reload_cli: dict | None = None) -> int:
 
         display = ProgressDisplay()
     sup = Supervisor(s, log=log, store=store, limits=limits, display=display, reload_cli=reload_cli,
-                     watcher=watcher)
+                     watcher=watcher, listing=listing)
     from telemetry.logging import bind_run
 
     bind_run(sup.run_id)

@@ -47,13 +47,16 @@ class FileInfo:
         return None if self.media_bytes is None else self.media_bytes / 2**20
 
 
-def iter_transcripts(roots: Iterable[Path]) -> Iterator[tuple[Path, Path]]:
-    """Yield (root, transcript) for every .cha under the given folders or files, sorted."""
+def iter_transcripts(roots: Iterable[Path], listing: DirListing | None = None) -> Iterator[tuple[Path, Path]]:
+    """Yield (root, transcript) for every .cha under the given folders or files, sorted. What the
+    walk lists goes into ``listing``, so finding media does not list the same folders again."""
     for root in roots:
         if root.is_file():
             yield root.parent, root
         elif root.is_dir():
             for dirpath, dirnames, filenames in os.walk(root):
+                if listing is not None:
+                    listing.seed(Path(dirpath), filenames)
                 dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
                 for name in sorted(filenames):
                     if name.lower().endswith(".cha") and not name.startswith("."):
@@ -124,7 +127,8 @@ class Candidate:
     rel_base: Path | None
 
 
-def find_transcripts(roots: list[Path], *, out_root: Path | None, in_place: bool) -> list[Candidate]:
+def find_transcripts(roots: list[Path], *, out_root: Path | None, in_place: bool,
+                     listing: DirListing | None = None) -> list[Candidate]:
     """Every transcript under ``roots`` (a directory walk only: fast, so a run can start at once).
 
     Relative paths are taken from the single folder given, or from the common parent when several
@@ -138,7 +142,7 @@ def find_transcripts(roots: list[Path], *, out_root: Path | None, in_place: bool
         parents = [r if r.is_dir() else r.parent for r in roots]
         rel_base = Path(os.path.commonpath([str(p) for p in parents]))
     out_root = out_root.resolve() if out_root is not None else None
-    return [Candidate(root, cha, rel_base) for root, cha in iter_transcripts(roots)
+    return [Candidate(root, cha, rel_base) for root, cha in iter_transcripts(roots, listing)
             if out_root is None or in_place or not is_within(cha, out_root)]
 
 
@@ -149,7 +153,7 @@ def discover(roots: list[Path], *, out_root: Path | None, in_place: bool,
     out = out_root.resolve() if out_root is not None else None
     return [describe(c.root, c.cha, out_root=out, in_place=in_place, media_dir=media_dir, rel_base=c.rel_base,
                      listing=listing)
-            for c in find_transcripts(roots, out_root=out_root, in_place=in_place)]
+            for c in find_transcripts(roots, out_root=out_root, in_place=in_place, listing=listing)]
 
 
 class Manifest:

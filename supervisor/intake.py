@@ -37,7 +37,8 @@ class Planned:
 class Intake:
     def __init__(self, *, queue: WorkQueue, estimator: Estimator, jobs: SideJobs, emit: Callable[..., None],
                  forget: Callable[[str], None], force: bool, media_dir: Path | None, out_root: Path | None,
-                 in_place: bool, watcher: Any = None, clock: Callable[[], float] = time.monotonic) -> None:
+                 in_place: bool, watcher: Any = None, clock: Callable[[], float] = time.monotonic,
+                 listing: DirListing | None = None) -> None:
         self.queue = queue
         self.estimator = estimator
         self.jobs = jobs
@@ -55,7 +56,7 @@ class Intake:
         self.planning = False
         self._t0 = 0.0
         self._progress_at = -1e9
-        self._listing = DirListing()
+        self._listing = listing if listing is not None else DirListing()  # each folder listed once
         self._scanning = False
 
     # -- off the loop ------------------------------------------------------------------------

@@ -111,7 +111,7 @@ class Supervisor:
                  clock: Callable[[], float] = time.monotonic, notifier: Notifier | None = None,
                  store: TelemetryStore | None = None, limits: Limits | None = None,
                  display: Any = None, reload_cli: dict | None = None, watcher: Any = None,
-                 backend: Backend | None = None) -> None:
+                 backend: Backend | None = None, listing: Any = None) -> None:
         self.s = settings
         self.log = log
         # Exact smaps reads walk page tables (~11 ms per GiB): ration them; status-based estimates
@@ -146,7 +146,8 @@ class Supervisor:
         self.intake = Intake(queue=self.queue, estimator=self.estimator, jobs=self.jobs, emit=self.emit,
                              forget=self.policy.forget, force=settings.force,
                              media_dir=Path(settings.run.media_dir) if settings.run.media_dir else None,
-                             out_root=settings.out, in_place=settings.in_place, watcher=watcher, clock=clock)
+                             out_root=settings.out, in_place=settings.in_place, watcher=watcher, clock=clock,
+                             listing=listing)
         self.outcomes = Outcomes(queue=self.queue, estimator=self.estimator, intake=self.intake, sink=self.sink,
                                  emit=self.emit, run_id=self.run_id, forget=self.policy.forget)
         self.publisher = Publisher(notifier=self.notifier, jobs=self.jobs, emit=self.emit, display=display)

@@ -137,3 +137,53 @@ def test_file_states_change_only_along_the_table(tmp_path):
         q.start(job, worker="w2")
     again = q.add(info)  # a changed file replaces its finished record, keeping its place
     assert again is not job and again.state is FileState.PENDING and again.seq == job.seq
+
+
+def test_intake_lists_each_folder_once_however_many_transcripts_it_holds(tmp_path, monkeypatch):
+    import os as os_mod
+
+    make_corpus(tmp_path / "c", [1] * 60)
+    real = os_mod.scandir
+    calls: list[str] = []
+
+    def counting(path="."):
+        calls.append(str(path))
+        return real(path)
+
+    monkeypatch.setattr(os_mod, "scandir", counting)
+    infos = discover([tmp_path / "c"], out_root=tmp_path / "o", in_place=False)
+    assert len(infos) == 60 and all(i.media is not None for i in infos)
+    assert calls.count(str(tmp_path / "c")) <= 1  # not once per transcript (quadratic in a big folder)
+
+
+def test_planning_reports_progress_and_files_join_the_queue_as_they_are_described(tmp_path):
+    import asyncio
+
+    from supervisor.corpus import find_transcripts
+    from supervisor.estimates import Estimator
+    from supervisor.intake import Intake
+    from supervisor.sidejobs import SideJobs
+    from telemetry.model import Defaults, MemoryModel, Predictor
+
+    make_corpus(tmp_path / "c", [1] * 600)
+    seen: list[tuple[str, dict]] = []
+    q = WorkQueue(max_attempts=2)
+    clock = iter(range(10_000)).__next__  # every reading a second later: progress is due each batch
+
+    async def main():
+        jobs = SideJobs(lambda ev, level="info", **f: seen.append((ev, f)))
+        est = Estimator(Predictor(MemoryModel(Defaults(100, 10, 1, 1)), 100), q)
+        intake = Intake(queue=q, estimator=est, jobs=jobs, emit=lambda ev, level="info", **f: seen.append((ev, f)),
+                        forget=lambda rel: None, force=False, media_dir=None, out_root=tmp_path / "o", in_place=False,
+                        clock=lambda: float(clock()))
+        intake.start_planning(find_transcripts([tmp_path / "c"], out_root=tmp_path / "o", in_place=False))
+        assert intake.planning
+        await jobs.drain(60)
+        assert not intake.planning
+
+    asyncio.run(main())
+    names = [ev for ev, _ in seen]
+    assert names.count("intake_progress") >= 1 and names[-1] == "intake_finished"
+    progress = [f["planned"] for ev, f in seen if ev == "intake_progress"]
+    assert progress == sorted(progress) and progress[0] < 600
+    assert dict(seen)["intake_finished"]["files"] == 600 and len(q.pending()) == 600

@@ -187,6 +187,10 @@ class DirListing:
         self._names: dict[Path, frozenset[str]] = {}
         self._prefixes: dict[Path, dict[str, list[str]]] = {}
 
+    def seed(self, folder: Path, names: list[str]) -> None:
+        """Names a directory walk already listed (non-directories), so the folder is not listed again."""
+        self._names.setdefault(Path(folder), frozenset(names))
+
     def names(self, folder: Path) -> frozenset[str]:
         got = self._names.get(folder)
         if got is None:
