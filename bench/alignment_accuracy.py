@@ -242,6 +242,279 @@ def build_recording(names: list[str], folder: Path, *, gap_s: float = 1.0, bulle
     return cha, spans, words_true
 
 
+# -- real speech ---------------------------------------------------------------------------------
+
+REAL = SHARED / "chat"
+JOIN_GAP_S = 0.5  # utterances this close are joined to score the boundary between them
+_TERMINATORS = {".", "?", "!", "+...", "+..?", "+!?", "+/.", "+/?", "+//.", "+//?", "+\"/.", "+\".", "+."}
+
+
+def real_recordings(names: list[str] | None = None, root: Path = REAL) -> list[tuple[str, Path, Path]]:
+    """(name, transcript, media) of every real recording under ``root``: a transcript whose
+    ``@Media`` file is there."""
+    from worker.chat import read_chat
+
+    out = []
+    for cha in sorted(root.glob("*.cha")):
+        if names and cha.stem not in names:
+            continue
+        media = read_chat(cha).media
+        found = [root / f"{media.name}{ext}" for ext in (".wav", ".mp3", ".flac")] if media else []
+        found = [m for m in found if m.is_file()]
+        if found:
+            out.append((cha.stem, cha, found[0]))
+    return out
+
+
+def _edit(chat, keep=lambda u: True, main=lambda u, body: body, media: str | None = None) -> str:
+    """The transcript with utterances dropped (``keep``), main tiers rewritten and ``%wor`` removed."""
+    lines = chat.text.splitlines(keepends=True)
+    out, pos = [], 0
+    for u in chat.utterances:
+        a = u.line - 1
+        b = max([u.end_line] + [last for _, _, last in u.dependent])
+        out += lines[pos:a]
+        if keep(u):
+            out.append(main(u, "".join(lines[a:u.end_line])))
+            out += [line for line in lines[u.end_line:b] if not line.startswith("%wor:")]
+        pos = b
+    out += lines[pos:]
+    text = "".join(out)
+    if media:
+        text = re.sub(r"(?m)^@Media:\t[^,\n]*", f"@Media:\t{media}", text)
+    return text
+
+
+def timed_input(chat, media: str) -> str:
+    """Only the utterances with bullets, ``%wor`` removed: word alignment inside human bullets."""
+    return _edit(chat, keep=lambda u: u.bullet is not None, media=media)
+
+
+def untimed_input(chat, media: str) -> str:
+    """Every bullet and ``%wor`` removed: utterance times must be recovered from the recording."""
+    return _edit(chat, main=lambda u, body: re.sub(r" ?\x15\d+_\d+\x15", "", body), media=media)
+
+
+def joined_input(chat, media: str) -> tuple[str, list[tuple[int, float, float]]]:
+    """Pairs of neighbouring bulleted utterances (at most ``JOIN_GAP_S`` apart) joined into one, the
+    pair's bullet spanning both. The human boundary between them is a real-speech reference for
+    one word boundary inside the joined utterance: the first one's last word must end near its
+    bullet's end and the second one's first word start near its bullet's start.
+
+    Returns the transcript and, per joined utterance, (words of the first part, its end, the
+    second's start) in seconds."""
+    timed = [u for u in chat.utterances if u.bullet is not None and u.words]
+    pairs, k = {}, 0
+    while k + 1 < len(timed):
+        a, b = timed[k], timed[k + 1]
+        if 0 <= b.bullet[0] - a.bullet[1] <= JOIN_GAP_S * 1000 and b.bullet[1] - a.bullet[0] <= 30000:
+            pairs[a.index] = b
+            k += 2
+        else:
+            k += 1
+    refs = []
+
+    def join(u, body):
+        b = pairs[u.index]
+        head = u.text.split()
+        if head and head[-1] in _TERMINATORS:
+            head = head[:-1]
+        refs.append((len(u.words), u.bullet[1] / 1000, b.bullet[0] / 1000))
+        return f"*{u.speaker}:\t{' '.join(head)} {b.text} \x15{u.bullet[0]}_{b.bullet[1]}\x15\n"
+
+    return _edit(chat, keep=lambda u: u.index in pairs, main=join, media=media), refs
+
+
+def _wor_of(chat, u) -> list[Span | None] | None:
+    """Word times of an utterance's ``%wor`` tier, or None when it has none."""
+    lines = chat.text.splitlines()
+    for name, a, b in u.dependent:
+        if name == "%wor":
+            (times,) = read_wor("\n".join(lines[a - 1:b]).replace("\n\t", " "))
+            return times
+    return None
+
+
+@dataclass
+class RealScore:
+    """Errors in seconds, model and character-count baseline, for one kind of reference."""
+
+    kind: str
+    model: list[float]
+    baseline: list[float]
+    items: int = 0  # words or utterances scored
+    covered: int = 0  # of those, how many the model placed at all
+    squeezed: int = 0  # utterances whose words the model piled into a sliver of the bullet
+    implausible: int = 0  # utterances the engine reported as implausible (bullet kept, no %wor)
+
+    def add(self, other: "RealScore") -> None:
+        self.model += other.model
+        self.baseline += other.baseline
+        self.items += other.items
+        self.covered += other.covered
+        self.squeezed += other.squeezed
+        self.implausible += other.implausible
+
+
+def _run(engine, text: str, folder: Path, media: Path, cache: Path):
+    """The engine's output for ``text`` (parsed) and how many implausible warnings it gave."""
+    from worker.chat import parse_chat
+    from worker.engines.base import Job
+
+    folder.mkdir(parents=True, exist_ok=True)
+    link = folder / media.name
+    if not link.exists():
+        link.symlink_to(media)
+    cha = folder / f"{media.stem}.cha"
+    cha.write_text(text)
+    out = folder / f"{media.stem}.out.cha"
+    result = engine.run(Job(media.stem, cha, out, None, cha.name, {"cache_dir": str(cache)}), lambda f: None)
+    engine.release()
+    implausible = sum(1 for w in result.warnings if w.startswith("implausible:"))
+    return parse_chat(out.read_text(), str(out)), implausible
+
+
+def _squeezed(times: list[Span | None], words: list[str]) -> bool:
+    from worker.engines.plausibility import squeezed
+
+    kept = [(t, w) for t, w in zip(times, words) if t is not None]
+    return squeezed([t for t, _ in kept], [w for _, w in kept])
+
+
+def score_real_words(engine, name: str, cha: Path, media: Path, workdir: Path) -> RealScore | None:
+    """Word boundaries against the reference ``%wor`` inside the human bullets (None: no reference)."""
+    from worker.chat import read_chat
+
+    chat = read_chat(cha)
+    refs = [(u, _wor_of(chat, u)) for u in chat.utterances if u.bullet is not None and u.words]
+    refs = [(u, w) for u, w in refs if w is not None and len(w) == len(u.words)]
+    if not refs:
+        return None
+    out, implausible = _run(engine, timed_input(chat, media.stem), workdir / f"{name}-words", media,
+                            workdir / "cache")
+    kept = [u for u in chat.utterances if u.bullet is not None]
+    pred_of = {u.index: _wor_of(out, o) for u, o in zip(kept, out.utterances)}
+    score = RealScore("words", [], [], implausible=implausible)
+    for u, truth in refs:
+        pred = pred_of.get(u.index) or [None] * len(truth)
+        lo, hi = u.bullet[0] / 1000, u.bullet[1] / 1000
+        score.model += boundary_errors(pred, truth)
+        score.baseline += boundary_errors(spread_baseline(list(u.words), lo, hi), truth)
+        score.items += sum(t is not None for t in truth)
+        score.covered += sum(t is not None and p is not None for p, t in zip(pred, truth))
+        score.squeezed += _squeezed(pred, list(u.words))
+    return score
+
+
+def score_real_joins(engine, name: str, cha: Path, media: Path, workdir: Path) -> RealScore | None:
+    """The boundary between two joined neighbouring utterances against their human bullets."""
+    from worker.chat import read_chat
+
+    chat = read_chat(cha)
+    text, refs = joined_input(chat, media.stem)
+    if not refs:
+        return None
+    out, implausible = _run(engine, text, workdir / f"{name}-joins", media, workdir / "cache")
+    score = RealScore("joins", [], [], implausible=implausible)
+    spoken = [u for u in out.utterances if u.words]
+    for u, (n_first, end_a, start_b) in zip(spoken, refs):
+        pred = _wor_of(out, u) or [None] * len(u.words)
+        lo, hi = u.bullet[0] / 1000, u.bullet[1] / 1000
+        base = spread_baseline(list(u.words), lo, hi)
+        for times, errs in ((pred, score.model), (base, score.baseline)):
+            if n_first < len(times) and times[n_first - 1] is not None and times[n_first] is not None:
+                errs += [abs(times[n_first - 1][1] - end_a), abs(times[n_first][0] - start_b)]
+        score.items += 1
+        score.covered += pred[n_first - 1] is not None and pred[n_first] is not None
+        score.squeezed += _squeezed(pred, list(u.words))
+    return score
+
+
+def score_real_utterances(engine, name: str, cha: Path, media: Path, workdir: Path) -> RealScore | None:
+    """Utterance times recovered from the recording (every bullet stripped) against the human bullets.
+
+    The baseline lays the transcript's utterances over the whole recording by character count."""
+    from worker.chat import parse_chat, read_chat
+
+    chat = read_chat(cha)
+    if not any(u.bullet is not None and u.words for u in chat.utterances):
+        return None
+    text = untimed_input(chat, media.stem)
+    plain = parse_chat(text)
+    out, implausible = _run(engine, text, workdir / f"{name}-untimed", media, workdir / "cache")
+    spoken = [u for u in plain.utterances if u.words]
+    base = dict(zip([u.index for u in spoken],
+                    spread_baseline([" ".join(u.words) for u in spoken], 0.0, _duration(media))))
+    score = RealScore("utterances", [], [], implausible=implausible)
+    for ref, got in zip(chat.utterances, out.utterances):
+        if ref.bullet is None or not ref.words:
+            continue
+        rs, re_ = ref.bullet[0] / 1000, ref.bullet[1] / 1000
+        score.items += 1
+        score.baseline += [abs(base[got.index][0] - rs), abs(base[got.index][1] - re_)]
+        if got.bullet is not None:
+            score.covered += 1
+            score.model += [abs(got.bullet[0] / 1000 - rs), abs(got.bullet[1] / 1000 - re_)]
+    return score
+
+
+def _duration(media: Path) -> float:
+    """Seconds of samples the recording really holds (some headers overstate the length)."""
+    import soundfile as sf  # noqa: PLC0415
+
+    n = 0
+    with sf.SoundFile(str(media)) as fh:
+        for block in fh.blocks(blocksize=1 << 16, dtype="float32"):
+            n += len(block)
+        return n / fh.samplerate
+
+
+def score_real(engine, names: list[str] | None, workdir: Path, kinds=("words", "joins", "utterances")) -> dict:
+    """Per recording and kind, the :class:`RealScore`; totals under ``"all"``."""
+    funcs = {"words": score_real_words, "joins": score_real_joins, "utterances": score_real_utterances}
+    table: dict[str, dict[str, RealScore]] = {}
+    totals: dict[str, RealScore] = {}
+    for name, cha, media in real_recordings(names):
+        for kind in kinds:
+            s = funcs[kind](engine, name, cha, media, workdir)
+            if s is not None:
+                table.setdefault(name, {})[kind] = s
+                totals.setdefault(kind, RealScore(kind, [], [])).add(
+                    RealScore(kind, list(s.model), list(s.baseline), s.items, s.covered, s.squeezed, s.implausible))
+    table["all"] = totals
+    return table
+
+
+def stats_ms(errors: list[float]) -> str:
+    """mean / median ms and share within 20, 50, 100 ms, as a table cell."""
+    if not errors:
+        return "-"
+    e = 1000 * np.asarray(errors)
+    return (f"{e.mean():5.0f} {np.median(e):5.0f} {np.mean(e <= 20):4.0%} {np.mean(e <= 50):4.0%} "
+            f"{np.mean(e <= 100):4.0%}")
+
+
+def stats_utt(errors: list[float]) -> str:
+    """mean / median ms and share within 250, 500 ms."""
+    if not errors:
+        return "-"
+    e = 1000 * np.asarray(errors)
+    return f"{e.mean():5.0f} {np.median(e):5.0f} {np.mean(e <= 250):4.0%} {np.mean(e <= 500):4.0%}"
+
+
+def print_real(model: str, table: dict) -> None:
+    """Model figures with the character-count baseline beside every one."""
+    print(f"\n{model}: real speech (ms; words/joins: mean median <=20 <=50 <=100 ms; "
+          f"utterances: mean median <=250 <=500 ms)")
+    print(f"{'recording':21} {'kind':10} {'n':>3} {'placed':>6} {'sq':>3} {'impl':>4} | "
+          f"{'model':28} | baseline")
+    for name, kinds in table.items():
+        for kind, s in kinds.items():
+            fmt = stats_utt if kind == "utterances" else stats_ms
+            print(f"{name:21} {kind:10} {s.items:3d} {s.covered:6d} {s.squeezed:3d} {s.implausible:4d} | "
+                  f"{fmt(s.model):28} | {fmt(s.baseline)}")
+
+
 def print_table(model: str, scores: list[Score], extra: list[Score] = ()) -> None:
     """Per file, then means over c* (connected), s* (isolated words) and all, then joined runs."""
     print(f"\n{model}")
@@ -257,25 +530,49 @@ def print_table(model: str, scores: list[Score], extra: list[Score] = ()) -> Non
         print(f"{s.name:7} {s.words:4d} {s.aligned:7d} {s.model_ms:9.1f} {s.baseline_ms:12.1f} {s.seconds:7.2f}")
 
 
+def load_engine(folder: str, threads: int, options: dict | None = None):
+    from worker.engines.whisper import WhisperEngine
+
+    return WhisperEngine({"model": folder, "threads": threads, **(options or {})})
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", nargs="+", default=["tiny.en", "base"],
                     help="Whisper sizes (tiny.en, base) or model folders / hub ids")
-    ap.add_argument("--files", nargs="+", default=FILES)
+    ap.add_argument("--files", nargs="+", default=FILES, help="synthetic files")
+    ap.add_argument("--real", nargs="*", default=None,
+                    help="real recordings of ../shared/chat to score (no names: all of them)")
+    ap.add_argument("--kinds", nargs="+", default=["words", "joins", "utterances"],
+                    help="real-speech references: words (%%wor), joins, utterances (timing recovery)")
+    ap.add_argument("--no-synthetic", action="store_true")
+    ap.add_argument("--ablation", action="store_true",
+                    help="each post-processing step flipped from the default, on real and synthetic speech")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--no-fetch", action="store_true", help="skip models not already converted")
     args = ap.parse_args(argv)
     sys.path.insert(0, str(ROOT))
+    real = [] if args.real is None and args.ablation else args.real
     for m in args.models:
         folder = whisper_dir(m, fetch=not args.no_fetch) if m in ("tiny.en", "base") else Path(m)
         if folder is None:
             print(f"\n{m}: not available, skipped")
             continue
+        if args.ablation:
+            ablation(m, str(folder), args)
+            continue
         with tempfile.TemporaryDirectory() as tmp:
-            scores = score_files(str(folder), args.files, Path(tmp), threads=args.threads)
-            extra = [score_joined(str(folder), args.files, Path(tmp), threads=args.threads, bullets=b)
-                     for b in (True, False)]
-            print_table(m, scores, extra)
+            if not args.no_synthetic:
+                scores = score_files(str(folder), args.files, Path(tmp), threads=args.threads)
+                extra = [score_joined(str(folder), args.files, Path(tmp), threads=args.threads, bullets=b)
+                         for b in (True, False)]
+                print_table(m, scores, extra)
+            if real is not None:
+                engine = load_engine(str(folder), args.threads)
+                t0 = time.perf_counter()
+                table = score_real(engine, real or None, Path(tmp) / "real", kinds=args.kinds)
+                print_real(m, table)
+                print(f"(real speech: {time.perf_counter() - t0:.1f} s)")
     return 0
 
 

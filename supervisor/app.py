@@ -89,15 +89,23 @@ def run_app(settings: Settings, reload_cli: dict | None = None) -> int:
         if store is not None:
             store.close()
         return EXIT_OK
+    from supervisor.cache import Pruner
+
+    pruner = Pruner(s.cache_dir, s.run.cache_max)
+    pruner.maybe(force=True)
+    sup.add_status_hook(pruner.maybe)
     try:
         if display is not None:
             display.start()
         summary = asyncio.run(_serve(sup, found))
     finally:
         if display is not None:
-            display.stop()
+            display.stop(sup.status())
         if store is not None:
             store.close()
+    pruner.join()
+    pruner.maybe(force=True)
+    pruner.join()
     print_summary(summary, sup, log_path)
     return summary.exit_code
 
@@ -110,7 +118,8 @@ async def _serve(sup: Supervisor, found: list) -> RunSummary:
         from supervisor.control import ControlServer, default_socket_path
 
         path = Path(s.service.control_socket) if s.service.control_socket else default_socket_path(s.state_dir)
-        server = ControlServer(path, sup.status)
+        server = ControlServer(path, sup.status, info={"out": str(s.out) if s.out else None,
+                                                       "corpus": [str(c) for c in s.corpus]})
         try:
             await server.start()
             services.append(server)
@@ -144,7 +153,7 @@ def print_plan(sup: Supervisor) -> None:
 
     table = Table(title=f"Plan: {sup.s.engine_name} / {sup.s.model_id} on {sup.s.run.device}, "
                         f"budget {format_size(sup.limits.budget)} ({sup.limits.source})")
-    for col in ("#", "file", "audio s", "predicted peak MiB", "growth MiB", "estimate", "note"):
+    for col in ("#", "file", "audio s", "predicted peak MiB", "growth MiB", "estimate", "what drives it", "note"):
         table.add_column(col)
     order = sup.queue.pending()
     for i, job in enumerate(order, 1):
@@ -155,11 +164,19 @@ def print_plan(sup: Supervisor) -> None:
         elif e.peak_mb > sup.budget_mb:
             note = "runs alone"
         table.add_row(str(i), job.rel, "-" if job.info.audio_seconds is None else f"{job.info.audio_seconds:.1f}",
-                      f"{e.peak_mb:.0f}", f"{e.growth_mb:.0f}", e.source, note)
+                      f"{e.peak_mb:.0f}", f"{e.growth_mb:.0f}", e.source + (" (uncertain)" if e.uncertain else ""),
+                      e.features.words() if e.features is not None else "-", note)
     for job in sup.queue:
         if job.state.value in ("skipped", "failed"):
-            table.add_row("-", job.rel, "-", "-", "-", "-", job.state.value + (f": {job.reason}" if job.reason else ""))
-    Console(width=160).print(table)
+            table.add_row("-", job.rel, "-", "-", "-", "-", "-", job.state.value + (f": {job.reason}" if job.reason else ""))
+    console = Console(width=160)
+    console.print(table)
+    from telemetry.model import describe
+
+    console.print("Memory model: " + "\n  ".join(describe(sup.estimator.predictor.model.params(), sup.estimator.predictor.model.defaults)),
+                  highlight=False)
+    if order:
+        console.print(f"First file: {order[0].estimate.explain}", highlight=False)
 
 
 def print_summary(summary: RunSummary, sup: Supervisor, log_path: Path | None) -> None:

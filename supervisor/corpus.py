@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 from supervisor.paths import is_within
-from worker.audio import MEDIA_EXTENSIONS, DirListing, find_media, media_duration
+from worker.audio import MEDIA_EXTENSIONS, DirListing, find_media, media_duration, validate_media
 
 MANIFEST_DIR = ".batchalign-supervise"
 _MEDIA_RE = re.compile(rb"^@Media:\t([^,\r\n]+)", re.MULTILINE)
@@ -108,6 +108,8 @@ def describe(root: Path, cha: Path, *, out_root: Path | None, in_place: bool,
             where = f" or under {media_dir}" if media_dir else ""
             media_error = (f"{cha}: media {name!r} not found beside the transcript{where} "
                            f"(looked for .{', .'.join(MEDIA_EXTENSIONS)})")
+        else:
+            media_error = validate_media(media)
     media_bytes = media.stat().st_size if media is not None else None
     seconds = media_duration(media) if media is not None else None
     h = hashlib.sha256(data)
@@ -159,8 +161,9 @@ def discover(roots: list[Path], *, out_root: Path | None, in_place: bool,
 class Manifest:
     """Append-only record of finished outputs; later lines win, torn last lines are ignored."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, identity: dict | None = None) -> None:
         self.path = path
+        self.identity = identity  # what makes outputs now (supervisor.identity); None: not compared
         self.failed_path = path.with_name("failed.jsonl")
         self._entries: dict[str, dict] = {}
         self._failed: dict[str, dict] = {}
@@ -207,23 +210,38 @@ class Manifest:
         finally:
             os.close(fd)
 
-    def is_done(self, info: FileInfo) -> bool:
+    def _same_inputs(self, info: FileInfo) -> dict | None:
+        """The entry whose output is still on disk, unchanged, and made from these inputs."""
         entry = self._entries.get(info.rel)
         if entry is None:
-            return False
+            return None
         try:
             out_hash = hash_bytes(info.out.read_bytes())
         except OSError:
-            return False
+            return None
         if out_hash != entry.get("output_hash"):
-            return False
-        if info.out == info.path:  # in place: the input now is our output
-            return entry.get("output_input_hash") == info.input_hash
-        return entry.get("input_hash") == info.input_hash
+            return None
+        key = "output_input_hash" if info.out == info.path else "input_hash"  # in place: input is our output
+        return entry if entry.get(key) == info.input_hash else None
+
+    def is_done(self, info: FileInfo) -> bool:
+        return self._same_inputs(info) is not None and self.stale_reason(info) is None
+
+    def stale_reason(self, info: FileInfo) -> str | None:
+        """Why a finished output must be made again although its inputs are unchanged (a different
+        engine, model, device, dtype, option or aligner version), or None."""
+        entry = self._same_inputs(info)
+        if entry is None or self.identity is None:
+            return None
+        from supervisor.identity import describe_change
+
+        return describe_change(entry.get("identity"), self.identity)
 
     def mark_done(self, info: FileInfo) -> None:
         data = info.out.read_bytes()
         entry = {"rel": info.rel, "input_hash": info.input_hash, "output_hash": hash_bytes(data)}
+        if self.identity is not None:
+            entry["identity"] = self.identity
         if info.out == info.path:
             h = hashlib.sha256(data)
             if info.media is not None:

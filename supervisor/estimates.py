@@ -12,8 +12,7 @@ import time
 from typing import Any, Callable
 
 from supervisor.queue import FileJob, FileState, WorkQueue
-from telemetry import model as model_mod
-from telemetry.model import Estimate, Predictor
+from telemetry.model import FileFeatures, Predictor, remaining_growth
 
 REESTIMATE_S = 2.0  # re-estimating a whole large queue: at most this often, not per finished file
 HEAD = 256  # the files the policy looks at next are re-estimated at once after the model learned
@@ -33,28 +32,46 @@ class Estimator:
         stored = self.stored_bounds.get(job.info.input_hash)
         if stored is not None:
             job.lower_bound_mb = max(job.lower_bound_mb or 0.0, stored)
-        info = job.info
-        job.estimate = self.predictor.estimate(info.audio_seconds, info.media_mb, job.lower_bound_mb)
+        job.estimate = self.predictor.estimate(self.features(job), job.lower_bound_mb)
         self.queue.touch()
         return job.estimate
 
-    def killed_at(self, job: FileJob, peak_mb: float) -> None:
-        """An attempt was killed for memory at ``peak_mb``: the file needs more than that."""
+    @staticmethod
+    def features(job: FileJob) -> FileFeatures:
+        """The file's planned features (intake plans them off the loop), else its size alone."""
+        if job.features is None:
+            job.features = FileFeatures(audio_s=job.info.audio_seconds, media_mb=job.info.media_mb)
+        return job.features
+
+    def killed_at(self, job: FileJob, peak_mb: float, growth_mb: float | None) -> None:
+        """An attempt failed for memory at ``peak_mb``: the file needs more than that, and the model
+        learns that files like it grow past ``growth_mb`` (a bound, not a sample)."""
         job.lower_bound_mb = max(job.lower_bound_mb or 0.0, peak_mb)
         self.stored_bounds[job.info.input_hash] = job.lower_bound_mb
+        if growth_mb is not None:
+            self.predictor.observe_kill(self.features(job), growth_mb)
+            self._changed = self._head_stale = True
 
     def learn(self, job: FileJob, growth_mb: float, features_run: dict | None) -> bool:
-        """A finished file is a memory sample only when the model ran on it; True when it was one."""
+        """A finished file is a memory sample only when the model ran on it (``features_run`` not
+        null: those are the features of the work it did); True when it was one."""
         if features_run is None:
             return False
-        audio = features_run.get("audio_s", job.info.audio_seconds) if features_run else job.info.audio_seconds
-        media = features_run.get("media_mb", job.info.media_mb) if features_run else job.info.media_mb
-        self.predictor.observe_growth(audio, media, growth_mb)
+        self.predictor.observe_growth(features_run or self.features(job), growth_mb)
         self._changed = self._head_stale = True
         return True
 
-    def learn_baseline(self, pss_mb: float) -> None:
+    def learn_baseline(self, pss_mb: float, calibration: list | None = None) -> None:
+        """A worker is READY: its baseline, and the probe spans it measured on this hardware."""
         self.predictor.observe_baseline(pss_mb)
+        if calibration and self.predictor.calibrate(calibration):
+            self._changed = self._head_stale = True
+
+    def remaining(self, job: FileJob | None, progress: Any, seen_mb: float) -> float:
+        """What a running file may still grow by, corrected from its progress report."""
+        if job is None or job.estimate is None:
+            return 0.0
+        return remaining_growth(job.estimate, progress if isinstance(progress, dict) else None, seen_mb)
 
     def refresh(self, now: float) -> None:
         """Re-estimate pending files after the model learned: the head of the queue at once (the
@@ -78,30 +95,3 @@ class Estimator:
     def params(self) -> dict[str, Any]:
         return self.predictor.model.params()
 
-
-def remaining_growth(estimate: Estimate | None, progress: Any, seen_mb: float) -> float:
-    """What a running file may still grow by, corrected from its progress.
-
-    ``progress`` is the worker's progress report (``spans_done``/``spans_total``/``growth_mb``) or
-    its heartbeat fraction. The model's own correction is used when it provides one. Otherwise a
-    file still within its prediction may grow by the rest of it; one that has already grown past
-    its whole prediction was under-predicted and is taken to keep growing at the rate seen over
-    the work left (at most as much again as it grew so far: streaming engines peak early).
-    """
-    if estimate is None:
-        return 0.0
-    model_fn = getattr(model_mod, "remaining_growth", None)
-    report = progress if isinstance(progress, dict) else None
-    if model_fn is not None:
-        return max(0.0, float(model_fn(estimate, report, seen_mb)))
-    if report is not None:
-        seen_mb = max(seen_mb, float(report.get("growth_mb") or 0.0))
-        total = report.get("spans_total") or 0
-        fraction = (report.get("spans_done") or 0) / total if total else None
-    else:
-        fraction = float(progress) if isinstance(progress, (int, float)) else None
-    if seen_mb <= estimate.growth_mb:
-        return estimate.growth_mb - seen_mb
-    if fraction is None or not 0.0 < fraction < 1.0:
-        return 0.25 * seen_mb if fraction is None else 0.0
-    return min(seen_mb, seen_mb * (1.0 - fraction) / fraction)

@@ -32,13 +32,16 @@ class Planned:
     info: FileInfo
     done: bool
     failed_before: dict | None
+    features: Any = None  # what the engine will hold for it (telemetry.model.FileFeatures)
+    stale: str | None = None  # why a finished output must be made again (other settings)
 
 
 class Intake:
     def __init__(self, *, queue: WorkQueue, estimator: Estimator, jobs: SideJobs, emit: Callable[..., None],
                  forget: Callable[[str], None], force: bool, media_dir: Path | None, out_root: Path | None,
                  in_place: bool, watcher: Any = None, clock: Callable[[], float] = time.monotonic,
-                 listing: DirListing | None = None) -> None:
+                 listing: DirListing | None = None, identity: dict | None = None,
+                 plan: Callable[[FileInfo], Any] | None = None) -> None:
         self.queue = queue
         self.estimator = estimator
         self.jobs = jobs
@@ -51,6 +54,8 @@ class Intake:
         self.watcher = watcher
         self.clock = clock
         self.manifests: dict[Path, Manifest] = {}
+        self.identity = identity  # what makes outputs now: a finished file made otherwise is redone
+        self.plan = plan  # a file's planned features (blocking: called off the loop)
         self.total = 0
         self.planned = 0
         self.planning = False
@@ -65,7 +70,7 @@ class Intake:
         root = info.out.parents[depth - 1] if depth else info.out.parent
         m = self.manifests.get(root)
         if m is None:
-            m = self.manifests[root] = Manifest(root / corpus_mod.MANIFEST_DIR / "done.jsonl")
+            m = self.manifests[root] = Manifest(root / corpus_mod.MANIFEST_DIR / "done.jsonl", self.identity)
         return m
 
     def describe_batch(self, batch: list[Candidate]) -> list[Planned | tuple[Path, str]]:
@@ -85,7 +90,11 @@ class Intake:
     def _check(self, info: FileInfo) -> Planned:
         m = self.manifest_for(info)
         done = not self.force and m.is_done(info)
-        return Planned(info, done, None if self.force or done else m.failed(info))
+        if done:
+            return Planned(info, True, None)
+        features = self.plan(info) if self.plan is not None and not info.media_error else None
+        return Planned(info, False, None if self.force else m.failed(info), features,
+                       None if self.force else m.stale_reason(info))
 
     def plan_now(self, candidates: list[Candidate]) -> None:
         """Plan everything at once (``--dry-run``: nothing else runs)."""
@@ -136,10 +145,13 @@ class Intake:
             self.queue.add(info, FileState.SKIPPED)
             self.emit("file_skipped", file=info.rel, reason="already done")
             return
-        self._add(info)
+        if p.stale:
+            self.emit("file_realigned", file=info.rel, reason=f"made with other settings: {p.stale}")
+        self._add(info, p.features)
 
-    def _add(self, info: FileInfo) -> FileJob:
+    def _add(self, info: FileInfo, features: Any = None) -> FileJob:
         job = self.queue.add(info)
+        job.features = features
         if info.media_error:
             self.queue.fail(job, info.media_error, retry=False)
             self.emit("file_failed", level="warning", file=info.rel, reason=info.media_error, kind="media", attempt=0)
@@ -185,7 +197,7 @@ class Intake:
             return
         self.forget(info.rel)
         self.emit("file_discovered", file=info.rel, audio_seconds=info.audio_seconds)
-        self._add(info)
+        self._add(info, p.features)
 
     # -- what outcomes mean for the manifest -----------------------------------------------------
     def done(self, job: FileJob) -> None:

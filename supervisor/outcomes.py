@@ -97,7 +97,7 @@ class Outcomes:
         if o.outcome == "done":
             return self._done(o, wf)
         if o.memory and o.peak_mb is not None:
-            self.estimator.killed_at(job, o.peak_mb)
+            self.estimator.killed_at(job, o.peak_mb, o.growth_mb)
             self.sink.lower_bound(job.info.input_hash, o.peak_mb)
         state = self.queue.fail(job, o.reason or "failed", retry=o.retry, observed_mb=o.peak_mb)
         self._record(o, "failed" if o.outcome == "memory" else o.outcome)

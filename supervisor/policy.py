@@ -308,6 +308,15 @@ class MemoryPolicy:
                     largest = max(free_idle, key=lambda w: w.pss_mb)
                     return out + [Decision(Act.RETIRE, worker=largest.id,
                                            reason="idle worker blocks a large file", figures=figs)]
+            # One idle worker and nothing else in the pool: no memory will be freed by waiting. A
+            # file whose predicted peak fits the pool alone runs now (the worker's own baseline,
+            # measured, may differ from the predicted one by a few MiB).
+            if not assigned and not busy and not paused and not starting and len(idle) == 1 \
+                    and unrealised + waiting[0].growth_mb <= host_room:
+                head = waiting[0]
+                return out + [Decision(Act.ADMIT, worker=idle[0].id, file=head.file, reason="runs alone",
+                                       figures={**figs, "predicted_mb": round(head.peak_mb, 1),
+                                                "committed_mb": round(committed + head.growth_mb, 1)})]
             return out
 
         # 7. Spawn one worker at a time while a waiting file would fit beside a new worker.

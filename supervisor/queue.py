@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
-from typing import Iterable, Iterator
+from typing import Any, Iterable, Iterator
 
 from supervisor.corpus import FileInfo
 from telemetry.model import Estimate
@@ -48,9 +48,7 @@ class IllegalFileTransition(RuntimeError):
 
 def is_uncertain(estimate: Estimate | None) -> bool:
     """The estimate came from a model not yet trusted (cold defaults, few samples, extrapolation)."""
-    if estimate is None:
-        return True
-    return bool(getattr(estimate, "uncertain", estimate.source == "cold"))
+    return estimate is None or bool(estimate.uncertain)
 
 
 @dataclass
@@ -64,6 +62,7 @@ class FileJob:
     last_peak_mb: float | None = None
     worker: str | None = None
     seq: int = 0  # discovery order; ties in scheduling order
+    features: Any = None  # telemetry.model.FileFeatures from the file's plan
 
     @property
     def rel(self) -> str:

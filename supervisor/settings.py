@@ -43,7 +43,8 @@ def _duration(default: float, **kw: Any) -> Any:
 @dataclass
 class RunSettings:
     engine: str = "wav2vec"
-    model: str = ""  # empty: the engine's default model
+    model: str = ""  # a store name, hub id or folder; empty: the engine's default model
+    model_store: str = ""  # empty: $XDG_DATA_HOME/batchalign-supervise/models
     device: str = "cpu"
     dtype: str = "fp32"
     workers: str = "auto"  # an integer or "auto" (one per core, capped by memory)
@@ -51,6 +52,7 @@ class RunSettings:
     media_dir: str = ""  # where media live when not beside the transcripts (mirrors the corpus tree)
     state_dir: str = ""  # empty: $XDG_STATE_HOME/batchalign-supervise
     telemetry: str = ""  # empty: <state_dir>/telemetry.sqlite
+    cache_max: int | None = _size(2 * 2**30)  # bytes the result cache may hold
     log_json: str = ""  # empty: <out>/batchalign-supervise.log.jsonl (in-place: <state_dir>/logs/)
     heartbeat_timeout: float = _duration(60.0)
     file_timeout: float = _duration(1800.0)  # base allowance per file ...
@@ -87,10 +89,12 @@ class EngineDefaults:
     """Engine options and the cold-start memory model used before anything has been learned."""
 
     cold_baseline_mb: float = 1500.0  # a loaded worker before any file (USS)
-    cold_intercept_mb: float = 200.0  # growth of a file of length 0
-    cold_mb_per_audio_second: float = 25.0
+    cold_intercept_mb: float = 200.0  # growth of a file whose spans are empty
+    cold_mb_per_span_second: float = 10.0  # growth per second of the file's longest span
+    cold_mb_per_audio_second: float = 0.0  # growth per audio second beyond the longest span
     cold_mb_per_media_mb: float = 60.0  # used when the audio duration is unknown
     span_seconds: float = 30.0
+    calibrate: bool = True  # workers measure their growth on probe spans at READY
     threads: int = 0  # torch threads per worker; 0: cores / workers
     int8: bool = False
     share_weights: bool = True
@@ -102,12 +106,14 @@ class SyntheticSettings(EngineDefaults):
 
     cold_baseline_mb: float = 60.0
     cold_intercept_mb: float = 16.0
-    cold_mb_per_audio_second: float = 2.0
+    cold_mb_per_span_second: float = 2.0
+    cold_mb_per_audio_second: float = 0.0
     cold_mb_per_media_mb: float = 60.0
     baseline_mb: float = 40.0  # the profile: memory held after READY ...
-    mb_per_audio_second: float = 4.0  # ... grown per audio second of the file ...
+    mb_per_audio_second: float = 4.0  # ... grown per audio second of the file (or of the span) ...
     cpu_seconds_per_audio_second: float = 0.02  # ... over this much CPU work per audio second
     boot_seconds: float = 0.0  # how long its "model load" takes (boot timeout tests)
+    profile: str = "total"  # total: holds the whole file; streaming: one span at a time
 
 
 @dataclass
@@ -129,9 +135,8 @@ class Settings:
     service: ServiceSettings = field(default_factory=ServiceSettings)
     engine: dict[str, EngineDefaults] = field(
         default_factory=lambda: {
-            "wav2vec": EngineDefaults(cold_baseline_mb=1100.0, cold_mb_per_audio_second=22.0),
-            "whisper": EngineDefaults(cold_baseline_mb=900.0, cold_intercept_mb=600.0,
-                                      cold_mb_per_audio_second=8.0),
+            "wav2vec": EngineDefaults(cold_baseline_mb=1100.0, cold_intercept_mb=200.0, cold_mb_per_span_second=12.0),
+            "whisper": EngineDefaults(cold_baseline_mb=900.0, cold_intercept_mb=300.0, cold_mb_per_span_second=10.0),
             "synthetic": SyntheticSettings(),
         }
     )
@@ -142,6 +147,7 @@ class Settings:
     force: bool = False
     dry_run: bool = False
     config_path: Path | None = None
+    resolved_model: Any = None  # supervisor.models.Resolved, set once before workers start
 
     # -- derived -----------------------------------------------------------------------------
     @property
@@ -151,6 +157,22 @@ class Settings:
     @property
     def model_id(self) -> str:
         return self.run.model or DEFAULT_MODELS[self.run.engine]
+
+    @property
+    def model_location(self) -> str:
+        """What workers load: the resolved store folder, folder or hub id."""
+        return self.resolved_model.location if self.resolved_model is not None else self.model_id
+
+    @property
+    def model_store(self) -> Path:
+        if self.run.model_store:
+            return Path(self.run.model_store).expanduser()
+        base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+        return Path(base) / "batchalign-supervise" / "models"
+
+    @property
+    def cache_dir(self) -> Path:
+        return self.state_dir / "cache"
 
     @property
     def engine_settings(self) -> EngineDefaults:
@@ -186,6 +208,7 @@ class Settings:
             d[key] = [str(p) for p in d[key]]
         for key in ("out", "config_path"):
             d[key] = str(d[key]) if d[key] is not None else None
+        d["resolved_model"] = dataclasses.asdict(self.resolved_model) if self.resolved_model is not None else None
         return d
 
 
@@ -286,14 +309,12 @@ def env_mapping(environ: Mapping[str, str]) -> dict[str, Any]:
 
 
 def find_config(explicit: Path | None, environ: Mapping[str, str]) -> Path | None:
-    """--config, then $BATCHALIGN_SUPERVISE_CONFIG, then ./config.toml, then the user's config dir."""
+    """--config, then $BATCHALIGN_SUPERVISE_CONFIG, then the user's config dir. Never whatever
+    config.toml sits in the current folder: it may belong to any other program."""
     if explicit is not None:
         return explicit
     if environ.get(ENV_PREFIX + "CONFIG"):
         return Path(environ[ENV_PREFIX + "CONFIG"])
-    local = Path("config.toml")
-    if local.is_file():
-        return local
     xdg = Path(environ.get("XDG_CONFIG_HOME") or Path.home() / ".config") / "batchalign-supervise" / "config.toml"
     return xdg if xdg.is_file() else None
 

@@ -17,8 +17,9 @@ LANE = "store"
 
 class TelemetrySink:
     def __init__(self, store: TelemetryStore | None, jobs: SideJobs, emit: Callable[..., None],
-                 key: tuple[str, str, str]) -> None:
+                 key: tuple[str, str, str], model_key: str | None = None) -> None:
         self.store = store
+        self.model_key = model_key or key[1]  # the learned model's key (model, dtype, profile)
         self.jobs = jobs
         self.emit = emit
         self.key = key  # (engine, model, device) of the running engine: nothing is filed under another
@@ -62,5 +63,6 @@ class TelemetrySink:
                      *self.key, mb)
 
     def finish(self, run_id: str, model_params: dict, summary: dict) -> None:
-        self._submit("save_model", self.store.save_model if self.store else None, *self.key, model_params)
+        e, _, d = self.key
+        self._submit("save_model", self.store.save_model if self.store else None, e, self.model_key, d, model_params)
         self._submit("finish_run", self.store.finish_run if self.store else None, run_id, summary)

@@ -27,7 +27,8 @@ from supervisor.backend import (Backend, FileError, FileProgress, FileResult, Fi
                                 SpawnFailed, WorkerBroken, WorkerExited, WorkerHeartbeat, WorkerLog, WorkerReady,
                                 WorkerSpawned)
 from supervisor.corpus import Candidate
-from supervisor.estimates import Estimator, remaining_growth
+from supervisor.estimates import Estimator
+from supervisor.identity import output_identity
 from supervisor.intake import Intake
 from supervisor.outcomes import Outcomes
 from supervisor.policy import Act, Bands, Decision, MemoryPolicy, PendingView, Snapshot, committed_mb, used_mb
@@ -40,11 +41,13 @@ from supervisor.settings import Settings, SettingsError, reload_settings
 from supervisor.sidejobs import SideJobs
 from supervisor.sink import TelemetrySink
 from supervisor.workers import MAX_BOOT_FAILURES, WorkerRecord, WorkerState, WorkerTable
-from telemetry.model import Defaults, MemoryModel, Predictor
+from telemetry.model import Defaults, FileFeatures, MemoryModel, Predictor
 from telemetry.store import TelemetryStore
+from worker.align import plan_features
+from worker.engines.base import JobError
 
 MiB = 2**20
-EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_HALTED = 0, 1, 2, 3
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_HALTED, EXIT_INTERRUPTED = 0, 1, 2, 3, 4
 # The policy fits files first-fit in queue order; the head of a large queue is enough to find one.
 POLICY_WINDOW = 256
 # What a SIGHUP may not change: the running engine's identity and what was set up at start.
@@ -68,21 +71,49 @@ def engine_options(s: Settings, workers: int) -> dict[str, Any]:
     eng = s.engine_settings
     opts: dict[str, Any] = {k: v for k, v in vars(eng).items() if not k.startswith("cold_")}
     threads = eng.threads or max(1, (os.cpu_count() or 1) // max(1, workers))
-    opts.update(model=s.model_id, device=s.run.device, dtype=s.run.dtype, threads=threads,
+    opts.update(model=s.model_location, device=s.run.device, dtype=s.run.dtype, threads=threads,
                 cache_dir=str(s.state_dir / "cache"))
     return opts
 
 
+def cold_defaults(s: Settings) -> Defaults:
+    eng = s.engine_settings
+    return Defaults(baseline_mb=eng.cold_baseline_mb, intercept_mb=eng.cold_intercept_mb,
+                    mb_per_span_second=eng.cold_mb_per_span_second,
+                    mb_per_audio_second=eng.cold_mb_per_audio_second, mb_per_media_mb=eng.cold_mb_per_media_mb)
+
+
+def model_key(s: Settings) -> str:
+    """The learned model's key beside engine and device: the model, its dtype unless fp32, and the
+    synthetic engine's profile (different shapes must never share one model)."""
+    key = s.model_id
+    if s.run.dtype and s.run.dtype != "fp32":
+        key += f"@{s.run.dtype}"
+    profile = getattr(s.engine_settings, "profile", "total")
+    if s.engine_name == "synthetic" and profile != "total":
+        key += f"/{profile}"
+    return key
+
+
+def file_planner(s: Settings) -> Callable[[Any], FileFeatures]:
+    """What the engine will hold for a file, from its plan (blocking: intake calls it off the loop)."""
+    options = engine_options(s, 1)
+
+    def plan(info: Any) -> FileFeatures:
+        try:
+            return plan_features(info.path, info.media, s.engine_name, options)
+        except (JobError, OSError, ValueError):
+            # The worker reports bad input with its line; until then, size alone.
+            return FileFeatures(audio_s=info.audio_seconds, media_mb=info.media_mb)
+
+    return plan
+
+
 def make_predictor(s: Settings, store: TelemetryStore | None) -> Predictor:
     eng = s.engine_settings
-    defaults = Defaults(baseline_mb=eng.cold_baseline_mb, intercept_mb=eng.cold_intercept_mb,
-                        mb_per_audio_second=eng.cold_mb_per_audio_second, mb_per_media_mb=eng.cold_mb_per_media_mb)
     kw = dict(quantile=s.memory.quantile, margin=s.memory.margin, min_samples=s.memory.min_samples)
-    params = store.load_model(s.engine_name, s.model_id, s.run.device) if store else None
-    model = MemoryModel.from_params(params, defaults, **kw) if params else MemoryModel(defaults, **kw)
-    if store is not None and not params:
-        for smp in reversed(store.samples(s.engine_name, s.model_id, s.run.device)):
-            model.observe(smp.audio_seconds, smp.media_mb, smp.growth_mb)
+    params = store.load_model(s.engine_name, model_key(s), s.run.device) if store else None
+    model = MemoryModel.from_params(params, cold_defaults(s), **kw) if params else MemoryModel(cold_defaults(s), **kw)
     # PSS at READY: what a worker is charged, and close to its whole cost when it runs alone.
     learned = store.baseline(s.engine_name, s.model_id, s.run.device, measure="pss") if store else None
     return Predictor(model, learned if learned is not None else eng.cold_baseline_mb)
@@ -142,12 +173,12 @@ class Supervisor:
         self.jobs = SideJobs(self.emit)
         self.estimator = Estimator(make_predictor(settings, store), self.queue,
                                    stored_bounds=store.lower_bounds(*self.key) if store else None, clock=clock)
-        self.sink = TelemetrySink(store, self.jobs, self.emit, self.key)
+        self.sink = TelemetrySink(store, self.jobs, self.emit, self.key, model_key(settings))
         self.intake = Intake(queue=self.queue, estimator=self.estimator, jobs=self.jobs, emit=self.emit,
                              forget=self.policy.forget, force=settings.force,
                              media_dir=Path(settings.run.media_dir) if settings.run.media_dir else None,
                              out_root=settings.out, in_place=settings.in_place, watcher=watcher, clock=clock,
-                             listing=listing)
+                             listing=listing, identity=output_identity(settings), plan=file_planner(settings))
         self.outcomes = Outcomes(queue=self.queue, estimator=self.estimator, intake=self.intake, sink=self.sink,
                                  emit=self.emit, run_id=self.run_id, forget=self.policy.forget)
         self.publisher = Publisher(notifier=self.notifier, jobs=self.jobs, emit=self.emit, display=display)
@@ -291,7 +322,7 @@ class Supervisor:
         w = self.workers.ready(ev, mem)
         if w is None:
             return
-        self.estimator.learn_baseline(w.baseline_pss_mb)
+        self.estimator.learn_baseline(w.baseline_pss_mb, w.calibration)
         self.sink.baseline(w.baseline_uss_mb, w.baseline_rss_mb, w.baseline_pss_mb)
         if not self.workers.ready_once:
             self.workers.ready_once = True
@@ -500,7 +531,7 @@ class Supervisor:
     def _remaining(self, w: WorkerRecord) -> float:
         """A running file's remaining growth, corrected from its progress (the one place)."""
         seen = max(0.0, w.uss_mb - (w.baseline_uss_mb or w.uss_mb))
-        return remaining_growth(w.job.estimate if w.job is not None else None, w.progress, seen)
+        return self.estimator.remaining(w.job, w.progress, seen)
 
     def others_mb(self) -> float:
         if self.publisher.ledger_blind():
@@ -542,7 +573,7 @@ class Supervisor:
             self.outcomes.started(job)
             self.workers.assign(w, job, spec, predicted_mb=round(est.peak_mb, 1),
                                 predicted_growth_mb=round(est.growth_mb, 1), estimate_source=est.source,
-                                uncertain=is_uncertain(est), audio_seconds=info.audio_seconds, attempt=job.attempts,
+                                estimate_uncertain=is_uncertain(est), audio_seconds=info.audio_seconds, attempt=job.attempts,
                                 reason=d.reason, committed_mb=d.figures.get("committed_mb"),
                                 budget_mb=round(self.budget_mb, 1))
         elif d.act is Act.PAUSE and w is not None and w.state is WorkerState.BUSY:
@@ -653,8 +684,10 @@ class Supervisor:
                     for j in self.queue.in_state(FileState.FAILED, FileState.QUARANTINED)]
         if self.halted:
             code = EXIT_HALTED
+        elif (self.draining or self.stop_now) and (c["pending"] or c["running"]):
+            code = EXIT_INTERRUPTED  # asked to stop with files left: re-running finishes them
         elif self.draining:
-            code = EXIT_OK  # asked to stop (systemd stop, SIGTERM): a clean drain is a success
+            code = EXIT_OK  # a drain that left nothing undone (watch mode's stop): a success
         elif failures or c["pending"] or c["running"]:
             code = EXIT_FAILED
         else:

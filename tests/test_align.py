@@ -29,7 +29,9 @@ HEADER = "@UTF8\n@Begin\n@Languages:\teng\n@Participants:\tPAR Participant\n@ID:
 
 def write_case(folder: Path, body: str, *, seconds: float = 12.0, media: str = "rec") -> Path:
     folder.mkdir(parents=True, exist_ok=True)
-    sf.write(folder / f"{media}.wav", np.zeros(int(seconds * 16000), dtype=np.float32), 16000)
+    # A steady tone: sound in every span (silence would rightly make every alignment implausible).
+    tone = 0.1 * np.sin(2 * np.pi * 220 * np.arange(int(seconds * 16000)) / 16000)
+    sf.write(folder / f"{media}.wav", tone.astype(np.float32), 16000)
     cha = folder / "t.cha"
     cha.write_text(HEADER + f"@Media:\t{media}, audio\n" + body + "@End\n")
     return cha

@@ -92,7 +92,7 @@ def shared():
 def test_round_trip_and_owner_only_modes(loop, tmp_path):
     state = tmp_path / "state"  # does not exist yet: created 0700
     path = default_socket_path(state)
-    assert path == state / "control.sock"
+    assert path == state / "control" / f"{os.getpid()}.sock"
     calls = []
 
     def get_status() -> dict:
@@ -104,12 +104,12 @@ def test_round_trip_and_owner_only_modes(loop, tmp_path):
     try:
         assert stat.S_ISSOCK(os.lstat(path).st_mode)
         assert (os.lstat(path).st_mode & 0o777) == 0o600
-        assert (state.stat().st_mode & 0o777) == 0o700
+        assert (path.parent.stat().st_mode & 0o777) == 0o700
         got = query_status(path)
         assert got["run"] == STATUS["run"] and got["memory"] == STATUS["memory"]
         assert got["workers"] == STATUS["workers"] and got["where"] == "/srv/x"
         assert len(calls) == 1
-        assert [p.name for p in state.iterdir()] == ["control.sock"]  # no temporary names left
+        assert [p.name for p in path.parent.iterdir()] == [path.name]  # no temporary names left
     finally:
         loop.run(server.stop())
     assert not path.exists()

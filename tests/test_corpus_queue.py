@@ -84,7 +84,7 @@ def test_in_place_manifest_recognises_its_own_output(tmp_path):
 
 def _est(peak, source="learned"):
     return Estimate(peak_mb=peak, growth_mb=peak - 10, baseline_mb=10, source=source, lower_bound_mb=None,
-                    central_mb=peak)
+                    central_mb=peak, uncertain=source == "cold")
 
 
 def test_queue_orders_largest_first_and_counts_attempts(tmp_path):

@@ -315,3 +315,12 @@ def test_only_one_uncertain_large_file_runs_at_a_time():
     sure = [PendingView(file=f, peak_mb=4000, growth_mb=3000, central_peak_mb=3500) for f in ("big", "big2")]
     out = MemoryPolicy(Bands()).decide(snap(workers=[idle("w1"), idle("w2")], pending=sure, budget=12000))
     assert acts(out) == [(Act.ADMIT, "w1", "big"), (Act.ADMIT, "w2", "big2")]
+
+
+def test_a_file_that_fits_the_pool_alone_is_not_left_waiting_beside_one_idle_worker():
+    p = MemoryPolicy(Bands())
+    # The idle worker measured a little more than the predicted baseline: the file's growth misses
+    # the room by 1 MiB, but nothing else runs, so waiting frees nothing. It runs alone.
+    w = WorkerView(id="w1", state="ready", pss_mb=1070, uss_mb=1070, baseline_uss_mb=1070, idle_since=0.0)
+    out = p.decide(snap(workers=[w], pending=[pend("big", 8931)], budget=10_000, baseline=1000))
+    assert acts(out) == [(Act.ADMIT, "w1", "big")] and out[0].reason == "runs alone"

@@ -161,7 +161,7 @@ def test_status_socket_answers_while_workers_run_and_refuses_other_users(tmp_pat
                   BATCHALIGN_SUPERVISE_ENGINE_SYNTHETIC_CPU_SECONDS_PER_AUDIO_SECOND="0.1")
     try:
         wait_for_event(log, "file_started")
-        sock = state / "control.sock"
+        sock = state / "control" / f"{p.pid}.sock"  # one socket per running supervisor
         assert (sock.stat().st_mode & 0o777) == 0o600
         r = subprocess.run([sys.executable, "-m", "supervisor.cli", "status", "--state-dir", str(state), "--json"],
                            capture_output=True, text=True, env=env_for(tmp_path), timeout=30)
@@ -174,7 +174,7 @@ def test_status_socket_answers_while_workers_run_and_refuses_other_users(tmp_pat
         assert human.returncode == 0 and "busy" in human.stdout
         if os.geteuid() == 0:
             assert _connect_as_nobody(sock) != "answered"
-        assert _stop(p, 120) == 0
+        assert _stop(p, 120) in (0, 4)  # 4 when the drain left a file not started
     finally:
         if p.poll() is None:
             p.kill()

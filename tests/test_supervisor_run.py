@@ -92,7 +92,8 @@ def test_too_big_file_is_killed_requeued_larger_and_quarantined_while_rest_finis
     log = tmp_path / "run.jsonl"
     r = run_cli(cli_args(corpus_dir, out, "--memory-budget", "420MiB", "--workers", "2", "--log-json", str(log),
                          "--max-attempts", "3"), tmp_path,
-                BATCHALIGN_SUPERVISE_ENGINE_SYNTHETIC_CPU_SECONDS_PER_AUDIO_SECOND="0.03")
+                BATCHALIGN_SUPERVISE_ENGINE_SYNTHETIC_CPU_SECONDS_PER_AUDIO_SECOND="0.03",
+                BATCHALIGN_SUPERVISE_ENGINE_SYNTHETIC_CALIBRATE="false")  # the cold guess, unchecked
     assert r.returncode == 1, r.stderr[-3000:]
     evs = events(log)
     killed = [e for e in named(evs, "worker_killed") if e["file"] == "f000.cha"]
@@ -220,7 +221,7 @@ def test_kill_9_of_the_supervisor_leaves_no_orphans_and_rerun_resumes(tmp_path):
     assert len(redone | skipped) == 8
 
 
-def test_sigterm_drains_running_files_and_exits_0(tmp_path):
+def test_sigterm_drains_running_files_and_exits_4_with_files_left(tmp_path):
     corpus_dir = tmp_path / "corpus"
     make_corpus(corpus_dir, [20, 20, 5, 5, 5, 5, 5, 5])
     out = tmp_path / "out"
@@ -230,7 +231,8 @@ def test_sigterm_drains_running_files_and_exits_0(tmp_path):
     try:
         started = wait_for_event(log, "file_started", timeout=60)
         p.send_signal(signal.SIGTERM)
-        assert p.wait(timeout=90) == 0, p.stderr.read()[-3000:]
+        assert p.wait(timeout=90) == 4, p.stderr.read()[-3000:]
+        assert "re-run the same command to finish" in p.stderr.read()
     finally:
         if p.poll() is None:
             p.kill()
@@ -241,7 +243,7 @@ def test_sigterm_drains_running_files_and_exits_0(tmp_path):
     assert len(done) < 8  # and nothing new was started after the drain
     assert not named(evs, "worker_killed")
     fin = named(evs, "run_finished")[0]
-    assert fin["drained"] is True and fin["exit_code"] == 0
+    assert fin["drained"] is True and fin["exit_code"] == 4
     # A re-run finishes the rest.
     assert run_cli(args, tmp_path).returncode == 0
     assert len({e["file"] for e in named(events(log), "file_done")}) == 8
@@ -259,7 +261,7 @@ def test_learned_model_predicts_the_synthetic_profile_within_20_percent(tmp_path
     assert r.returncode == 0, r.stderr
     rows = [row for row in json.loads(r.stdout) if row["engine"] == "synthetic"]
     assert rows and rows[0]["samples"] == 8
-    from telemetry.model import Defaults, MemoryModel
+    from telemetry.model import Defaults, FileFeatures, MemoryModel
     from telemetry.store import TelemetryStore
 
     with TelemetryStore(telemetry) as store:
@@ -268,10 +270,11 @@ def test_learned_model_predicts_the_synthetic_profile_within_20_percent(tmp_path
     # The profile is 4 MiB per audio second on top of a fixed per-file cost (reading and writing the
     # transcript); take that cost from the measurements, then judge the model against the profile.
     overhead = sorted(smp.growth_mb - 4.0 * smp.audio_seconds for smp in samples)[len(samples) // 2]
-    assert 0 <= overhead < 40
-    model = MemoryModel.from_params(params, Defaults(60, 16, 2.0, 60))
+    assert -10 < overhead < 40  # probes at READY already paid for imports and warm buffers
+    model = MemoryModel.from_params(params, Defaults(60, 16, 2.0))
     for seconds in (15, 35, 90, 200):
-        upper, _central = model.predict_growth(seconds, None)
+        # The "total" profile holds the whole file: one span as long as the recording.
+        upper, _central = model.predict_growth(FileFeatures(audio_s=seconds, longest_span_s=seconds, n_spans=1))
         truth = 4.0 * seconds + overhead
         assert upper >= truth * 0.95 and abs(upper - truth) / truth < 0.2, (seconds, upper, truth)
     # The next run starts warm: its first admissions use the learned estimate.
@@ -327,8 +330,10 @@ def test_unloadable_model_halts_with_exit_3(tmp_path):
                          engine="wav2vec"), tmp_path, timeout=150)
     assert r.returncode == 3, r.stderr[-3000:]
     assert "no-such-model" in r.stderr
-    evs = events(out / "batchalign-supervise.log.jsonl")
-    assert len(named(evs, "worker_spawned")) == 1  # not respawned forever
+    log = out / "batchalign-supervise.log.jsonl"
+    # A missing folder is refused before any worker starts; a model that fails to load halts after one.
+    evs = events(log) if log.exists() else []
+    assert len(named(evs, "worker_spawned")) <= 1  # not respawned forever
 
 
 def test_usage_errors_exit_2(tmp_path):
@@ -448,7 +453,7 @@ def test_sigterm_while_workers_are_still_starting_exits_at_once(tmp_path):
         spawned = wait_for_event(log, "worker_spawned", timeout=30)
         t0 = time.monotonic()
         p.send_signal(signal.SIGTERM)
-        assert p.wait(timeout=20) == 0, p.stderr.read()[-3000:]
+        assert p.wait(timeout=20) == 4, p.stderr.read()[-3000:]  # interrupted with files left
         assert time.monotonic() - t0 < 5
     finally:
         if p.poll() is None:

@@ -10,6 +10,14 @@ from typing import Any, Callable
 Progress = Callable[[float], None]
 
 
+def report_spans(progress: Progress, done: int, total: int) -> None:
+    """Tell the worker loop how many of a file's spans are done, if it listens (it then sends a
+    ``progress`` message with the growth so far: the supervisor corrects a hot file from it)."""
+    spans = getattr(progress, "spans", None)
+    if spans is not None:
+        spans(done, total)
+
+
 @dataclass(frozen=True)
 class Job:
     """One file to align, as the supervisor sent it (see ``worker.protocol.JOB``)."""
@@ -35,10 +43,14 @@ class Job:
 
 @dataclass
 class JobResult:
+    """``features_run``: the ``FileFeatures`` dict of the work the model really did, or None when
+    nothing ran through it (every span answered by the result cache): only real work teaches."""
+
     output: Path
     audio_seconds: float | None
     stats: dict[str, Any] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
+    features_run: dict[str, Any] | None = None
 
 
 class JobError(Exception):
@@ -70,3 +82,26 @@ class Engine(abc.ABC):
 
     def release(self) -> None:
         """Give memory back between files (drop caches, collect, trim the heap)."""
+
+    def probe(self, lengths: list[float]) -> list[dict[str, Any]]:
+        """Growth measured on probe spans of these lengths at load (the READY ``calibration``).
+        Engines built on a ``SpanAligner`` get this from the worker loop; others may override."""
+        return []
+
+
+class AlignerEngine(Engine):
+    """An engine that hands each file to the shared driver (``worker.align.align_file``) with its
+    one :class:`~worker.align.SpanAligner`; the real engines differ only in how they load it."""
+
+    aligner: Any = None
+    cache_dir: str | None = None
+
+    def run(self, job: Job, progress: Progress) -> JobResult:
+        from worker.align import align_file  # noqa: PLC0415 - worker.align imports this module
+
+        return align_file(job, self.aligner, progress, cache=self.cache_dir)
+
+    def release(self) -> None:
+        from worker.engines.loading import release_memory  # noqa: PLC0415 - keeps torch out of base
+
+        release_memory(self.device)

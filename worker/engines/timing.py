@@ -21,6 +21,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from worker.chat import spoken_text
+from worker.engines.dtw import DIAGONAL, fill_row, traceback
 
 log = logging.getLogger(__name__)
 
@@ -102,11 +103,13 @@ def transcribe_piece(aligner: Any, audio: np.ndarray, offset_s: float, rate: int
     Whisper can skip most of a window that holds sparse speech between long pauses (it then
     returns a handful of words for twenty seconds of talk). Fewer than ``MIN_WORDS_PER_SPEECH_S``
     words per second of sound triggers a retry on the two halves (cut at the quietest moment of
-    the middle third), kept when they hear more words.
+    the middle third), kept when they hear more words. An aligner whose ``steps.retry_sparse`` is
+    false is not retried.
     """
     words = list(aligner.transcribe_words(audio, offset_s))
     length = len(audio) / rate
-    if depth >= MAX_SPLITS or length < MIN_SPLIT_S:
+    retry = getattr(getattr(aligner, "steps", None), "retry_sparse", True)
+    if not retry or depth >= MAX_SPLITS or length < MIN_SPLIT_S:
         return words
     speech = speech_seconds(audio, rate)
     if speech < 2.0 or len(words) >= MIN_WORDS_PER_SPEECH_S * speech:
@@ -190,30 +193,10 @@ def align_sequences(ref: Sequence[str], hyp: Sequence[str]) -> list[tuple[int, i
         ok1 = (k1 >= 0) & (k1 < len(prev)) & (js >= 1)
         sub = (h[np.clip(js - 1, 0, m - 1)] != r[i - 1]).astype(np.int64)
         diag = np.where(ok1, prev[np.clip(k1, 0, len(prev) - 1)], inf) + sub
-        above = np.minimum(diag, up)
-        choice = np.where(diag <= up, 0, 1).astype(np.int8)
-        g = above - js
-        best = np.minimum.accumulate(g)
-        row = js + best
-        left = np.zeros(len(js), dtype=bool)
-        left[1:] = best[:-1] < g[1:]
-        choice[left] = 2
+        row, choice = fill_row(diag, up, np.ones(len(js)))
         traces.append((lo, choice))
-        prev, prev_lo = row, lo
-    pairs: list[tuple[int, int]] = []
-    i, j = n, m
-    while i > 0 and j > 0:
-        lo, choice = traces[i - 1]
-        step = choice[j - lo] if 0 <= j - lo < len(choice) else 1
-        if step == 0:
-            pairs.append((i - 1, j - 1))
-            i, j = i - 1, j - 1
-        elif step == 1:
-            i -= 1
-        else:
-            j -= 1
-    pairs.reverse()
-    return pairs
+        prev, prev_lo = row.astype(np.int64), lo
+    return [(i - 1, j - 1) for i, j, step in traceback(traces, n, m) if step == DIAGONAL]
 
 
 def match_words(ref: Sequence[str], hyp: Sequence[str]) -> list[tuple[int, int]]:

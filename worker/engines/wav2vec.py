@@ -16,10 +16,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from worker.align import SpanAligner, UttRequest, UttResult, align_file
-from worker.engines.base import BootError, Engine, Job, JobResult, Progress
+from worker.align import SpanAligner, UttRequest, UttResult
+from worker.engines.base import AlignerEngine, BootError
 from worker.engines.ctc import AlignmentError, forced_align_best, greedy_decode, merge_tokens, min_frames, word_frames
-from worker.engines.loading import configure_threads, load_pretrained, load_processor, release_memory, trim_heap
+from worker.engines.loading import configure_threads, load_pretrained, load_processor, trim_heap
 
 log = logging.getLogger(__name__)
 
@@ -291,7 +291,7 @@ class Wav2VecAligner(SpanAligner):
         return [(w, round(s, 4), round(e, 4)) for w, s, e in words]
 
 
-class Wav2VecEngine(Engine):
+class Wav2VecEngine(AlignerEngine):
     """A worker's wav2vec2 CTC aligner and the file-level driver around it."""
 
     name = "wav2vec"
@@ -319,10 +319,4 @@ class Wav2VecEngine(Engine):
             max_span_s=span,
         )
         self.aligner.warm_up()
-        release_memory(self.device)
-
-    def run(self, job: Job, progress: Progress) -> JobResult:
-        return align_file(job, self.aligner, progress, cache=self.cache_dir)
-
-    def release(self) -> None:
-        release_memory(self.device)
+        self.release()

@@ -15,14 +15,17 @@ from __future__ import annotations
 
 import contextlib
 import copy
+from dataclasses import dataclass, fields, replace
 from typing import Any
 
 import numpy as np
 import torch
 
-from worker.align import SpanAligner, UttRequest, UttResult, align_file
-from worker.engines.base import BootError, Engine, Job, JobResult, Progress
-from worker.engines.loading import DTYPES, configure_threads, load_pretrained, load_processor, release_memory
+from worker.align import SpanAligner, UttRequest, UttResult
+from worker.engines.base import AlignerEngine, BootError
+from worker.engines.dtw import dtw_path
+from worker.engines.loading import DTYPES, configure_threads, load_pretrained, load_processor
+from worker.engines.plausibility import squeezed_run, weight, written_without_spaces
 
 SAMPLE_RATE = 16000
 WINDOW_S = 30.0  # Whisper's fixed input window
@@ -36,6 +39,42 @@ MIN_PAUSE_S = 0.1  # a quiet run this long between words is a pause a boundary m
 SNAP_S = 0.2  # how far a DTW word boundary may move onto a pause
 MAX_NEW_TOKENS = 224  # a 30 s window holds far fewer words; stops runaway repetition early
 DEFAULT_MODEL = "openai/whisper-base"
+PRIOR_WEIGHT = 1.0  # squeeze repair: how hard the re-run path is pulled towards even speech
+PRIOR_WIDTH = 0.25  # ... and how far from it (a share of the utterance) it may stray for free-ish
+
+
+@dataclass(frozen=True)
+class Steps:
+    """What runs around plain per-utterance cross-attention + DTW. Each step is measured on and off
+    on real and synthetic speech (``bench/alignment_accuracy.py --ablation``); one is on by default
+    only where it does not cost accuracy on real speech."""
+
+    joint: bool = False  # force a span's utterances together from its window start, not each alone
+    snap_pauses: bool = False  # a word boundary near a pause moves onto the pause
+    trim_quiet: bool = False  # quiet frames at a word's edges are cut off it
+    repair_squeezed: bool = True  # a path that piles words into a sliver is re-run with a prior
+    retry_sparse: bool = True  # timing recovery retries halves of a window that heard too few words
+    median_width: int = MEDIAN_WIDTH  # median filter over time on the attention (1: none)
+
+    @classmethod
+    def from_options(cls, options: dict[str, Any]) -> "Steps":
+        """The engine options that name a step (``joint``, ``snap_pauses``, ...) override its default."""
+        given = {f.name: options[f.name] for f in fields(cls) if options.get(f.name) is not None}
+        try:
+            return replace(cls(), **{k: (int(v) if k == "median_width" else _flag(v)) for k, v in given.items()})
+        except ValueError as exc:
+            raise BootError(f"whisper option: {exc}") from None
+
+
+def _flag(value: Any) -> bool:
+    if isinstance(value, str):
+        low = value.strip().lower()
+        if low in ("1", "true", "yes", "on"):
+            return True
+        if low in ("0", "false", "no", "off"):
+            return False
+        raise ValueError(f"expected true or false, got {value!r}")
+    return bool(value)
 
 # ISO 639-3 codes used in CHAT headers -> Whisper language codes.
 _ISO3 = {
@@ -43,6 +82,12 @@ _ISO3 = {
     "jpn": "ja", "zho": "zh", "cmn": "zh", "yue": "zh", "kor": "ko", "rus": "ru", "pol": "pl",
     "tur": "tr", "ara": "ar", "heb": "he", "hun": "hu", "fin": "fi", "swe": "sv", "dan": "da",
     "nor": "no", "ell": "el", "cat": "ca", "ces": "cs", "ron": "ro", "ind": "id", "tha": "th",
+    "hrv": "hr", "srp": "sr", "bos": "bs", "slv": "sl", "slk": "sk", "ukr": "uk", "bul": "bg",
+    "eus": "eu", "glg": "gl", "cym": "cy", "isl": "is", "lit": "lt", "lav": "lv", "est": "et",
+    "vie": "vi", "msa": "ms", "hin": "hi", "fas": "fa", "afr": "af", "swa": "sw", "tgl": "tl",
+    # languages Whisper has no token for: the closest one it knows (Venetian and Friulian are
+    # written and sound much like Italian)
+    "vec": "it", "fur": "it", "nan": "zh", "hak": "zh", "wuu": "zh",
 }
 
 
@@ -57,48 +102,6 @@ def median_filter(x: torch.Tensor, width: int = MEDIAN_WIDTH) -> torch.Tensor:
     return flat.unfold(-1, width, 1).median(dim=-1).values.reshape(shape)
 
 
-def dtw_path(cost: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Monotonic least-cost path from cell (0, 0) to (N-1, M-1) of an N x M cost matrix.
-
-    Moves are diagonal, down (next row, same column) and right (same row, next column), as in
-    Whisper's word timing. Each row is filled with one cumulative-min scan instead of a Python loop
-    over its cells: cost[i, j] = S[j] + min_{k<=j}(a[k] - S[k-1]), where S is the row's prefix sum
-    and a[k] the best cell reachable from the row above.
-    """
-    n, m = cost.shape
-    acc = np.full((n + 1, m + 1), np.inf)
-    acc[0, 0] = 0.0
-    # 0: diagonal, 1: from above, 2: from the left
-    trace = np.zeros((n + 1, m + 1), dtype=np.int8)
-    for i in range(1, n + 1):
-        diag = acc[i - 1, :-1]
-        up = acc[i - 1, 1:]
-        above = np.minimum(diag, up)
-        csum = np.cumsum(cost[i - 1].astype(np.float64))
-        prev_sum = np.concatenate(([0.0], csum[:-1]))
-        g = above - prev_sum
-        best = np.minimum.accumulate(g)
-        acc[i, 1:] = csum + best
-        left = np.zeros(m, dtype=bool)
-        left[1:] = best[:-1] < g[1:]
-        row = np.where(diag <= up, 0, 1).astype(np.int8)
-        row[left] = 2
-        trace[i, 1:] = row
-    i, j = n, m
-    rows, cols = [], []
-    while i > 0 and j > 0:
-        rows.append(i - 1)
-        cols.append(j - 1)
-        t = trace[i, j]
-        if t == 0:
-            i, j = i - 1, j - 1
-        elif t == 1:
-            i -= 1
-        else:
-            j -= 1
-    return np.array(rows[::-1]), np.array(cols[::-1])
-
-
 def first_frames(matrix: np.ndarray) -> np.ndarray:
     """For each row of a token x frame score matrix, the frame where the DTW path enters it."""
     rows, cols = dtw_path(-matrix)
@@ -111,7 +114,7 @@ def first_frames(matrix: np.ndarray) -> np.ndarray:
     return starts
 
 
-def attention_matrix(weights: torch.Tensor) -> np.ndarray:
+def attention_matrix(weights: torch.Tensor, width: int = MEDIAN_WIDTH) -> np.ndarray:
     """heads x tokens x frames cross-attention -> tokens x frames score.
 
     Each head is standardised over the tokens at every frame (so a frame that every token attends
@@ -120,8 +123,25 @@ def attention_matrix(weights: torch.Tensor) -> np.ndarray:
     w = weights.float()
     std, mean = torch.std_mean(w, dim=-2, keepdim=True, unbiased=False)
     w = (w - mean) / (std + 1e-8)
-    w = median_filter(w, MEDIAN_WIDTH)
+    w = median_filter(w, width)
     return w.mean(dim=0).cpu().numpy()
+
+
+def first_frames_prior(matrix: np.ndarray, weights: list[int], strength: float = PRIOR_WEIGHT,
+                       width: float = PRIOR_WIDTH) -> np.ndarray:
+    """:func:`first_frames` on a better-conditioned matrix: each row is pulled towards where even
+    speech would put it (rows spread over the frames in proportion to ``weights``, one per row).
+
+    A DTW path through weak or diffuse attention can stay on one row for most of the frames and
+    then pile the remaining rows into the last few; the prior makes that path cost what it should
+    (a quadratic penalty on the distance from the even position, in shares of the utterance) while
+    clear attention still wins over it."""
+    n, m = matrix.shape
+    w = np.asarray(weights, dtype=np.float64)
+    centre = (np.cumsum(w) - w / 2) / max(w.sum(), 1e-9)  # expected middle of each row, 0..1
+    cols = (np.arange(m) + 0.5) / m
+    penalty = strength * ((cols[None, :] - centre[:, None]) / width) ** 2
+    return first_frames(matrix - penalty)
 
 
 def frame_levels(audio: np.ndarray) -> np.ndarray:
@@ -162,8 +182,8 @@ def quiet_runs(quiet: np.ndarray, min_frames: int) -> list[tuple[int, int]]:
     return runs
 
 
-def word_frames(bounds: list[int], quiet: np.ndarray, lo: int = 0,
-                hi: int | None = None) -> list[tuple[int, int]]:
+def word_frames(bounds: list[int], quiet: np.ndarray, lo: int = 0, hi: int | None = None, *,
+                snap: bool = True, trim: bool = True) -> list[tuple[int, int]]:
     """Frame ranges of consecutive words from DTW word starts (``bounds[-1]`` ends the last word).
 
     DTW makes words contiguous, so a pause goes to one of the words around it and the boundary
@@ -171,11 +191,12 @@ def word_frames(bounds: list[int], quiet: np.ndarray, lo: int = 0,
     ``SNAP_S`` of it moves onto that pause: the earlier word ends where the pause starts and the
     later one starts where it ends. Quiet frames left at either edge of a word are trimmed. The
     result is ordered and disjoint inside [lo, hi), each word one frame or more where there is room.
+    ``snap`` and ``trim`` turn the pause snapping and the edge trimming off (see :class:`Steps`).
     """
     n = len(bounds) - 1
     starts = [int(b) for b in bounds[:-1]]
     ends = [max(int(b), starts[i] + 1) for i, b in enumerate(bounds[1:])]
-    runs = quiet_runs(quiet, max(1, round(MIN_PAUSE_S / FRAME_S)))
+    runs = quiet_runs(quiet, max(1, round(MIN_PAUSE_S / FRAME_S))) if snap else []
     snap = round(SNAP_S / FRAME_S)
     for k in range(1, n):
         b = bounds[k]
@@ -191,9 +212,9 @@ def word_frames(bounds: list[int], quiet: np.ndarray, lo: int = 0,
     trimmed = []
     for a, b in zip(starts, ends):
         b = max(b, a + 1)
-        while a < b - 1 and a < len(quiet) and quiet[a]:
+        while trim and a < b - 1 and a < len(quiet) and quiet[a]:
             a += 1
-        while b - 1 > a and b - 1 < len(quiet) and quiet[b - 1]:
+        while trim and b - 1 > a and b - 1 < len(quiet) and quiet[b - 1]:
             b -= 1
         trimmed.append([a, b])
     # DTW may give several tokens one frame: push words apart forwards, then pull back from hi.
@@ -225,8 +246,10 @@ class WhisperAligner(SpanAligner):
     name = "whisper"
 
     def __init__(self, model, processor, *, model_name: str, dtype: str = "fp32",
-                 language: str | None = None, max_span_s: float = WINDOW_S) -> None:
+                 language: str | None = None, max_span_s: float = WINDOW_S,
+                 steps: Steps | None = None) -> None:
         self.hf = model.eval()
+        self.steps = steps or Steps()
         self.processor = processor
         self.tokenizer = processor.tokenizer
         self.model = model_name
@@ -249,7 +272,8 @@ class WhisperAligner(SpanAligner):
     @classmethod
     def load(cls, model_id: str = DEFAULT_MODEL, *, device: str = "cpu", dtype: str = "fp32",
              int8: bool = False, share_weights: bool = True, threads: int | None = None,
-             language: str | None = None, max_span_s: float = WINDOW_S) -> "WhisperAligner":
+             language: str | None = None, max_span_s: float = WINDOW_S,
+             steps: Steps | None = None) -> "WhisperAligner":
         """Load model and processor; anything that stops them loading is a BootError."""
         from transformers import WhisperForConditionalGeneration, WhisperProcessor  # noqa: PLC0415
 
@@ -263,7 +287,7 @@ class WhisperAligner(SpanAligner):
         processor = load_processor(WhisperProcessor, model_id)
         try:
             return cls(model, processor, model_name=model_id, dtype=dtype, language=language,
-                       max_span_s=max_span_s)
+                       max_span_s=max_span_s, steps=steps)
         except (KeyError, ValueError, AttributeError, TypeError) as exc:
             raise BootError(f"cannot load model {model_id!r}: not a usable Whisper model ({exc})") from None
 
@@ -398,7 +422,18 @@ class WhisperAligner(SpanAligner):
         return gen
 
     def _word_tokens(self, words: list[str]) -> list[list[int]]:
-        return [self.tokenizer.encode(" " + w.strip(), add_special_tokens=False) for w in words]
+        """Token ids per word, each word encoded on its own so word boundaries fall on token
+        boundaries. Words are space-separated as Whisper writes them, except words of scripts
+        written without spaces (Chinese, Cantonese, Japanese): those follow the previous word
+        directly, as in Whisper's own transcripts of such speech, and each transcript word is
+        timed as the transcript splits it."""
+        out = []
+        for k, w in enumerate(words):
+            w = w.strip()
+            glued = k > 0 and written_without_spaces(w[:1]) and written_without_spaces(words[k - 1].strip()[-1:])
+            first = k == 0 and written_without_spaces(w[:1])
+            out.append(self.tokenizer.encode(w if glued or first else " " + w, add_special_tokens=False))
+        return out
 
     # -- SpanAligner -------------------------------------------------------------------------
 
@@ -406,17 +441,17 @@ class WhisperAligner(SpanAligner):
                    utts: list[UttRequest]) -> list[UttResult]:
         """Word times (absolute seconds) for each utterance, each kept inside its own bullet.
 
-        A span that fits Whisper's window is encoded once and its utterances' words are
-        teacher-forced together, in time order, from the window's start: Whisper's decoder expects
-        the text of everything it hears from the start of its window, and an utterance forced alone
-        in the middle of a window draws its first words' attention towards the window's start.
-        Utterances past the decoder's token budget start a new window of their own. A longer span
-        (an utterance longer than the window arrives alone) is aligned piece by piece.
+        By default each utterance is aligned alone: its bullet's audio is encoded as a window of its
+        own and its words teacher-forced from that window's start, the plain cross-attention + DTW
+        that measured best on real speech. With ``Steps.joint`` a span that fits Whisper's window is
+        encoded once and its utterances forced together in time order from the window's start
+        (utterances past the decoder's token budget start a new window). An utterance longer than
+        the window is aligned piece by piece either way.
         """
         audio = np.asarray(audio, dtype=np.float32).reshape(-1)
         done: dict[int, UttResult] = {}
         with torch.inference_mode():
-            if len(audio) <= WINDOW_S * SAMPLE_RATE:
+            if self.steps.joint and len(audio) <= WINDOW_S * SAMPLE_RATE:
                 todo = list(utts)
                 start = span_start_s
                 while todo:
@@ -429,8 +464,22 @@ class WhisperAligner(SpanAligner):
                         start = min(u.start_s for u in todo)
             else:
                 for utt in utts:
-                    done[utt.index] = self._guarded(lambda u: self._align_long(audio, span_start_s, u), utt)
+                    done[utt.index] = self._guarded(lambda u: self._align_alone(audio, span_start_s, u), utt)
         return [done[u.index] for u in utts]
+
+    def _align_alone(self, audio: np.ndarray, span_start_s: float, utt: UttRequest) -> UttResult:
+        """One utterance in a window that starts at its bullet and holds only its audio."""
+        if utt.end_s - utt.start_s > WINDOW_S:
+            return self._align_long(audio, span_start_s, utt)
+        a = max(0, int(round((utt.start_s - span_start_s) * SAMPLE_RATE)))
+        b = min(len(audio), int(round((utt.end_s - span_start_s) * SAMPLE_RATE)))
+        if b - a < SAMPLES_PER_FRAME:
+            return UttResult(utt.index, None, error=f"utterance {utt.index} has no audio inside the span")
+        window = self._window(audio[a:b], span_start_s + a / SAMPLE_RATE)
+        results, rest = window.align_many([utt])
+        if rest:  # cannot happen for one utterance under the budget; kept for safety
+            return UttResult(utt.index, None, error="no decoder pass could hold the utterance")
+        return results[0]
 
     @staticmethod
     def _guarded(fn, utt: UttRequest) -> UttResult:
@@ -448,16 +497,19 @@ class WhisperAligner(SpanAligner):
 
         Each window gets the words that should fit in it by character count, keeps the first two
         thirds of them (the last ones may really lie beyond the window) and the next window starts
-        where the last kept word ends.
+        where the last kept word ends. A piece that cannot be aligned leaves its words untimed (the
+        driver warns about the utterance) and the next piece starts after it.
         """
         words = list(utt.words)
         times: list[tuple[float, float] | None] = []
+        errors: list[str] = []
         t = max(utt.start_s, span_start_s)
         end = min(utt.end_s, span_start_s + len(audio) / SAMPLE_RATE)
         i = 0
         while i < len(words):
             if end - t < FRAME_S:
                 times += [None] * (len(words) - i)
+                errors.append(f"no audio left for the last {len(words) - i} words")
                 break
             win_end = min(end, t + WINDOW_S)
             rest = words[i:]
@@ -470,16 +522,25 @@ class WhisperAligner(SpanAligner):
                 keep = max(1, (2 * take) // 3)
             a = int(round((t - span_start_s) * SAMPLE_RATE))
             b = int(round((win_end - span_start_s) * SAMPLE_RATE))
-            window = self._window(audio[a:b], t)
-            (res,), _ = window.align_many([UttRequest(utt.index, t, win_end, rest[:take])])
-            del window
+            try:
+                window = self._window(audio[a:b], t)
+                (res,), _ = window.align_many([UttRequest(utt.index, t, win_end, rest[:take])])
+                del window
+            except Exception as exc:  # noqa: BLE001 - this piece only
+                res = UttResult(utt.index, None, error=_one_line(exc))
             if res.words is None:
-                raise ValueError(res.error or "no alignment")
+                errors.append(f"{t:.2f}-{win_end:.2f} s: {res.error or 'no alignment'}")
+                times += [None] * (take if win_end >= end else keep)
+                i += take if win_end >= end else keep
+                t = win_end if win_end >= end else t + (win_end - t) * keep / take
+                continue
             got = res.words
             times += got[:keep]
             i += keep
             t = max(t + FRAME_S, got[keep - 1][1])
-        return UttResult(utt.index, times)
+        if all(x is None for x in times):
+            return UttResult(utt.index, None, error="no piece could be aligned (" + "; ".join(errors) + ")")
+        return UttResult(utt.index, times, error="; ".join(errors) or None)
 
     def transcribe_words(self, audio: np.ndarray, offset_s: float) -> list[tuple[str, float, float]]:
         """Recognise the words of ``audio`` (30 s windows) with their times, absolute seconds."""
@@ -515,9 +576,11 @@ class WhisperAligner(SpanAligner):
             else:
                 groups[-1].append(t)
         weights = self._cross_attention(window.enc, tokens)[:, :, : window.n_frames]
-        starts = first_frames(attention_matrix(weights))
+        steps = self.steps
+        starts = first_frames(attention_matrix(weights, steps.median_width))
         bounds = np.cumsum([0] + [len(g) for g in groups])
-        frames = word_frames([int(starts[i]) for i in bounds], window.quiet, 0, window.n_frames)
+        frames = word_frames([int(starts[i]) for i in bounds], window.quiet, 0, window.n_frames,
+                             snap=steps.snap_pauses, trim=steps.trim_quiet)
         out = []
         for g, (a, b) in zip(groups, frames):
             text = self.tokenizer.decode(g).strip()
@@ -608,20 +671,35 @@ class _Window:
 
     def _times(self, utt: UttRequest, word_toks: list[list[int]], f0: int, f1: int,
                weights: torch.Tensor) -> UttResult:
-        starts = first_frames(attention_matrix(weights))
+        """Word times from the DTW path; a path that squeezes words into a sliver of the bullet is
+        re-run once on a better-conditioned matrix (:func:`first_frames_prior`). If the words are
+        still squeezed, the result goes back as it is: the driver's plausibility check reports the
+        utterance and keeps its bullet."""
+        steps = self.aligner.steps
+        matrix = attention_matrix(weights, steps.median_width)
+        times = self._word_times(utt, word_toks, f0, f1, first_frames(matrix))
+        if steps.repair_squeezed and squeezed_run(times, utt.words) is not None:
+            rows = [weight(w) / len(t) for w, t in zip(utt.words, word_toks) for _ in t] + [0.5]
+            times = self._word_times(utt, word_toks, f0, f1, first_frames_prior(matrix, rows))
+        return UttResult(utt.index, times)
+
+    def _word_times(self, utt: UttRequest, word_toks: list[list[int]], f0: int, f1: int,
+                    starts: np.ndarray) -> list[tuple[float, float]]:
+        steps = self.aligner.steps
         bounds = np.cumsum([0] + [len(t) for t in word_toks])
         lo = max(utt.start_s, self.start_s)
         hi = min(utt.end_s, self.start_s + f1 * FRAME_S)
-        frames = word_frames([f0 + int(starts[i]) for i in bounds], self.quiet, f0, f1)
+        frames = word_frames([f0 + int(starts[i]) for i in bounds], self.quiet, f0, f1,
+                             snap=steps.snap_pauses, trim=steps.trim_quiet)
         times = []
         for a, b in frames:
             s = min(max(round(self.start_s + a * FRAME_S, 3), lo), hi)
             e = min(max(round(self.start_s + b * FRAME_S, 3), s), hi)
             times.append((s, e))
-        return UttResult(utt.index, times)
+        return times
 
 
-class WhisperEngine(Engine):
+class WhisperEngine(AlignerEngine):
     """A worker's Whisper aligner and the file-level driver around it."""
 
     name = "whisper"
@@ -640,15 +718,10 @@ class WhisperEngine(Engine):
             self.model, device=self.device, dtype=str(opts.get("dtype") or "fp32"),
             int8=bool(opts.get("int8", False)), share_weights=bool(opts.get("share_weights", True)),
             threads=threads, language=opts.get("language"), max_span_s=span,
+            steps=Steps.from_options(opts),
         )
         self.aligner.warm_up()
-        release_memory(self.device)
-
-    def run(self, job: Job, progress: Progress) -> JobResult:
-        return align_file(job, self.aligner, progress, cache=self.cache_dir)
-
-    def release(self) -> None:
-        release_memory(self.device)
+        self.release()
 
 
 @contextlib.contextmanager
