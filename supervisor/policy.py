@@ -30,6 +30,8 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
+from supervisor.units import gib
+
 
 class Act(enum.Enum):
     SPAWN = "spawn"
@@ -109,11 +111,6 @@ class Bands:
 LIVE = ("starting", "ready", "busy", "paused")
 UNCERTAIN_LARGE = 0.25  # of capacity: an uncertain file this large runs alone among uncertain ones
 RUNNING = ("busy", "paused")
-
-
-def gib(mb: float) -> str:
-    """GiB with enough digits that 'needs ~X, budget is Y' never reads as X == Y."""
-    return f"{mb / 1024:.1f}" if mb >= 10 * 1024 else f"{mb / 1024:.2f}"
 
 
 def remaining_growth(w: WorkerView) -> float:

@@ -357,25 +357,24 @@ class Supervisor:
         return w
 
     def _on_result(self, ev: FileResult) -> None:
-        self._capacity_changed = True
-        w = self._holder(ev.worker_id, ev.job_id, "result")
-        if w is not None:
-            outcome = self.outcomes.from_result(w, w.job, ev)
-            self.workers.release(w)
-            self.outcomes.apply(outcome)
-            if self.draining:
-                self.workers.stop(w, "draining")
+        self._file_over(ev, "result", self.outcomes.from_result)
 
     def _on_error(self, ev: FileError) -> None:
+        self._file_over(ev, "error", self.outcomes.from_error)
+
+    def _file_over(self, ev: FileResult | FileError, what: str, outcome_of: Callable[..., Any]) -> None:
+        """A worker's file ended (result or error): release the worker, then apply the outcome."""
         self._capacity_changed = True
-        w = self._holder(ev.worker_id, ev.job_id, "error")
-        if w is not None:
-            outcome = self.outcomes.from_error(w, w.job, ev)
-            self.workers.release(w)
-            self.outcomes.apply(outcome)
-            if self.draining or ev.kind == "memory":
-                # After an out-of-memory error a fresh process is the only clean state.
-                self.workers.stop(w, "draining" if self.draining else "out of memory")
+        w = self._holder(ev.worker_id, ev.job_id, what)
+        if w is None:
+            return
+        outcome = outcome_of(w, w.job, ev)
+        self.workers.release(w)
+        self.outcomes.apply(outcome)
+        out_of_memory = isinstance(ev, FileError) and ev.kind == "memory"
+        if self.draining or out_of_memory:
+            # After an out-of-memory error a fresh process is the only clean state.
+            self.workers.stop(w, "draining" if self.draining else "out of memory")
 
     def _on_exited(self, ev: WorkerExited) -> None:
         self._capacity_changed = True
