@@ -25,7 +25,7 @@ from supervisor.settings import ENGINES, Settings, SettingsError, load_settings
 from supervisor.units import parse_duration, parse_size
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_HALTED, EXIT_INTERRUPTED = 0, 1, 2, 3, 4
-COMMANDS = ("run", "models", "cache", "ratios", "report", "status")
+COMMANDS = ("run", "models", "cache", "ratios", "report", "status", "worker")
 PROG = "batchalign-supervise"
 
 
@@ -83,6 +83,8 @@ def cli_mapping(opts: dict[str, Any]) -> dict[str, Any]:
                      ("control_socket", "control_socket")):
         if opts.get(opt) is not None:
             out.setdefault("service", {})[key] = str(opts[opt]) if isinstance(opts[opt], Path) else opts[opt]
+    if opts.get("cluster") is not None:
+        out.setdefault("cluster", {})["address"] = opts["cluster"]
     return out
 
 
@@ -226,6 +228,8 @@ def resolve_model_for(settings: Settings, check_hub: bool = True) -> None:
 @click.option("--start-method", type=click.Choice(["auto", "spawn", "zygote"]),
               help="Fork workers from a zygote that imported the runtime, or spawn fresh interpreters.")
 @click.option("--json", "as_json", is_flag=True, help="Print the run's summary as JSON on stdout at the end.")
+@click.option("--cluster", help="Run on Dask: tcp://HOST:PORT (a running scheduler), local (a LocalCluster) or "
+                               "slurm (dask-jobqueue, [cluster.slurm] in config.toml).")
 def run_cmd(corpus: tuple[Path, ...], out: Path | None, in_place: bool, config: Path | None, force: bool,
             dry_run: bool, as_json: bool, **opts: Any) -> None:
     """Align every .cha under CORPUS (folders or files)."""
@@ -557,6 +561,19 @@ def status_cmd(target: str | None, socket_path: Path | None, state_dir: Path | N
         click.echo(format_status(statuses[0]), nl=False)
     else:
         click.echo(format_list(statuses), nl=False)
+
+
+@cli.command("worker", context_settings={"ignore_unknown_options": True, "allow_extra_args": True,
+                                         "help_option_names": []})
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+def worker_cmd(args: tuple[str, ...]) -> None:
+    """Dask worker processes for alignment: SCHEDULER [--memory-limit SIZE] [--nworkers N] [--engine E].
+
+    Run `batchalign-supervise worker --help` for every option (needs the 'cluster' extra).
+    """
+    from supervisor.cluster.worker import main as worker_main
+
+    sys.exit(worker_main(list(args)))
 
 
 # -- entry -------------------------------------------------------------------------------------
