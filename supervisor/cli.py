@@ -590,6 +590,9 @@ def main(argv: list[str] | None = None) -> None:
         click.echo(f"{PROG}: interrupted", err=True)
         sys.exit(EXIT_INTERRUPTED)
     except click.ClickException as exc:
+        if type(exc).__name__ == "NoArgsIsHelpError":  # a bare group: its help is the answer
+            click.echo(exc.ctx.get_help() if getattr(exc, "ctx", None) else str(exc))
+            sys.exit(EXIT_USAGE)
         message = " ".join(exc.format_message().split())
         click.echo(f"{PROG}: {message}", err=True)
         sys.exit(exc.exit_code)
