@@ -337,9 +337,9 @@ def models_path(name: str, config: Path | None, model_store: Path | None) -> Non
     except ModelError as exc:
         raise Failure(str(exc)) from None
     if r.kind == "hub":
-        from supervisor.models import _hub_cached
+        from supervisor.models import hub_cached
 
-        cached = _hub_cached(r.location)
+        cached = hub_cached(r.location)
         if cached is None:
             raise Failure(f"{name} is not on this machine; run `{PROG} models pull {name}`")
         click.echo(str(cached))
@@ -590,6 +590,9 @@ def main(argv: list[str] | None = None) -> None:
         click.echo(f"{PROG}: interrupted", err=True)
         sys.exit(EXIT_INTERRUPTED)
     except click.ClickException as exc:
+        if type(exc).__name__ == "NoArgsIsHelpError":  # a bare group: its help is the answer
+            click.echo(exc.ctx.get_help() if getattr(exc, "ctx", None) else str(exc))
+            sys.exit(EXIT_USAGE)
         message = " ".join(exc.format_message().split())
         click.echo(f"{PROG}: {message}", err=True)
         sys.exit(exc.exit_code)

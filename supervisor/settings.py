@@ -112,6 +112,7 @@ class SyntheticSettings(EngineDefaults):
     baseline_mb: float = 40.0  # the profile: memory held after READY ...
     mb_per_audio_second: float = 4.0  # ... grown per audio second of the file (or of the span) ...
     cpu_seconds_per_audio_second: float = 0.02  # ... over this much CPU work per audio second
+    boot_seconds: float = 0.0  # how long its "model load" takes (boot timeout tests)
     profile: str = "total"  # total: holds the whole file; streaming: one span at a time
 
 

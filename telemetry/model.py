@@ -744,17 +744,20 @@ class Predictor:
     BASELINE_QUANTILE = 0.9
     BASELINE_WINDOW = 50
 
-    def __init__(self, model: MemoryModel, baseline_mb: float) -> None:
+    def __init__(self, model: MemoryModel, baseline_mb: float, *, baseline_measured: bool = True) -> None:
         self.model = model
         self._initial_baseline = float(baseline_mb)
+        self._initial_measured = baseline_measured
         self._baselines: deque[float] = deque(maxlen=self.BASELINE_WINDOW - 1)
 
     @property
     def baseline_mb(self) -> float:
-        """A high quantile of recent READY baselines: workers differ, admission must not undercount."""
+        """A high quantile of recent READY baselines: workers differ, admission must not undercount.
+        A configured guess (``baseline_measured=False``) counts only until a worker is measured."""
         if not self._baselines:
             return self._initial_baseline
-        return quantile([self._initial_baseline, *self._baselines], self.BASELINE_QUANTILE)
+        first = [self._initial_baseline] if self._initial_measured else []
+        return quantile([*first, *self._baselines], self.BASELINE_QUANTILE)
 
     def observe_baseline(self, uss_mb: float) -> None:
         v = _finite(uss_mb)

@@ -313,6 +313,11 @@ def test_baseline_quantile_follows_workers() -> None:
         predictor.observe_baseline(uss)
     expected = quantile([800.0, 900.0, 910.0, 905.0, 1200.0, 902.0], 0.9)
     assert predictor.baseline_mb == pytest.approx(expected)
+    # A configured guess counts only until the first worker is measured.
+    guess = Predictor(MemoryModel(DEFAULTS), baseline_mb=1100.0, baseline_measured=False)
+    assert guess.baseline_mb == 1100.0
+    guess.observe_baseline(176.0)
+    assert guess.baseline_mb == 176.0
     predictor.observe_growth(whole(10.0).to_dict(), 415.0)
     predictor.observe_growth(None, 415.0)  # nothing ran through the model: not a sample
     assert predictor.model.n_samples == 1

@@ -93,6 +93,13 @@ def load_engine(name: str, options: dict[str, Any]):
     raise BootError(f"unknown engine {name!r} (known: wav2vec, whisper, synthetic)")
 
 
+def _follow_threads(threads: Any) -> None:
+    """Run this file on the threads the supervisor gives it now (cores / running workers)."""
+    torch = sys.modules.get("torch")
+    if threads and torch is not None and int(threads) != torch.get_num_threads():
+        torch.set_num_threads(int(threads))
+
+
 class _Progress:
     """The progress callback an engine gets: a fraction for the heartbeat, and spans done, which
     go out at once (throttled) as ``progress`` messages with the growth so far above READY."""
@@ -120,11 +127,11 @@ def calibrate(engine, options: dict[str, Any], log) -> list[dict[str, Any]]:
     if not options.get("calibrate", True):
         return []
     try:
-        from worker.align import SpanAligner, measure_probes, probe_lengths, span_cap
+        from worker.align import SpanAligner, measure_probes, probe_lengths, probe_plans, span_cap
 
         aligner = getattr(engine, "aligner", None)
         if isinstance(aligner, SpanAligner):
-            return measure_probes(aligner, probe_lengths(aligner.max_span_s), engine.release)
+            return measure_probes(aligner, probe_plans(aligner.max_span_s), engine.release)
         return engine.probe(probe_lengths(span_cap(getattr(engine, "name", ""), options)))
     except Exception:  # noqa: BLE001 - a failed probe leaves the defaults in charge, never the worker down
         log.warning("calibration_failed", traceback=traceback.format_exc())
@@ -144,6 +151,7 @@ def serve(engine, channel: Channel, stdin: BinaryIO, heartbeat: Heartbeat, log, 
             log.error("protocol_error", error=f"unexpected message {msg['type']!r}")
             return protocol.EXIT_PROTOCOL_ERROR
         job = Job.from_message(msg)
+        _follow_threads(job.options.get("threads"))
         heartbeat.job, heartbeat.progress = job.job, 0.0
         _clear_hwm()
         t0, c0 = time.monotonic(), time.process_time()
@@ -156,7 +164,7 @@ def serve(engine, channel: Channel, stdin: BinaryIO, heartbeat: Heartbeat, log, 
         except JobError as exc:
             channel.send({"type": protocol.ERROR, "job": job.job, "error": str(exc), "kind": exc.kind})
         except MemoryError:
-            channel.send({"type": protocol.ERROR, "job": job.job, "kind": "engine",
+            channel.send({"type": protocol.ERROR, "job": job.job, "kind": "memory",
                           "error": f"{job.input}: out of memory inside the worker"})
             return protocol.EXIT_OK  # a fresh process is the only clean state after MemoryError
         except Exception as exc:  # an engine bug must fail the file, not the run

@@ -369,47 +369,81 @@ def plan_features(cha_path: Path | str, media_path: Path | str | None, engine: s
                         sample_rate=rate, channels=channels)
 
 
-def measure_probes(aligner: "SpanAligner", lengths: Sequence[float], release: Any = None) -> list[dict[str, Any]]:
-    """Growth of this worker on probe spans of known length: the READY ``calibration`` list.
+def measure_probes(aligner: "SpanAligner", plans: Sequence[Sequence[float]], release: Any = None) -> list[dict[str, Any]]:
+    """Growth of this worker on probe files of known spans: the READY ``calibration`` list.
 
-    Each probe is a span of faint noise with a transcript at a speaking rate, run through the
-    model exactly as a file's span is; its growth is the peak RSS during the span (VmHWM, cleared
-    first) above the RSS just before it, which is how a file's growth is measured too.
+    Each plan is a file of faint noise whose timed transcript (at a speaking rate) makes spans of
+    the given lengths, aligned by ``align_file`` exactly as a real file is (transcript read, audio
+    read, spans through the model, result cache, output written), so the per-file overhead is in
+    the figure too. The largest plan runs once unmeasured first: the buffers and allocator pools a
+    worker keeps after its first files are then part of its READY baseline, as they are for every
+    file after the first, and each measured probe grows as a real file after READY does. Growth is
+    measured as a file's is (see ``selfmem.PeakWatch``).
     """
+    import soundfile  # noqa: PLC0415
+
     from worker import selfmem  # noqa: PLC0415
 
     rng = np.random.default_rng(0)
     out: list[dict[str, Any]] = []
-    for seconds in lengths:
-        seconds = float(seconds)
-        if seconds <= 0:
-            continue
-        audio = (rng.standard_normal(int(aligner.sample_rate * seconds)) * 1e-3).astype(np.float32)
-        words = [PROBE_WORDS[i % len(PROBE_WORDS)] for i in range(max(1, int(seconds * 2.5)))]
-        req = UttRequest(0, 0.0, seconds, words)
-        if release is not None:
-            release()
-        before = selfmem.rss_mb()
-        selfmem.clear_hwm()
-        try:
-            aligner.align_span(audio, 0.0, [req])
-        except Exception as exc:  # noqa: BLE001 - a probe that fails only leaves the defaults in charge
-            log.debug("probe span of %.1f s failed: %s", seconds, exc)
-            continue
-        peak = selfmem.hwm_mb()
-        del audio
-        if before is None or peak is None:
-            continue
-        feats = FileFeatures(audio_s=seconds, longest_span_s=seconds, longest_span_chars=_chars(words), n_spans=1,
-                             windows=0, sample_rate=aligner.sample_rate, channels=1)
-        out.append({"features": feats.to_dict(), "growth_mb": round(max(0.0, peak - before), 1)})
+    plans = [list(map(float, p)) for p in plans if p and all(x > 0 for x in p)]
+    if not plans:
+        return out
+    largest = max(plans, key=sum)
+    with tempfile.TemporaryDirectory(prefix="batchalign-probe-") as tmp:
+        root = Path(tmp)
+        for k, spans in enumerate([largest, *plans]):
+            starts, t = [], 0.0
+            for seconds in spans:
+                starts.append(t)
+                t += seconds + MAX_GAP_S + 1.0  # a gap the driver will not bridge: separate spans
+            total = starts[-1] + spans[-1]
+            wav, cha = root / f"probe{k}.wav", root / f"probe{k}.cha"
+            soundfile.write(str(wav), (rng.standard_normal(int(16000 * total)) * 1e-3).astype(np.float32), 16000)
+            cha.write_text(_probe_chat(wav.stem, list(zip(starts, spans))), encoding="utf-8")
+            job = Job(job=f"probe{k}", input=cha, output=root / f"out{k}.cha", media=wav, rel=cha.name)
+            if release is not None:
+                release()
+            try:
+                with selfmem.PeakWatch() as watch:
+                    result = align_file(job, aligner, lambda f: None, cache=ResultCache(root / f"results{k}"))
+            except Exception as exc:  # noqa: BLE001 - a probe that fails only leaves the defaults in charge
+                log.debug("probe %s failed: %s", spans, exc)
+                continue
+            if k == 0 or result.features_run is None:
+                continue  # the unmeasured first pass
+            out.append({"features": result.features_run, "growth_mb": round(watch.growth_mb, 1)})
     if release is not None:
         release()
     return out
 
 
+def _probe_chat(stem: str, spans: Sequence[tuple[float, float]]) -> str:
+    """A timed transcript whose utterances (at most 3 s, 2.5 words a second) fill each (start, length)."""
+    lines = ["@UTF8", "@Begin", "@Languages:\teng", "@Participants:\tPAR Participant",
+             "@ID:\teng|probe|PAR|||||Participant|||", f"@Media:\t{stem}, audio"]
+    k = 0
+    for start, seconds in spans:
+        t, stop = start, start + seconds
+        while t < stop - 0.05:
+            end = min(stop, t + 3.0)
+            n = max(1, int(round((end - t) * 2.5)))
+            words = " ".join(PROBE_WORDS[(k + i) % len(PROBE_WORDS)] for i in range(n))
+            lines.append(f"*PAR:\t{words} . \x15{int(round(t * 1000))}_{int(round(end * 1000))}\x15")
+            t, k = end, k + n
+    lines.append("@End")
+    return "\n".join(lines) + "\n"
+
+
+def probe_plans(cap: float) -> list[list[float]]:
+    """Probe files for a span aligner: one short span, and a full span followed by a short one (a
+    file of several spans, as every long recording is). Two points of the span line."""
+    short = min(PROBE_SHORT_S, cap)
+    return [[short], [cap, short]]
+
+
 def probe_lengths(cap: float) -> list[float]:
-    """A short probe and one at the span cap: two points of the span line, measured here."""
+    """Probe spans for an engine without a span aligner (the synthetic one): short and the cap."""
     return sorted({min(PROBE_SHORT_S, cap), cap})
 
 
@@ -486,7 +520,8 @@ def _run_span(
     try:
         got = aligner.align_span(audio, start, list(todo))
     except (RuntimeError, MemoryError) as exc:
-        raise JobError(f"{source.path}: the model failed on {start:.2f}-{end:.2f} s: {_one_line(exc)}", kind="engine") from None
+        kind = "memory" if is_out_of_memory(exc) else "engine"
+        raise JobError(f"{source.path}: the model failed on {start:.2f}-{end:.2f} s: {_one_line(exc)}", kind=kind) from None
     by_index = {r.index: r for r in got}
     for req in todo:
         res = by_index.get(req.index)
@@ -511,6 +546,15 @@ def _plausible(res: UttResult, req: UttRequest, audio: np.ndarray, start: float,
     b = max(a, int(round((req.end_s - start) * rate)))
     reason = check(res.words, req.words, req.start_s, req.end_s, audio[a:b], rate)
     return res if reason is None else UttResult(req.index, None, error=f"{IMPLAUSIBLE} {reason}")
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """MemoryError or torch's out-of-memory (CPU allocator or CUDA): a memory failure of the file,
+    which the supervisor retries with a larger estimate, never a warning."""
+    if isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError":
+        return True
+    text = str(exc).lower()
+    return "out of memory" in text or "can't allocate memory" in text or "defaultcpuallocator" in text
 
 
 def _one_line(exc: BaseException) -> str:

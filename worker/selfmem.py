@@ -57,3 +57,41 @@ def own_memory_mb() -> dict[str, float]:
         rss = read_status_kb("VmRSS")
         out["rss_mb"] = out["uss_mb"] = out["pss_mb"] = (rss or 0.0) / 1024
     return out
+
+
+class PeakWatch:
+    """Growth over a block of work, measured as the supervisor measures a file's: the larger of
+    peak RSS (VmHWM, cleared at the start) above the RSS before, and the highest USS read every
+    ``interval`` seconds above the USS before. USS matters in a worker forked from the zygote:
+    pages it shares copy-on-write become private as they are written, which RSS does not show."""
+
+    def __init__(self, interval: float = 0.05) -> None:
+        import threading
+
+        self.interval = interval
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._poll, name="peak-watch", daemon=True)
+        self.rss0 = self.uss0 = 0.0
+        self.uss_peak = 0.0
+
+    def _poll(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.uss_peak = max(self.uss_peak, own_memory_mb()["uss_mb"])
+
+    def __enter__(self) -> "PeakWatch":
+        mem = own_memory_mb()
+        self.rss0, self.uss0 = mem["rss_mb"], mem["uss_mb"]
+        self.uss_peak = self.uss0
+        clear_hwm()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.uss_peak = max(self.uss_peak, own_memory_mb()["uss_mb"])
+        self.hwm = hwm_mb() or self.rss0
+
+    @property
+    def growth_mb(self) -> float:
+        return max(0.0, self.hwm - self.rss0, self.uss_peak - self.uss0)
