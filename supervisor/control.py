@@ -33,8 +33,14 @@ __all__ = [
     "ControlServer",
     "NotListeningError",
     "default_socket_path",
+    "format_list",
     "format_status",
+    "list_sockets",
+    "query_all",
     "query_status",
+    "select",
+    "snapshot_of",
+    "socket_dir",
 ]
 
 SOCKET_NAME = "control.sock"
@@ -56,9 +62,61 @@ class ControlPermissionError(ControlError, PermissionError):
     """The socket belongs to another user, or the supervisor refused this uid."""
 
 
-def default_socket_path(state_dir: Path) -> Path:
-    """Where a supervisor with this state directory listens."""
-    return Path(state_dir) / SOCKET_NAME
+SOCKET_DIR = "control"
+
+
+def socket_dir(state_dir: Path) -> Path:
+    """The folder holding one socket per running supervisor of this state directory.
+
+    Unix socket paths are limited to 107 bytes; a state directory too deep for that gets a short
+    folder of its own under the temporary directory instead (named by a hash of the state path, so
+    ``status`` finds it the same way, in a parent only this user may enter).
+    """
+    preferred = Path(state_dir) / SOCKET_DIR
+    if len(os.fsencode(str(preferred / "4194304.sock"))) <= _SUN_PATH_MAX:
+        return preferred
+    import hashlib
+    import tempfile
+
+    digest = hashlib.sha256(os.fsencode(str(Path(state_dir).absolute()))).hexdigest()[:12]
+    return Path(tempfile.gettempdir()) / f"batchalign-supervise-{os.geteuid()}" / digest
+
+
+def default_socket_path(state_dir: Path, pid: int | None = None) -> Path:
+    """Where the supervisor with this state directory and ``pid`` (default: this process) listens."""
+    return socket_dir(state_dir) / f"{os.getpid() if pid is None else int(pid)}.sock"
+
+
+def list_sockets(state_dir: Path) -> list[Path]:
+    """Every supervisor socket of this state directory, by pid; stale ones of dead processes are
+    removed on the way (their pid is in the name, so a live one is never touched)."""
+    found = []
+    try:
+        entries = sorted(socket_dir(state_dir).iterdir())
+    except (FileNotFoundError, NotADirectoryError):
+        entries = []
+    for p in entries:
+        if p.suffix != ".sock" or not p.stem.isdigit():
+            continue
+        if not os.path.exists(f"/proc/{p.stem}"):
+            try:
+                os.unlink(p)
+            except OSError:
+                pass
+            continue
+        found.append(p)
+    legacy = Path(state_dir) / SOCKET_NAME  # a fixed path an older release or a config named
+    if legacy.exists():
+        found.append(legacy)
+    return sorted(found, key=lambda p: (not p.stem.isdigit(), int(p.stem) if p.stem.isdigit() else 0))
+
+
+async def snapshot_of(get_status: Callable[[], dict | Awaitable[dict]]) -> Any:
+    """Call a status getter that may be plain or a coroutine function."""
+    result = get_status()
+    if inspect.isawaitable(result):
+        result = await result
+    return result
 
 
 def peer_credentials(sock: socket.socket) -> tuple[int, int, int]:
@@ -73,14 +131,23 @@ def _check_length(path: Path) -> None:
         raise OSError(errno.ENAMETOOLONG, f"socket path is {n} bytes, Unix sockets allow {_SUN_PATH_MAX}: {path}")
 
 
+def _check_private(folder: Path) -> None:
+    """Refuse a socket folder that someone else owns (a trap laid in a shared temporary dir)."""
+    st = os.lstat(folder)
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid():
+        raise OSError(errno.EPERM, f"{folder} is not a folder of this user; not listening there")
+
+
 class ControlServer:
     """Answers status requests from the owner's ``batchalign-supervise status``."""
 
     READ_TIMEOUT = 5.0
 
-    def __init__(self, socket_path: Path, get_status: Callable[[], dict | Awaitable[dict]]) -> None:
+    def __init__(self, socket_path: Path, get_status: Callable[[], dict | Awaitable[dict]],
+                 info: dict | None = None) -> None:
         self.path = Path(socket_path)
         self._get_status = get_status
+        self._info = dict(info or {})  # added to every snapshot: what this supervisor works on
         self._server: asyncio.base_events.Server | None = None
         self._inode: int | None = None
         self._uid = os.geteuid()
@@ -93,6 +160,9 @@ class ControlServer:
         if not d.exists():
             d.mkdir(parents=True, mode=0o700)
             os.chmod(d, 0o700)  # mkdir's mode is filtered by the umask
+        _check_private(d)
+        if d.parent.name == f"batchalign-supervise-{os.geteuid()}":
+            _check_private(d.parent)
         self._refuse_if_taken(path)
         # Bind under a temporary name, restrict it, then rename into place: nobody ever sees the
         # real name with looser permissions, and a stale socket is replaced atomically.
@@ -157,10 +227,10 @@ class ControlServer:
         raise OSError(errno.EADDRINUSE, f"another supervisor is already listening on {path}")
 
     async def _status(self) -> Any:
-        result = self._get_status()
-        if inspect.isawaitable(result):
-            result = await result
-        return result
+        status = await snapshot_of(self._get_status)
+        if isinstance(status, dict) and self._info:
+            status = {**self._info, **status, "socket": str(self.path)}
+        return status
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
@@ -281,6 +351,48 @@ def query_status(socket_path: Path, timeout: float = 5.0) -> dict:
     if not isinstance(status, dict):
         raise ControlError(f"the supervisor on {path} sent no status")
     return status
+
+
+def query_all(state_dir: Path, timeout: float = 5.0) -> list[dict]:
+    """The status of every running supervisor of this state directory; one that fails to answer
+    appears as ``{"socket": path, "error": "one line"}``."""
+    out = []
+    for path in list_sockets(state_dir):
+        try:
+            status = query_status(path, timeout)
+            status.setdefault("socket", str(path))
+            out.append(status)
+        except NotListeningError:
+            continue
+        except ControlError as exc:
+            out.append({"socket": str(path), "error": str(exc)})
+    return out
+
+
+def select(statuses: list[dict], target: str) -> list[dict]:
+    """Those of ``statuses`` whose pid is ``target``, or whose output folder (or corpus) is it."""
+    if target.isdigit():
+        return [s for s in statuses if str(s.get("pid")) == target]
+    want = os.path.realpath(target)
+    return [s for s in statuses
+            if s.get("out") and os.path.realpath(s["out"]) == want
+            or any(os.path.realpath(c) == want for c in s.get("corpus") or ())]
+
+
+def format_list(statuses: list[dict], now: float | None = None) -> str:
+    """One line per running supervisor, tab-separated so nothing is cut when piped."""
+    rows = [("pid", "run", "started", "files", "memory", "out")]
+    for s in statuses:
+        if "error" in s:
+            rows.append(("?", "-", "-", "-", "-", f"{s['socket']}: {s['error']}"))
+            continue
+        f = s.get("files") or {}
+        mem = s.get("memory") or {}
+        rows.append((str(s.get("pid", "?")), str(s.get("run", "?")), str(s.get("started") or "-"),
+                     f"{f.get('done', 0)}/{f.get('total', '?')} done, {f.get('running', 0)} running",
+                     f"{_size(mem.get('used_mb'))} of {_size(mem.get('budget_mb'))}",
+                     str(s.get("out") or ", ".join(s.get("corpus") or ()) or "-")))
+    return "\n".join("\t".join(r) for r in rows) + "\n"
 
 
 # --------------------------------------------------------------------------------------------

@@ -43,7 +43,8 @@ def _duration(default: float, **kw: Any) -> Any:
 @dataclass
 class RunSettings:
     engine: str = "wav2vec"
-    model: str = ""  # empty: the engine's default model
+    model: str = ""  # a store name, hub id or folder; empty: the engine's default model
+    model_store: str = ""  # empty: $XDG_DATA_HOME/batchalign-supervise/models
     device: str = "cpu"
     dtype: str = "fp32"
     workers: str = "auto"  # an integer or "auto" (one per core, capped by memory)
@@ -51,6 +52,7 @@ class RunSettings:
     media_dir: str = ""  # where media live when not beside the transcripts (mirrors the corpus tree)
     state_dir: str = ""  # empty: $XDG_STATE_HOME/batchalign-supervise
     telemetry: str = ""  # empty: <state_dir>/telemetry.sqlite
+    cache_max: int | None = _size(2 * 2**30)  # bytes the result cache may hold
     log_json: str = ""  # empty: <out>/batchalign-supervise.log.jsonl (in-place: <state_dir>/logs/)
     heartbeat_timeout: float = _duration(60.0)
     file_timeout: float = _duration(1800.0)  # base allowance per file ...
@@ -87,10 +89,12 @@ class EngineDefaults:
     """Engine options and the cold-start memory model used before anything has been learned."""
 
     cold_baseline_mb: float = 1500.0  # a loaded worker before any file (USS)
-    cold_intercept_mb: float = 200.0  # growth of a file of length 0
-    cold_mb_per_audio_second: float = 25.0
+    cold_intercept_mb: float = 200.0  # growth of a file whose spans are empty
+    cold_mb_per_span_second: float = 10.0  # growth per second of the file's longest span
+    cold_mb_per_audio_second: float = 0.0  # growth per audio second beyond the longest span
     cold_mb_per_media_mb: float = 60.0  # used when the audio duration is unknown
     span_seconds: float = 30.0
+    calibrate: bool = True  # workers measure their growth on probe spans at READY
     threads: int = 0  # torch threads per worker; 0: cores / workers
     int8: bool = False
     share_weights: bool = True
@@ -102,11 +106,14 @@ class SyntheticSettings(EngineDefaults):
 
     cold_baseline_mb: float = 60.0
     cold_intercept_mb: float = 16.0
-    cold_mb_per_audio_second: float = 2.0
+    cold_mb_per_span_second: float = 2.0
+    cold_mb_per_audio_second: float = 0.0
     cold_mb_per_media_mb: float = 60.0
     baseline_mb: float = 40.0  # the profile: memory held after READY ...
-    mb_per_audio_second: float = 4.0  # ... grown per audio second of the file ...
+    mb_per_audio_second: float = 4.0  # ... grown per audio second of the file (or of the span) ...
     cpu_seconds_per_audio_second: float = 0.02  # ... over this much CPU work per audio second
+    boot_seconds: float = 0.0  # how long its "model load" takes (boot timeout tests)
+    profile: str = "total"  # total: holds the whole file; streaming: one span at a time
 
 
 @dataclass
@@ -122,15 +129,44 @@ class ServiceSettings:
 
 
 @dataclass
+class SlurmSettings:
+    """``--cluster slurm``: the dask-jobqueue SLURMCluster the supervisor starts and scales."""
+
+    partition: str = ""  # empty: the cluster's default partition
+    account: str = ""
+    walltime: str = "01:00:00"
+    cores: int = 1  # per job
+    memory: int = _size(4 * 2**30)  # per job (the standard size)
+    processes: int = 1  # worker processes per job (each one file at a time)
+    max_jobs: int = 4  # standard and sized jobs at once
+    max_memory: int | None = _size(None)  # largest job sized for one big file; empty: 4 x memory
+    job_extra: list = field(default_factory=list, metadata={"kind": "list"})  # extra #SBATCH lines
+    python: str = ""  # interpreter of the environment the jobs run; empty: this one
+    scheduler_host: str = ""  # address the scheduler listens on; empty: Dask's choice
+    local_directory: str = ""  # node-local scratch for the workers
+    log_directory: str = ""  # where Slurm writes the jobs' output; empty: the submit folder
+
+
+@dataclass
+class ClusterSettings:
+    """Where files run: empty = the local process pool; tcp://HOST:PORT, local or slurm = Dask."""
+
+    address: str = ""
+    local_workers: int = 0  # --cluster local: worker processes; 0 = run.workers
+    local_memory: int | None = _size(None)  # --cluster local: per worker; empty: the limit / workers
+    slurm: SlurmSettings = field(default_factory=SlurmSettings)
+
+
+@dataclass
 class Settings:
     run: RunSettings = field(default_factory=RunSettings)
     memory: MemorySettings = field(default_factory=MemorySettings)
     service: ServiceSettings = field(default_factory=ServiceSettings)
+    cluster: ClusterSettings = field(default_factory=ClusterSettings)
     engine: dict[str, EngineDefaults] = field(
         default_factory=lambda: {
-            "wav2vec": EngineDefaults(cold_baseline_mb=1100.0, cold_mb_per_audio_second=22.0),
-            "whisper": EngineDefaults(cold_baseline_mb=900.0, cold_intercept_mb=600.0,
-                                      cold_mb_per_audio_second=8.0),
+            "wav2vec": EngineDefaults(cold_baseline_mb=1100.0, cold_intercept_mb=200.0, cold_mb_per_span_second=12.0),
+            "whisper": EngineDefaults(cold_baseline_mb=900.0, cold_intercept_mb=300.0, cold_mb_per_span_second=10.0),
             "synthetic": SyntheticSettings(),
         }
     )
@@ -141,6 +177,7 @@ class Settings:
     force: bool = False
     dry_run: bool = False
     config_path: Path | None = None
+    resolved_model: Any = None  # supervisor.models.Resolved, set once before workers start
 
     # -- derived -----------------------------------------------------------------------------
     @property
@@ -150,6 +187,22 @@ class Settings:
     @property
     def model_id(self) -> str:
         return self.run.model or DEFAULT_MODELS[self.run.engine]
+
+    @property
+    def model_location(self) -> str:
+        """What workers load: the resolved store folder, folder or hub id."""
+        return self.resolved_model.location if self.resolved_model is not None else self.model_id
+
+    @property
+    def model_store(self) -> Path:
+        if self.run.model_store:
+            return Path(self.run.model_store).expanduser()
+        base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+        return Path(base) / "batchalign-supervise" / "models"
+
+    @property
+    def cache_dir(self) -> Path:
+        return self.state_dir / "cache"
 
     @property
     def engine_settings(self) -> EngineDefaults:
@@ -185,6 +238,7 @@ class Settings:
             d[key] = [str(p) for p in d[key]]
         for key in ("out", "config_path"):
             d[key] = str(d[key]) if d[key] is not None else None
+        d["resolved_model"] = dataclasses.asdict(self.resolved_model) if self.resolved_model is not None else None
         return d
 
 
@@ -199,6 +253,12 @@ def _convert(value: Any, f: dataclasses.Field, source: str) -> Any:
             return parse_size(value)
         if kind == "duration":
             return float(parse_duration(value))
+        if kind == "list":
+            if isinstance(value, str):
+                return [line.strip() for line in value.replace(";", "\n").splitlines() if line.strip()]
+            if isinstance(value, (list, tuple)):
+                return [str(v) for v in value]
+            raise ValueError(f"expected a list of strings, got {value!r}")
         target = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
         if target == "bool":
             if isinstance(value, bool):
@@ -228,6 +288,11 @@ def _apply(obj: Any, values: Mapping[str, Any], source: str) -> None:
         name = key.replace("-", "_")
         if name not in fields:
             raise SettingsError(f"{source}: unknown key {key!r}")
+        if dataclasses.is_dataclass(getattr(obj, name)):
+            if not isinstance(value, Mapping):
+                raise SettingsError(f"{source}: [{key}] must be a table")
+            _apply(getattr(obj, name), value, f"{source} [{key}]")
+            continue
         setattr(obj, name, _convert(value, fields[name], f"{source} {key}"))
 
 
@@ -241,7 +306,7 @@ def apply_mapping(settings: Settings, data: Mapping[str, Any], source: str) -> N
                 if name not in settings.engine:
                     raise SettingsError(f"{source}: unknown engine [engine.{name}] (known: {', '.join(ENGINES)})")
                 _apply(settings.engine[name], opts, f"{source} [engine.{name}]")
-        elif section in ("run", "memory", "service"):
+        elif section in ("run", "memory", "service", "cluster"):
             if not isinstance(values, Mapping):
                 raise SettingsError(f"{source}: [{section}] must be a table")
             _apply(getattr(settings, section), values, f"{source} [{section}]")
@@ -272,7 +337,10 @@ def env_mapping(environ: Mapping[str, str]) -> dict[str, Any]:
             if len(parts) == 3 and parts[1] in ENGINES:
                 out.setdefault("engine", {}).setdefault(parts[1], {})[parts[2]] = value
                 continue
-        for section in ("memory", "service"):
+        if rest.startswith("cluster_slurm_"):
+            out.setdefault("cluster", {}).setdefault("slurm", {})[rest[len("cluster_slurm_"):]] = value
+            continue
+        for section in ("memory", "service", "cluster"):
             if rest.startswith(section + "_"):
                 out.setdefault(section, {})[rest[len(section) + 1:]] = value
                 break
@@ -285,14 +353,12 @@ def env_mapping(environ: Mapping[str, str]) -> dict[str, Any]:
 
 
 def find_config(explicit: Path | None, environ: Mapping[str, str]) -> Path | None:
-    """--config, then $BATCHALIGN_SUPERVISE_CONFIG, then ./config.toml, then the user's config dir."""
+    """--config, then $BATCHALIGN_SUPERVISE_CONFIG, then the user's config dir. Never whatever
+    config.toml sits in the current folder: it may belong to any other program."""
     if explicit is not None:
         return explicit
     if environ.get(ENV_PREFIX + "CONFIG"):
         return Path(environ[ENV_PREFIX + "CONFIG"])
-    local = Path("config.toml")
-    if local.is_file():
-        return local
     xdg = Path(environ.get("XDG_CONFIG_HOME") or Path.home() / ".config") / "batchalign-supervise" / "config.toml"
     return xdg if xdg.is_file() else None
 
@@ -350,5 +416,10 @@ def validate(s: Settings) -> None:
         raise SettingsError("memory quantile must be in [0.5, 1)")
     if s.run.progress not in ("auto", "on", "off"):
         raise SettingsError("progress must be auto, on or off")
+    c = s.cluster.address
+    if c and c not in ("local", "slurm") and not c.startswith(("tcp://", "tls://", "ucx://", "inproc://")):
+        raise SettingsError(f"cluster {c!r} is not tcp://HOST:PORT, local or slurm")
+    if s.cluster.slurm.max_jobs < 1 or s.cluster.slurm.cores < 1 or s.cluster.slurm.processes < 1:
+        raise SettingsError("[cluster.slurm] max_jobs, cores and processes must be at least 1")
     if s.run.start_method not in ("auto", "spawn", "zygote"):
         raise SettingsError(f"start_method {s.run.start_method!r} is not one of auto, spawn, zygote")

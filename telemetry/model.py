@@ -1,24 +1,35 @@
-"""The memory predictor: how much a worker will grow on a file, learned from finished files.
+"""The memory predictor: how much a worker will grow on a file, from what drives its memory.
 
 Pure code, no I/O: the supervisor feeds it observations and persists ``params()`` through the
 telemetry store, so a run starts from what earlier runs learned.
 
-Peak growth (MiB above the worker's READY baseline) is modelled as a line in the file's size:
-``growth = a + b * audio_seconds``, or ``a + b * media_mb`` when the duration is unknown (two
-separate fits over the same window of samples). The line starts from Theil–Sen (median of pairwise
-slopes) and is refined by a Huber M-estimate, so the odd pathological file cannot drag it while
-clean files are used almost as efficiently as by least squares. It is then lifted to an upper
-quantile of the residuals so that most files fit under their estimate; a margin on top absorbs
-drift.
+What drives memory is stated by the engine before a file starts (``FileFeatures``, from the file's
+plan: see ``worker.align.plan_features``). The engines stream a recording span by span, so a
+worker's peak depends on the largest span it will run (and that span's transcript), not on the
+length of the recording; an engine that holds a whole file states the whole file as one span. Peak
+growth (MiB above the worker's READY baseline) is therefore modelled as
 
-Residual spread in memory use usually scales with the file (a long file allocates proportionally
+    growth = a + b * longest_span_s + e * min(audio beyond the longest span, the most seen)
+
+The span line starts from Theil–Sen (median of pairwise slopes) and is refined by a Huber
+M-estimate, so the odd pathological file cannot drag it while clean files are used almost as
+efficiently as by least squares; it is then lifted to an upper quantile of the residuals so that
+most files fit under their estimate, and a margin on top absorbs drift. Extrapolating along the
+span is physical (a span is the unit of work, capped by the engine), so it is allowed but marked
+``uncertain`` beyond what has been seen; the term in the rest of the audio is fitted only from files
+that had audio beyond their longest span and never extrapolated past the most that was seen.
+
+Residual spread in memory use usually scales with the span (a long span allocates proportionally
 larger buffers, and their jitter scales with them), but a fixed overhead jitter is also common. Both
 are tried: residuals taken absolutely (the quantile is added to the intercept) and relative to the
 fitted value (the line is scaled), and the pinball (quantile) loss on the window picks one, with a
 lean toward the proportional reading. Either way the lifted prediction is itself a line.
 
-A killed attempt only shows that the file needs *more* than it reached, so it never enters the fit;
-it becomes a per-file lower bound (see ``bump_after_kill`` and ``Predictor.estimate``).
+Three kinds of evidence enter: finished files (``observe``), probe spans a worker measured on
+itself at READY (``calibrate``: figures from this hardware before any file has finished), and
+killed attempts, which only show that a file needs *more* than it reached: they never enter the
+fit, they bound the estimate of that file (``bump_after_kill``) and of every file at least as
+large (``observe_kill``). Cold-start defaults of the same shape are the last resort.
 """
 
 from __future__ import annotations
@@ -29,7 +40,7 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Any, Iterable, Sequence
 
-PARAMS_VERSION = 1
+PARAMS_VERSION = 2
 # Above this many points the Theil–Sen slope is taken over a fixed-seed sample of pairs, which keeps
 # a refit to a few milliseconds while staying deterministic.
 _ALL_PAIRS_UPTO = 200
@@ -45,14 +56,99 @@ _HUBER_K = 1.345
 _ABSOLUTE_PREFERENCE = 0.85
 
 
+# A prediction past this multiple of the largest span (or excess audio) seen is an extrapolation.
+_EXTRAPOLATION = 1.25
+# The term in audio beyond the longest span is fitted only when files spread over this many seconds.
+_MIN_EXCESS_RANGE_S = 20.0
+# Probe growths kept per probe length (one per recent worker); the fit takes their maximum.
+_PROBES_KEPT = 8
+
+
+@dataclass(frozen=True)
+class FileFeatures:
+    """What a file's memory depends on, stated from its plan before it runs (any may be None).
+
+    ``longest_span_s`` and ``longest_span_chars``: the largest piece of audio the model will hold
+    at once and its transcript; ``n_spans``: how many such pieces; ``windows``: timing-recovery
+    windows for an untimed transcript (0 when timed); ``audio_s``, ``media_mb``, ``sample_rate``
+    and ``channels`` describe the recording.
+    """
+
+    audio_s: float | None = None
+    media_mb: float | None = None
+    longest_span_s: float | None = None
+    longest_span_chars: int | None = None
+    n_spans: int | None = None
+    windows: int | None = None
+    sample_rate: int | None = None
+    channels: int | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f: getattr(self, f) for f in _FEATURE_FIELDS}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any] | None) -> "FileFeatures":
+        """Tolerant of missing, unknown and unusable values (they become None)."""
+        d = d or {}
+        out: dict[str, Any] = {}
+        for f in _FEATURE_FIELDS:
+            v = _size(d.get(f))
+            if v is not None and f in _INT_FIELDS:
+                v = int(v)
+            out[f] = v
+        return cls(**out)
+
+    @property
+    def span_s(self) -> float | None:
+        """The span that drives memory: the longest span, else (no plan) the whole recording."""
+        if self.longest_span_s is not None:
+            return self.longest_span_s
+        return self.audio_s
+
+    @property
+    def excess_s(self) -> float | None:
+        """Audio beyond the longest span (what a streaming engine only reads past), when known."""
+        if self.audio_s is None or self.longest_span_s is None:
+            return None
+        return max(0.0, self.audio_s - self.longest_span_s)
+
+    def words(self) -> str:
+        """The features as a user reads them in ``--dry-run``."""
+        parts = []
+        if self.longest_span_s is not None:
+            span = f"longest span {self.longest_span_s:.1f} s"
+            if self.longest_span_chars is not None:
+                span += f" ({self.longest_span_chars} chars)"
+            if self.n_spans is not None:
+                span += f" of {self.n_spans} span{'s' if self.n_spans != 1 else ''}"
+            parts.append(span)
+        if self.audio_s is not None:
+            parts.append(f"{self.audio_s:.1f} s audio")
+        elif self.media_mb is not None:
+            parts.append(f"{self.media_mb:.1f} MiB media, duration unknown")
+        if self.windows:
+            parts.append(f"{self.windows} timing-recovery windows")
+        return ", ".join(parts) or "nothing known"
+
+
+_FEATURE_FIELDS = tuple(FileFeatures.__dataclass_fields__)
+_INT_FIELDS = {"longest_span_chars", "n_spans", "windows", "sample_rate", "channels"}
+
+
 @dataclass
 class Defaults:
-    """Cold-start guesses used until enough files have finished (typically from settings)."""
+    """Cold-start guesses of the model's own shape, the last resort before any file or probe.
+
+    ``mb_per_span_second`` is growth per second of the longest span; ``mb_per_audio_second`` per
+    second of audio beyond it (near zero for streaming engines); ``mb_per_media_mb`` stands in for
+    the span when nothing but the media size is known.
+    """
 
     baseline_mb: float
     intercept_mb: float
-    mb_per_audio_second: float
-    mb_per_media_mb: float
+    mb_per_span_second: float
+    mb_per_audio_second: float = 0.0
+    mb_per_media_mb: float = 0.0
 
 
 @dataclass
@@ -61,21 +157,39 @@ class Estimate:
 
     ``peak_mb`` is what admission reserves; ``central_mb`` is the estimate before quantile and
     margin (but never below a known lower bound) and decides whether a file cannot fit even alone.
+    ``uncertain``: the model for this key is not trusted yet for this file (cold defaults, too few
+    samples, or extrapolating past what was seen). ``accumulating_mb``: the part of the growth that
+    builds up over the file's spans rather than recurring in each (see ``remaining_growth``).
     """
 
     peak_mb: float
     growth_mb: float
     baseline_mb: float
-    source: str  # "cold" | "learned" | "lower_bound"
+    source: str  # "cold" | "calibrated" | "learned" | "lower_bound"
     lower_bound_mb: float | None
     central_mb: float
+    uncertain: bool = True
+    explain: str = ""
+    accumulating_mb: float = 0.0
+    features: FileFeatures | None = None
 
 
 @dataclass(frozen=True)
 class _Sample:
-    audio_seconds: float | None
-    media_mb: float | None
+    features: FileFeatures
     growth_mb: float
+
+
+@dataclass
+class Growth:
+    """A growth prediction with the reasons a user can check."""
+
+    upper: float
+    central: float
+    source: str
+    uncertain: bool
+    explain: str
+    accumulating: float
 
 
 @dataclass(frozen=True)
@@ -116,6 +230,27 @@ def _median(values: Sequence[float]) -> float:
 def _pinball(residuals: Iterable[float], q: float) -> float:
     """Quantile loss of predicting an upper line with these (observed - predicted) residuals."""
     return sum(q * r if r >= 0 else (q - 1.0) * r for r in residuals)
+
+
+def _upper_quantile(residuals: Sequence[float], q: float) -> float:
+    """The ``q`` quantile of the residuals after setting aside a few gross outliers on the high side.
+
+    One pathological file (a corrupt recording that made the engine balloon) would otherwise lift
+    the bound of every file on a small window; it is the file's own problem, and its kill bounds
+    that file. At most a tenth of the points (and only when there are five or more) are set aside,
+    and only those further than eight robust standard deviations above the median.
+    """
+    xs = sorted(residuals)
+    n = len(xs)
+    if n >= 5:
+        med = _median(xs)
+        mad = _median([abs(v - med) for v in xs]) * 1.4826
+        cut = med + 8.0 * mad if mad > 0 else float("inf")
+        drop = 0
+        while drop < max(1, n // 10) and xs[n - 1 - drop] > cut:
+            drop += 1
+        xs = xs[: n - drop]
+    return quantile(xs, q)
 
 
 def theil_sen(
@@ -244,7 +379,7 @@ def fit_line(
 
     a, b = huber_refine(fx, fy, start, proportional=False)
     res_abs = [y - (a + b * x) for x, y in zip(xs, ys)]
-    q_abs = quantile(res_abs, quantile_q)
+    q_abs = _upper_quantile(res_abs, quantile_q)
     loss_abs = _pinball((r - q_abs for r in res_abs), quantile_q)
     absolute = LineFit(n, a, b, a + q_abs, b, "absolute", q_abs)
 
@@ -252,15 +387,27 @@ def fit_line(
     ar, br = huber_refine(fx, fy, start, proportional=True, floor=floor)
     scales = [max(ar + br * x, floor) for x in xs]
     res_rel = [y - (ar + br * x) for x, y in zip(xs, ys)]
-    q_rel = quantile([r / s for r, s in zip(res_rel, scales)], quantile_q)
+    q_rel = _upper_quantile([r / s for r, s in zip(res_rel, scales)], quantile_q)
     loss_rel = _pinball((r - q_rel * s for r, s in zip(res_rel, scales)), quantile_q)
     relative = LineFit(n, ar, br, ar * (1.0 + q_rel), br * (1.0 + q_rel), "relative", q_rel)
 
     return absolute if loss_abs < _ABSOLUTE_PREFERENCE * loss_rel else relative
 
 
+@dataclass(frozen=True)
+class _Fit:
+    """The fitted model: a span line (with its upper line) and the excess-audio term."""
+
+    line: LineFit
+    excess_slope: float
+    excess_seen_s: float
+    span_seen_s: tuple[float, float]
+    n_files: int
+    n_probes: int
+
+
 class MemoryModel:
-    """Peak growth per file for one (engine, model, device), updated as files finish."""
+    """Peak growth per file for one (engine, model, device, dtype), updated as files finish."""
 
     def __init__(
         self,
@@ -281,84 +428,183 @@ class MemoryModel:
         self.min_samples = max(1, int(min_samples))
         self.window = max(self.min_samples, int(window))
         self._samples: deque[_Sample] = deque(maxlen=self.window)
-        self._fits: dict[str, LineFit | None] = {}
+        self._probes: dict[float, deque[float]] = {}
+        self._kills: deque[_Sample] = deque(maxlen=self.window)
+        self._fit_cache: _Fit | None = None
         self._dirty = True
 
     @property
     def n_samples(self) -> int:
         return len(self._samples)
 
-    def observe(self, audio_seconds: float | None, media_mb: float | None, growth_mb: float) -> None:
-        """Record a finished file's growth. Only completed files belong here, never killed ones."""
+    @property
+    def n_probes(self) -> int:
+        return len(self._probes)
+
+    # -- evidence ----------------------------------------------------------------------------
+
+    def observe(self, features: FileFeatures, growth_mb: float) -> None:
+        """Record a finished file's growth. Only real work belongs here, never killed attempts."""
         g = _finite(growth_mb)
-        if g is None:
+        if g is None or not isinstance(features, FileFeatures):
             return
-        self._samples.append(_Sample(_size(audio_seconds), _size(media_mb), max(g, 0.0)))
+        self._samples.append(_Sample(features, max(g, 0.0)))
         self._dirty = True
 
-    def fit(self, feature: str) -> LineFit | None:
-        """The current fit on ``"audio"`` or ``"media"``; None below ``min_samples`` samples."""
+    def calibrate(self, features: FileFeatures, growth_mb: float) -> None:
+        """A probe span a worker measured on itself at READY; recent probes of a length are kept."""
+        g = _finite(growth_mb)
+        x = features.span_s if isinstance(features, FileFeatures) else None
+        if g is None or x is None:
+            return
+        key = round(float(x), 1)
+        self._probes.setdefault(key, deque(maxlen=_PROBES_KEPT)).append(max(g, 0.0))
+        self._dirty = True
+
+    def observe_kill(self, features: FileFeatures, growth_mb: float) -> None:
+        """An attempt killed at ``growth_mb``: that file, and any at least as large, needs more."""
+        g = _finite(growth_mb)
+        if g is None or g <= 0 or not isinstance(features, FileFeatures) or features.span_s is None:
+            return
+        self._kills.append(_Sample(features, g))
+
+    # -- fitting -----------------------------------------------------------------------------
+
+    def fit(self) -> _Fit | None:
+        """The current fit; None until ``min_samples`` files finished or probes were measured."""
         if self._dirty:
-            self._fits = {"audio": self._fit("audio"), "media": self._fit("media")}
+            self._fit_cache = self._fit()
             self._dirty = False
-        return self._fits[feature]
+        return self._fit_cache
 
-    def _fit(self, feature: str) -> LineFit | None:
-        if feature == "audio":
-            pts = [(s.audio_seconds, s.growth_mb) for s in self._samples if s.audio_seconds is not None]
-            prior = (self.defaults.intercept_mb, self.defaults.mb_per_audio_second)
-        else:
-            pts = [(s.media_mb, s.growth_mb) for s in self._samples if s.media_mb is not None]
-            prior = (self.defaults.intercept_mb, self.defaults.mb_per_media_mb)
-        if len(pts) < self.min_samples:
+    def _points(self) -> tuple[list[float], list[float], list[float], int, int]:
+        xs: list[float] = []
+        es: list[float] = []
+        ys: list[float] = []
+        files = 0
+        for s in self._samples:
+            x = s.features.span_s
+            if x is None:
+                continue
+            xs.append(x)
+            es.append(s.features.excess_s or 0.0)
+            ys.append(s.growth_mb)
+            files += 1
+        for x, growths in self._probes.items():
+            xs.append(x)
+            es.append(0.0)
+            ys.append(max(growths))
+        return xs, es, ys, files, len(self._probes)
+
+    def _fit(self) -> _Fit | None:
+        xs, es, ys, files, probes = self._points()
+        if files < self.min_samples and not (probes and len(xs) >= 2):
             return None
-        xs = [p[0] for p in pts]
-        ys = [p[1] for p in pts]
-        return fit_line(
-            xs,
-            ys,
-            quantile_q=self.quantile,
-            prior_intercept=prior[0],
-            prior_slope=prior[1],
-            prior_points=self.min_samples,
-        )
+        # Cold defaults join as pseudo-samples only while nothing measured on this machine does.
+        prior_points = 0 if probes else self.min_samples
+        d = self.defaults
 
-    def source(self, audio_seconds: float | None, media_mb: float | None) -> str:
-        """``"learned"`` when the fit a prediction would use has enough samples, else ``"cold"``."""
-        feature = _feature(_size(audio_seconds), _size(media_mb))
-        if feature is None:
-            return "learned" if self.n_samples >= self.min_samples else "cold"
-        return "learned" if self.fit(feature) is not None else "cold"
+        def line_on(targets: Sequence[float]) -> LineFit:
+            return fit_line(xs, targets, quantile_q=self.quantile, prior_intercept=d.intercept_mb,
+                            prior_slope=d.mb_per_span_second, prior_points=prior_points)
 
-    def predict_growth(self, audio_seconds: float | None, media_mb: float | None) -> tuple[float, float]:
-        """(upper, central) growth in MiB; upper includes quantile and margin, never below central.
+        line = line_on(ys)
+        excess_slope = 0.0
+        file_es = [e for e, k in zip(es, range(len(es))) if k < files]
+        spread = (max(file_es) - min(file_es)) if file_es else 0.0
+        if files >= self.min_samples and spread >= _MIN_EXCESS_RANGE_S:
+            resid = [y - line.central(x) for x, y in zip(xs[:files], ys[:files])]
+            _, slope = theil_sen(file_es, resid, 0.0)
+            if slope > 0:
+                excess_slope = slope
+                line = line_on([y - slope * e for y, e in zip(ys, es)])
+        return _Fit(line=line, excess_slope=excess_slope, excess_seen_s=max(file_es, default=0.0),
+                    span_seen_s=(min(xs), max(xs)), n_files=files, n_probes=probes)
 
-        Without any size the file could be anything: the largest growth in the window (with the
-        margin) is the honest answer, or the default intercept before any file has finished.
-        """
-        a = _size(audio_seconds)
-        m = _size(media_mb)
-        feature = _feature(a, m)
-        if feature is None:
-            if self.n_samples >= self.min_samples:
-                top = max(s.growth_mb for s in self._samples)
-                central = _median([s.growth_mb for s in self._samples])
-                return max(top * (1.0 + self.margin), central), central
-            d = max(self.defaults.intercept_mb, 0.0)
-            return d, d
-        x = a if feature == "audio" else m
-        assert x is not None
-        fit = self.fit(feature)
+    # -- predicting --------------------------------------------------------------------------
+
+    def predict(self, features: FileFeatures) -> Growth:
+        """Upper and central growth (MiB) for a file, with its source and the reasons in words."""
+        x = features.span_s
+        excess = features.excess_s or 0.0
+        one_span = (features.n_spans or 1) <= 1
+        fit = self.fit()
+        if x is None:
+            return self._predict_sizeless(features, fit)
         if fit is None:
-            slope = self.defaults.mb_per_audio_second if feature == "audio" else self.defaults.mb_per_media_mb
-            d = max(self.defaults.intercept_mb + slope * x, 0.0)
-            return d, d
-        central = max(fit.central(x), 0.0)
-        upper = max(fit.upper(x) * (1.0 + self.margin), central)
-        return upper, central
+            d = self.defaults
+            span_part = d.intercept_mb + d.mb_per_span_second * x
+            central = max(span_part + d.mb_per_audio_second * excess, 0.0)
+            accumulating = d.mb_per_audio_second * excess + (span_part if one_span else 0.0)
+            explain = (f"cold defaults: {d.intercept_mb:.0f} MiB + {d.mb_per_span_second:g} MiB per span second"
+                       f" x {x:.1f} s" + (f" + {d.mb_per_audio_second:g} MiB per further audio second x {excess:.0f} s"
+                                         if d.mb_per_audio_second and excess else ""))
+            return self._bounded(features, Growth(central, central, "cold", True, explain, accumulating))
+        line = fit.line
+        e_used = min(excess, fit.excess_seen_s)
+        excess_part = fit.excess_slope * e_used
+        central = max(line.central(x) + excess_part, 0.0)
+        lift = line.upper(x) / line.central(x) if line.residual_mode == "relative" and line.central(x) > 0 else 1.0
+        upper = max((line.upper(x) + excess_part * lift) * (1.0 + self.margin), central)
+        lo, hi = fit.span_seen_s
+        beyond_span = x > hi * _EXTRAPOLATION + 1.0
+        beyond_excess = fit.excess_slope > 0 and excess > fit.excess_seen_s * _EXTRAPOLATION + 30.0
+        few = fit.n_files < self.min_samples
+        source = "learned" if not few else "calibrated"
+        uncertain = few or beyond_span or beyond_excess
+        words = [f"{source} from {fit.n_files} file{'s' if fit.n_files != 1 else ''}"
+                 + (f" and {fit.n_probes} probe span{'s' if fit.n_probes != 1 else ''}" if fit.n_probes else ""),
+                 f"{line.intercept:.0f} MiB + {line.slope:.2f} MiB per span second x {x:.1f} s"]
+        if fit.excess_slope > 0:
+            words.append(f"+ {fit.excess_slope:.3f} MiB per further audio second x {e_used:.0f} s"
+                         + (f" (capped at the {fit.excess_seen_s:.0f} s seen)" if excess > fit.excess_seen_s else ""))
+        words.append(f"upper {int(round(self.quantile * 100))}% + {int(round(self.margin * 100))}% margin")
+        if beyond_span:
+            words.append(f"extrapolated: spans seen {lo:.1f}-{hi:.1f} s")
+        accumulating = excess_part + (max(line.central(x), 0.0) if one_span else 0.0)
+        return self._bounded(features, Growth(upper, central, source, uncertain, "; ".join(words), accumulating))
+
+    def _predict_sizeless(self, features: FileFeatures, fit: _Fit | None) -> Growth:
+        """No span and no duration: the media size stands in when defaults say how, else the worst
+        growth seen (with the margin) is the honest answer."""
+        m = features.media_mb
+        if self._samples:
+            top = max(s.growth_mb for s in self._samples)
+            central = _median([s.growth_mb for s in self._samples])
+            upper = max(top * (1.0 + self.margin), central)
+            if m is not None and self.defaults.mb_per_media_mb:
+                upper = max(upper, self.defaults.intercept_mb + self.defaults.mb_per_media_mb * m)
+            return Growth(upper, central, "learned" if fit else "cold", True,
+                          "duration unknown: the largest growth seen, with the margin", upper)
+        d = self.defaults
+        g = max(d.intercept_mb + (d.mb_per_media_mb * m if m is not None else 0.0), 0.0)
+        return Growth(g, g, "cold", True, "duration unknown: cold defaults on the media size", g)
+
+    def _bounded(self, features: FileFeatures, g: Growth) -> Growth:
+        """Kills of files no larger than this one are lower bounds for it too."""
+        x = features.span_s or 0.0
+        e = features.excess_s or 0.0
+        floor = 0.0
+        for k in self._kills:
+            if (k.features.span_s or 0.0) <= x + 1e-9 and (k.features.excess_s or 0.0) <= e + 1e-9:
+                floor = max(floor, k.growth_mb)
+        if floor <= g.upper:
+            return g
+        return Growth(floor * (1.0 + self.margin), max(g.central, floor), g.source, True,
+                      g.explain + f"; raised past a kill at {floor:.0f} MiB growth on a file no larger", g.accumulating)
+
+    def predict_growth(self, features: FileFeatures) -> tuple[float, float]:
+        """(upper, central) growth in MiB; upper includes quantile and margin, never below central."""
+        g = self.predict(features)
+        return g.upper, g.central
+
+    def source(self, features: FileFeatures) -> str:
+        return self.predict(features).source
+
+    # -- persistence -------------------------------------------------------------------------
 
     def params(self) -> dict[str, Any]:
-        """JSON-ready state: the fitted lines (for display) and the window (to keep learning)."""
+        """JSON-ready state: the fitted terms (for display) and the evidence (to keep learning)."""
         out: dict[str, Any] = {
             "version": PARAMS_VERSION,
             "quantile": self.quantile,
@@ -366,54 +612,130 @@ class MemoryModel:
             "min_samples": self.min_samples,
             "window": self.window,
             "n_samples": self.n_samples,
+            "n_probes": self.n_probes,
             "intercept_mb": None,
+            "mb_per_span_second": None,
             "mb_per_audio_second": None,
             "mb_per_media_mb": None,
             "upper_intercept_mb": None,
+            "upper_mb_per_span_second": None,
             "upper_mb_per_audio_second": None,
             "upper_mb_per_media_mb": None,
+            "span_seen_s": None,
+            "excess_seen_s": None,
+            "residual_mode": None,
+            "residual_quantile": None,
         }
-        for feature, key in (("audio", "mb_per_audio_second"), ("media", "mb_per_media_mb")):
-            fit = self.fit(feature)
-            out[feature] = None
-            if fit is None:
-                continue
+        fit = self.fit()
+        if fit is not None:
             k = 1.0 + self.margin
-            out[feature] = {
-                "n": fit.n,
-                "intercept_mb": fit.intercept,
-                "slope": fit.slope,
-                "upper_intercept_mb": fit.upper_intercept * k,
-                "upper_slope": fit.upper_slope * k,
-                "residual_mode": fit.residual_mode,
-                "residual_quantile": fit.residual_quantile,
-            }
-            out[key] = fit.slope
-            out["upper_" + key] = fit.upper_slope * k
-            if out["intercept_mb"] is None or feature == "audio":
-                out["intercept_mb"] = fit.intercept
-                out["upper_intercept_mb"] = fit.upper_intercept * k
-        out["samples"] = [[s.audio_seconds, s.media_mb, s.growth_mb] for s in self._samples]
+            line = fit.line
+            lift = (line.upper_slope / line.slope) if line.residual_mode == "relative" and line.slope > 0 else 1.0
+            out.update(
+                intercept_mb=line.intercept, mb_per_span_second=line.slope, mb_per_audio_second=fit.excess_slope,
+                upper_intercept_mb=line.upper_intercept * k, upper_mb_per_span_second=line.upper_slope * k,
+                upper_mb_per_audio_second=fit.excess_slope * lift * k, span_seen_s=list(fit.span_seen_s),
+                excess_seen_s=fit.excess_seen_s, residual_mode=line.residual_mode,
+                residual_quantile=line.residual_quantile, n_fit=line.n)
+        out["samples"] = [[s.features.to_dict(), s.growth_mb] for s in self._samples]
+        out["probes"] = [[x, list(g)] for x, g in self._probes.items()]
+        out["kills"] = [[s.features.to_dict(), s.growth_mb] for s in self._kills]
         return out
 
     @classmethod
     def from_params(cls, params: dict[str, Any] | None, defaults: Defaults, **kw: Any) -> "MemoryModel":
-        """Rebuild a model from ``params()``; settings come from ``kw``, unreadable params start cold."""
+        """Rebuild a model from ``params()``; settings come from ``kw``. Params of another version
+        (the model of total audio seconds) start cold: their samples lack what drives memory."""
         model = cls(defaults, **kw)
         if not params or params.get("version") != PARAMS_VERSION:
             return model
         for row in params.get("samples") or []:
             try:
-                audio, media, growth = row
+                feats, growth = row
+                model.observe(FileFeatures.from_dict(feats), growth)
+            except (TypeError, ValueError, AttributeError):
+                continue
+        for row in params.get("probes") or []:
+            try:
+                x, growths = row
+                for g in growths:
+                    model.calibrate(FileFeatures(longest_span_s=float(x)), g)
             except (TypeError, ValueError):
                 continue
-            model.observe(audio, media, growth)
+        for row in params.get("kills") or []:
+            try:
+                feats, growth = row
+                model.observe_kill(FileFeatures.from_dict(feats), growth)
+            except (TypeError, ValueError, AttributeError):
+                continue
         return model
+
+
+def describe(params: dict[str, Any] | None, defaults: Defaults | None = None) -> list[str]:
+    """The learned model in words a user can check (``ratios``, ``--dry-run``)."""
+    if not params or params.get("version") != PARAMS_VERSION:
+        if defaults is None:
+            return ["nothing learned yet"]
+        return [f"cold defaults: growth = {defaults.intercept_mb:.0f} MiB + {defaults.mb_per_span_second:g} MiB "
+                f"per second of the longest span + {defaults.mb_per_audio_second:g} MiB per further audio second"]
+    if params.get("intercept_mb") is None:
+        return [f"{params.get('n_samples', 0)} files, {params.get('n_probes', 0)} probe spans: "
+                f"not enough to fit (cold defaults in use)"]
+    lo, hi = params.get("span_seen_s") or (0.0, 0.0)
+    lines = [
+        f"growth = {params['intercept_mb']:.0f} MiB + {params['mb_per_span_second']:.2f} MiB per second of the "
+        f"longest span" + (f" + {params['mb_per_audio_second']:.3f} MiB per further audio second "
+                           f"(up to the {params['excess_seen_s']:.0f} s seen)"
+                           if params.get("mb_per_audio_second") else ""),
+        f"upper bound = {params['upper_intercept_mb']:.0f} MiB + {params['upper_mb_per_span_second']:.2f} MiB per "
+        f"span second ({int(round(params['quantile'] * 100))}% quantile of {params.get('residual_mode')} residuals "
+        f"+ {int(round(params['margin'] * 100))}% margin)",
+        f"from {params.get('n_samples', 0)} files and {params.get('n_probes', 0)} probe spans; spans seen "
+        f"{lo:.1f}-{hi:.1f} s (longer spans are extrapolated and marked uncertain)",
+    ]
+    probes = params.get("probes") or []
+    if probes:
+        lines.append("probes at READY: " + ", ".join(f"{x:g} s -> {max(g):.0f} MiB" for x, g in sorted(probes) if g))
+    kills = params.get("kills") or []
+    if kills:
+        lines.append(f"{len(kills)} killed attempts bound files at least as large")
+    return lines
 
 
 def bump_after_kill(observed_mb: float, previous_estimate_mb: float) -> float:
     """Next estimate for a file killed at ``observed_mb``: it needs more than it got to."""
     return max(observed_mb * 1.2, observed_mb + 256.0, previous_estimate_mb)
+
+
+def remaining_growth(estimate: Estimate, progress: dict[str, Any] | None, current_growth_mb: float) -> float:
+    """What a running file may still grow by (MiB), corrected from its progress.
+
+    Without progress it is the predicted growth less what has been seen. With ``spans_done`` of
+    ``spans_total``, a file that has already grown past what its prediction allows at that point is
+    projected forward by the same ratio: the part of the growth that accumulates over spans
+    (``estimate.accumulating_mb``) scales with the spans done, the part that recurs in each span is
+    reached in the first. A file running hot is then seen before the guard has to kill it.
+    """
+    predicted = max(float(estimate.growth_mb), 0.0)
+    seen = max(float(current_growth_mb or 0.0), 0.0)
+    if progress:
+        seen = max(seen, _finite(progress.get("growth_mb")) or 0.0)
+    base = max(0.0, predicted - seen)
+    if not progress or predicted <= 0:
+        return base
+    try:
+        done, total = int(progress.get("spans_done") or 0), int(progress.get("spans_total") or 0)
+    except (TypeError, ValueError):
+        return base
+    if total <= 0 or done <= 0 or done >= total:
+        return base
+    f = done / total
+    share = min(max(estimate.accumulating_mb / predicted, 0.0), 1.0)
+    expected_so_far = predicted * ((1.0 - share) + share * f)
+    if seen <= expected_so_far or expected_so_far <= 0:
+        return base
+    projected = predicted * (seen / expected_so_far)
+    return max(base, projected - seen)
 
 
 class Predictor:
@@ -422,54 +744,92 @@ class Predictor:
     BASELINE_QUANTILE = 0.9
     BASELINE_WINDOW = 50
 
-    def __init__(self, model: MemoryModel, baseline_mb: float) -> None:
+    def __init__(self, model: MemoryModel, baseline_mb: float, *, baseline_measured: bool = True) -> None:
         self.model = model
         self._initial_baseline = float(baseline_mb)
+        self._initial_measured = baseline_measured
         self._baselines: deque[float] = deque(maxlen=self.BASELINE_WINDOW - 1)
 
     @property
     def baseline_mb(self) -> float:
-        """A high quantile of recent READY baselines: workers differ, admission must not undercount."""
+        """A high quantile of recent READY baselines: workers differ, admission must not undercount.
+        A configured guess (``baseline_measured=False``) counts only until a worker is measured."""
         if not self._baselines:
             return self._initial_baseline
-        return quantile([self._initial_baseline, *self._baselines], self.BASELINE_QUANTILE)
+        first = [self._initial_baseline] if self._initial_measured else []
+        return quantile([*first, *self._baselines], self.BASELINE_QUANTILE)
 
     def observe_baseline(self, uss_mb: float) -> None:
         v = _finite(uss_mb)
         if v is not None and v >= 0:
             self._baselines.append(v)
 
-    def observe_growth(self, audio_seconds: float | None, media_mb: float | None, growth_mb: float) -> None:
-        """A finished file's growth; killed attempts go to lower bounds instead."""
-        self.model.observe(audio_seconds, media_mb, growth_mb)
+    def observe_growth(self, features: FileFeatures | dict | None, growth_mb: float) -> None:
+        """A finished file's growth on the work its model really did (``result.features_run``);
+        killed attempts go to ``observe_kill``, cached or failed-early files nowhere."""
+        if isinstance(features, dict):
+            features = FileFeatures.from_dict(features)
+        if features is not None:
+            self.model.observe(features, growth_mb)
 
-    def estimate(
-        self,
-        audio_seconds: float | None,
-        media_mb: float | None,
-        lower_bound_mb: float | None = None,
-    ) -> Estimate:
+    def observe_kill(self, features: FileFeatures | dict | None, growth_mb: float) -> None:
+        if isinstance(features, dict):
+            features = FileFeatures.from_dict(features)
+        if features is not None:
+            self.model.observe_kill(features, growth_mb)
+
+    def calibrate(self, probes: Iterable[dict[str, Any]] | None) -> int:
+        """Probe spans from a READY message (``[{"features": {...}, "growth_mb": float}]``); returns
+        how many were usable. Malformed entries are ignored: a worker cannot poison the model."""
+        n = 0
+        for p in probes or []:
+            if not isinstance(p, dict):
+                continue
+            feats = p.get("features")
+            if not isinstance(feats, dict):
+                continue
+            g = _finite(p.get("growth_mb"))
+            f = FileFeatures.from_dict(feats)
+            if g is None or f.span_s is None:
+                continue
+            self.model.calibrate(f, g)
+            n += 1
+        return n
+
+    def estimate(self, features: FileFeatures, lower_bound_mb: float | None = None) -> Estimate:
         """Peak estimate for one file. ``lower_bound_mb`` is a peak (baseline included) at which an
         earlier attempt on this file was killed; the estimate then rises past it."""
+        if isinstance(features, dict):
+            features = FileFeatures.from_dict(features)
         baseline = self.baseline_mb
-        upper, central = self.model.predict_growth(audio_seconds, media_mb)
-        peak = baseline + upper
-        central_peak = baseline + central
-        source = self.model.source(audio_seconds, media_mb)
+        g = self.model.predict(features)
+        peak = baseline + g.upper
+        central_peak = baseline + g.central
+        source = g.source
+        explain = g.explain
+        uncertain = g.uncertain
         lb = _finite(lower_bound_mb) if lower_bound_mb is not None else None
         if lb is not None:
             bumped = bump_after_kill(lb, peak)
             if bumped > peak:
                 peak = bumped
                 source = "lower_bound"
-            central_peak = max(central_peak, lb)
+                explain += f"; this file was killed at {lb:.0f} MiB: now {peak:.0f} MiB"
+            # Killed while still growing: it needs more than the last reading showed, by at least
+            # what a poll interval of growth adds (a small step, never the full bump).
+            central_peak = max(central_peak, lb * 1.02, lb + 8.0)
+        growth = max(peak - baseline, 0.0)
         return Estimate(
             peak_mb=peak,
-            growth_mb=max(peak - baseline, 0.0),
+            growth_mb=growth,
             baseline_mb=baseline,
             source=source,
             lower_bound_mb=lb,
             central_mb=central_peak,
+            uncertain=uncertain,
+            explain=f"peak {peak:.0f} MiB = worker {baseline:.0f} + growth {growth:.0f} ({features.words()}): {explain}",
+            accumulating_mb=min(g.accumulating * (growth / g.upper) if g.upper > 0 else 0.0, growth),
+            features=features,
         )
 
 
@@ -488,10 +848,3 @@ def _size(v: Any) -> float | None:
     f = _finite(v)
     return f if f is not None and f >= 0 else None
 
-
-def _feature(audio_seconds: float | None, media_mb: float | None) -> str | None:
-    if audio_seconds is not None:
-        return "audio"
-    if media_mb is not None:
-        return "media"
-    return None

@@ -15,6 +15,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
@@ -22,6 +23,7 @@ from typing import Any, Iterable
 from rich import box as _box
 from rich.console import Console
 from rich.table import Table
+from supervisor.units import format_mib
 
 __all__ = [
     "EventList",
@@ -35,11 +37,17 @@ __all__ = [
     "render_text",
     "runs",
     "select_run",
+    "choose_run",
+    "run_infos",
     "summarize",
     "summarize_store",
+    "to_dict",
 ]
 
 OUTCOMES = ("done", "failed", "quarantined", "running", "pending", "killed")
+# Engines tag an alignment they do not believe (no speech, all words at the minimum length, words
+# squeezed into a sliver of the bullet) with this word; the original bullet is kept.
+IMPLAUSIBLE = re.compile(r"(^|: )implausible:")
 SORTS = ("peak", "time", "file")
 
 # A header rule of dashes and nothing else: survives journald, mail and terminals without UTF-8.
@@ -177,6 +185,9 @@ class Report:
     skipped_lines: int = 0
     recovered_lines: int = 0
     run_finished: dict | None = None
+    warnings: int = 0  # per-utterance warnings logged (at most 20 per file)
+    implausible: list[tuple[str, str]] = field(default_factory=list)  # (file, warning) flagged implausible
+    implausible_utterances: int = 0  # from the files' stats: every flagged utterance, even unlogged ones
 
 
 # --------------------------------------------------------------------------------------------
@@ -261,6 +272,49 @@ def select_run(events: list[dict], run: str | None = None) -> EventList:
     return out
 
 
+_WORK = ("file_admitted", "file_done", "file_failed", "file_quarantined")
+
+
+def run_infos(events: Iterable[dict]) -> list[dict[str, Any]]:
+    """One line per run in the log, in order: id, start, file counts, exit code, whether it did work."""
+    infos: dict[str, dict[str, Any]] = {}
+    for ev in events:
+        run = ev.get("run")
+        if run is None:
+            continue
+        i = infos.setdefault(str(run), {"run": str(run), "started": None, "files": None, "done": 0, "failed": 0,
+                                        "skipped": 0, "exit_code": None, "did_work": False})
+        kind = ev.get("event")
+        if kind == "run_started":
+            i["started"], i["files"] = ev.get("ts"), ev.get("files")
+        elif kind == "file_done":
+            i["done"] += 1
+        elif kind in ("file_failed", "file_quarantined"):
+            i["failed"] += 1
+        elif kind == "file_skipped":
+            i["skipped"] += 1
+        elif kind == "run_finished":
+            i["exit_code"] = ev.get("exit_code")
+        if kind in _WORK:
+            i["did_work"] = True
+    return list(infos.values())
+
+
+def choose_run(infos: list[dict[str, Any]], run: str | None = None) -> str | None:
+    """``run`` if the log has it ("last": the last run), else the last run that did work (a resume
+    that only skipped finished files is not what anyone wants to see), else the last run."""
+    ids = [i["run"] for i in infos]
+    if not ids:
+        return None
+    if run == "last":
+        return ids[-1]
+    if run is not None:
+        matches = [r for r in ids if r == run or r.endswith(run)]
+        return matches[-1] if matches else None
+    worked = [i["run"] for i in infos if i["did_work"]]
+    return worked[-1] if worked else ids[-1]
+
+
 # --------------------------------------------------------------------------------------------
 # summarizing
 
@@ -296,168 +350,213 @@ def _max(a: float | None, b: float | None) -> float | None:
     return max(a, b)
 
 
-def summarize(events: list[dict]) -> Report:
-    """Fold one run's events into a Report (call ``select_run`` first for multi-run logs)."""
-    rep = Report(
-        skipped_lines=getattr(events, "skipped_lines", 0),
-        recovered_lines=getattr(events, "recovered", 0),
-    )
-    rows: dict[str, FileRow] = {}
-    admitted_t: dict[str, float | None] = {}
-    sample_peak: dict[str, float] = {}
-    open_pauses: dict[Any, PauseRow] = {}
-    last_t = 0.0
+class _Fold:
+    """Folds one run's events into a Report, one small handler per event kind."""
 
-    def row(name: str) -> FileRow:
-        if name not in rows:
-            rows[name] = FileRow(file=name, outcome="pending")
-        return rows[name]
+    def __init__(self, events: list[dict]) -> None:
+        self.rep = Report(skipped_lines=getattr(events, "skipped_lines", 0),
+                          recovered_lines=getattr(events, "recovered", 0))
+        self.rows: dict[str, FileRow] = {}
+        self.admitted_t: dict[str, float | None] = {}
+        self.sample_peak: dict[str, float] = {}
+        self.open_pauses: dict[Any, PauseRow] = {}
+        self.last_t = 0.0
+        self.handlers = {
+            "run_started": self.run_started, "worker_spawned": self.worker_spawned,
+            "file_admitted": self.file_admitted, "file_started": self.file_started, "file_done": self.file_done,
+            "file_failed": self.file_failed, "worker_killed": self.worker_killed,
+            "file_requeued": self.file_requeued, "file_quarantined": self.file_quarantined,
+            "file_skipped": self.file_skipped, "file_warning": self.file_warning,
+            "worker_paused": self.worker_paused, "worker_resumed": self.worker_resumed,
+            "worker_exited": self.worker_exited, "memory_sample": self.memory_sample,
+            "config_reloaded": self.config_reloaded, "drain_started": self.drain_started,
+            "run_finished": self.run_finished,
+        }
+        for ev in events:
+            self.feed(ev)
 
-    for ev in events:
-        kind = ev.get("event")
+    def row(self, name: str) -> FileRow:
+        if name not in self.rows:
+            self.rows[name] = FileRow(file=name, outcome="pending")
+        return self.rows[name]
+
+    def feed(self, ev: dict) -> None:
         t = _num(ev.get("t"))
         if t is not None:
-            last_t = max(last_t, t)
-        if rep.run is None and ev.get("run") is not None:
-            rep.run = str(ev["run"])
-        f = ev.get("file")
-        if kind == "run_started":
-            rep.started_ts = ev.get("ts")
-            for key in ("corpus", "out", "engine", "model", "device", "limit_source"):
-                setattr(rep, key, ev.get(key))
-            rep.limit_mb = _num(ev.get("limit_mb"))
-            rep.budget_mb = _num(ev.get("budget_mb"))
-            rep.reserve_mb = _num(ev.get("reserve_mb"))
-            files = _num(ev.get("files"))
-            rep.planned_files = int(files) if files is not None else None
-        elif kind == "worker_spawned":
-            rep.workers_spawned += 1
-        elif kind == "file_admitted" and f:
-            r = row(f)
-            attempt = _num(ev.get("attempt"))
-            r.attempts = max(r.attempts + 1 if attempt is None else int(attempt), r.attempts)
-            r.predicted_mb = _num(ev.get("predicted_mb"))
-            r.audio_seconds = _num(ev.get("audio_seconds")) or r.audio_seconds
-            r.worker = ev.get("worker")
+            self.last_t = max(self.last_t, t)
+        if self.rep.run is None and ev.get("run") is not None:
+            self.rep.run = str(ev["run"])
+        handler = self.handlers.get(ev.get("event"))
+        if handler is not None:
+            handler(ev, t, ev.get("file"))
+
+    # -- run and workers
+    def run_started(self, ev: dict, t: float | None, f: str | None) -> None:
+        rep = self.rep
+        rep.started_ts = ev.get("ts")
+        for key in ("corpus", "out", "engine", "model", "device", "limit_source"):
+            setattr(rep, key, ev.get(key))
+        rep.limit_mb, rep.budget_mb = _num(ev.get("limit_mb")), _num(ev.get("budget_mb"))
+        rep.reserve_mb = _num(ev.get("reserve_mb"))
+        files = _num(ev.get("files"))
+        rep.planned_files = int(files) if files is not None else None
+
+    def worker_spawned(self, ev: dict, t: float | None, f: str | None) -> None:
+        self.rep.workers_spawned += 1
+
+    def worker_exited(self, ev: dict, t: float | None, f: str | None) -> None:
+        _close_pause(self.open_pauses, ev.get("worker"), t, resumed=False)
+
+    def config_reloaded(self, ev: dict, t: float | None, f: str | None) -> None:
+        self.rep.reloads.append((t, ev.get("changed") or {}))
+
+    def drain_started(self, ev: dict, t: float | None, f: str | None) -> None:
+        self.rep.drain = (t, ev.get("reason"))
+
+    def run_finished(self, ev: dict, t: float | None, f: str | None) -> None:
+        rep = self.rep
+        rep.finished = True
+        rep.run_finished = dict(ev)
+        code = _num(ev.get("exit_code"))
+        rep.exit_code = int(code) if code is not None else None
+        rep.wall_s = _num(ev.get("wall_s")) or 0.0
+
+    # -- files
+    def file_admitted(self, ev: dict, t: float | None, f: str | None) -> None:
+        if not f:
+            return
+        r = self.row(f)
+        attempt = _num(ev.get("attempt"))
+        r.attempts = max(r.attempts + 1 if attempt is None else int(attempt), r.attempts)
+        r.predicted_mb = _num(ev.get("predicted_mb"))
+        r.audio_seconds = _num(ev.get("audio_seconds")) or r.audio_seconds
+        r.worker, r.outcome, r.reason = ev.get("worker"), "running", None
+        self.admitted_t[f] = t
+        if self.rep.budget_mb is None:
+            self.rep.budget_mb = _num(ev.get("budget_mb"))
+
+    def file_started(self, ev: dict, t: float | None, f: str | None) -> None:
+        if not f:
+            return
+        r = self.row(f)
+        if r.outcome != "running":
             r.outcome = "running"
-            r.reason = None
-            admitted_t[f] = t
-            if rep.budget_mb is None:
-                rep.budget_mb = _num(ev.get("budget_mb"))
-        elif kind == "file_started" and f:
-            r = row(f)
-            if r.outcome != "running":
-                r.outcome = "running"
-                r.attempts = max(r.attempts, 1)
-                admitted_t.setdefault(f, t)
-        elif kind == "file_done" and f:
-            r = row(f)
-            r.outcome = "done"
             r.attempts = max(r.attempts, 1)
-            r.peak_mb = _num(ev.get("peak_mb"))
-            r.predicted_mb = _num(ev.get("predicted_mb")) or r.predicted_mb
-            r.audio_seconds = _num(ev.get("audio_seconds")) or r.audio_seconds
-            r.wall_s = _num(ev.get("wall_s"))
-            r.worker = ev.get("worker")
-            r.reason = None
-        elif kind == "file_failed" and f:
-            r = row(f)
-            r.outcome = "failed"
-            r.attempts = max(r.attempts, int(_num(ev.get("attempt")) or 1))
-            reason = ev.get("reason")
-            r.reason = f"{ev['kind']}: {reason}" if ev.get("kind") and reason and not str(reason).startswith(str(ev["kind"])) else reason
-        elif kind == "worker_killed":
-            k = KillRow(
-                t=t,
-                worker=ev.get("worker"),
-                pid=ev.get("pid"),
-                file=f,
-                reason=ev.get("reason"),
-                uss_mb=_num(ev.get("uss_mb")),
-                used_mb=_num(ev.get("used_mb")),
-                budget_mb=_num(ev.get("budget_mb")),
-                predicted_mb=_num(ev.get("predicted_mb")),
-            )
-            rep.kills.append(k)
-            if f:
-                r = row(f)
-                r.kills += 1
-                r.outcome = "killed"
-                r.reason = k.reason
-                r.peak_mb = _max(r.peak_mb, k.uss_mb)
-                k.audio_seconds = r.audio_seconds
-            _close_pause(open_pauses, ev.get("worker"), t, resumed=False)
-        elif kind == "file_requeued" and f:
-            r = row(f)
-            r.outcome = "pending"
-            r.reason = ev.get("reason")
-            r.peak_mb = _max(r.peak_mb, _num(ev.get("observed_mb")))
-        elif kind == "file_quarantined" and f:
-            r = row(f)
-            r.outcome = "quarantined"
-            r.reason = ev.get("reason")
-            attempts = _num(ev.get("attempts"))
-            if attempts is not None:
-                r.attempts = max(r.attempts, int(attempts))
-            r.peak_mb = _max(r.peak_mb, _num(ev.get("observed_mb")))
-        elif kind == "file_skipped" and f:
-            rep.skipped_files.append(f)
-        elif kind == "worker_paused":
-            p = PauseRow(
-                t=t,
-                worker=ev.get("worker"),
-                pid=ev.get("pid"),
-                file=f,
-                reason=ev.get("reason"),
-                used_mb=_num(ev.get("used_mb")),
-                budget_mb=_num(ev.get("budget_mb")),
-            )
-            rep.pauses.append(p)
-            open_pauses[p.worker] = p
-        elif kind == "worker_resumed":
-            p = _close_pause(open_pauses, ev.get("worker"), t, resumed=True)
-            if p is not None and _num(ev.get("paused_s")) is not None:
-                p.paused_s = _num(ev.get("paused_s"))
-        elif kind == "worker_exited":
-            _close_pause(open_pauses, ev.get("worker"), t, resumed=False)
-        elif kind == "memory_sample":
-            used = _num(ev.get("used_mb"))
-            if used is not None and (rep.max_used_mb is None or used > rep.max_used_mb):
-                rep.max_used_mb, rep.max_used_t = used, t
-            if rep.limit_mb is None:
-                rep.limit_mb = _num(ev.get("limit_mb"))
-            if rep.budget_mb is None:
-                rep.budget_mb = _num(ev.get("budget_mb"))
-            for w in ev.get("workers") or ():
-                if isinstance(w, dict) and w.get("file"):
-                    uss = _num(w.get("uss_mb"))
-                    if uss is not None:
-                        sample_peak[w["file"]] = max(sample_peak.get(w["file"], 0.0), uss)
-        elif kind == "config_reloaded":
-            rep.reloads.append((t, ev.get("changed") or {}))
-        elif kind == "drain_started":
-            rep.drain = (t, ev.get("reason"))
-        elif kind == "run_finished":
-            rep.finished = True
-            rep.run_finished = dict(ev)
-            code = _num(ev.get("exit_code"))
-            rep.exit_code = int(code) if code is not None else None
-            rep.wall_s = _num(ev.get("wall_s")) or 0.0
+            self.admitted_t.setdefault(f, t)
 
-    rep.last_t = last_t
-    if not rep.finished:
-        rep.wall_s = last_t
-    for name, r in rows.items():
-        if r.outcome != "done":
-            r.peak_mb = _max(r.peak_mb, sample_peak.get(name))
-        if r.outcome == "running" and admitted_t.get(name) is not None:
-            r.wall_s = max(0.0, last_t - admitted_t[name])
-    for p in rep.pauses:
-        if p.paused_s is None and p.t is not None:
-            p.paused_s = (p.end_t if p.end_t is not None else last_t) - p.t
+    def file_done(self, ev: dict, t: float | None, f: str | None) -> None:
+        if not f:
+            return
+        r = self.row(f)
+        r.outcome, r.attempts, r.reason = "done", max(r.attempts, 1), None
+        r.peak_mb = _num(ev.get("peak_mb"))
+        r.predicted_mb = _num(ev.get("predicted_mb")) or r.predicted_mb
+        r.audio_seconds = _num(ev.get("audio_seconds")) or r.audio_seconds
+        r.wall_s = _num(ev.get("wall_s"))
+        r.worker = ev.get("worker")
+        stats = ev.get("stats") if isinstance(ev.get("stats"), dict) else {}
+        self.rep.implausible_utterances += int(_num(stats.get("implausible_utterances")) or 0)
 
-    rep.files = list(rows.values())
-    rep.quarantined = [r for r in rep.files if r.outcome == "quarantined"]
+    def file_failed(self, ev: dict, t: float | None, f: str | None) -> None:
+        if not f:
+            return
+        r = self.row(f)
+        r.outcome = "failed"
+        r.attempts = max(r.attempts, int(_num(ev.get("attempt")) or 1))
+        reason, kind = ev.get("reason"), ev.get("kind")
+        r.reason = f"{kind}: {reason}" if kind and reason and not str(reason).startswith(str(kind)) else reason
+
+    def file_requeued(self, ev: dict, t: float | None, f: str | None) -> None:
+        if not f:
+            return
+        r = self.row(f)
+        r.outcome, r.reason = "pending", ev.get("reason")
+        r.peak_mb = _max(r.peak_mb, _num(ev.get("observed_mb")))
+
+    def file_quarantined(self, ev: dict, t: float | None, f: str | None) -> None:
+        if not f:
+            return
+        r = self.row(f)
+        r.outcome, r.reason = "quarantined", ev.get("reason")
+        attempts = _num(ev.get("attempts"))
+        if attempts is not None:
+            r.attempts = max(r.attempts, int(attempts))
+        r.peak_mb = _max(r.peak_mb, _num(ev.get("observed_mb")))
+
+    def file_skipped(self, ev: dict, t: float | None, f: str | None) -> None:
+        if f:
+            self.rep.skipped_files.append(f)
+
+    def file_warning(self, ev: dict, t: float | None, f: str | None) -> None:
+        self.rep.warnings += 1
+        if IMPLAUSIBLE.search(str(ev.get("warning") or "")):
+            self.rep.implausible.append((f or "?", str(ev.get("warning"))))
+
+    # -- memory actions
+    def worker_killed(self, ev: dict, t: float | None, f: str | None) -> None:
+        k = KillRow(t=t, worker=ev.get("worker"), pid=ev.get("pid"), file=f, reason=ev.get("reason"),
+                    uss_mb=_num(ev.get("uss_mb")), used_mb=_num(ev.get("used_mb")),
+                    budget_mb=_num(ev.get("budget_mb")), predicted_mb=_num(ev.get("predicted_mb")))
+        self.rep.kills.append(k)
+        if f:
+            r = self.row(f)
+            r.kills += 1
+            r.outcome, r.reason = "killed", k.reason
+            r.peak_mb = _max(r.peak_mb, k.uss_mb)
+            k.audio_seconds = r.audio_seconds
+        _close_pause(self.open_pauses, ev.get("worker"), t, resumed=False)
+
+    def worker_paused(self, ev: dict, t: float | None, f: str | None) -> None:
+        p = PauseRow(t=t, worker=ev.get("worker"), pid=ev.get("pid"), file=f, reason=ev.get("reason"),
+                     used_mb=_num(ev.get("used_mb")), budget_mb=_num(ev.get("budget_mb")))
+        self.rep.pauses.append(p)
+        self.open_pauses[p.worker] = p
+
+    def worker_resumed(self, ev: dict, t: float | None, f: str | None) -> None:
+        p = _close_pause(self.open_pauses, ev.get("worker"), t, resumed=True)
+        if p is not None and _num(ev.get("paused_s")) is not None:
+            p.paused_s = _num(ev.get("paused_s"))
+
+    def memory_sample(self, ev: dict, t: float | None, f: str | None) -> None:
+        rep = self.rep
+        used = _num(ev.get("used_mb"))
+        if used is not None and (rep.max_used_mb is None or used > rep.max_used_mb):
+            rep.max_used_mb, rep.max_used_t = used, t
+        if rep.limit_mb is None:
+            rep.limit_mb = _num(ev.get("limit_mb"))
+        if rep.budget_mb is None:
+            rep.budget_mb = _num(ev.get("budget_mb"))
+        for w in ev.get("workers") or ():
+            if isinstance(w, dict) and w.get("file"):
+                uss = _num(w.get("uss_mb"))
+                if uss is not None:
+                    self.sample_peak[w["file"]] = max(self.sample_peak.get(w["file"], 0.0), uss)
+
+    # -- the end
+    def finish(self) -> Report:
+        rep, last_t = self.rep, self.last_t
+        rep.last_t = last_t
+        if not rep.finished:
+            rep.wall_s = last_t
+        for name, r in self.rows.items():
+            if r.outcome != "done":
+                r.peak_mb = _max(r.peak_mb, self.sample_peak.get(name))
+            if r.outcome == "running" and self.admitted_t.get(name) is not None:
+                r.wall_s = max(0.0, last_t - self.admitted_t[name])
+        for p in rep.pauses:
+            if p.paused_s is None and p.t is not None:
+                p.paused_s = (p.end_t if p.end_t is not None else last_t) - p.t
+        rep.files = list(self.rows.values())
+        rep.quarantined = [r for r in rep.files if r.outcome == "quarantined"]
+        rep.totals = _totals(rep)
+        rep.audio_seconds_done = sum(r.audio_seconds or 0.0 for r in rep.files if r.outcome == "done")
+        if rep.wall_s > 0:
+            rep.throughput_audio_h_per_h = rep.audio_seconds_done / rep.wall_s
+        rep.prediction = _prediction_stats(rep)
+        return rep
+
+
+def _totals(rep: Report) -> dict[str, int]:
     counts = {name: 0 for name in OUTCOMES}
     for r in rep.files:
         counts[r.outcome] = counts.get(r.outcome, 0) + 1
@@ -465,12 +564,15 @@ def summarize(events: list[dict]) -> Report:
     counts["kills"] = len(rep.kills)
     counts["pauses"] = len(rep.pauses)
     counts["attempts"] = sum(r.attempts for r in rep.files)
-    rep.totals = counts
-    rep.audio_seconds_done = sum(r.audio_seconds or 0.0 for r in rep.files if r.outcome == "done")
-    if rep.wall_s > 0:
-        rep.throughput_audio_h_per_h = rep.audio_seconds_done / rep.wall_s
-    rep.prediction = _prediction_stats(rep)
-    return rep
+    counts["warnings"] = rep.warnings
+    # The engines' own count (all of them) when the log has it; the logged warnings are at most 20 a file.
+    counts["implausible"] = max(len(rep.implausible), rep.implausible_utterances)
+    return counts
+
+
+def summarize(events: list[dict]) -> Report:
+    """Fold one run's events into a Report (call ``select_run`` first for multi-run logs)."""
+    return _Fold(events).finish()
 
 
 def _close_pause(open_pauses: dict, worker: Any, t: float | None, resumed: bool) -> PauseRow | None:
@@ -512,11 +614,7 @@ def _mib(v: float | None) -> str:
 
 
 def _size(mb: float | None) -> str:
-    if mb is None:
-        return "?"
-    if abs(mb) >= 1024:
-        return f"{mb / 1024:.1f} GiB"
-    return f"{mb:.0f} MiB"
+    return format_mib(mb)
 
 
 def _dur(s: float | None) -> str:
@@ -567,13 +665,8 @@ def _sorted_rows(rows: list[FileRow], sort: str) -> list[FileRow]:
     return sorted(rows, key=lambda r: (getattr(r, attr) is None, -(getattr(r, attr) or 0.0), r.file))
 
 
-def render_text(report: Report, sort: str = "peak", limit: int | None = None) -> str:
-    """A plain-text summary: header lines, then files, kills, pauses, quarantine and predictions."""
-    rep = report
-    head: list[str] = []
-    head.append(
-        f"run {rep.run or '?'}  {rep.engine or '?'} {rep.model or ''} on {rep.device or '?'}".rstrip()
-    )
+def _head_run(rep: Report) -> list[str]:
+    head = [f"run {rep.run or '?'}  {rep.engine or '?'} {rep.model or ''} on {rep.device or '?'}".rstrip()]
     if rep.corpus or rep.out:
         head.append(f"corpus {rep.corpus or '?'} -> {rep.out or '?'}")
     if rep.finished:
@@ -583,6 +676,10 @@ def render_text(report: Report, sort: str = "peak", limit: int | None = None) ->
     head.append(f"started {rep.started_ts or '?'}  wall {_dur(rep.wall_s)}  {state}")
     if not rep.finished:
         head.append(f"the log ends {_dur(rep.last_t)} into the run: the supervisor crashed, was killed or is still running")
+    return head
+
+
+def _head_memory(rep: Report) -> str:
     mem = f"memory limit {_size(rep.limit_mb)}"
     if rep.limit_source:
         mem += f" ({rep.limit_source})"
@@ -591,126 +688,152 @@ def render_text(report: Report, sort: str = "peak", limit: int | None = None) ->
         mem += f"  reserve {_size(rep.reserve_mb)}"
     if rep.max_used_mb is not None:
         mem += f"  highest used {_size(rep.max_used_mb)} at {_dur(rep.max_used_t)}"
-    head.append(mem)
+    return mem
+
+
+def _head_files(rep: Report) -> str:
     c = rep.totals
-    files = (
-        f"files {c.get('done', 0)} done, {c.get('failed', 0)} failed, {c.get('quarantined', 0)} quarantined, "
-        f"{c.get('skipped', 0)} skipped"
-    )
+    files = (f"files {c.get('done', 0)} done, {c.get('failed', 0)} failed, {c.get('quarantined', 0)} quarantined, "
+             f"{c.get('skipped', 0)} skipped")
     unfinished = [(n, c.get(n, 0)) for n in ("running", "pending", "killed") if c.get(n, 0)]
     if unfinished:
         files += ", " + ", ".join(f"{v} {n} when the log ended" for n, v in unfinished)
     if rep.planned_files is not None:
         files += f" (of {rep.planned_files})"
-    files += f"; {c.get('attempts', 0)} attempts, {rep.workers_spawned} workers spawned"
-    head.append(files)
-    tp = rep.throughput_audio_h_per_h
-    head.append(
-        f"audio {rep.audio_seconds_done / 3600:.2f} h aligned; throughput "
-        + (f"{tp:.2f} audio h per wall h" if tp is not None else "-")
-    )
-    paused_total = sum(p.paused_s or 0.0 for p in rep.pauses)
-    head.append(f"kills {len(rep.kills)}  pauses {len(rep.pauses)} (paused {_dur(paused_total)} in all)")
-    if rep.drain is not None:
-        head.append(f"drain started at {_dur(rep.drain[0])}: {rep.drain[1] or '?'}")
-    for t, changed in rep.reloads:
-        desc = ", ".join(f"{k} {v[0]}->{v[1]}" if isinstance(v, (list, tuple)) and len(v) == 2 else f"{k}" for k, v in changed.items())
-        head.append(f"config reloaded at {_dur(t)}: {desc or 'no changes'}")
-    if rep.skipped_lines:
-        head.append(
-            f"log: {rep.skipped_lines} unreadable line(s) skipped"
-            + (f", {rep.recovered_lines} event(s) salvaged from them" if rep.recovered_lines else "")
-        )
-    parts: list[Any] = ["\n".join(head)]
+    return files + f"; {c.get('attempts', 0)} attempts, {rep.workers_spawned} workers spawned"
 
+
+def _head_events(rep: Report) -> list[str]:
+    tp = rep.throughput_audio_h_per_h
+    lines = [f"audio {rep.audio_seconds_done / 3600:.2f} h aligned; throughput "
+             + (f"{tp:.2f} audio h per wall h" if tp is not None else "-")]
+    paused_total = sum(p.paused_s or 0.0 for p in rep.pauses)
+    lines.append(f"kills {len(rep.kills)}  pauses {len(rep.pauses)} (paused {_dur(paused_total)} in all)")
+    if rep.warnings or rep.totals.get("implausible"):
+        lines.append(f"warnings {rep.warnings}, implausible alignments {rep.totals.get('implausible', 0)} "
+                     "(those utterances keep their original bullets)")
+    if rep.drain is not None:
+        lines.append(f"drain started at {_dur(rep.drain[0])}: {rep.drain[1] or '?'}")
+    for t, changed in rep.reloads:
+        desc = ", ".join(f"{k} {v[0]}->{v[1]}" if isinstance(v, (list, tuple)) and len(v) == 2 else f"{k}"
+                         for k, v in changed.items())
+        lines.append(f"config reloaded at {_dur(t)}: {desc or 'no changes'}")
+    if rep.skipped_lines:
+        lines.append(f"log: {rep.skipped_lines} unreadable line(s) skipped"
+                     + (f", {rep.recovered_lines} event(s) salvaged from them" if rep.recovered_lines else ""))
+    return lines
+
+
+def _err_text(r: FileRow) -> str:
+    err = r.error_mb
+    if err is None or r.outcome in ("failed", "running"):
+        return "-"
+    if r.outcome == "done":
+        return f"{err:+,.0f}"
+    return f">={err:+,.0f}" if r.kills else "-"  # killed before the end: the true peak is at least this
+
+
+def _files_part(rep: Report, sort: str, limit: int | None) -> Any:
     rows = _sorted_rows(rep.files, sort)
+    if not rows:
+        return "Files: none admitted"
     shown = rows if limit is None else rows[: max(0, limit)]
     title = {"peak": "by peak memory", "time": "by wall time", "file": "by name"}[sort]
     more = f", first {len(shown)} of {len(rows)}" if len(shown) < len(rows) else ""
-    ft = _table(
-        f"Files ({title}{more})",
-        [
-            ("file", "left"),
-            ("outcome", "left"),
-            ("tries", "right"),
-            ("audio", "right"),
-            ("peak MiB", "right"),
-            ("pred MiB", "right"),
-            ("err MiB", "right"),
-            ("wall", "right"),
-        ],
-    )
+    ft = _table(f"Files ({title}{more})", [("file", "left"), ("outcome", "left"), ("tries", "right"),
+                                           ("audio", "right"), ("peak MiB", "right"), ("pred MiB", "right"),
+                                           ("err MiB", "right"), ("wall", "right")])
     for r in shown:
-        err = r.error_mb
-        if err is None or r.outcome in ("failed", "running"):
-            err_text = "-"
-        elif r.outcome == "done":
-            err_text = f"{err:+,.0f}"
-        else:
-            # Killed before the end: the true peak is at least what was seen.
-            err_text = f">={err:+,.0f}" if r.kills else "-"
-        ft.add_row(
-            r.file,
-            r.outcome,
-            str(r.attempts),
-            _dur(r.audio_seconds),
-            _mib(r.peak_mb),
-            _mib(r.predicted_mb),
-            err_text,
-            _dur(r.wall_s),
-        )
-    parts.append(ft if rows else "Files: none admitted")
+        ft.add_row(r.file, r.outcome, str(r.attempts), _dur(r.audio_seconds), _mib(r.peak_mb), _mib(r.predicted_mb),
+                   _err_text(r), _dur(r.wall_s))
+    return ft
 
+
+def _kills_part(rep: Report) -> Any:
+    kt = _table("Kills", [("at", "right"), ("worker", "left"), ("file", "left"), ("uss MiB", "right"),
+                          ("pred MiB", "right"), ("used/budget MiB", "right"), ("reason", "left")])
+    for k in rep.kills:
+        kt.add_row(_dur(k.t), str(k.worker), k.file or "-", _mib(k.uss_mb), _mib(k.predicted_mb),
+                   f"{_mib(k.used_mb)}/{_mib(k.budget_mb)}", k.reason or "-")
+    return kt
+
+
+def _pauses_part(rep: Report) -> Any:
+    pt = _table("Pauses", [("at", "right"), ("worker", "left"), ("file", "left"), ("paused", "right"),
+                           ("used/budget MiB", "right"), ("reason", "left")])
+    for p in rep.pauses:
+        how = _dur(p.paused_s) + ("" if p.resumed else (" (killed)" if p.end_t is not None else " (still)"))
+        pt.add_row(_dur(p.t), str(p.worker), p.file or "-", how, f"{_mib(p.used_mb)}/{_mib(p.budget_mb)}",
+                   p.reason or "-")
+    return pt
+
+
+def _quarantine_part(rep: Report) -> Any:
+    qt = _table("Quarantined", [("file", "left"), ("tries", "right"), ("observed MiB", "right"), ("reason", "left")])
+    for r in rep.quarantined:
+        qt.add_row(r.file, str(r.attempts), _mib(r.peak_mb), r.reason or "-")
+    return qt
+
+
+def _failed_part(failed: list[FileRow]) -> Any:
+    ft = _table("Failed", [("file", "left"), ("tries", "right"), ("reason", "left")])
+    for r in failed:
+        ft.add_row(r.file, str(r.attempts), r.reason or "-")
+    return ft
+
+
+def _implausible_part(rep: Report, limit: int = 20) -> Any:
+    it = _table(f"Implausible alignments ({rep.totals.get('implausible', 0)}; original bullets kept)",
+                [("file", "left"), ("warning", "left")])
+    for f, w in rep.implausible[:limit]:
+        it.add_row(f, w)
+    return it
+
+
+def _prediction_part(rep: Report) -> str:
+    st = rep.prediction
+    if not st.n:
+        return "Learned vs observed memory: no finished file with a prediction"
+    lines = [
+        f"Learned vs observed memory ({st.n} finished files; error = observed peak - predicted)",
+        f"  mean error {st.mean_error_mb:+,.0f} MiB, mean |error| {st.mean_abs_error_mb:,.0f} MiB, "
+        f"p50 |error| {st.p50_abs_error_mb:,.0f} MiB, p90 |error| {st.p90_abs_error_mb:,.0f} MiB, "
+        f"max |error| {st.max_abs_error_mb:,.0f} MiB",
+        f"  under-predicted {st.under_predicted} of {st.n}" + (", worst:" if st.worst_under else ""),
+    ]
+    lines += [f"    {r.file}  {r.error_mb:+,.0f} MiB" for r in st.worst_under[:3]]
+    if st.killed_attempts:
+        lines.append(f"  killed attempts above their prediction: {st.killed_over_prediction} of {st.killed_attempts}")
+    return "\n".join(lines)
+
+
+def render_text(report: Report, sort: str = "peak", limit: int | None = None) -> str:
+    """A plain-text summary: header lines, then files, kills, pauses, quarantine and predictions."""
+    rep = report
+    head = [*_head_run(rep), _head_memory(rep), _head_files(rep), *_head_events(rep)]
+    parts: list[Any] = ["\n".join(head), _files_part(rep, sort, limit)]
     if rep.kills:
-        kt = _table(
-            "Kills",
-            [("at", "right"), ("worker", "left"), ("file", "left"), ("uss MiB", "right"),
-             ("pred MiB", "right"), ("used/budget MiB", "right"), ("reason", "left")],
-        )
-        for k in rep.kills:
-            kt.add_row(_dur(k.t), str(k.worker), k.file or "-", _mib(k.uss_mb), _mib(k.predicted_mb),
-                       f"{_mib(k.used_mb)}/{_mib(k.budget_mb)}", k.reason or "-")
-        parts.append(kt)
+        parts.append(_kills_part(rep))
     if rep.pauses:
-        pt = _table(
-            "Pauses",
-            [("at", "right"), ("worker", "left"), ("file", "left"), ("paused", "right"),
-             ("used/budget MiB", "right"), ("reason", "left")],
-        )
-        for p in rep.pauses:
-            how = _dur(p.paused_s) + ("" if p.resumed else (" (killed)" if p.end_t is not None else " (still)"))
-            pt.add_row(_dur(p.t), str(p.worker), p.file or "-", how, f"{_mib(p.used_mb)}/{_mib(p.budget_mb)}", p.reason or "-")
-        parts.append(pt)
+        parts.append(_pauses_part(rep))
     if rep.quarantined:
-        qt = _table("Quarantined", [("file", "left"), ("tries", "right"), ("observed MiB", "right"), ("reason", "left")])
-        for r in rep.quarantined:
-            qt.add_row(r.file, str(r.attempts), _mib(r.peak_mb), r.reason or "-")
-        parts.append(qt)
+        parts.append(_quarantine_part(rep))
     failed = [r for r in rep.files if r.outcome == "failed"]
     if failed:
-        ft2 = _table("Failed", [("file", "left"), ("tries", "right"), ("reason", "left")])
-        for r in failed:
-            ft2.add_row(r.file, str(r.attempts), r.reason or "-")
-        parts.append(ft2)
-
-    st = rep.prediction
-    if st.n:
-        lines = [
-            f"Learned vs observed memory ({st.n} finished files; error = observed peak - predicted)",
-            f"  mean error {st.mean_error_mb:+,.0f} MiB, mean |error| {st.mean_abs_error_mb:,.0f} MiB, "
-            f"p50 |error| {st.p50_abs_error_mb:,.0f} MiB, p90 |error| {st.p90_abs_error_mb:,.0f} MiB, "
-            f"max |error| {st.max_abs_error_mb:,.0f} MiB",
-            f"  under-predicted {st.under_predicted} of {st.n}" + (", worst:" if st.worst_under else ""),
-        ]
-        lines += [f"    {r.file}  {r.error_mb:+,.0f} MiB" for r in st.worst_under[:3]]
-        if st.killed_attempts:
-            lines.append(
-                f"  killed attempts above their prediction: {st.killed_over_prediction} of {st.killed_attempts}"
-            )
-        parts.append("\n".join(lines))
-    else:
-        parts.append("Learned vs observed memory: no finished file with a prediction")
+        parts.append(_failed_part(failed))
+    if rep.implausible:
+        parts.append(_implausible_part(rep))
+    parts.append(_prediction_part(rep))
     return _render(parts)
+
+
+def to_dict(rep: Report) -> dict[str, Any]:
+    """The report as plain JSON-able data (``report --json``)."""
+    import dataclasses
+
+    d = dataclasses.asdict(rep)
+    d["implausible"] = [{"file": f, "warning": w} for f, w in rep.implausible]
+    return d
 
 
 def summarize_store(summary: dict) -> str:
@@ -790,138 +913,228 @@ def _time_scale(span_s: float) -> tuple[float, str]:
 
 
 def plot(events: list[dict], png_path: str | Path) -> Path:
-    """Write one PNG (1600x1000) of a run: memory over time on top, peak vs audio length below.
+    """Write :func:`figure` of a run to one PNG (1600x1000)."""
+    import matplotlib.pyplot as plt
 
-    Top: per-worker USS (solid) and PSS (dotted), total used, the budget and the limit, kills as
-    crosses and pauses as shaded spans. Bottom: each finished file's peak and each killed attempt's
-    memory against audio length, with the learned prediction line, so a reader sees at once whether
-    the model under-predicts long files.
+    fig = figure(events)
+    out = Path(png_path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
+
+
+def figure(events: list[dict]) -> Any:
+    """One run drawn on a matplotlib figure: memory over time on top, peak vs audio length below.
+
+    Top: each worker's USS (one colour each, its name at the end of its line), total used, the
+    budget, kills as crosses and pauses as shaded spans; the axis fits the data and the budget, and
+    a limit far above them is named rather than drawn. Bottom: each finished file's peak and each
+    killed attempt's memory against audio length, with the learned prediction line, so a reader
+    sees at once whether the model under-predicts long files.
     """
     import matplotlib
 
     matplotlib.use("Agg", force=True)
     import matplotlib.pyplot as plt
-    from matplotlib.lines import Line2D
-    from matplotlib.patches import Patch
 
     rep = summarize(events)
     samples = [ev for ev in events if ev.get("event") == "memory_sample"]
     span = max([rep.last_t] + [_num(ev.get("t")) or 0.0 for ev in samples] + [1.0])
     scale, unit = _time_scale(span)
+    fig = plt.figure(figsize=(16, 10), dpi=100)
+    outer = fig.add_gridspec(2, 1, height_ratios=[3, 2], hspace=0.32)
+    series = _memory_series(samples, scale)
+    budget, limit = _last_or(series.budget, rep.budget_mb), _last_or(series.limit, rep.limit_mb)
+    # A budget far above the data would squash the workers' lines into the bottom of the axis:
+    # then the axis is broken, a thin band above shows the budget and limit, the main part fits the data.
+    band = None
+    if budget is not None and series.top() > 0 and budget > 3 * series.top():
+        inner = outer[0].subgridspec(2, 1, height_ratios=[1, 6], hspace=0.06)
+        band = fig.add_subplot(inner[0])
+        ax = fig.add_subplot(inner[1], sharex=band)
+    else:
+        ax = fig.add_subplot(outer[0])
+    ax2 = fig.add_subplot(outer[1])
+    _plot_title(fig, rep)
+    handles = _plot_memory(ax, plt, rep, series, span, scale, unit)
+    handles += _plot_limits(band or ax, plt, series, budget, limit, band is not None)
+    if band is not None:
+        ax.set_title("", loc="left")
+        ax.spines["top"].set_visible(False)
+        kw = dict(transform=ax.transAxes, color="0.3", clip_on=False, lw=1.2)
+        for x in (0, 1):
+            ax.plot([x - 0.006, x + 0.006], [1 - 0.014, 1 + 0.014], **kw)
+    handles += _plot_pauses(ax, rep, span, scale)
+    handles += _plot_kills(ax, rep, scale)
+    if not rep.finished and samples:
+        handles.append(ax.axvline(rep.last_t / scale, color="0.35", lw=1.5, ls="-.", label="log ends (no run_finished)"))
+    if handles:
+        (band or ax).legend(handles=handles, loc="upper left", bbox_to_anchor=(1.005, 1.0), fontsize=10,
+                            frameon=False)
+    _plot_peaks(ax2, rep, events)
+    fig.subplots_adjust(left=0.05, right=0.80, top=0.87, bottom=0.07)
+    return fig
 
-    fig, (ax, ax2) = plt.subplots(
-        2, 1, figsize=(16, 10), dpi=100, gridspec_kw={"height_ratios": [3, 2], "hspace": 0.32}
-    )
+
+def _plot_title(fig: Any, rep: Report) -> None:
     status = "finished" if rep.finished else "log ended without run_finished"
-    fig.suptitle(
-        f"Run {rep.run or '?'}: {rep.engine or '?'} {rep.model or ''} on {rep.device or '?'}",
-        x=0.05, ha="left", fontsize=15, fontweight="bold",
-    )
-    fig.text(
-        0.05, 0.935,
-        f"{rep.totals.get('done', 0)} done, {rep.totals.get('failed', 0)} failed, "
-        f"{rep.totals.get('quarantined', 0)} quarantined, {len(rep.kills)} kills, {len(rep.pauses)} pauses; "
-        f"wall {_dur(rep.wall_s)}, {rep.audio_seconds_done / 3600:.2f} h of audio aligned; {status}",
-        ha="left", fontsize=11, color="0.25",
-    )
+    fig.suptitle(f"Run {rep.run or '?'}: {rep.engine or '?'} {rep.model or ''} on {rep.device or '?'}",
+                 x=0.05, ha="left", fontsize=15, fontweight="bold")
+    fig.text(0.05, 0.935,
+             f"{rep.totals.get('done', 0)} done, {rep.totals.get('failed', 0)} failed, "
+             f"{rep.totals.get('quarantined', 0)} quarantined, {len(rep.kills)} kills, {len(rep.pauses)} pauses; "
+             f"wall {_dur(rep.wall_s)}, {rep.audio_seconds_done / 3600:.2f} h of audio aligned; {status}",
+             ha="left", fontsize=11, color="0.25")
 
-    # ---- memory over time
-    per_worker: dict[str, dict[str, list[float]]] = {}
-    used_t: list[float] = []
-    used_v: list[float] = []
-    budget_t: list[float] = []
-    budget_v: list[float] = []
-    limit_t: list[float] = []
-    limit_v: list[float] = []
+
+@dataclass
+class _Series:
+    """Memory samples as plot coordinates (x in the chosen time unit, y in GiB)."""
+
+    used: tuple[list[float], list[float]] = field(default_factory=lambda: ([], []))
+    budget: tuple[list[float], list[float]] = field(default_factory=lambda: ([], []))
+    limit: tuple[list[float], list[float]] = field(default_factory=lambda: ([], []))
+    workers: dict[str, tuple[list[float], list[float]]] = field(default_factory=dict)
+
+    def top(self) -> float:
+        ys = [y for y in self.used[1] if y == y]  # the data only: budget and limit are placed apart
+        ys += [y for _, wy in self.workers.values() for y in wy if y == y]
+        return max(ys, default=0.0)
+
+
+def _memory_series(samples: list[dict], scale: float) -> _Series:
+    s = _Series()
     for ev in samples:
         t = _num(ev.get("t"))
         if t is None:
             continue
         x = t / scale
-        used = _num(ev.get("used_mb"))
-        if used is not None:
-            used_t.append(x)
-            used_v.append(used / 1024)
-        b = _num(ev.get("budget_mb"))
-        if b is not None:
-            budget_t.append(x)
-            budget_v.append(b / 1024)
-        lim = _num(ev.get("limit_mb"))
-        if lim is not None:
-            limit_t.append(x)
-            limit_v.append(lim / 1024)
+        for key, (xs, ys) in (("used_mb", s.used), ("budget_mb", s.budget), ("limit_mb", s.limit)):
+            v = _num(ev.get(key))
+            if v is not None:
+                xs.append(x)
+                ys.append(v / 1024)
         for w in ev.get("workers") or ():
-            if not isinstance(w, dict):
-                continue
-            name = str(w.get("worker", w.get("pid", "?")))
-            d = per_worker.setdefault(name, {"t": [], "uss": [], "pss": []})
-            d["t"].append(x)
-            uss, pss = _num(w.get("uss_mb")), _num(w.get("pss_mb"))
-            d["uss"].append(float("nan") if uss is None else uss / 1024)
-            d["pss"].append(float("nan") if pss is None else pss / 1024)
+            if isinstance(w, dict):
+                xs, ys = s.workers.setdefault(str(w.get("worker", w.get("pid", "?"))), ([], []))
+                uss = _num(w.get("uss_mb"))
+                xs.append(x)
+                ys.append(float("nan") if uss is None else uss / 1024)
+    return s
 
+
+def _plot_memory(ax: Any, plt: Any, rep: Report, s: _Series, span: float, scale: float, unit: str) -> list[Any]:
     handles: list[Any] = []
-    tab10 = plt.get_cmap("tab10")
-    # Red, orange and grey mean limit, budget and annotations here; workers get the other hues.
-    palette = [tab10(i) for i in (0, 2, 4, 5, 6, 8, 9)]
-    if not samples:
+    if not s.used[0] and not s.workers:
         ax.text(0.5, 0.5, "no memory_sample events in this log", ha="center", va="center",
                 transform=ax.transAxes, fontsize=14, color="0.4")
-    for i, (name, d) in enumerate(per_worker.items()):
+    # Orange and red mean budget and limit; the workers get the other hues of tab10.
+    tab10 = plt.get_cmap("tab10")
+    palette = [tab10(i) for i in (0, 2, 4, 5, 6, 7, 8, 9)]
+    ends: list[tuple[float, float, str, Any]] = []
+    for i, (name, (xs, ys)) in enumerate(s.workers.items()):
         color = palette[i % len(palette)]
-        (h,) = ax.plot(d["t"], d["uss"], color=color, lw=1.6, label=f"{name} USS")
-        ax.plot(d["t"], d["pss"], color=color, lw=1.0, ls=":", alpha=0.8)
+        label = name if name[:1].isalpha() else f"w{name}"
+        (h,) = ax.plot(xs, ys, color=color, lw=2.0, alpha=0.9, label=f"worker {label} (USS)")
+        if i < 12:
+            handles.append(h)
+        last = next(((x, y) for x, y in zip(reversed(xs), reversed(ys)) if y == y), None)
+        if last is not None:
+            ends.append((last[1], last[0], label, color))
+    _label_line_ends(ax, ends, max(s.top(), 0.1) * 0.04)
+    if len(s.workers) > 12:
+        handles.append(plt.Line2D([], [], color="none", label=f"... {len(s.workers) - 12} more workers"))
+    if s.used[0]:
+        (h,) = ax.plot(*s.used, color="black", lw=2.6, label="total used (PSS, all workers)")
         handles.append(h)
-    if per_worker:
-        handles.append(Line2D([], [], color="0.3", lw=1.0, ls=":", label="PSS (same colour)"))
-    if used_t:
-        (h,) = ax.plot(used_t, used_v, color="black", lw=2.6, label="total used")
+    ax.set_ylim(0, max(s.top(), 0.1) * 1.12)
+    ax.set_xlim(0, span / scale * 1.04)
+    ax.set_title("Memory over time per worker", fontsize=13, loc="left")
+    ax.set_xlabel(f"time since run start ({unit})", fontsize=11)
+    ax.set_ylabel("memory (GiB)", fontsize=11)
+    ax.grid(True, alpha=0.3)
+    return handles
+
+
+def _label_line_ends(ax: Any, ends: list[tuple[float, float, str, Any]], gap: float) -> None:
+    """Name each worker's line where it ends, nudging labels apart so none sits on another."""
+    placed: list[tuple[float, float]] = []  # (x, y) of labels already drawn
+    for y, x, label, color in sorted(ends):
+        ty = y
+        while any(abs(ty - py) < gap and abs(x - px) < 1e-9 + abs(x) * 0.05 for px, py in placed):
+            ty += gap
+        placed.append((x, ty))
+        ax.annotate(label, (x, y), xytext=(x, ty), textcoords="data", fontsize=9, color=color,
+                    va="center", fontweight="bold")
+
+
+def _last_or(xy: tuple[list[float], list[float]], fallback_mb: float | None) -> float | None:
+    return xy[1][-1] if xy[1] else (fallback_mb / 1024 if fallback_mb is not None else None)
+
+
+def _plot_limits(ax: Any, plt: Any, s: _Series, budget: float | None, limit: float | None,
+                 band: bool) -> list[Any]:
+    """The budget and limit lines, on the main axis (raising its top to show them) or in the band
+    of a broken axis; a limit far above everything is named in the legend rather than drawn."""
+    handles: list[Any] = []
+    if budget is not None:
+        label = f"budget ({budget:.1f} GiB)"
+        if s.budget[0]:
+            (h,) = ax.step(*s.budget, where="post", color="tab:orange", lw=2.2, ls="--", label=label)
+        else:
+            h = ax.axhline(budget, color="tab:orange", lw=2.2, ls="--", label=label)
         handles.append(h)
-    if budget_t:
-        (h,) = ax.step(budget_t, budget_v, where="post", color="tab:orange", lw=2.0, ls="--",
-                       label=f"budget ({budget_v[-1]:.1f} GiB)")
-        handles.append(h)
-    elif rep.budget_mb is not None:
-        handles.append(ax.axhline(rep.budget_mb / 1024, color="tab:orange", lw=2.0, ls="--",
-                                  label=f"budget ({rep.budget_mb / 1024:.1f} GiB)"))
-    if limit_t:
-        (h,) = ax.step(limit_t, limit_v, where="post", color="tab:red", lw=2.0,
-                       label=f"limit ({limit_v[-1]:.1f} GiB)")
-        handles.append(h)
-    elif rep.limit_mb is not None:
-        handles.append(ax.axhline(rep.limit_mb / 1024, color="tab:red", lw=2.0,
-                                  label=f"limit ({rep.limit_mb / 1024:.1f} GiB)"))
+    low = budget if band and budget is not None else 0.0
+    top = max(s.top() if not band else 0.0, budget or 0.0, 0.1) * 1.12
+    if limit is not None and limit <= max(top, budget or 0.0) * 1.3:
+        top = max(top, limit * 1.05)
+        handles.append(ax.axhline(limit, color="tab:red", lw=2.0, label=f"limit ({limit:.1f} GiB)"))
+    elif limit is not None:
+        handles.append(plt.Line2D([], [], color="tab:red", lw=2.0, label=f"limit {limit:.1f} GiB (above the chart)"))
+    if band:
+        ax.set_ylim(low * 0.9, top)
+        ax.set_title("Memory over time per worker (axis broken: the budget is far above the data)", fontsize=13,
+                     loc="left")
+        ax.tick_params(labelbottom=False, bottom=False)
+        ax.spines["bottom"].set_visible(False)
+        ax.grid(True, alpha=0.3)
+        kw = dict(transform=ax.transAxes, color="0.3", clip_on=False, lw=1.2)
+        for x in (0, 1):
+            ax.plot([x - 0.006, x + 0.006], [-0.08, 0.08], **kw)
+    else:
+        ax.set_ylim(0, max(ax.get_ylim()[1], top))
+    return handles
+
+
+def _plot_pauses(ax: Any, rep: Report, span: float, scale: float) -> list[Any]:
+    from matplotlib.patches import Patch
 
     pause_color = "goldenrod"
-    last_label_x = None
-    stagger = 0
+    last_label_x, stagger = None, 0
     for p in rep.pauses:
         if p.t is None:
             continue
         end = p.end_t if p.end_t is not None else rep.last_t
         # A pause of a second would be invisible at run scale; give it a visible minimum width.
         width = max((end - p.t) / scale, span / scale * 0.004)
-        ax.axvspan(p.t / scale, p.t / scale + width, color=pause_color, alpha=0.22, lw=0)
         x = p.t / scale
+        ax.axvspan(x, x + width, color=pause_color, alpha=0.22, lw=0)
         close = last_label_x is not None and (x - last_label_x) < span / scale * 0.03
         stagger = stagger + 1 if close else 0
         last_label_x = x
         ax.annotate(f"pause {p.worker}", (x, 1.0), xycoords=("data", "axes fraction"),
                     xytext=(3, -6 - 64 * (stagger % 3)), textcoords="offset points", fontsize=9,
                     color="darkgoldenrod", rotation=90, va="top", ha="left")
-    if rep.pauses:
-        handles.append(Patch(color=pause_color, alpha=0.35, label="worker paused"))
-    if not rep.finished and samples:
-        handles.append(ax.axvline(rep.last_t / scale, color="0.35", lw=1.5, ls="-.",
-                                  label="log ends (no run_finished)"))
+    return [Patch(color=pause_color, alpha=0.35, label="worker paused")] if rep.pauses else []
 
-    kill_y: list[float] = []
+
+def _plot_kills(ax: Any, rep: Report, scale: float) -> list[Any]:
     kill_x: list[float] = []
+    kill_y: list[float] = []
     for k in rep.kills:
-        if k.t is None:
-            continue
         y = k.uss_mb if k.uss_mb is not None else k.used_mb
-        if y is None:
+        if k.t is None or y is None:
             continue
         kill_x.append(k.t / scale)
         kill_y.append(y / 1024)
@@ -930,33 +1143,58 @@ def plot(events: list[dict], png_path: str | Path) -> Path:
                     textcoords="offset points", fontsize=9, color="tab:red")
         if k.used_mb is not None:
             ax.plot([k.t / scale], [k.used_mb / 1024], marker="x", color="tab:red", ms=9, mew=2)
-    if kill_x:
-        (h,) = ax.plot(kill_x, kill_y, ls="none", marker="X", color="tab:red", ms=12, mec="white", mew=1,
-                       label="kill (worker USS; x on total)")
-        handles.append(h)
+    if not kill_x:
+        return []
+    (h,) = ax.plot(kill_x, kill_y, ls="none", marker="X", color="tab:red", ms=12, mec="white", mew=1,
+                   label="kill (worker USS; x on total)")
+    return [h]
 
-    ax.set_title("Memory over time per worker", fontsize=13, loc="left")
-    ax.set_xlabel(f"time since run start ({unit})", fontsize=11)
-    ax.set_ylabel("memory (GiB)", fontsize=11)
-    ax.set_ylim(bottom=0)
-    ax.set_xlim(left=0)
-    ax.grid(True, alpha=0.3)
-    if handles:
-        ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.005, 1.0), fontsize=10, frameon=False)
 
-    # ---- peak vs audio length
-    done_x = [r.audio_seconds / 60 for r in rep.files if r.outcome == "done" and r.audio_seconds and r.peak_mb]
-    done_y = [r.peak_mb / 1024 for r in rep.files if r.outcome == "done" and r.audio_seconds and r.peak_mb]
-    handles2: list[Any] = []
-    if done_x:
-        handles2.append(ax2.scatter(done_x, done_y, s=46, color="tab:blue", edgecolor="white", lw=0.6, zorder=3,
-                                    label="finished file: observed peak"))
+def _plot_peaks(ax2: Any, rep: Report, events: list[dict]) -> None:
+    done = [r for r in rep.files if r.outcome == "done" and r.audio_seconds and r.peak_mb]
+    handles: list[Any] = []
+    if done:
+        handles.append(ax2.scatter([r.audio_seconds / 60 for r in done], [r.peak_mb / 1024 for r in done], s=46,
+                                   color="tab:blue", edgecolor="white", lw=0.6, zorder=3,
+                                   label="finished file: observed peak"))
     audio_of = {r.file: r.audio_seconds for r in rep.files}
-    kx = [audio_of.get(k.file) / 60 for k in rep.kills if audio_of.get(k.file) and k.uss_mb is not None]
-    ky = [k.uss_mb / 1024 for k in rep.kills if audio_of.get(k.file) and k.uss_mb is not None]
-    if kx:
-        handles2.append(ax2.scatter(kx, ky, s=90, marker="X", color="tab:red", edgecolor="white", lw=0.6, zorder=4,
-                                    label="killed attempt: USS at kill\n(the true peak is higher)"))
+    killed = [k for k in rep.kills if audio_of.get(k.file) and k.uss_mb is not None]
+    if killed:
+        handles.append(ax2.scatter([audio_of[k.file] / 60 for k in killed], [k.uss_mb / 1024 for k in killed], s=90,
+                                   marker="X", color="tab:red", edgecolor="white", lw=0.6, zorder=4,
+                                   label="killed attempt: USS at kill\n(the true peak is higher)"))
+    _label_retried(ax2, rep)
+    others = [r for r in rep.files if r.outcome in ("running", "pending", "killed", "quarantined")
+              and r.audio_seconds and r.peak_mb and r.kills == 0]
+    if others:
+        handles.append(ax2.scatter([r.audio_seconds / 60 for r in others], [r.peak_mb / 1024 for r in others],
+                                   s=46, marker="s", facecolor="none", edgecolor="0.35", zorder=3,
+                                   label="unfinished file: highest seen"))
+    predicted = _plot_predictions(ax2, events)
+    handles += predicted
+    peaks = [r.peak_mb / 1024 for r in done + others] + [k.uss_mb / 1024 for k in killed]
+    peaks += [y for line in predicted[:1] for y in line.get_ydata()]
+    if rep.budget_mb is not None and (not peaks or rep.budget_mb / 1024 <= 3 * max(peaks)):
+        handles.append(ax2.axhline(rep.budget_mb / 1024, color="tab:orange", lw=1.5, ls="--", label="budget (whole pool)"))
+    elif rep.budget_mb is not None:
+        import matplotlib.lines as mlines
+
+        handles.append(mlines.Line2D([], [], color="tab:orange", lw=1.5, ls="--",
+                                     label=f"budget {rep.budget_mb / 1024:.1f} GiB (above the chart)"))
+    if not (done or killed or predicted or others):
+        ax2.text(0.5, 0.5, "no finished or admitted files in this log", ha="center", va="center",
+                 transform=ax2.transAxes, fontsize=14, color="0.4")
+    ax2.set_title("Peak memory vs audio length per file", fontsize=13, loc="left")
+    ax2.set_xlabel("audio length (min)", fontsize=11)
+    ax2.set_ylabel("peak worker memory, USS (GiB)", fontsize=11)
+    ax2.set_ylim(bottom=0)
+    ax2.set_xlim(left=0)
+    ax2.grid(True, alpha=0.3)
+    if handles:
+        ax2.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.005, 1.0), fontsize=10, frameon=False)
+
+
+def _label_retried(ax2: Any, rep: Report) -> None:
     x_max = max([r.audio_seconds or 0.0 for r in rep.files] + [1.0]) / 60
     for r in rep.files:
         if r.kills and r.audio_seconds and r.peak_mb:
@@ -966,13 +1204,11 @@ def plot(events: list[dict], png_path: str | Path) -> Path:
                          (r.audio_seconds / 60, r.peak_mb / 1024), xytext=(-10 if right else 8, -4),
                          textcoords="offset points", fontsize=9, color="0.2", ha="right" if right else "left",
                          va="top")
-    others = [r for r in rep.files if r.outcome in ("running", "pending", "killed", "quarantined")
-              and r.audio_seconds and r.peak_mb and r.kills == 0]
-    if others:
-        handles2.append(ax2.scatter([r.audio_seconds / 60 for r in others], [r.peak_mb / 1024 for r in others],
-                                    s=46, marker="s", facecolor="none", edgecolor="0.35", zorder=3,
-                                    label="unfinished file: highest seen"))
-    # The learned line: the last prediction made for each file, sorted by audio length.
+
+
+def _plot_predictions(ax2: Any, events: list[dict]) -> list[Any]:
+    """The learned line: the first prediction made for each file, sorted by audio length, and the
+    raised estimates of retries."""
     last_pred: dict[str, tuple[float, float]] = {}
     first_pred: dict[str, tuple[float, float]] = {}
     for ev in events:
@@ -981,34 +1217,15 @@ def plot(events: list[dict], png_path: str | Path) -> Path:
             if a is not None and p is not None:
                 first_pred.setdefault(ev["file"], (a, p))
                 last_pred[ev["file"]] = (a, p)
-    if first_pred:
-        pts = sorted(first_pred.values())
-        (h,) = ax2.plot([a / 60 for a, _ in pts], [p / 1024 for _, p in pts], color="tab:green", lw=2.0,
-                        marker=".", ms=6, label="learned prediction (first admission)")
-        handles2.append(h)
-        raised = [(a, p) for f, (a, p) in last_pred.items() if (a, p) != first_pred[f]]
-        if raised:
-            handles2.append(ax2.scatter([a / 60 for a, _ in raised], [p / 1024 for _, p in raised], s=70,
-                                        marker="^", color="tab:green", edgecolor="black", lw=0.6, zorder=4,
-                                        label="raised estimate on retry"))
-    if rep.budget_mb is not None:
-        handles2.append(ax2.axhline(rep.budget_mb / 1024, color="tab:orange", lw=1.5, ls="--",
-                                    label="budget (whole pool)"))
-    if not (done_x or kx or first_pred or others):
-        ax2.text(0.5, 0.5, "no finished or admitted files in this log", ha="center", va="center",
-                 transform=ax2.transAxes, fontsize=14, color="0.4")
-    ax2.set_title("Peak memory vs audio length per file", fontsize=13, loc="left")
-    ax2.set_xlabel("audio length (min)", fontsize=11)
-    ax2.set_ylabel("peak worker memory, USS (GiB)", fontsize=11)
-    ax2.set_ylim(bottom=0)
-    ax2.set_xlim(left=0)
-    ax2.grid(True, alpha=0.3)
-    if handles2:
-        ax2.legend(handles=handles2, loc="upper left", bbox_to_anchor=(1.005, 1.0), fontsize=10, frameon=False)
-
-    fig.subplots_adjust(left=0.05, right=0.80, top=0.87, bottom=0.07)
-    out = Path(png_path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
-    return out
+    if not first_pred:
+        return []
+    pts = sorted(first_pred.values())
+    (h,) = ax2.plot([a / 60 for a, _ in pts], [p / 1024 for _, p in pts], color="tab:green", lw=2.0,
+                    marker=".", ms=6, label="learned prediction (first admission)")
+    handles = [h]
+    raised = [(a, p) for f, (a, p) in last_pred.items() if (a, p) != first_pred[f]]
+    if raised:
+        handles.append(ax2.scatter([a / 60 for a, _ in raised], [p / 1024 for _, p in raised], s=70,
+                                   marker="^", color="tab:green", edgecolor="black", lw=0.6, zorder=4,
+                                   label="raised estimate on retry"))
+    return handles

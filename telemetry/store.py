@@ -371,6 +371,14 @@ class TelemetryStore:
         )
         return rows[0]["mb"] if rows else None
 
+    def lower_bounds(self, engine: str, model: str, device: str) -> dict[str, float]:
+        """Every stored lower bound of one key, by input hash: one query for a whole corpus."""
+        rows = self._read(
+            "SELECT input_hash, mb FROM lower_bounds WHERE engine = ? AND model = ? AND device = ?",
+            (engine, model, device),
+        )
+        return {r["input_hash"]: r["mb"] for r in rows}
+
     # -- worker baselines ----------------------------------------------------------------------
 
     def record_baseline(
@@ -418,6 +426,25 @@ class TelemetryStore:
         )
         return _loads(rows[0]["params"]) if rows else None
 
+    def reset_model(self, engine: str | None = None, model: str | None = None) -> int:
+        """Forget what was learned (the model, per-file lower bounds, worker baselines) for one
+        engine, one engine/model (with its dtype and profile variants), or everything. The attempts
+        stay as history. Returns how many learned models were dropped."""
+        where, args = "1 = 1", []
+        if engine is not None:
+            where, args = "engine = ?", [engine]
+            if model is not None:
+                where += " AND (model = ? OR model LIKE ? OR model LIKE ?)"
+                args += [model, model + "@%", model + "/%"]
+
+        def run(c: sqlite3.Connection) -> int:
+            n = c.execute(f"DELETE FROM models WHERE {where}", args).rowcount
+            c.execute(f"DELETE FROM lower_bounds WHERE {where}", args)
+            c.execute(f"DELETE FROM baselines WHERE {where}", args)
+            return n
+
+        return self._write(run)
+
     # -- reports -------------------------------------------------------------------------------
 
     def ratios(self) -> list[dict[str, Any]]:
@@ -449,6 +476,7 @@ class TelemetryStore:
                     "samples": info["samples"],
                     "model_samples": params.get("n_samples"),
                     "intercept_mb": params.get("intercept_mb"),
+                    "mb_per_span_second": params.get("mb_per_span_second"),
                     "mb_per_audio_second": params.get("mb_per_audio_second"),
                     "mb_per_media_mb": params.get("mb_per_media_mb"),
                     "upper_intercept_mb": params.get("upper_intercept_mb"),

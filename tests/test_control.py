@@ -92,7 +92,7 @@ def shared():
 def test_round_trip_and_owner_only_modes(loop, tmp_path):
     state = tmp_path / "state"  # does not exist yet: created 0700
     path = default_socket_path(state)
-    assert path == state / "control.sock"
+    assert path == state / "control" / f"{os.getpid()}.sock"
     calls = []
 
     def get_status() -> dict:
@@ -104,12 +104,12 @@ def test_round_trip_and_owner_only_modes(loop, tmp_path):
     try:
         assert stat.S_ISSOCK(os.lstat(path).st_mode)
         assert (os.lstat(path).st_mode & 0o777) == 0o600
-        assert (state.stat().st_mode & 0o777) == 0o700
+        assert (path.parent.stat().st_mode & 0o777) == 0o700
         got = query_status(path)
         assert got["run"] == STATUS["run"] and got["memory"] == STATUS["memory"]
         assert got["workers"] == STATUS["workers"] and got["where"] == "/srv/x"
         assert len(calls) == 1
-        assert [p.name for p in state.iterdir()] == ["control.sock"]  # no temporary names left
+        assert [p.name for p in path.parent.iterdir()] == [path.name]  # no temporary names left
     finally:
         loop.run(server.stop())
     assert not path.exists()
@@ -332,3 +332,30 @@ def test_root_may_query_another_users_supervisor(shared):
         proc.wait(timeout=30)
     assert proc.returncode == 0, proc.stderr.read()
     assert not path.exists()
+
+
+def test_several_supervisors_each_have_a_socket_and_a_deep_state_dir_still_gets_one(loop, tmp_path):
+    from supervisor.control import list_sockets, query_all, select, socket_dir
+
+    state = tmp_path / ("deep" * 20) / "state"  # socket paths may hold 107 bytes only
+    d = socket_dir(state)
+    assert len(str(d / "4194304.sock")) <= 107 and d == socket_dir(state)
+    servers = [ControlServer(default_socket_path(state, pid), lambda pid=pid: {"pid": pid, "run": f"r{pid}"},
+                             info={"out": str(tmp_path / f"out{pid}")}) for pid in (os.getpid(), 1)]
+    for s in servers:
+        loop.run(s.start())
+    try:
+        assert (d.stat().st_mode & 0o777) == 0o700
+        found = list_sockets(state)
+        assert [p.name for p in found] == ["1.sock", f"{os.getpid()}.sock"]
+        statuses = loop.run(asyncio.to_thread(query_all, state))
+        assert sorted(s["pid"] for s in statuses) == sorted([1, os.getpid()])
+        assert [s["pid"] for s in select(statuses, str(tmp_path / "out1"))] == [1]
+        assert [s["pid"] for s in select(statuses, str(os.getpid()))] == [os.getpid()]
+    finally:
+        for s in servers:
+            loop.run(s.stop())
+    # a socket left by a process that is gone is cleaned up, a live one's is not touched
+    dead = d / "4194303.sock"
+    dead.write_text("")
+    assert list_sockets(state) == [] and not dead.exists()

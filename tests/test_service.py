@@ -145,8 +145,10 @@ def test_systemd_notify_ready_status_watchdog_stopping(tmp_path):
     assert "READY=1" in lines
     assert any(ln.startswith("STATUS=") and "done" in ln for ln in lines)
     assert "WATCHDOG=1" in lines
-    assert lines.index("READY=1") < len(lines) - 1
-    assert lines[-1] == "STOPPING=1" or "STOPPING=1" in lines
+    # READY first, STOPPING last, and nothing announced after STOPPING.
+    assert lines.index("READY=1") < lines.index("STOPPING=1")
+    assert lines[-1] == "STOPPING=1"
+    assert all(ln == "STOPPING=1" for ln in lines[lines.index("STOPPING=1"):])
 
 
 def test_status_socket_answers_while_workers_run_and_refuses_other_users(tmp_path):
@@ -159,7 +161,7 @@ def test_status_socket_answers_while_workers_run_and_refuses_other_users(tmp_pat
                   BATCHALIGN_SUPERVISE_ENGINE_SYNTHETIC_CPU_SECONDS_PER_AUDIO_SECOND="0.1")
     try:
         wait_for_event(log, "file_started")
-        sock = state / "control.sock"
+        sock = state / "control" / f"{p.pid}.sock"  # one socket per running supervisor
         assert (sock.stat().st_mode & 0o777) == 0o600
         r = subprocess.run([sys.executable, "-m", "supervisor.cli", "status", "--state-dir", str(state), "--json"],
                            capture_output=True, text=True, env=env_for(tmp_path), timeout=30)
@@ -172,7 +174,7 @@ def test_status_socket_answers_while_workers_run_and_refuses_other_users(tmp_pat
         assert human.returncode == 0 and "busy" in human.stdout
         if os.geteuid() == 0:
             assert _connect_as_nobody(sock) != "answered"
-        assert _stop(p, 120) == 0
+        assert _stop(p, 120) in (0, 4)  # 4 when the drain left a file not started
     finally:
         if p.poll() is None:
             p.kill()

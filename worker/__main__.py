@@ -20,7 +20,7 @@ import time
 import traceback
 from typing import Any, BinaryIO
 
-from worker import protocol
+from worker import protocol, selfmem
 from worker.engines.base import BootError, Job, JobError
 
 
@@ -35,43 +35,11 @@ def _set_parent_death_signal() -> None:
         pass
 
 
-def _read_status_kb(field: str) -> float | None:
-    try:
-        with open("/proc/self/status", "rb") as fh:
-            for line in fh:
-                if line.startswith(field.encode() + b":"):
-                    return float(line.split()[1])
-    except OSError:
-        return None
-    return None
-
-
-def _own_memory_mb() -> dict[str, float]:
-    """RSS/USS/PSS of this process from smaps_rollup (cheap, no psutil)."""
-    out = {"rss_mb": 0.0, "uss_mb": 0.0, "pss_mb": 0.0}
-    try:
-        with open("/proc/self/smaps_rollup", "rb") as fh:
-            for line in fh:
-                key, _, rest = line.partition(b":")
-                kb = rest.split()[0] if rest.split() else b"0"
-                if key == b"Rss":
-                    out["rss_mb"] = int(kb) / 1024
-                elif key == b"Pss":
-                    out["pss_mb"] = int(kb) / 1024
-                elif key in (b"Private_Clean", b"Private_Dirty"):
-                    out["uss_mb"] += int(kb) / 1024
-    except OSError:
-        rss = _read_status_kb("VmRSS")
-        out["rss_mb"] = out["uss_mb"] = out["pss_mb"] = (rss or 0.0) / 1024
-    return out
-
-
-def _clear_hwm() -> None:
-    try:
-        with open("/proc/self/clear_refs", "w") as fh:
-            fh.write("5")
-    except OSError:
-        pass
+_read_status_kb = selfmem.read_status_kb
+_own_memory_mb = selfmem.own_memory_mb
+_clear_hwm = selfmem.clear_hwm
+# Progress messages at most this often: a span can take milliseconds on a small model.
+PROGRESS_INTERVAL_S = 0.25
 
 
 class Channel:
@@ -125,7 +93,52 @@ def load_engine(name: str, options: dict[str, Any]):
     raise BootError(f"unknown engine {name!r} (known: wav2vec, whisper, synthetic)")
 
 
-def serve(engine, channel: Channel, stdin: BinaryIO, heartbeat: Heartbeat, log) -> int:
+def _follow_threads(threads: Any) -> None:
+    """Run this file on the threads the supervisor gives it now (cores / running workers)."""
+    torch = sys.modules.get("torch")
+    if threads and torch is not None and int(threads) != torch.get_num_threads():
+        torch.set_num_threads(int(threads))
+
+
+class _Progress:
+    """The progress callback an engine gets: a fraction for the heartbeat, and spans done, which
+    go out at once (throttled) as ``progress`` messages with the growth so far above READY."""
+
+    def __init__(self, channel: Channel, heartbeat: Heartbeat, job: str, ready_rss_mb: float) -> None:
+        self.channel, self.heartbeat, self.job, self.ready_rss_mb = channel, heartbeat, job, ready_rss_mb
+        self._sent_at = 0.0
+
+    def __call__(self, fraction: float) -> None:
+        self.heartbeat.progress = round(float(fraction), 4)
+
+    def spans(self, done: int, total: int) -> None:
+        now = time.monotonic()
+        if done <= 0 or (done < total and now - self._sent_at < PROGRESS_INTERVAL_S):
+            return
+        self._sent_at = now
+        peak = selfmem.hwm_mb() or selfmem.rss_mb() or 0.0
+        self.channel.send({"type": protocol.PROGRESS, "job": self.job, "spans_done": int(done),
+                           "spans_total": int(total), "growth_mb": round(max(0.0, peak - self.ready_rss_mb), 1)})
+
+
+def calibrate(engine, options: dict[str, Any], log) -> list[dict[str, Any]]:
+    """Probe spans measured on this worker after loading (the READY ``calibration``): the first
+    real file is then admitted on figures from this hardware, not on configured defaults."""
+    if not options.get("calibrate", True):
+        return []
+    try:
+        from worker.align import SpanAligner, measure_probes, probe_lengths, probe_plans, span_cap
+
+        aligner = getattr(engine, "aligner", None)
+        if isinstance(aligner, SpanAligner):
+            return measure_probes(aligner, probe_plans(aligner.max_span_s), engine.release)
+        return engine.probe(probe_lengths(span_cap(getattr(engine, "name", ""), options)))
+    except Exception:  # noqa: BLE001 - a failed probe leaves the defaults in charge, never the worker down
+        log.warning("calibration_failed", traceback=traceback.format_exc())
+        return []
+
+
+def serve(engine, channel: Channel, stdin: BinaryIO, heartbeat: Heartbeat, log, ready_rss_mb: float = 0.0) -> int:
     while True:
         try:
             msg = protocol.read_frame(stdin)
@@ -138,21 +151,20 @@ def serve(engine, channel: Channel, stdin: BinaryIO, heartbeat: Heartbeat, log) 
             log.error("protocol_error", error=f"unexpected message {msg['type']!r}")
             return protocol.EXIT_PROTOCOL_ERROR
         job = Job.from_message(msg)
+        _follow_threads(job.options.get("threads"))
         heartbeat.job, heartbeat.progress = job.job, 0.0
         _clear_hwm()
         t0, c0 = time.monotonic(), time.process_time()
         ru0 = resource.getrusage(resource.RUSAGE_CHILDREN)
         channel.send({"type": protocol.STARTED, "job": job.job})
 
-        def progress(fraction: float) -> None:
-            heartbeat.progress = round(float(fraction), 4)
-
+        progress = _Progress(channel, heartbeat, job.job, ready_rss_mb)
         try:
             result = engine.run(job, progress)
         except JobError as exc:
             channel.send({"type": protocol.ERROR, "job": job.job, "error": str(exc), "kind": exc.kind})
         except MemoryError:
-            channel.send({"type": protocol.ERROR, "job": job.job, "kind": "engine",
+            channel.send({"type": protocol.ERROR, "job": job.job, "kind": "memory",
                           "error": f"{job.input}: out of memory inside the worker"})
             return protocol.EXIT_OK  # a fresh process is the only clean state after MemoryError
         except Exception as exc:  # an engine bug must fail the file, not the run
@@ -168,6 +180,7 @@ def serve(engine, channel: Channel, stdin: BinaryIO, heartbeat: Heartbeat, log) 
                 "peak_rss_mb": round((_read_status_kb("VmHWM") or 0) / 1024, 1),
                 "wall_s": round(time.monotonic() - t0, 3), "cpu_s": round(cpu, 3),
                 "stats": result.stats, "warnings": result.warnings[:200],
+                "features_run": getattr(result, "features_run", None),
             })
         finally:
             heartbeat.job, heartbeat.progress = None, None
@@ -205,15 +218,16 @@ def main(argv: list[str] | None = None) -> int:
         channel.send({"type": protocol.BOOT_ERROR, "error": f"{args.engine}: {type(exc).__name__}: {exc}"})
         log.error("boot_failed", traceback=traceback.format_exc())
         return protocol.EXIT_BOOT_ERROR
+    probes = calibrate(engine, options, log)
     mem = _own_memory_mb()
     channel.send({"type": protocol.READY, "pid": os.getpid(), "protocol": protocol.PROTOCOL_VERSION,
                   "engine": args.engine, "model": getattr(engine, "model", ""),
                   "device": getattr(engine, "device", "cpu"), "startup_s": round(time.monotonic() - t0, 3),
-                  **{k: round(v, 1) for k, v in mem.items()}})
+                  "calibration": probes, **{k: round(v, 1) for k, v in mem.items()}})
     heartbeat = Heartbeat(channel, args.heartbeat, parent)
     heartbeat.start()
     try:
-        return serve(engine, channel, stdin, heartbeat, log)
+        return serve(engine, channel, stdin, heartbeat, log, mem["rss_mb"])
     except (BrokenPipeError, OSError):
         return protocol.EXIT_PARENT_GONE
 

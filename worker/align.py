@@ -11,9 +11,11 @@ still written.
 from __future__ import annotations
 
 import abc
+import functools
 import hashlib
 import json
 import logging
+import math
 import os
 import tempfile
 from dataclasses import dataclass
@@ -22,9 +24,10 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from worker.audio import AudioSource, default_cache_dir, find_media
+from telemetry.model import FileFeatures
+from worker.audio import AudioSource, default_cache_dir, find_media, media_duration
 from worker.chat import ChatError, ChatFile, UttAlignment, Utterance, WordTime, read_chat, render_chat, spoken_text
-from worker.engines.base import Job, JobError, JobResult, Progress
+from worker.engines.base import Job, JobError, JobResult, Progress, report_spans
 from worker.output import atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -32,6 +35,14 @@ log = logging.getLogger(__name__)
 # A silence longer than this between two utterances starts a new span: the model would only
 # spend time (and memory) on audio nobody aligns.
 MAX_GAP_S = 4.0
+# Timing recovery streams an untimed recording in windows of at most this many seconds.
+RECOVERY_WINDOW_S = 30.0
+# Engines whose model cannot take a longer span than this at once (Whisper's input window).
+SPAN_CAPS = {"whisper": 30.0}
+# Probe spans a worker measures on itself at READY: a short one and one at the span cap.
+PROBE_SHORT_S = 5.0
+PROBE_WORDS = ("the quick brown fox jumps over the lazy dog and then runs home to see what the little bird "
+               "is singing about today").split()
 
 
 @dataclass
@@ -144,8 +155,21 @@ class ResultCache:
             log.debug("result cache write failed: %s", exc)
 
 
+@functools.lru_cache(maxsize=1)
+def _aligner_version() -> str:
+    """This release's version: a new release may place words differently, so it never reuses
+    the word times an older one cached."""
+    try:
+        from importlib.metadata import version
+
+        return version("batchalign-supervise")
+    except Exception:  # noqa: BLE001 - a source tree never installed
+        return "0+unknown"
+
+
 def _cache_tag(aligner: SpanAligner) -> str:
-    return f"{aligner.name}|{aligner.model}|{aligner.dtype}|{aligner.sample_rate}|{aligner.language or ''}"
+    return (f"{aligner.name}|{aligner.model}|{aligner.dtype}|{aligner.sample_rate}|{aligner.language or ''}"
+            f"|{_aligner_version()}")
 
 
 def _resolve_cache(cache: Any, job: Job) -> tuple[Path, ResultCache | None]:
@@ -216,6 +240,213 @@ def group_spans(
     return spans
 
 
+# --------------------------------------------------------------------------------------------
+# The plan: what a file's memory depends on, before it runs
+
+
+@dataclass(frozen=True)
+class PlannedSpan:
+    """One piece of audio the model will hold at once, and its transcript's length."""
+
+    start_s: float
+    end_s: float
+    chars: int
+
+    @property
+    def seconds(self) -> float:
+        return max(0.0, self.end_s - self.start_s)
+
+
+def span_cap(engine: str, options: dict[str, Any]) -> float:
+    """The longest span ``engine`` runs at once with ``options`` (``span_seconds``, capped by the model)."""
+    try:
+        cap = float(options.get("span_seconds") or 30.0)
+    except (TypeError, ValueError):
+        cap = 30.0
+    cap = cap if cap > 0 else 30.0
+    return min(cap, SPAN_CAPS.get(engine, cap))
+
+
+def timed_requests(chat: ChatFile, duration_s: float | None) -> list[UttRequest]:
+    """The utterances a timed transcript sends to the model, from their bullets (as ``align_file``)."""
+    linked = not (chat.media is not None and "unlinked" in chat.media.flags)
+    out = []
+    if not linked:
+        return out
+    for u in chat.utterances:
+        if not u.words or u.bullet is None:
+            continue
+        s, e = u.bullet[0] / 1000.0, u.bullet[1] / 1000.0
+        if e <= s or (duration_s is not None and s >= duration_s):
+            continue
+        out.append(UttRequest(u.index, s, e, [spoken_text(w) for w in u.words]))
+    return out
+
+
+def _chars(words: Sequence[str]) -> int:
+    return len(" ".join(words))
+
+
+def planned_spans(requests: Sequence[UttRequest], cap: float) -> list[PlannedSpan]:
+    """The spans ``group_spans`` makes of these utterances, with their transcript lengths."""
+    return [PlannedSpan(min(r.start_s for r in span), max(r.end_s for r in span), sum(_chars(r.words) for r in span))
+            for span in group_spans(requests, cap)]
+
+
+def features_of(spans: Sequence[PlannedSpan], *, audio_s: float | None, media_mb: float | None,
+                windows: int = 0, window_s: float = 0.0, sample_rate: int | None = None,
+                channels: int | None = None) -> FileFeatures:
+    """Features of the spans a file runs; recovery windows count as spans of their own length."""
+    longest = max(spans, key=lambda p: (p.seconds, p.chars), default=None)
+    span_s = longest.seconds if longest is not None else 0.0
+    chars = longest.chars if longest is not None else 0
+    if windows and window_s > span_s:
+        span_s = window_s
+    return FileFeatures(audio_s=audio_s, media_mb=media_mb, longest_span_s=round(span_s, 3), longest_span_chars=chars,
+                        n_spans=len(spans), windows=windows, sample_rate=sample_rate, channels=channels)
+
+
+def _media_header(path: Path) -> tuple[float | None, float | None, int | None, int | None]:
+    """(seconds, MiB, sample rate, channels) from the header alone; unknowns are None."""
+    import soundfile  # noqa: PLC0415 - the worker has it loaded anyway
+
+    try:
+        size_mb = path.stat().st_size / 2**20
+    except OSError:
+        raise JobError(f"{path}: media file not found", kind="media") from None
+    rate = channels = None
+    try:
+        info = soundfile.info(str(path))
+        rate, channels = int(info.samplerate), int(info.channels)
+    except Exception:  # noqa: BLE001 - formats soundfile cannot read are decoded by ffmpeg later
+        pass
+    return media_duration(path), size_mb, rate, channels
+
+
+def plan_features(cha_path: Path | str, media_path: Path | str | None, engine: str,
+                  options: dict[str, Any] | None = None) -> FileFeatures:
+    """What ``engine`` will hold in memory for this file, from its plan: no model weights, only
+    the transcript and the media header, so the supervisor can call it for every file at intake.
+
+    Timed transcripts are grouped into spans exactly as ``align_file`` groups them; an untimed one
+    is streamed through timing recovery in windows and then cut into spans of at most the cap.
+    An engine that holds a whole file (the synthetic ``total`` profile) runs it as one span.
+    Bad input raises ``JobError`` with one line naming the file.
+    """
+    options = dict(options or {})
+    cha = Path(cha_path)
+    try:
+        chat = read_chat(cha)
+    except ChatError as exc:
+        raise JobError(str(exc), kind="input") from None
+    except OSError as exc:
+        raise JobError(f"{cha}: cannot read transcript: {exc.strerror or exc}", kind="input") from None
+    duration = size_mb = None
+    rate = channels = None
+    if media_path is not None:
+        duration, size_mb, rate, channels = _media_header(Path(media_path))
+    spoken = [u for u in chat.utterances if u.words]
+    total_chars = sum(_chars([spoken_text(w) for w in u.words]) for u in spoken)
+    cap = span_cap(engine, options)
+    if engine == "synthetic" and str(options.get("profile") or "total") == "total":
+        seconds = duration or 0.0
+        return FileFeatures(audio_s=duration, media_mb=size_mb, longest_span_s=seconds,
+                            longest_span_chars=total_chars, n_spans=1 if spoken else 0, windows=0,
+                            sample_rate=rate, channels=channels)
+    if not spoken or chat.has_timings:
+        spans = planned_spans(timed_requests(chat, duration), cap)
+        return features_of(spans, audio_s=duration, media_mb=size_mb, sample_rate=rate, channels=channels)
+    # Untimed: the recovered utterances are unknown yet; the spans fill the cap at worst.
+    window = min(cap, RECOVERY_WINDOW_S)
+    if duration is None:
+        return FileFeatures(audio_s=None, media_mb=size_mb, longest_span_s=cap, longest_span_chars=total_chars,
+                            n_spans=None, windows=None, sample_rate=rate, channels=channels)
+    span_s = min(cap, duration)
+    share = min(1.0, 1.5 * span_s / duration) if duration > 0 else 1.0
+    return FileFeatures(audio_s=duration, media_mb=size_mb, longest_span_s=round(span_s, 3),
+                        longest_span_chars=int(round(total_chars * share)),
+                        n_spans=max(1, math.ceil(duration / cap)), windows=max(1, math.ceil(duration / window)),
+                        sample_rate=rate, channels=channels)
+
+
+def measure_probes(aligner: "SpanAligner", plans: Sequence[Sequence[float]], release: Any = None) -> list[dict[str, Any]]:
+    """Growth of this worker on probe files of known spans: the READY ``calibration`` list.
+
+    Each plan is a file of faint noise whose timed transcript (at a speaking rate) makes spans of
+    the given lengths, aligned by ``align_file`` exactly as a real file is (transcript read, audio
+    read, spans through the model, result cache, output written), so the per-file overhead is in
+    the figure too. The largest plan runs once unmeasured first: the buffers and allocator pools a
+    worker keeps after its first files are then part of its READY baseline, as they are for every
+    file after the first, and each measured probe grows as a real file after READY does. Growth is
+    measured as a file's is (see ``selfmem.PeakWatch``).
+    """
+    import soundfile  # noqa: PLC0415
+
+    from worker import selfmem  # noqa: PLC0415
+
+    rng = np.random.default_rng(0)
+    out: list[dict[str, Any]] = []
+    plans = [list(map(float, p)) for p in plans if p and all(x > 0 for x in p)]
+    if not plans:
+        return out
+    largest = max(plans, key=sum)
+    with tempfile.TemporaryDirectory(prefix="batchalign-probe-") as tmp:
+        root = Path(tmp)
+        for k, spans in enumerate([largest, *plans]):
+            starts, t = [], 0.0
+            for seconds in spans:
+                starts.append(t)
+                t += seconds + MAX_GAP_S + 1.0  # a gap the driver will not bridge: separate spans
+            total = starts[-1] + spans[-1]
+            wav, cha = root / f"probe{k}.wav", root / f"probe{k}.cha"
+            soundfile.write(str(wav), (rng.standard_normal(int(16000 * total)) * 1e-3).astype(np.float32), 16000)
+            cha.write_text(_probe_chat(wav.stem, list(zip(starts, spans))), encoding="utf-8")
+            job = Job(job=f"probe{k}", input=cha, output=root / f"out{k}.cha", media=wav, rel=cha.name)
+            if release is not None:
+                release()
+            try:
+                with selfmem.PeakWatch() as watch:
+                    result = align_file(job, aligner, lambda f: None, cache=ResultCache(root / f"results{k}"))
+            except Exception as exc:  # noqa: BLE001 - a probe that fails only leaves the defaults in charge
+                log.debug("probe %s failed: %s", spans, exc)
+                continue
+            if k == 0 or result.features_run is None:
+                continue  # the unmeasured first pass
+            out.append({"features": result.features_run, "growth_mb": round(watch.growth_mb, 1)})
+    if release is not None:
+        release()
+    return out
+
+
+def _probe_chat(stem: str, spans: Sequence[tuple[float, float]]) -> str:
+    """A timed transcript whose utterances (at most 3 s, 2.5 words a second) fill each (start, length)."""
+    lines = ["@UTF8", "@Begin", "@Languages:\teng", "@Participants:\tPAR Participant",
+             "@ID:\teng|probe|PAR|||||Participant|||", f"@Media:\t{stem}, audio"]
+    k = 0
+    for start, seconds in spans:
+        t, stop = start, start + seconds
+        while t < stop - 0.05:
+            end = min(stop, t + 3.0)
+            n = max(1, int(round((end - t) * 2.5)))
+            words = " ".join(PROBE_WORDS[(k + i) % len(PROBE_WORDS)] for i in range(n))
+            lines.append(f"*PAR:\t{words} . \x15{int(round(t * 1000))}_{int(round(end * 1000))}\x15")
+            t, k = end, k + n
+    lines.append("@End")
+    return "\n".join(lines) + "\n"
+
+
+def probe_plans(cap: float) -> list[list[float]]:
+    """Probe files for a span aligner: one short span, and a full span followed by a short one (a
+    file of several spans, as every long recording is). Two points of the span line."""
+    short = min(PROBE_SHORT_S, cap)
+    return [[short], [cap, short]]
+
+
+def probe_lengths(cap: float) -> list[float]:
+    """Probe spans for an engine without a span aligner (the synthetic one): short and the cap."""
+    return sorted({min(PROBE_SHORT_S, cap), cap})
+
+
 def _utterance_times(
     chat: ChatFile, source: AudioSource, aligner: SpanAligner, progress: Progress
 ) -> dict[int, tuple[float, float]]:
@@ -260,8 +491,9 @@ def _run_span(
     source: AudioSource,
     span: list[UttRequest],
     cache: ResultCache | None,
-) -> tuple[dict[int, UttResult], float]:
-    """Results for one span (from the cache where possible) and the audio seconds the model saw."""
+) -> tuple[dict[int, UttResult], float, int]:
+    """Results for one span (from the cache where possible), and the audio seconds and transcript
+    characters the model saw (0 when the cache answered the whole span)."""
     results: dict[int, UttResult] = {}
     keys: dict[int, str] = {}
     todo = span
@@ -281,14 +513,15 @@ def _run_span(
             else:
                 todo.append(req)
     if not todo:
-        return results, 0.0
+        return results, 0.0, 0
     start = min(r.start_s for r in todo)
     end = max(r.end_s for r in todo)
     audio = source.read(start, end, rate=aligner.sample_rate)
     try:
         got = aligner.align_span(audio, start, list(todo))
     except (RuntimeError, MemoryError) as exc:
-        raise JobError(f"{source.path}: the model failed on {start:.2f}-{end:.2f} s: {_one_line(exc)}", kind="engine") from None
+        kind = "memory" if is_out_of_memory(exc) else "engine"
+        raise JobError(f"{source.path}: the model failed on {start:.2f}-{end:.2f} s: {_one_line(exc)}", kind=kind) from None
     by_index = {r.index: r for r in got}
     for req in todo:
         res = by_index.get(req.index)
@@ -301,7 +534,7 @@ def _run_span(
         results[req.index] = res
         if cache is not None and res.error is None and res.words is not None and req.index in keys:
             cache.put(keys[req.index], [None if w is None else (w[0] - req.start_s, w[1] - req.start_s) for w in res.words])
-    return results, len(audio) / float(aligner.sample_rate)
+    return results, len(audio) / float(aligner.sample_rate), sum(_chars(r.words) for r in todo)
 
 
 def _plausible(res: UttResult, req: UttRequest, audio: np.ndarray, start: float, rate: int) -> UttResult:
@@ -313,6 +546,15 @@ def _plausible(res: UttResult, req: UttRequest, audio: np.ndarray, start: float,
     b = max(a, int(round((req.end_s - start) * rate)))
     reason = check(res.words, req.words, req.start_s, req.end_s, audio[a:b], rate)
     return res if reason is None else UttResult(req.index, None, error=f"{IMPLAUSIBLE} {reason}")
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """MemoryError or torch's out-of-memory (CPU allocator or CUDA): a memory failure of the file,
+    which the supervisor retries with a larger estimate, never a warning."""
+    if isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError":
+        return True
+    text = str(exc).lower()
+    return "out of memory" in text or "can't allocate memory" in text or "defaultcpuallocator" in text
 
 
 def _one_line(exc: BaseException) -> str:
@@ -368,25 +610,57 @@ def align_file(job: Job, aligner: SpanAligner, progress: Progress, *, cache: Any
         spans = group_spans(requests, aligner.max_span_s)
         alignments: dict[int, UttAlignment] = {}
         hits_before = result_cache.hits if result_cache else 0
+        ran: list[PlannedSpan] = []  # what really went through the model (not the cache)
+        report_spans(progress, 0, len(spans))
         for n, span in enumerate(spans, 1):
-            results, seconds = _run_span(aligner, source, span, result_cache)
+            results, seconds, chars = _run_span(aligner, source, span, result_cache)
             stats["spans"] += 1
             stats["audio_seconds_aligned"] += seconds
+            if seconds > 0:
+                ran.append(PlannedSpan(0.0, seconds, chars))
             for req in span:
                 utt = by_index[req.index]
                 res = results[req.index]
                 alignments[req.index] = _utterance_alignment(utt, req, res, where, warnings, stats)
             progress(base + (1.0 - base) * n / len(spans))
+            report_spans(progress, n, len(spans))
         if result_cache is not None:
             stats["cached_utterances"] = result_cache.hits - hits_before
         audio_seconds = source.duration_s
+        features_run = _features_run(ran, spans, source, media, recovered=base > 0, cap=aligner.max_span_s)
 
     stats["audio_seconds_aligned"] = round(stats["audio_seconds_aligned"], 3)
     text = render_chat(chat, alignments)
     atomic_write_text(job.output, text)
     if not spans:
         progress(1.0)
-    return JobResult(output=job.output, audio_seconds=audio_seconds, stats=stats, warnings=warnings)
+    return JobResult(output=job.output, audio_seconds=audio_seconds, stats=stats, warnings=warnings,
+                     features_run=features_run)
+
+
+def _features_run(ran: list[PlannedSpan], spans: list[list[UttRequest]], source: AudioSource, media: Path,
+                  *, recovered: bool, cap: float) -> dict[str, Any] | None:
+    """Features of the work the model really did, or None when it did none (all cached).
+
+    The recording's length is scaled by the share of the planned span seconds that ran, so a
+    half-cached file teaches what half a file costs.
+    """
+    duration = source.duration_s
+    windows = max(1, math.ceil(duration / min(cap, RECOVERY_WINDOW_S))) if recovered and duration else 0
+    if not ran and not windows:
+        return None
+    planned = sum(max(r.end_s for r in sp) - min(r.start_s for r in sp) for sp in spans)
+    done = sum(p.seconds for p in ran)
+    audio = duration
+    if duration is not None and planned > 0 and done < planned:
+        audio = duration * done / planned
+    try:
+        size_mb = media.stat().st_size / 2**20 * (audio / duration if audio is not None and duration else 1.0)
+    except OSError:
+        size_mb = None
+    window_s = min(cap, RECOVERY_WINDOW_S, duration or cap) if windows else 0.0
+    return features_of(ran, audio_s=audio, media_mb=size_mb, windows=windows, window_s=window_s,
+                       sample_rate=source.native_rate, channels=source.channels).to_dict()
 
 
 def _utterance_alignment(

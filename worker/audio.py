@@ -29,6 +29,13 @@ MEDIA_EXTENSIONS = ("wav", "flac", "mp3", "ogg", "m4a", "mp4")
 _FFMPEG_ONLY = {"m4a", "mp4", "aac", "mov", "m4v", "webm", "mkv", "avi", "wma", "opus", "3gp", "amr"}
 
 
+# Formats libsndfile reads itself: when it cannot, the file is damaged (or mislabelled), and
+# converting it with ffmpeg would only hide that.
+_SNDFILE_NATIVE = {"wav", "wave", "flac", "aif", "aiff", "aifc", "w64", "caf"}
+# Lossless formats whose header states an exact length that the data must hold.
+_CHECK_LENGTH = {"wav", "wave", "flac", "aif", "aiff", "aifc"}
+
+
 def default_cache_dir() -> Path:
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return Path(base) / "batchalign-supervise"
@@ -108,9 +115,18 @@ class AudioSource:
         readable = path
         if _ext(path) not in _FFMPEG_ONLY:
             try:
-                return cls(path, path, sf.SoundFile(str(path)))
+                handle = sf.SoundFile(str(path))
             except (sf.LibsndfileError, RuntimeError, TypeError, OSError) as exc:
+                if _ext(path) in _SNDFILE_NATIVE or _looks_like_riff(path):
+                    raise JobError(f"{path}: {damaged_reason(path, exc)}", kind="media") from None
                 log.debug("soundfile cannot open %s (%s); converting with ffmpeg", path, exc)
+            else:
+                try:
+                    check_length(path, handle)
+                except JobError:
+                    handle.close()
+                    raise
+                return cls(path, path, handle)
         readable = convert_with_ffmpeg(path, cache_dir)
         try:
             return cls(path, readable, sf.SoundFile(str(readable)))
@@ -154,6 +170,126 @@ class AudioSource:
         self.close()
 
 
+def _looks_like_riff(path: Path) -> bool:
+    try:
+        with open(path, "rb") as fh:
+            return fh.read(4) in (b"RIFF", b"RIFX", b"RF64", b"fLaC", b"FORM")
+    except OSError:
+        return False
+
+
+def damaged_reason(path: Path, exc: BaseException | None = None) -> str:
+    """Why libsndfile refuses a file of a format it knows, in words: empty, not audio, damaged."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as fh:
+            head = fh.read(12)
+    except OSError as err:
+        return f"cannot read media: {err.strerror or err}"
+    ext = _ext(path)
+    if size == 0:
+        return "media file is empty (0 bytes)"
+    if head[:4] in (b"RIFF", b"RIFX", b"RF64") and head[8:12] == b"WAVE":
+        what = "a damaged WAV file"
+    elif head[:4] == b"fLaC":
+        what = "a damaged FLAC file"
+    elif ext in _SNDFILE_NATIVE:
+        what = f"not a {ext.upper()} file (its first bytes are not a {ext.upper()} header)"
+    else:
+        what = "a damaged or unsupported audio file"
+    detail = " ".join(str(exc).split()).split(": ", 1)[-1] if exc is not None else ""
+    return f"{what}; the audio library says: {detail}" if detail else what
+
+
+def wav_declared_seconds(path: Path) -> tuple[float, float] | None:
+    """(seconds the RIFF header declares, seconds the file holds) for a PCM/float WAV, else None.
+
+    libsndfile quietly shortens a truncated WAV to what is there, so the header's own data-chunk
+    size is read here: an interrupted copy then says so instead of aligning a few milliseconds.
+    """
+    import struct
+
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(12)
+            if head[:4] != b"RIFF" or head[8:12] != b"WAVE":
+                return None
+            size = os.fstat(fh.fileno()).st_size
+            byte_rate = None
+            while True:
+                chunk = fh.read(8)
+                if len(chunk) < 8:
+                    return None
+                cid, n = chunk[:4], struct.unpack("<I", chunk[4:])[0]
+                if cid == b"fmt ":
+                    fmt = fh.read(min(n, 16))
+                    if len(fmt) < 16:
+                        return None
+                    byte_rate = struct.unpack("<I", fmt[8:12])[0]
+                    fh.seek(n - 16 + (n & 1), os.SEEK_CUR)
+                elif cid == b"data":
+                    if not byte_rate or n in (0, 0xFFFFFFFF):
+                        return None  # streamed WAVs leave the size unset
+                    held = max(0, size - fh.tell())
+                    return n / byte_rate, min(n, held) / byte_rate
+                else:
+                    fh.seek(n + (n & 1), os.SEEK_CUR)
+    except OSError:
+        return None
+
+
+def check_length(path: Path, handle: sf.SoundFile) -> None:
+    """Refuse a lossless recording that holds less audio than its header says (an interrupted copy)."""
+    ext = _ext(path)
+    if ext not in _CHECK_LENGTH:
+        return
+    rate = float(handle.samplerate)
+    if ext in ("wav", "wave"):
+        seconds = wav_declared_seconds(path)
+        if seconds is not None and seconds[1] < seconds[0] - max(0.05, 0.001 * seconds[0]):
+            raise JobError(f"{path}: truncated: header says {seconds[0]:.3f} s, file holds {seconds[1]:.3f} s",
+                           kind="media")
+        return
+    frames = int(handle.frames or 0)
+    if not 0 < frames < (1 << 62):
+        return
+    tail = min(frames, int(rate * 0.1) or 1)
+    try:
+        handle.seek(frames - tail)
+        got = handle.read(tail, dtype="float32", always_2d=True).shape[0]
+    except (sf.LibsndfileError, RuntimeError):
+        got = -1
+    finally:
+        try:
+            handle.seek(0)
+        except (sf.LibsndfileError, RuntimeError):
+            pass
+    if got != tail:
+        raise JobError(f"{path}: truncated or damaged: header says {frames / rate:.3f} s, "
+                       "but the end of the audio cannot be read", kind="media")
+
+
+def validate_media(path: Path | str) -> str | None:
+    """One line saying what is wrong with a recording (damaged, truncated), or None when it looks
+    sound. Header-only and cheap, for intake; formats only ffmpeg reads are checked when decoded."""
+    path = Path(path)
+    if _ext(path) in _FFMPEG_ONLY or not path.is_file():
+        return None
+    try:
+        handle = sf.SoundFile(str(path))
+    except (sf.LibsndfileError, RuntimeError, TypeError, OSError) as exc:
+        if _ext(path) in _SNDFILE_NATIVE or _looks_like_riff(path):
+            return f"{path}: {damaged_reason(path, exc)}"
+        return None
+    try:
+        check_length(path, handle)
+    except JobError as exc:
+        return str(exc)
+    finally:
+        handle.close()
+    return None
+
+
 def media_duration(path: Path | str) -> float | None:
     """Duration from the header only (cheap, for scheduling); ``None`` when unknown. May be wrong."""
     path = Path(path)
@@ -179,20 +315,49 @@ def media_duration(path: Path | str) -> float | None:
         return None
 
 
-def _match_in_dir(folder: Path, media_name: str) -> Path | None:
+class DirListing:
+    """Each folder's file names, listed once: intake of thousands of transcripts in one folder
+    must not list that folder once per transcript."""
+
+    def __init__(self) -> None:
+        self._names: dict[Path, frozenset[str]] = {}
+        self._prefixes: dict[Path, dict[str, list[str]]] = {}
+
+    def seed(self, folder: Path, names: list[str]) -> None:
+        """Names a directory walk already listed (non-directories), so the folder is not listed again."""
+        self._names.setdefault(Path(folder), frozenset(names))
+
+    def names(self, folder: Path) -> frozenset[str]:
+        got = self._names.get(folder)
+        if got is None:
+            try:
+                got = frozenset(e.name for e in os.scandir(folder) if e.is_file())
+            except OSError:
+                got = frozenset()
+            self._names[folder] = got
+        return got
+
+    def stems(self, folder: Path) -> dict[str, list[str]]:
+        """name without its last extension -> names, for ``@Media`` names given without one."""
+        got = self._prefixes.get(folder)
+        if got is None:
+            got = {}
+            for name in self.names(folder):
+                stem, dot, _ = name.rpartition(".")
+                if dot:
+                    got.setdefault(stem, []).append(name)
+            self._prefixes[folder] = got
+        return got
+
+
+def _match_in_dir(folder: Path, media_name: str, listing: DirListing) -> Path | None:
     """``media_name`` itself, else ``media_name`` + a known extension (extension case ignored)."""
-    try:
-        entries = {e.name: e for e in os.scandir(folder) if e.is_file()}
-    except OSError:
-        return None
+    entries = listing.names(folder)
     if media_name in entries and Path(media_name).suffix.lower().lstrip(".") in MEDIA_EXTENSIONS:
         return folder / media_name
-    by_lower: dict[str, str] = {}
-    for name in entries:
-        if name.startswith(media_name):
-            by_lower.setdefault(media_name + name[len(media_name):].lower(), name)
+    by_lower = {name[len(media_name):].lower(): name for name in sorted(listing.stems(folder).get(media_name, ()))}
     for ext in MEDIA_EXTENSIONS:
-        hit = by_lower.get(f"{media_name}.{ext}")
+        hit = by_lower.get(f".{ext}")
         if hit is not None:
             return folder / hit
     if media_name in entries:
@@ -201,9 +366,14 @@ def _match_in_dir(folder: Path, media_name: str) -> Path | None:
 
 
 def find_media(
-    cha_path: Path, media_name: str, media_dir: Path | None = None, corpus_root: Path | None = None
+    cha_path: Path, media_name: str, media_dir: Path | None = None, corpus_root: Path | None = None,
+    listing: DirListing | None = None,
 ) -> Path | None:
-    """The recording an ``@Media`` header names: beside the .cha, then mirrored under ``media_dir``, then flat."""
+    """The recording an ``@Media`` header names: beside the .cha, then mirrored under ``media_dir``, then flat.
+
+    Pass one ``listing`` for a whole intake so that each folder is listed once.
+    """
+    listing = listing if listing is not None else DirListing()
     cha_path = Path(cha_path)
     media_name = media_name.strip()
     if not media_name:
@@ -225,7 +395,7 @@ def find_media(
         if folder in seen:
             continue
         seen.add(folder)
-        hit = _match_in_dir(folder, media_name)
+        hit = _match_in_dir(folder, media_name, listing)
         if hit is not None:
             return hit
     return None

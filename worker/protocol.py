@@ -27,11 +27,17 @@ EXIT_PROTOCOL_ERROR = 4  # the supervisor sent garbage or the pipe broke mid-fra
 EXIT_PARENT_GONE = 5  # the supervisor died; the worker left instead of holding memory
 
 # Message types, worker -> supervisor
-READY = "ready"  # {pid, baseline_rss_mb, baseline_uss_mb, engine, model, device, protocol}
+READY = "ready"  # {pid, rss_mb, uss_mb, pss_mb, engine, model, device, protocol, startup_s,
+#                   calibration: [{features{FileFeatures}, growth_mb}] (probe spans measured at load)}
 HEARTBEAT = "heartbeat"  # {job, progress (0..1 or null), rss_mb}
 STARTED = "started"  # {job}
-RESULT = "result"  # {job, output, audio_seconds, peak_rss_mb, wall_s, cpu_s, stats{...}, warnings[]}
-ERROR = "error"  # {job, error (one line), kind: "input" | "media" | "engine" | "internal"}
+PROGRESS = "progress"  # {job, spans_done, spans_total, growth_mb (peak so far above the READY RSS)}
+RESULT = "result"  # {job, output, audio_seconds, peak_rss_mb, wall_s, cpu_s, stats{...}, warnings[],
+#                     features_run: {FileFeatures} of the work the model did, or null (all cached)}
+ERROR = "error"  # {job, error (one line), kind: "input" | "media" | "memory" | "engine" | "internal"}
+# Error kinds: "input"/"media" fail the file at once (bad input); "memory" (MemoryError, torch
+# out-of-memory) is a memory failure of the file, retried with a larger estimate like a guard kill;
+# anything else is a crash of the attempt, retried until max_attempts.
 BOOT_ERROR = "boot_error"  # {error}; sent just before exiting with EXIT_BOOT_ERROR
 
 # Message types, supervisor -> worker

@@ -10,6 +10,14 @@ from typing import Any, Callable
 Progress = Callable[[float], None]
 
 
+def report_spans(progress: Progress, done: int, total: int) -> None:
+    """Tell the worker loop how many of a file's spans are done, if it listens (it then sends a
+    ``progress`` message with the growth so far: the supervisor corrects a hot file from it)."""
+    spans = getattr(progress, "spans", None)
+    if spans is not None:
+        spans(done, total)
+
+
 @dataclass(frozen=True)
 class Job:
     """One file to align, as the supervisor sent it (see ``worker.protocol.JOB``)."""
@@ -35,10 +43,14 @@ class Job:
 
 @dataclass
 class JobResult:
+    """``features_run``: the ``FileFeatures`` dict of the work the model really did, or None when
+    nothing ran through it (every span answered by the result cache): only real work teaches."""
+
     output: Path
     audio_seconds: float | None
     stats: dict[str, Any] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
+    features_run: dict[str, Any] | None = None
 
 
 class JobError(Exception):
@@ -70,6 +82,11 @@ class Engine(abc.ABC):
 
     def release(self) -> None:
         """Give memory back between files (drop caches, collect, trim the heap)."""
+
+    def probe(self, lengths: list[float]) -> list[dict[str, Any]]:
+        """Growth measured on probe spans of these lengths at load (the READY ``calibration``).
+        Engines built on a ``SpanAligner`` get this from the worker loop; others may override."""
+        return []
 
 
 class AlignerEngine(Engine):

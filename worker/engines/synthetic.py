@@ -1,10 +1,17 @@
 """A real worker whose work is a memory and CPU profile, for tests and benchmarks.
 
-After READY it holds ``baseline_mb``; per file it grows to ``mb_per_audio_second x audio seconds``
-over ``cpu_seconds_per_audio_second x audio seconds`` of CPU work, touching every page so the
-memory is really resident, then writes the transcript with evenly spread word bullets and ``%wor``
-through the same CHAT writer and atomic output path as the real engines. It imports no torch, so
-a worker starts in well under a second.
+After READY it holds ``baseline_mb``; per file it does ``cpu_seconds_per_audio_second x audio
+seconds`` of CPU work and grows, touching every page so the memory is really resident, by
+``mb_per_audio_second`` times
+
+- the whole recording (``profile = "total"``): an engine that loads whole files, one span per file;
+- the span it is working on (``profile = "streaming"``): an engine that streams the recording in
+  the same spans a real engine cuts (``span_seconds``), holding one at a time, so its peak follows
+  the longest span and not the length of the recording.
+
+It then writes the transcript with evenly spread word bullets and ``%wor`` through the same CHAT
+writer and atomic output path as the real engines. It imports no torch, so a worker starts in well
+under a second.
 """
 
 from __future__ import annotations
@@ -15,10 +22,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from worker.engines.base import Engine, Job, JobError, JobResult, Progress
+from worker.engines.base import BootError, Engine, Job, JobError, JobResult, Progress, report_spans
 
 PAGE = mmap.PAGESIZE
 STEPS = 50
+PROFILES = ("total", "streaming")
 
 
 def _touch(n_bytes: int) -> bytearray:
@@ -42,15 +50,33 @@ class SyntheticEngine(Engine):
     name = "synthetic"
 
     def __init__(self, options: dict[str, Any]) -> None:
+        self.options = dict(options)
         self.model = "synthetic"
         self.device = "cpu"
+        self.profile = str(options.get("profile") or "total")
+        if self.profile not in PROFILES:
+            raise BootError(f"unknown synthetic profile {self.profile!r} (known: {', '.join(PROFILES)})")
+        if self.profile == "streaming":
+            self.model = "synthetic-streaming"  # its own learned model: the two shapes must not mix
         self.mb_per_audio_second = float(options.get("mb_per_audio_second", 4.0))
         self.cpu_per_audio_second = float(options.get("cpu_seconds_per_audio_second", 0.02))
         self._baseline = _touch(int(float(options.get("baseline_mb", 40.0)) * 2**20))
+        time.sleep(float(options.get("boot_seconds", 0.0)))  # a slow model load (a dead network mount)
+
+    def _grow(self, seconds: float, cpu_per_s: float, on_step=None) -> None:
+        """Hold ``mb_per_audio_second x seconds`` built up over STEPS steps of CPU work, then let go."""
+        total = int(self.mb_per_audio_second * seconds * 2**20)
+        held: list[bytearray] = []
+        step_bytes = total // STEPS
+        for i in range(STEPS):
+            held.append(_touch(step_bytes))
+            _spin(cpu_per_s * seconds / STEPS)
+            if on_step is not None:
+                on_step(i + 1)
+        del held
 
     def run(self, job: Job, progress: Progress) -> JobResult:
-        import soundfile
-
+        from worker.align import PlannedSpan, plan_features, planned_spans, span_cap, timed_requests
         from worker.chat import ChatError, read_chat
         from worker.output import atomic_write_text
 
@@ -60,28 +86,61 @@ class SyntheticEngine(Engine):
             raise JobError(str(exc), kind="input") from None
         if job.media is None:
             raise JobError(f"{job.input}: no media to align against", kind="media")
-        try:
-            seconds = float(soundfile.info(str(job.media)).duration)
-        except Exception as exc:
-            raise JobError(f"{job.media}: cannot read media header: {exc}".replace("\n", " "), kind="media") from None
+        features = plan_features(job.input, job.media, "synthetic", self.options)
+        seconds = features.audio_s
+        if seconds is None:
+            raise JobError(f"{job.media}: cannot read media header: duration unknown", kind="media")
 
-        total = int(self.mb_per_audio_second * seconds * 2**20)
-        cpu = self.cpu_per_audio_second * seconds
-        held: list[bytearray] = []
-        step_bytes = total // STEPS
-        for i in range(STEPS):
-            held.append(_touch(step_bytes))
-            _spin(cpu / STEPS)
-            progress((i + 1) / STEPS)
-        text = render_spread(chat, seconds)
+        if self.profile == "total":
+            def step(i: int) -> None:
+                progress(i / STEPS)
+            self._grow(seconds, self.cpu_per_audio_second, step)
+        else:
+            spans = planned_spans(timed_requests(chat, seconds), span_cap("synthetic", self.options)) or \
+                [PlannedSpan(0.0, seconds, 0)]
+            spent = sum(p.seconds for p in spans) or 1.0
+            cpu_per_s = self.cpu_per_audio_second * seconds / spent  # the file's CPU work, over its spans
+            report_spans(progress, 0, len(spans))
+            for n, span in enumerate(spans, 1):
+                self._grow(span.seconds, cpu_per_s)
+                progress(n / len(spans))
+                report_spans(progress, n, len(spans))
+        text = mark_synthetic(render_spread(chat, seconds))
         atomic_write_text(Path(job.output), text)
-        del held
         return JobResult(output=Path(job.output), audio_seconds=seconds,
                          stats={"utterances": len(chat.utterances),
-                                "words": sum(len(u.words) for u in chat.utterances)})
+                                "words": sum(len(u.words) for u in chat.utterances)},
+                         features_run=features.to_dict())
+
+    def probe(self, lengths: list[float]) -> list[dict[str, Any]]:
+        """The profile on spans of these lengths (no CPU work), measured like a file."""
+        from telemetry.model import FileFeatures
+        from worker import selfmem
+
+        out = []
+        for seconds in lengths:
+            gc.collect()
+            with selfmem.PeakWatch() as watch:
+                self._grow(float(seconds), 0.0)
+            feats = FileFeatures(audio_s=seconds, longest_span_s=seconds, n_spans=1, windows=0)
+            out.append({"features": feats.to_dict(), "growth_mb": round(watch.growth_mb, 1)})
+        gc.collect()
+        return out
 
     def release(self) -> None:
         gc.collect()
+
+
+SYNTHETIC_MARK = "@Comment:\tsynthetic timings (batchalign-supervise --engine synthetic), not an alignment"
+
+
+def mark_synthetic(text: str) -> str:
+    """Say in the transcript itself that its times are made up, so nobody takes them for real."""
+    lines = text.split("\n")
+    at = next((i + 1 for i, ln in enumerate(lines) if ln.startswith("@Media:")),
+              next((i + 1 for i, ln in enumerate(lines) if ln.startswith("@Begin")), 0))
+    lines.insert(at, SYNTHETIC_MARK)
+    return "\n".join(lines)
 
 
 def render_spread(chat, seconds: float) -> str:

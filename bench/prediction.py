@@ -1,0 +1,175 @@
+"""Prediction error of the memory model, measured through real supervised runs.
+
+For each engine/model: a run over 20 training recordings (3-60 s) teaches the model; a second run
+over 10 other recordings (3-120 s) is admitted on what it learned, and each file's predicted peak
+(what admission reserved) is set against the peak it really reached. Then, from a fresh store, a
+run over eight recordings of at most 10 s and a run over one 10-minute recording: how far the
+model extrapolates. One worker at a time, so every figure is one file's own.
+
+    python -m bench.prediction                                  # all four; ~6 min on 2 cores
+    python -m bench.prediction --engines synthetic-streaming whisper
+
+Engines: the synthetic engine's two profiles (``total``: growth with the recording's length, as an
+engine that loads whole files; ``streaming``: growth with the longest span), wav2vec2 with random
+base-size weights (94 M parameters; memory does not depend on what the weights are) and Whisper
+tiny.en with real weights (``../shared/models/get_whisper.sh``, cached). Speech comes from
+``../shared/synth`` (the synthetic engine reads only headers: silent WAVs stand in).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from bench.synth_corpus import make_corpus  # noqa: E402
+from telemetry.model import quantile  # noqa: E402
+
+SHORT = ["c1", "c2", "c3", "c4", "c5", "s1", "s2", "s3"]
+MARGIN = 0.10  # the default memory.margin
+ENGINES = ("synthetic-total", "synthetic-streaming", "wav2vec", "whisper")
+
+
+def speech_corpus(folder: Path, durations: list[float], seed: int) -> None:
+    """Recordings of the shared synthetic speech, joined to about the given lengths, with bullets."""
+    from bench.alignment_accuracy import build_recording
+
+    rng = random.Random(seed)
+    for i, total in enumerate(durations):
+        names = SHORT[:]
+        rng.shuffle(names)
+        build_recording(names, folder, gap_s=rng.uniform(0.3, 1.5), total_s=total, stem=f"r{i:02d}")
+
+
+def run(corpus: Path, work: Path, tag: str, engine: str, extra: list[str], env: dict) -> list[dict]:
+    """One supervised run; (predicted, observed) per finished file, from its event log."""
+    log = work / f"{tag}.jsonl"
+    cmd = [sys.executable, "-m", "supervisor.cli", str(corpus), "-o", str(work / f"out-{tag}"), "--engine", engine,
+           "--progress", "off", "--workers", "1", "--log-json", str(log), "--state-dir", str(work / "state"),
+           *extra]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1800)
+    evs = [json.loads(x) for x in log.read_text().splitlines()] if log.exists() else []
+    adm = {e["file"]: e for e in evs if e["event"] == "file_admitted"}
+    rows = []
+    for e in evs:
+        if e["event"] == "file_done" and e["file"] in adm:
+            a = adm[e["file"]]
+            rows.append({"file": e["file"], "audio_s": e["audio_seconds"], "predicted": a["predicted_mb"],
+                         "observed": e["peak_mb"], "pred_growth": a["predicted_growth_mb"],
+                         "growth": e["growth_mb"], "source": a["estimate_source"],
+                         "uncertain": a.get("estimate_uncertain")})
+    kills = sum(1 for e in evs if e["event"] == "worker_killed")
+    failed = [e for e in evs if e["event"] in ("file_failed", "file_quarantined")]
+    if proc.returncode != 0 or failed or kills:
+        print(f"    {tag}: exit {proc.returncode}, {kills} kills, {len(failed)} failed "
+              f"{[f.get('reason') for f in failed][:2]} {proc.stderr.strip().splitlines()[-1:] if proc.returncode else ''}")
+    return rows
+
+
+def setup(engine: str, work: Path) -> tuple[str, list[str], dict, bool]:
+    """(engine name for the CLI, extra CLI args, environment, speech corpora?) for one contender."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "BATCHALIGN_SUPERVISE_MEMORY_LEDGER": "off"}
+    env = {k: v for k, v in env.items() if not k.startswith("BATCHALIGN_SUPERVISE_") or k.endswith("LEDGER")}
+    if engine.startswith("synthetic"):
+        env.update(BATCHALIGN_SUPERVISE_ENGINE_SYNTHETIC_PROFILE=engine.split("-")[1],
+                   BATCHALIGN_SUPERVISE_ENGINE_SYNTHETIC_BASELINE_MB="100",
+                   BATCHALIGN_SUPERVISE_ENGINE_SYNTHETIC_MB_PER_AUDIO_SECOND="1.5",
+                   BATCHALIGN_SUPERVISE_ENGINE_SYNTHETIC_CPU_SECONDS_PER_AUDIO_SECOND="0.004")
+        return "synthetic", [], env, False
+    if engine == "wav2vec":
+        from bench.worker_memory import build_wav2vec
+
+        return "wav2vec", ["--model", str(build_wav2vec(work.parent / "wav2vec-base-random", "fp32"))], env, True
+    from bench.alignment_accuracy import whisper_dir
+
+    folder = whisper_dir("tiny.en")
+    if folder is None:
+        raise SystemExit("cannot fetch Whisper tiny.en (../shared/models/get_whisper.sh)")
+    return "whisper", ["--model", str(folder)], env, True
+
+
+def measure(engine: str, top: Path, seed: int) -> dict:
+    work = top / engine
+    work.mkdir(parents=True)
+    name, extra, env, speech = setup(engine, work)
+    rng = random.Random(seed)
+    train = [rng.uniform(3, 60) for _ in range(20)]
+    test = [rng.uniform(3, 120) for _ in range(10)]
+    short = [rng.uniform(3, 10) for _ in range(8)]
+
+    def corpus(tag: str, durations: list[float]) -> Path:
+        folder = work / tag
+        if speech:
+            speech_corpus(folder, durations, seed)
+        else:
+            make_corpus(folder, durations, seed=seed)
+        return folder
+
+    store = ["--telemetry", str(work / "learn.sqlite")]
+    run(corpus("train", train), work, "train", name, extra + store, env)
+    rows = run(corpus("test", test), work, "test", name, extra + store, env)
+    store = ["--telemetry", str(work / "extrapolate.sqlite")]
+    learned = run(corpus("short", short), work, "short", name, extra + store, env)
+    (long,) = run(corpus("long", [600.0]), work, "long", name, extra + store, env) or [None]
+    err = [abs(r["predicted"] - r["observed"]) / r["observed"] for r in rows]
+    under = [max(0.0, (r["observed"] - r["predicted"]) / r["observed"]) for r in rows]
+    gerr = [abs(r["pred_growth"] - r["growth"]) / max(r["growth"], 1.0) for r in rows]
+    return {"engine": engine, "n": len(rows), "p90": quantile(err, 0.9) if err else float("nan"),
+            "worst_under": max(under) if under else float("nan"), "p90_growth": quantile(gerr, 0.9) if gerr else 0,
+            "long": long, "short": learned, "rows": rows}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--engines", nargs="+", default=list(ENGINES), choices=ENGINES)
+    ap.add_argument("--seed", type=int, default=5)
+    ap.add_argument("--keep", action="store_true", help="keep the work folder (logs, stores) and print its path")
+    args = ap.parse_args(argv)
+    top = Path(tempfile.mkdtemp(prefix="bench-prediction-"))
+    results = []
+    try:
+        for engine in args.engines:
+            print(f"{engine}: 20 training files, 10 test files; 8 files <= 10 s then one of 10 min ...", flush=True)
+            r = measure(engine, top, args.seed)
+            results.append(r)
+            for row in r["rows"]:
+                print(f"    {row['file']:<10} {row['audio_s']:7.1f} s  predicted {row['predicted']:7.1f}  "
+                      f"observed {row['observed']:7.1f} MiB  (growth {row['pred_growth']:6.1f} / {row['growth']:6.1f}, "
+                      f"{row['source']})")
+            if r["long"]:
+                print("    learned on: " + ", ".join(f"{s['audio_s']:.1f} s -> {s['growth']:.1f}" for s in r["short"]))
+                lg = r["long"]
+                print(f"    10-minute file: predicted {lg['predicted']:.1f}, observed {lg['observed']:.1f} MiB "
+                      f"(growth {lg['pred_growth']:.1f} / {lg['growth']:.1f}, {lg['source']})")
+        print()
+        head = (f"{'engine / model':<22} {'files':>5} {'p90 |err|/obs':>14} {'worst under':>12} "
+                f"{'p90 growth err':>15} {'10 min: pred/obs':>17}")
+        print(head)
+        print("-" * len(head))
+        for r in results:
+            lg = r["long"]
+            ratio = f"{lg['predicted'] / lg['observed']:.2f}x" if lg else "failed"
+            print(f"{r['engine']:<22} {r['n']:>5} {r['p90']:>13.1%} {r['worst_under']:>11.1%} "
+                  f"{r['p90_growth']:>14.1%} {ratio:>17}")
+        print(f"targets: p90 |predicted - observed| / observed <= 15% after 20 files; never under by more than the "
+              f"margin ({MARGIN:.0%}); 10-minute file from files <= 10 s within 1.3x (peaks, baseline included)")
+    finally:
+        if args.keep:
+            print(f"work folder: {top}")
+        else:
+            shutil.rmtree(top, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
