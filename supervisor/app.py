@@ -7,11 +7,12 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from supervisor.corpus import CorpusError, discover
+from supervisor.corpus import CorpusError, find_transcripts
 from supervisor.sampler import detect_limits
 from supervisor.settings import Settings
 from supervisor.supervisor import EXIT_OK, EXIT_USAGE, RunSummary, Supervisor
-from supervisor.units import format_size
+from supervisor.units import format_size, gib
+from worker.audio import DirListing
 
 MiB = 2**20
 
@@ -40,27 +41,28 @@ def run_app(settings: Settings, reload_cli: dict | None = None) -> int:
         return EXIT_USAGE
     media_dir = Path(s.run.media_dir) if s.run.media_dir else None
     watcher = None
+    listing = DirListing()  # the walk's listings, reused to find media: each folder listed once
     try:
         if s.service.watch:
             from supervisor.watch import InboxWatcher
 
             watcher = InboxWatcher(Path(s.service.watch), out_root=s.out, in_place=s.in_place, media_dir=media_dir,
                                    settle_s=s.service.settle, scan_interval=s.service.scan_interval)
-            infos = []
+            found = []
         else:
-            infos = discover(s.corpus, out_root=s.out, in_place=s.in_place, media_dir=media_dir)
+            found = find_transcripts(s.corpus, out_root=s.out, in_place=s.in_place, listing=listing)
     except (CorpusError, OSError) as exc:
         _err(str(exc))
         return EXIT_USAGE
-    if not infos and watcher is None:
+    if not found and watcher is None:
         _err(f"no .cha transcripts found under {', '.join(map(str, s.corpus))}")
         return EXIT_USAGE
 
+    store_error = None
     try:
         store = TelemetryStore(s.telemetry_path)
-    except Exception as exc:  # sqlite3 errors and permissions alike: a usage problem, say which file
-        _err(f"cannot open the telemetry store {s.telemetry_path}: {exc}")
-        return EXIT_USAGE
+    except Exception as exc:  # sqlite3 errors, permissions, a full disk: the run does not need the store
+        store, store_error = None, f"{type(exc).__name__}: {exc}"
 
     progress = _progress_mode(s) and not s.dry_run
     log_path = None if s.dry_run else s.log_path
@@ -73,15 +75,22 @@ def run_app(settings: Settings, reload_cli: dict | None = None) -> int:
         from supervisor.progress import ProgressDisplay
 
         display = ProgressDisplay()
-    sup = Supervisor(s, log=log, store=store, limits=limits, display=display, reload_cli=reload_cli,
-                     watcher=watcher)
+    sup_cls = Supervisor
+    if s.cluster.address:
+        from supervisor.cluster.run import ClusterSupervisor as sup_cls  # needs the 'cluster' extra
+    sup = sup_cls(s, log=log, store=store, limits=limits, display=display, reload_cli=reload_cli,
+                  watcher=watcher, listing=listing)
     from telemetry.logging import bind_run
 
     bind_run(sup.run_id)
+    if store_error is not None:
+        sup.emit("telemetry_unavailable", level="warning", store=str(s.telemetry_path), error=store_error,
+                 effect="starting from the cold defaults; learning stays in memory for this run")
     if s.dry_run:
-        sup.plan(infos)
+        sup.plan(found)
         print_plan(sup)
-        store.close()
+        if store is not None:
+            store.close()
         return EXIT_OK
     from supervisor.cache import Pruner
 
@@ -91,11 +100,12 @@ def run_app(settings: Settings, reload_cli: dict | None = None) -> int:
     try:
         if display is not None:
             display.start()
-        summary = asyncio.run(_serve(sup, infos))
+        summary = asyncio.run(_serve(sup, found))
     finally:
         if display is not None:
             display.stop(sup.status())
-        store.close()
+        if store is not None:
+            store.close()
     pruner.join()
     pruner.maybe(force=True)
     pruner.join()
@@ -103,7 +113,7 @@ def run_app(settings: Settings, reload_cli: dict | None = None) -> int:
     return summary.exit_code
 
 
-async def _serve(sup: Supervisor, infos: list) -> RunSummary:
+async def _serve(sup: Supervisor, found: list) -> RunSummary:
     """The loop plus the services around it (status socket, metrics), stopped together."""
     s = sup.s
     services: list[Any] = []
@@ -132,7 +142,7 @@ async def _serve(sup: Supervisor, infos: list) -> RunSummary:
 
         sup.add_status_hook(lambda status: write_textfile(textfile, status))
     try:
-        return await sup.run(infos)
+        return await sup.run(found)
     finally:
         for svc in services:
             await svc.stop()
@@ -147,13 +157,13 @@ def print_plan(sup: Supervisor) -> None:
     table = Table(title=f"Plan: {sup.s.engine_name} / {sup.s.model_id} on {sup.s.run.device}, "
                         f"budget {format_size(sup.limits.budget)} ({sup.limits.source})")
     for col in ("#", "file", "audio s", "predicted peak MiB", "growth MiB", "estimate", "what drives it", "note"):
-        table.add_column(col)
+        table.add_column(col, overflow="fold")  # wrapped, never cut with an ellipsis
     order = sup.queue.pending()
     for i, job in enumerate(order, 1):
         e = job.estimate
         note = ""
         if e.central_mb > sup.budget_mb:
-            note = f"cannot fit: needs ~{e.central_mb / 1024:.1f} GiB"
+            note = f"cannot fit: needs ~{gib(e.central_mb)} GiB"
         elif e.peak_mb > sup.budget_mb:
             note = "runs alone"
         table.add_row(str(i), job.rel, "-" if job.info.audio_seconds is None else f"{job.info.audio_seconds:.1f}",
@@ -166,7 +176,7 @@ def print_plan(sup: Supervisor) -> None:
     console.print(table)
     from telemetry.model import describe
 
-    console.print("Memory model: " + "\n  ".join(describe(sup.predictor.model.params(), sup.predictor.model.defaults)),
+    console.print("Memory model: " + "\n  ".join(describe(sup.estimator.predictor.model.params(), sup.estimator.predictor.model.defaults)),
                   highlight=False)
     if order:
         console.print(f"First file: {order[0].estimate.explain}", highlight=False)
@@ -178,6 +188,9 @@ def print_summary(summary: RunSummary, sup: Supervisor, log_path: Path | None) -
             f"{', ' + str(c['pending']) + ' not started' if c['pending'] else ''}; "
             f"{sup.kills} kills, {sup.pauses} pauses")
     print(f"batchalign-supervise: {line}", file=sys.stderr)
+    if sup.realigned:
+        print(f"  re-aligned {len(sup.realigned)} finished file(s) made with other settings "
+              f"({sup.realigned[0][1]}); the same settings skip them", file=sys.stderr)
     if summary.halted:
         _err(f"halted: {summary.halted}")
     for rel, state, reason in summary.failures:

@@ -25,7 +25,7 @@ from supervisor.settings import ENGINES, Settings, SettingsError, load_settings
 from supervisor.units import parse_duration, parse_size
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_HALTED, EXIT_INTERRUPTED = 0, 1, 2, 3, 4
-COMMANDS = ("run", "models", "cache", "ratios", "report", "status")
+COMMANDS = ("run", "models", "cache", "ratios", "report", "status", "worker")
 PROG = "batchalign-supervise"
 
 
@@ -83,6 +83,8 @@ def cli_mapping(opts: dict[str, Any]) -> dict[str, Any]:
                      ("control_socket", "control_socket")):
         if opts.get(opt) is not None:
             out.setdefault("service", {})[key] = str(opts[opt]) if isinstance(opts[opt], Path) else opts[opt]
+    if opts.get("cluster") is not None:
+        out.setdefault("cluster", {})["address"] = opts["cluster"]
     return out
 
 
@@ -226,6 +228,8 @@ def resolve_model_for(settings: Settings, check_hub: bool = True) -> None:
 @click.option("--start-method", type=click.Choice(["auto", "spawn", "zygote"]),
               help="Fork workers from a zygote that imported the runtime, or spawn fresh interpreters.")
 @click.option("--json", "as_json", is_flag=True, help="Print the run's summary as JSON on stdout at the end.")
+@click.option("--cluster", help="Run on Dask: tcp://HOST:PORT (a running scheduler), local (a LocalCluster) or "
+                               "slurm (dask-jobqueue, [cluster.slurm] in config.toml).")
 def run_cmd(corpus: tuple[Path, ...], out: Path | None, in_place: bool, config: Path | None, force: bool,
             dry_run: bool, as_json: bool, **opts: Any) -> None:
     """Align every .cha under CORPUS (folders or files)."""
@@ -333,9 +337,9 @@ def models_path(name: str, config: Path | None, model_store: Path | None) -> Non
     except ModelError as exc:
         raise Failure(str(exc)) from None
     if r.kind == "hub":
-        from supervisor.models import _hub_cached
+        from supervisor.models import hub_cached
 
-        cached = _hub_cached(r.location)
+        cached = hub_cached(r.location)
         if cached is None:
             raise Failure(f"{name} is not on this machine; run `{PROG} models pull {name}`")
         click.echo(str(cached))
@@ -559,6 +563,19 @@ def status_cmd(target: str | None, socket_path: Path | None, state_dir: Path | N
         click.echo(format_list(statuses), nl=False)
 
 
+@cli.command("worker", context_settings={"ignore_unknown_options": True, "allow_extra_args": True,
+                                         "help_option_names": []})
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+def worker_cmd(args: tuple[str, ...]) -> None:
+    """Dask worker processes for alignment: SCHEDULER [--memory-limit SIZE] [--nworkers N] [--engine E].
+
+    Run `batchalign-supervise worker --help` for every option (needs the 'cluster' extra).
+    """
+    from supervisor.cluster.worker import main as worker_main
+
+    sys.exit(worker_main(list(args)))
+
+
 # -- entry -------------------------------------------------------------------------------------
 
 def main(argv: list[str] | None = None) -> None:
@@ -573,6 +590,9 @@ def main(argv: list[str] | None = None) -> None:
         click.echo(f"{PROG}: interrupted", err=True)
         sys.exit(EXIT_INTERRUPTED)
     except click.ClickException as exc:
+        if type(exc).__name__ == "NoArgsIsHelpError":  # a bare group: its help is the answer
+            click.echo(exc.ctx.get_help() if getattr(exc, "ctx", None) else str(exc))
+            sys.exit(EXIT_USAGE)
         message = " ".join(exc.format_message().split())
         click.echo(f"{PROG}: {message}", err=True)
         sys.exit(exc.exit_code)

@@ -66,8 +66,20 @@ SOCKET_DIR = "control"
 
 
 def socket_dir(state_dir: Path) -> Path:
-    """The folder holding one socket per running supervisor of this state directory."""
-    return Path(state_dir) / SOCKET_DIR
+    """The folder holding one socket per running supervisor of this state directory.
+
+    Unix socket paths are limited to 107 bytes; a state directory too deep for that gets a short
+    folder of its own under the temporary directory instead (named by a hash of the state path, so
+    ``status`` finds it the same way, in a parent only this user may enter).
+    """
+    preferred = Path(state_dir) / SOCKET_DIR
+    if len(os.fsencode(str(preferred / "4194304.sock"))) <= _SUN_PATH_MAX:
+        return preferred
+    import hashlib
+    import tempfile
+
+    digest = hashlib.sha256(os.fsencode(str(Path(state_dir).absolute()))).hexdigest()[:12]
+    return Path(tempfile.gettempdir()) / f"batchalign-supervise-{os.geteuid()}" / digest
 
 
 def default_socket_path(state_dir: Path, pid: int | None = None) -> Path:
@@ -119,6 +131,13 @@ def _check_length(path: Path) -> None:
         raise OSError(errno.ENAMETOOLONG, f"socket path is {n} bytes, Unix sockets allow {_SUN_PATH_MAX}: {path}")
 
 
+def _check_private(folder: Path) -> None:
+    """Refuse a socket folder that someone else owns (a trap laid in a shared temporary dir)."""
+    st = os.lstat(folder)
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid():
+        raise OSError(errno.EPERM, f"{folder} is not a folder of this user; not listening there")
+
+
 class ControlServer:
     """Answers status requests from the owner's ``batchalign-supervise status``."""
 
@@ -141,6 +160,9 @@ class ControlServer:
         if not d.exists():
             d.mkdir(parents=True, mode=0o700)
             os.chmod(d, 0o700)  # mkdir's mode is filtered by the umask
+        _check_private(d)
+        if d.parent.name == f"batchalign-supervise-{os.geteuid()}":
+            _check_private(d.parent)
         self._refuse_if_taken(path)
         # Bind under a temporary name, restrict it, then rename into place: nobody ever sees the
         # real name with looser permissions, and a stale socket is replaced atomically.

@@ -16,7 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
 
-from worker.audio import MEDIA_EXTENSIONS, find_media, media_duration, validate_media
+from supervisor.paths import is_within
+from worker.audio import MEDIA_EXTENSIONS, DirListing, find_media, media_duration, validate_media
 
 MANIFEST_DIR = ".batchalign-supervise"
 _MEDIA_RE = re.compile(rb"^@Media:\t([^,\r\n]+)", re.MULTILINE)
@@ -46,13 +47,16 @@ class FileInfo:
         return None if self.media_bytes is None else self.media_bytes / 2**20
 
 
-def iter_transcripts(roots: Iterable[Path]) -> Iterator[tuple[Path, Path]]:
-    """Yield (root, transcript) for every .cha under the given folders or files, sorted."""
+def iter_transcripts(roots: Iterable[Path], listing: DirListing | None = None) -> Iterator[tuple[Path, Path]]:
+    """Yield (root, transcript) for every .cha under the given folders or files, sorted. What the
+    walk lists goes into ``listing``, so finding media does not list the same folders again."""
     for root in roots:
         if root.is_file():
             yield root.parent, root
         elif root.is_dir():
             for dirpath, dirnames, filenames in os.walk(root):
+                if listing is not None:
+                    listing.seed(Path(dirpath), filenames)
                 dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
                 for name in sorted(filenames):
                     if name.lower().endswith(".cha") and not name.startswith("."):
@@ -86,7 +90,9 @@ def hash_bytes(data: bytes) -> str:
 
 
 def describe(root: Path, cha: Path, *, out_root: Path | None, in_place: bool,
-             media_dir: Path | None = None, rel_base: Path | None = None) -> FileInfo:
+             media_dir: Path | None = None, rel_base: Path | None = None,
+             listing: DirListing | None = None) -> FileInfo:
+    """Read one transcript and its media header (blocking: call it off the loop)."""
     data = cha.read_bytes()
     base = rel_base if rel_base is not None else root
     rel = cha.relative_to(base).as_posix()
@@ -97,7 +103,7 @@ def describe(root: Path, cha: Path, *, out_root: Path | None, in_place: bool,
     if name is None:
         media_error = f"{cha}: no @Media header"
     else:
-        media = find_media(cha, name, media_dir, root)
+        media = find_media(cha, name, media_dir, root, listing=listing)
         if media is None:
             where = f" or under {media_dir}" if media_dir else ""
             media_error = (f"{cha}: media {name!r} not found beside the transcript{where} "
@@ -114,10 +120,22 @@ def describe(root: Path, cha: Path, *, out_root: Path | None, in_place: bool,
                     input_hash=h.hexdigest())
 
 
-def discover(roots: list[Path], *, out_root: Path | None, in_place: bool,
-             media_dir: Path | None = None) -> list[FileInfo]:
-    """Every transcript under ``roots``; relative paths are taken from the single folder given, or
-    from the common parent when several paths are given (so outputs never collide)."""
+@dataclass(frozen=True)
+class Candidate:
+    """A transcript found on disk, not yet read."""
+
+    root: Path
+    cha: Path
+    rel_base: Path | None
+
+
+def find_transcripts(roots: list[Path], *, out_root: Path | None, in_place: bool,
+                     listing: DirListing | None = None) -> list[Candidate]:
+    """Every transcript under ``roots`` (a directory walk only: fast, so a run can start at once).
+
+    Relative paths are taken from the single folder given, or from the common parent when several
+    paths are given (so outputs never collide). Our own outputs are never taken as inputs.
+    """
     roots = [r.resolve() for r in roots]
     if not roots:
         raise CorpusError("no corpus given")
@@ -126,21 +144,18 @@ def discover(roots: list[Path], *, out_root: Path | None, in_place: bool,
         parents = [r if r.is_dir() else r.parent for r in roots]
         rel_base = Path(os.path.commonpath([str(p) for p in parents]))
     out_root = out_root.resolve() if out_root is not None else None
-    infos = []
-    for root, cha in iter_transcripts(roots):
-        if out_root is not None and not in_place and _inside(cha, out_root):
-            continue  # never treat our own outputs as inputs
-        infos.append(describe(root, cha, out_root=out_root, in_place=in_place, media_dir=media_dir,
-                              rel_base=rel_base))
-    return infos
+    return [Candidate(root, cha, rel_base) for root, cha in iter_transcripts(roots, listing)
+            if out_root is None or in_place or not is_within(cha, out_root)]
 
 
-def _inside(path: Path, folder: Path) -> bool:
-    try:
-        path.relative_to(folder)
-        return True
-    except ValueError:
-        return False
+def discover(roots: list[Path], *, out_root: Path | None, in_place: bool,
+             media_dir: Path | None = None) -> list[FileInfo]:
+    """Every transcript under ``roots``, read and described (blocking)."""
+    listing = DirListing()
+    out = out_root.resolve() if out_root is not None else None
+    return [describe(c.root, c.cha, out_root=out, in_place=in_place, media_dir=media_dir, rel_base=c.rel_base,
+                     listing=listing)
+            for c in find_transcripts(roots, out_root=out_root, in_place=in_place, listing=listing)]
 
 
 class Manifest:

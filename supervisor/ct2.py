@@ -205,6 +205,9 @@ def convert_whisper(src: str | Path, out: str | Path) -> Path:
     from transformers import (GenerationConfig, WhisperConfig, WhisperFeatureExtractor,
                               WhisperForConditionalGeneration, WhisperProcessor, WhisperTokenizerFast)
 
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # one line per step is said by the caller; no bars in logs
     src, out = Path(src), Path(out)
     model = read_ct2(src / "model.bin")
     if model.spec != "WhisperSpec":

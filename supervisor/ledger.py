@@ -10,10 +10,16 @@ so readers never see a half-written ledger. Writes go to a temporary file rename
 in a sticky world-writable directory a user may not rename over another user's file, so then the
 ledger is rewritten in place, which the lock makes just as safe for readers.
 
-Liveness: an entry names its process by pid *and* that process's start time from
-``/proc/PID/stat``, so an entry whose supervisor died is dropped even when the pid was reused.
-Entries that were not refreshed for ``stale_after`` seconds are dropped too (a hung supervisor
-must not pin memory forever). The ledger is soft state: losing it costs at most one refresh.
+Liveness and trust: the ledger is a world-writable file, so an entry is believed only as far as it
+can be checked. Its pid must be alive with the start time recorded (``/proc/PID/stat``: a reused
+pid is not the writer) and owned by the uid the entry claims; and its reservation counts for at
+most what that process could still take: its own memory cgroup's headroom and the host's
+MemAvailable, both read here, never taken from the entry. Entries not refreshed for
+``stale_after`` seconds are dropped (a hung supervisor must not pin memory forever). Each entry
+records its writer's memory cgroup so that a reader can tell where the promise will be drawn
+from; ``charged`` turns the believed reservations into what they take from *this* supervisor's
+room: all of them reduce the host's MemAvailable, only those inside its own cgroup reduce the
+cgroup's headroom. The ledger is soft state: losing it costs at most one refresh.
 """
 
 from __future__ import annotations
@@ -23,19 +29,53 @@ import fcntl
 import json
 import os
 import pwd
-import tempfile
 import time
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
-__all__ = ["HostLedger", "default_ledger_path", "proc_start_time"]
+from supervisor.paths import is_within
+from supervisor.sampler import ProcScope, memory_cgroup, proc_stat, process_scope
+from worker.output import atomic_write_bytes
+
+__all__ = ["HostLedger", "Reservation", "charged", "default_ledger_path", "proc_start_time"]
 
 MIB = 1024 * 1024
 RUN_DIR = Path("/run/batchalign-supervise")
 TMP_DIR = Path("/tmp/batchalign-supervise")
 LEDGER_NAME = "ledger.json"
 VERSION = 1
+
+
+@dataclass(frozen=True)
+class Reservation:
+    """A believed entry: what it may still take (capped) and the cgroup it would take it from."""
+
+    owner: str
+    pid: int
+    uid: int
+    cgroup: str | None
+    claimed_bytes: int
+    reserved_bytes: int
+
+
+def charged(reservations: Iterable[Reservation], *, host_available: int, cgroup_headroom: int | None,
+            own_cgroup: str | None) -> int:
+    """Bytes other supervisors' promises take from this supervisor's room (pure).
+
+    This supervisor's room is min(host MemAvailable, its cgroup's headroom). Every promise comes
+    out of the host's MemAvailable; only promises made from inside this supervisor's cgroup come
+    out of its headroom. The result is the room before minus the room after.
+    """
+    rs = list(reservations)
+    on_host = sum(r.reserved_bytes for r in rs)
+    if cgroup_headroom is None or own_cgroup is None:
+        return on_host
+    inside = sum(r.reserved_bytes for r in rs if r.cgroup is not None and is_within(r.cgroup, own_cgroup))
+    before = min(host_available, cgroup_headroom)
+    after = min(host_available - on_host, cgroup_headroom - inside)
+    return max(0, before - after)
 
 
 def default_ledger_path() -> Path:
@@ -53,17 +93,8 @@ def default_ledger_path() -> Path:
 
 def proc_start_time(pid: int) -> int | None:
     """Start time of ``pid`` in clock ticks since boot (field 22 of /proc/PID/stat), or None."""
-    try:
-        with open(f"/proc/{int(pid)}/stat", "rb") as fh:
-            data = fh.read()
-    except OSError:
-        return None
-    # The command name (field 2) may contain spaces and parentheses; fields after the last ')'
-    # start at field 3.
-    try:
-        return int(data.rsplit(b")", 1)[1].split()[19])
-    except (IndexError, ValueError):
-        return None
+    st = proc_stat(pid)
+    return None if st is None else st.start_time
 
 
 def _pid_exists(pid: int) -> bool:
@@ -87,7 +118,8 @@ class HostLedger:
     """Reservations of every live supervisor on this host, keyed by owner id.
 
     ``update`` is cheap enough for every loop tick: it skips the write when the value moved by at
-    most 1 MiB and this process's entry was refreshed recently.
+    most 1 MiB and this process's entry was refreshed recently. ``scope`` reads who a pid really
+    is (tests pass fakes); ``host_available`` the host's MemAvailable in bytes.
     """
 
     def __init__(
@@ -95,15 +127,19 @@ class HostLedger:
         path: Path | None = None,
         stale_after: float = 60.0,
         clock: Callable[[], float] = time.time,
+        scope: Callable[[int], ProcScope | None] = process_scope,
     ) -> None:
         self.path = Path(path) if path is not None else default_ledger_path()
         self.lock_path = self.path.with_name(self.path.name + ".lock")
         self.stale_after = float(stale_after)
         self._clock = clock
+        self._scope = scope
         self._pid = os.getpid()
         self._start = proc_start_time(self._pid)
         self._uid = os.geteuid()
         self._user = _user_name(self._uid)
+        view = memory_cgroup()
+        self.cgroup = str(view.path) if view is not None else None
         self._written: dict[str, tuple[int, float]] = {}
         self._ensure_dir()
 
@@ -122,22 +158,25 @@ class HostLedger:
                 return
         self._store(owner_id, reserved)
 
-    def others(self, owner_id: str) -> int:
-        """Bytes reserved by other live supervisors; stale and dead entries are removed on the way."""
+    def reservations(self, owner_id: str, host_available: int | None = None) -> list[Reservation]:
+        """Other owners' believed reservations; stale, dead and reused-pid entries are removed."""
         with self._locked():
             entries = self._read()
             changed = self._prune(entries, keep=owner_id)
             if changed:
                 self._write(entries)
-        total = 0
+        out = []
         for key, entry in entries.items():
             if key == owner_id:
                 continue
-            try:
-                total += max(0, int(entry.get("reserved_bytes", 0)))
-            except (TypeError, ValueError):
-                continue
-        return total
+            r = self._believe(key, entry, host_available)
+            if r is not None:
+                out.append(r)
+        return out
+
+    def others(self, owner_id: str, host_available: int | None = None) -> int:
+        """Bytes reserved by other live supervisors, as far as they are believed."""
+        return sum(r.reserved_bytes for r in self.reservations(owner_id, host_available))
 
     def unregister(self, owner_id: str) -> None:
         """Remove this owner's entry (on a clean exit; a crash is cleaned up by the others)."""
@@ -168,11 +207,30 @@ class HostLedger:
                 "pid_start_time": self._start,
                 "user": self._user,
                 "uid": self._uid,
+                "cgroup": self.cgroup,
                 "reserved_bytes": reserved,
                 "updated": round(now, 3),
             }
             self._write(entries)
         self._written[owner_id] = (reserved, now)
+
+    def _believe(self, key: str, entry: dict[str, Any], host_available: int | None) -> Reservation | None:
+        """The entry as far as it can be checked: its pid is the uid it claims, its reservation at
+        most what that process could still take. None when it cannot be checked."""
+        try:
+            pid, uid, claimed = int(entry["pid"]), int(entry["uid"]), max(0, int(entry.get("reserved_bytes", 0)))
+        except (KeyError, TypeError, ValueError):
+            return None
+        scope = self._scope(pid)
+        if scope is None or scope.uid != uid:
+            return None
+        cap = [claimed]
+        if scope.headroom is not None:
+            cap.append(scope.headroom)
+        if host_available is not None:
+            cap.append(max(0, host_available))
+        return Reservation(owner=key, pid=pid, uid=uid, cgroup=scope.cgroup, claimed_bytes=claimed,
+                           reserved_bytes=min(cap))
 
     def _alive(self, entry: dict[str, Any]) -> bool:
         try:
@@ -184,11 +242,10 @@ class HostLedger:
         start = proc_start_time(pid)
         if start is None:
             # Gone, or hidden by /proc's hidepid=: kill(0) still tells the two apart, and a hidden
-            # entry lives until it goes stale since its start time cannot be checked.
+            # entry lives until it goes stale (it is not believed meanwhile: it cannot be checked).
             return _pid_exists(pid)
         recorded = entry.get("pid_start_time")
         return recorded is None or int(recorded) == start
-
     def _prune(self, entries: dict[str, dict], keep: str | None) -> bool:
         now = self._clock()
         dead = []
@@ -265,22 +322,11 @@ class HostLedger:
 
     def _write(self, entries: dict[str, dict]) -> None:
         data = json.dumps({"version": VERSION, "entries": entries}, separators=(",", ":")).encode()
-        d = self.path.parent
-        fd, tmp = tempfile.mkstemp(dir=d, prefix=f".{self.path.name}.", suffix=".tmp")
         try:
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(data)
-                os.fchmod(fh.fileno(), 0o666)
-            os.replace(tmp, self.path)
+            atomic_write_bytes(self.path, data, mode=0o666)
             return
         except PermissionError:
-            os.unlink(tmp)
-        except BaseException:
-            try:
-                os.unlink(tmp)
-            except FileNotFoundError:
-                pass
-            raise
+            pass
         # Another user's ledger in a sticky directory: rewrite it in place, still under the lock.
         try:
             fd = os.open(self.path, os.O_WRONLY | os.O_CLOEXEC)

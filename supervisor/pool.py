@@ -3,14 +3,13 @@
 The pool does what it is told and reports what happens as events on one queue; it decides nothing.
 Each worker is ``python -m worker`` in its own process group (so SIGSTOP/SIGKILL reach any helper
 it started, e.g. ffmpeg) with its stdout reserved for frames. A worker that breaks the protocol is
-killed and never reused. A cluster backend can stand where this class stands: it needs ``spawn``,
-``send_job``, ``pause``/``resume``, ``kill``/``stop`` and to emit the same events.
+killed and never reused. ``supervisor/backend.py`` puts this pool behind the backend interface
+the run core drives (a cluster backend implements the same interface).
 """
 
 from __future__ import annotations
 
 import asyncio
-import enum
 import json
 import os
 import signal
@@ -21,83 +20,35 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from supervisor.sampler import pid_alive
 from worker import protocol
-
-
-class WorkerState(enum.Enum):
-    STARTING = "starting"
-    READY = "ready"
-    BUSY = "busy"
-    PAUSED = "paused"
-    STOPPING = "stopping"
-    KILLED = "killed"
-    EXITED = "exited"
-
-
-_ALLOWED: dict[WorkerState, frozenset[WorkerState]] = {
-    WorkerState.STARTING: frozenset({WorkerState.READY, WorkerState.STOPPING, WorkerState.KILLED, WorkerState.EXITED}),
-    WorkerState.READY: frozenset({WorkerState.BUSY, WorkerState.STOPPING, WorkerState.KILLED, WorkerState.EXITED}),
-    WorkerState.BUSY: frozenset({WorkerState.READY, WorkerState.PAUSED, WorkerState.STOPPING, WorkerState.KILLED,
-                                 WorkerState.EXITED}),
-    WorkerState.PAUSED: frozenset({WorkerState.BUSY, WorkerState.STOPPING, WorkerState.KILLED, WorkerState.EXITED}),
-    WorkerState.STOPPING: frozenset({WorkerState.KILLED, WorkerState.EXITED}),
-    WorkerState.KILLED: frozenset({WorkerState.EXITED}),
-    WorkerState.EXITED: frozenset(),
-}
-
-
-class IllegalTransition(RuntimeError):
-    pass
 
 
 @dataclass(frozen=True)
 class PoolEvent:
-    """Something that happened to a worker: kind is message | exited | broken | output."""
+    """Something that happened to a worker process: kind is message | exited | broken | output."""
 
     kind: str
-    worker: "Worker"
+    worker: "WorkerProcess"
     msg: dict[str, Any] = field(default_factory=dict)
     returncode: int | None = None
     error: str | None = None
 
 
 @dataclass(eq=False)
-class Worker:
+class WorkerProcess:
+    """One worker process and the tasks that read it. Its lifecycle state is not kept here: the
+    supervisor's worker table owns it (``supervisor/workers.py``)."""
+
     id: int
     proc: Any  # asyncio.subprocess.Process or ForkedProcess
     spawned_at: float
-    state: WorkerState = WorkerState.STARTING
-    ready_at: float | None = None
-    baseline_uss_mb: float | None = None
-    baseline_rss_mb: float | None = None
-    baseline_pss_mb: float | None = None
-    job: Any = None  # the FileJob being aligned
-    job_id: str | None = None
-    file_started_at: float | None = None
-    paused_at: float | None = None
-    idle_since: float | None = None
-    last_heartbeat: float = 0.0
-    progress: float | None = None
-    peak_uss_mb: float = 0.0
-    uss_mb: float = 0.0
-    pss_mb: float = 0.0
-    rss_mb: float = 0.0
-    kill_reason: str | None = None
-    exit_reason: str | None = None
     tasks: list[asyncio.Task] = field(default_factory=list)
+    exited: bool = False
 
     @property
     def pid(self) -> int:
         return self.proc.pid
-
-    def transition(self, new: WorkerState) -> None:
-        if new not in _ALLOWED[self.state]:
-            raise IllegalTransition(f"worker {self.id}: {self.state.value} -> {new.value} is not allowed")
-        self.state = new
-
-    @property
-    def live(self) -> bool:
-        return self.state not in (WorkerState.KILLED, WorkerState.EXITED)
 
 
 def worker_command(engine: str, options: dict[str, Any], python: str | None = None) -> list[str]:
@@ -310,7 +261,7 @@ class ZygoteLauncher:
         self._pending.clear()
         procs, self._procs = list(self._procs.values()), {}
         for _ in range(100):
-            if not any(_alive(p.pid) for p in procs):
+            if not any(pid_alive(p.pid) for p in procs):
                 break
             await asyncio.sleep(0.05)
         for p in procs:
@@ -361,18 +312,11 @@ def _worker_argv(command: list[str]) -> list[str] | None:
     return None
 
 
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as fh:
-            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return False
-
-
 class ProcessPool:
     """Local subprocess workers. Events (messages, exits, protocol breaks) go to ``events``.
 
     ``launcher`` starts each worker process: ``SpawnLauncher`` (default) or ``ZygoteLauncher``.
+    The pool only does what it is told to a process; which state a worker is in is not its business.
     """
 
     def __init__(self, command: list[str], *, events: asyncio.Queue, env: dict[str, str] | None = None,
@@ -384,16 +328,15 @@ class ProcessPool:
         self.clock = clock
         self.cwd = cwd
         self.launcher = launcher or SpawnLauncher()
-        self.workers: dict[int, Worker] = {}
+        self.workers: dict[int, WorkerProcess] = {}
         self._next_id = 1
 
-    async def spawn(self) -> Worker:
+    async def spawn(self) -> WorkerProcess:
         env = dict(os.environ if self.env is None else self.env)
         env["BATCHALIGN_SUPERVISE_PARENT_PID"] = str(os.getpid())
         env.setdefault("PYTHONUNBUFFERED", "1")
         proc = await self.launcher.launch(self.command, env, self.cwd)
-        w = Worker(id=self._next_id, proc=proc, spawned_at=self.clock())
-        w.last_heartbeat = w.spawned_at
+        w = WorkerProcess(id=self._next_id, proc=proc, spawned_at=self.clock())
         self._next_id += 1
         self.workers[w.id] = w
         w.tasks = [asyncio.create_task(self._read_frames(w), name=f"worker-{w.id}-frames"),
@@ -401,10 +344,10 @@ class ProcessPool:
                    asyncio.create_task(self._reap(w), name=f"worker-{w.id}-reap")]
         return w
 
-    def live(self) -> list[Worker]:
-        return [w for w in self.workers.values() if w.live]
+    def live(self) -> list[WorkerProcess]:
+        return [w for w in self.workers.values() if not w.exited]
 
-    async def send(self, w: Worker, msg: dict[str, Any]) -> bool:
+    async def send(self, w: WorkerProcess, msg: dict[str, Any]) -> bool:
         """Send one frame; a worker whose pipe is gone is reported broken, not raised."""
         stdin = w.proc.stdin
         if stdin is None or stdin.is_closing():
@@ -417,8 +360,10 @@ class ProcessPool:
             self.events.put_nowait(PoolEvent("broken", w, error=f"pipe closed: {exc}"))
             return False
 
-    def signal(self, w: Worker, sig: int) -> bool:
+    def signal(self, w: WorkerProcess, sig: int) -> bool:
         """Signal the worker's whole process group; False when it is already gone."""
+        if w.exited:
+            return False
         try:
             os.killpg(w.pid, sig)
             return True
@@ -431,42 +376,26 @@ class ProcessPool:
             except ProcessLookupError:
                 return False
 
-    def pause(self, w: Worker) -> None:
-        w.transition(WorkerState.PAUSED)
-        w.paused_at = self.clock()
+    def pause(self, w: WorkerProcess) -> None:
         self.signal(w, signal.SIGSTOP)
 
-    def resume(self, w: Worker) -> float:
-        paused_for = self.clock() - (w.paused_at or self.clock())
-        w.transition(WorkerState.BUSY)
-        w.paused_at = None
-        w.last_heartbeat = self.clock()  # it could not heartbeat while stopped
+    def resume(self, w: WorkerProcess) -> None:
         self.signal(w, signal.SIGCONT)
-        return paused_for
 
-    def kill(self, w: Worker, reason: str) -> None:
-        if not w.live:
-            return
-        w.kill_reason = reason
-        w.transition(WorkerState.KILLED)
+    def kill(self, w: WorkerProcess) -> None:
         self.signal(w, signal.SIGKILL)
         self.signal(w, signal.SIGCONT)  # a stopped group must run to die promptly
 
-    async def stop(self, w: Worker, reason: str) -> None:
-        """Ask a worker to finish: SHUTDOWN frame, then stdin closed."""
-        if w.state in (WorkerState.STOPPING, WorkerState.KILLED, WorkerState.EXITED):
-            return
-        w.exit_reason = reason
-        if w.state is WorkerState.PAUSED:
-            self.signal(w, signal.SIGCONT)
-        w.transition(WorkerState.STOPPING)
+    async def stop(self, w: WorkerProcess) -> None:
+        """Ask a worker to finish: SHUTDOWN frame, then stdin closed (a stopped one is continued)."""
+        self.signal(w, signal.SIGCONT)
         await self.send(w, {"type": protocol.SHUTDOWN})
         if w.proc.stdin is not None and not w.proc.stdin.is_closing():
             w.proc.stdin.close()
 
-    def kill_all(self, reason: str) -> None:
+    def kill_all(self) -> None:
         for w in self.live():
-            self.kill(w, reason)
+            self.kill(w)
 
     async def wait_all(self, timeout: float) -> bool:
         """Wait for every worker process to be reaped; True when all are gone."""
@@ -481,7 +410,7 @@ class ProcessPool:
         await self.launcher.close()
 
     # -- per-worker tasks ------------------------------------------------------------------------
-    async def _read_frames(self, w: Worker) -> None:
+    async def _read_frames(self, w: WorkerProcess) -> None:
         reader = w.proc.stdout
         assert reader is not None
         try:
@@ -497,7 +426,7 @@ class ProcessPool:
         except (protocol.ProtocolError, asyncio.IncompleteReadError) as exc:
             self.events.put_nowait(PoolEvent("broken", w, error=str(exc)))
 
-    async def _read_stderr(self, w: Worker) -> None:
+    async def _read_stderr(self, w: WorkerProcess) -> None:
         reader = w.proc.stderr
         assert reader is not None
         while True:
@@ -509,8 +438,9 @@ class ProcessPool:
                 return
             self.events.put_nowait(PoolEvent("output", w, msg={"line": line.decode("utf-8", "replace").rstrip()}))
 
-    async def _reap(self, w: Worker) -> None:
+    async def _reap(self, w: WorkerProcess) -> None:
         rc = await w.proc.wait()
         # Let the readers drain what the worker wrote before it died.
         await asyncio.gather(*w.tasks[:2], return_exceptions=True)
+        w.exited = True
         self.events.put_nowait(PoolEvent("exited", w, returncode=rc))

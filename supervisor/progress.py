@@ -124,3 +124,6 @@ class ProgressDisplay:
         if final is not None:
             self._draw(final)
         self.live.stop()
+        if not self.console.is_terminal:
+            self.console.file.write("\n")  # a file or pipe gets the last frame without its line end
+            self.console.file.flush()

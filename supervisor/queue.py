@@ -1,8 +1,15 @@
 """Where every file stands: pending, running, done, failed or quarantined, with its attempts.
 
 The queue knows nothing about processes or memory readings; it holds each file's latest estimate
-(which a cluster backend could turn into a per-task memory request) and decides, from the attempt
-count, whether a failure means "try again" or "quarantine".
+(which a cluster backend turns into a per-task memory request) and decides, from the attempt
+count, whether a failure means "try again" or "quarantine". Every state change goes through
+``_to``, checked against ``_ALLOWED``; intake and outcomes are its only callers and emit the
+events that say why.
+
+Run order: files whose estimate is trusted go largest predicted peak first (longest work first
+keeps the makespan short and lets big files start while memory is still free); files whose
+estimate is uncertain (a cold model) go after them, smallest first, so the model learns on cheap
+files before it is asked about expensive ones.
 """
 
 from __future__ import annotations
@@ -24,6 +31,26 @@ class FileState(enum.Enum):
     SKIPPED = "skipped"  # already done by an earlier run
 
 
+_F = FileState
+_ALLOWED: dict[FileState, frozenset[FileState]] = {
+    _F.PENDING: frozenset({_F.RUNNING, _F.FAILED, _F.QUARANTINED}),
+    _F.RUNNING: frozenset({_F.DONE, _F.PENDING, _F.FAILED, _F.QUARANTINED}),
+    _F.DONE: frozenset(),
+    _F.FAILED: frozenset(),
+    _F.QUARANTINED: frozenset(),
+    _F.SKIPPED: frozenset(),
+}
+
+
+class IllegalFileTransition(RuntimeError):
+    pass
+
+
+def is_uncertain(estimate: Estimate | None) -> bool:
+    """The estimate came from a model not yet trusted (cold defaults, few samples, extrapolation)."""
+    return estimate is None or bool(estimate.uncertain)
+
+
 @dataclass
 class FileJob:
     info: FileInfo
@@ -33,7 +60,7 @@ class FileJob:
     lower_bound_mb: float | None = None  # peak (MiB, baseline included) an attempt was killed at
     failures: list[str] = field(default_factory=list)
     last_peak_mb: float | None = None
-    worker: int | None = None
+    worker: str | None = None
     seq: int = 0  # discovery order; ties in scheduling order
     features: Any = None  # telemetry.model.FileFeatures from the file's plan
 
@@ -47,8 +74,7 @@ class FileJob:
 
 
 class WorkQueue:
-    """Files by state. Pending files are served largest predicted peak first (longest work first
-    keeps the makespan short and lets big files start while memory is still free)."""
+    """Files by state, pending ones in run order (see the module docstring)."""
 
     def __init__(self, max_attempts: int) -> None:
         self.max_attempts = max_attempts
@@ -59,8 +85,19 @@ class WorkQueue:
         """Something that orders pending files changed (a state, an estimate): sort again."""
         self._order = None
 
+    def _to(self, job: FileJob, new: FileState) -> None:
+        if new not in _ALLOWED[job.state]:
+            raise IllegalFileTransition(f"{job.rel}: {job.state.value} -> {new.value} is not allowed")
+        job.state = new
+        job.worker = None
+        self._order = None
+
     def add(self, info: FileInfo, state: FileState = FileState.PENDING) -> FileJob:
-        job = FileJob(info=info, state=state, seq=len(self.jobs))
+        """A new file (or a new version of a file that has finished: it replaces the old record)."""
+        old = self.jobs.get(info.rel)
+        if old is not None and old.state in (FileState.PENDING, FileState.RUNNING):
+            raise ValueError(f"{info.rel}: already {old.state.value}")
+        job = FileJob(info=info, state=state, seq=old.seq if old is not None else len(self.jobs))
         self.jobs[info.rel] = job
         self._order = None
         return job
@@ -78,7 +115,12 @@ class WorkQueue:
         """Pending files in run order. Cached: the supervisor asks several times a second."""
         if self._order is None:
             jobs = [j for j in self.jobs.values() if j.state is FileState.PENDING]
-            jobs.sort(key=lambda j: (-(j.estimate.peak_mb if j.estimate else 0.0), j.seq))
+
+            def order(j: FileJob) -> tuple:
+                peak = j.estimate.peak_mb if j.estimate else 0.0
+                return (1, peak, j.seq) if is_uncertain(j.estimate) else (0, -peak, j.seq)
+
+            jobs.sort(key=order)
             self._order = jobs
         return list(self._order)
 
@@ -96,51 +138,43 @@ class WorkQueue:
     def unfinished(self) -> bool:
         return any(j.state in (FileState.PENDING, FileState.RUNNING) for j in self.jobs.values())
 
-    def start(self, job: FileJob, worker: int) -> None:
+    def start(self, job: FileJob, worker: str) -> None:
         if job.state is not FileState.PENDING:
             raise ValueError(f"{job.rel}: cannot start a file that is {job.state.value}")
-        job.state = FileState.RUNNING
+        self._to(job, FileState.RUNNING)
         job.worker = worker
         job.attempts += 1
-        self._order = None
 
     def finish(self, job: FileJob, peak_mb: float | None) -> None:
-        job.state = FileState.DONE
-        job.worker = None
+        self._to(job, FileState.DONE)
         job.last_peak_mb = peak_mb
 
     def fail(self, job: FileJob, reason: str, *, retry: bool, observed_mb: float | None = None,
              lower_bound_mb: float | None = None) -> FileState:
         """Record a failed attempt; retryable failures requeue until ``max_attempts``."""
         job.failures.append(reason)
-        job.worker = None
-        self._order = None
         if observed_mb is not None:
             job.last_peak_mb = observed_mb
         if lower_bound_mb is not None:
             job.lower_bound_mb = max(job.lower_bound_mb or 0.0, lower_bound_mb)
         if not retry:
-            job.state = FileState.FAILED
+            self._to(job, FileState.FAILED)
         elif job.attempts >= self.max_attempts:
-            job.state = FileState.QUARANTINED
+            self._to(job, FileState.QUARANTINED)
         else:
-            job.state = FileState.PENDING
+            self._to(job, FileState.PENDING)
         return job.state
 
     def requeue(self, job: FileJob, reason: str) -> None:
         """Put a running file back without counting the attempt (drain, supervisor stop)."""
         if job.state is FileState.RUNNING:
             job.attempts = max(0, job.attempts - 1)
-            job.state = FileState.PENDING
-            job.worker = None
             job.failures.append(reason)
-            self._order = None
+            self._to(job, FileState.PENDING)
 
     def quarantine(self, job: FileJob, reason: str) -> None:
         job.failures.append(reason)
-        job.state = FileState.QUARANTINED
-        job.worker = None
-        self._order = None
+        self._to(job, FileState.QUARANTINED)
 
     def extend(self, infos: Iterable[FileInfo]) -> list[FileJob]:
         return [self.add(i) for i in infos]

@@ -30,8 +30,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-import psutil
-
 from supervisor.units import format_size
 
 GiB = 1 << 30
@@ -59,13 +57,19 @@ class ProcMem:
 
 @dataclass(frozen=True)
 class HostMem:
-    """Host memory in bytes. ``available`` is already capped by the cgroup headroom, if any."""
+    """Host memory in bytes. ``available`` is already capped by the cgroup headroom, if any;
+    ``mem_available`` is the host's own MemAvailable and ``cgroup_headroom`` the smallest headroom
+    along this process's cgroup path (None outside a limited cgroup), so that other supervisors'
+    promises can be charged to the memory they would come from."""
 
     total: int
     available: int
     psi_some_avg10: float | None
     psi_full_avg10: float | None
     swap_free: int
+    mem_available: int | None = None
+    cgroup_headroom: int | None = None
+    cgroup_path: str | None = None
 
 
 @dataclass(frozen=True)
@@ -151,6 +155,83 @@ class CgroupView:
         if value is not None:
             inactive = value
         return max(0, limit - usage + inactive)
+
+
+def cgroup_headroom(view: CgroupView) -> int | None:
+    """The smallest headroom over the limited levels of a cgroup's lineage; None when unlimited."""
+    best: int | None = None
+    for directory in view.lineage():
+        found = view.level_limit(directory)
+        if found is None:
+            continue
+        room = view.headroom(directory, found[0])
+        if room is not None and (best is None or room < best):
+            best = room
+    return best
+
+
+@dataclass(frozen=True)
+class ProcStat:
+    """The fields of ``/proc/PID/stat`` this project needs."""
+
+    state: str
+    ppid: int
+    start_time: int | None  # clock ticks since boot (field 22): tells a reused pid apart
+
+
+@dataclass(frozen=True)
+class ProcScope:
+    pid: int
+    uid: int
+    start_time: int | None
+    cgroup: str | None
+    headroom: int | None  # bytes its memory cgroup can still take; None when unlimited
+
+
+def parse_stat(data: bytes) -> ProcStat | None:
+    """Parse ``/proc/PID/stat``; the command name (field 2) may hold spaces and parentheses."""
+    try:
+        fields = data.rsplit(b")", 1)[1].split()
+        start = int(fields[19]) if len(fields) > 19 else None
+        return ProcStat(state=fields[0].decode(), ppid=int(fields[1]), start_time=start)
+    except (IndexError, ValueError, UnicodeDecodeError):
+        return None
+
+
+def proc_stat(pid: int, proc: str | Path = "/proc") -> ProcStat | None:
+    """State, parent and start time of ``pid``; None when it is gone."""
+    try:
+        return parse_stat(_read(f"{proc}/{int(pid)}/stat"))
+    except OSError:
+        return None
+
+
+def proc_uid(pid: int, proc: str | Path = "/proc") -> int | None:
+    """The real uid of ``pid`` (``Uid:`` in /proc/PID/status); None when it is gone."""
+    try:
+        return _find_int(_read(f"{proc}/{int(pid)}/status"), b"Uid", sep=b":\t")
+    except OSError:
+        return None
+
+
+def process_scope(pid: int, proc: Path = Path("/proc"),
+                  cgroup_root: Path = Path("/sys/fs/cgroup")) -> ProcScope | None:
+    """Who ``pid`` is and what it could still take: its uid, start time, memory cgroup and that
+    cgroup's headroom, read from /proc and the cgroup files (never from what it claims)."""
+    stat = proc_stat(pid, proc)
+    uid = proc_uid(pid, proc)
+    if stat is None or uid is None or stat.state in "ZX":
+        return None
+    view = memory_cgroup(Path(proc), Path(cgroup_root), pid)
+    return ProcScope(pid=pid, uid=uid, start_time=stat.start_time,
+                     cgroup=str(view.path) if view is not None else None,
+                     headroom=cgroup_headroom(view) if view is not None else None)
+
+
+def pid_alive(pid: int, proc: str | Path = "/proc") -> bool:
+    """True while ``pid`` exists and is not a zombie."""
+    st = proc_stat(pid, proc)
+    return st is not None and st.state not in "ZX"
 
 
 # -- small readers -----------------------------------------------------------------------------
@@ -548,24 +629,23 @@ class ProcSampler:
 
     def host(self) -> HostMem:
         meminfo = _read_meminfo(self._proc)
-        available = meminfo[b"MemAvailable"]
+        host_available = meminfo[b"MemAvailable"]
         view = self._cgroup_view()
-        if view is not None:
-            for directory in view.lineage():
-                found = view.level_limit(directory)
-                if found is None:
-                    continue
-                headroom = view.headroom(directory, found[0])
-                if headroom is not None:
-                    available = min(available, headroom)
+        headroom = cgroup_headroom(view) if view is not None else None
         some, full = _read_psi(self._proc)
         return HostMem(
             total=meminfo[b"MemTotal"],
-            available=available,
+            available=host_available if headroom is None else min(host_available, headroom),
             psi_some_avg10=some,
             psi_full_avg10=full,
             swap_free=meminfo.get(b"SwapFree", 0),
+            mem_available=host_available,
+            cgroup_headroom=headroom,
+            cgroup_path=str(view.path) if view is not None else None,
         )
+
+    def process_scope(self, pid: int) -> "ProcScope | None":
+        return process_scope(pid, self.proc, self.cgroup_root)
 
     def _cgroup_view(self) -> CgroupView | None:
         if not self._view_resolved:
@@ -686,6 +766,8 @@ class ProcSampler:
                 self._smaps_rollup = True
                 uss = (_kb(data, b"Private_Clean") or 0) + (_kb(data, b"Private_Dirty") or 0)
                 return uss, _kb(data, b"Pss") or 0, _kb(data, b"Swap") or 0, True
+        import psutil  # only for kernels without smaps_rollup
+
         try:
             info = psutil.Process(pid).memory_full_info()
         except (psutil.NoSuchProcess, psutil.ZombieProcess):
@@ -750,15 +832,8 @@ class ProcSampler:
         for name in names:
             if not name.isdigit():
                 continue
-            try:
-                data = _read(f"{self._proc}/{name}/stat")
-            except OSError:
-                continue
-            close = data.rfind(b")")  # comm may contain spaces and parentheses
-            fields = data[close + 2 :].split(None, 2)
-            try:
-                parents.setdefault(int(fields[1]), []).append(int(name))
-            except (IndexError, ValueError):
-                continue
+            st = proc_stat(int(name), self._proc)
+            if st is not None:
+                parents.setdefault(st.ppid, []).append(int(name))
         self._ppid_map, self._ppid_map_at = parents, now
         return parents

@@ -112,6 +112,7 @@ class SyntheticSettings(EngineDefaults):
     baseline_mb: float = 40.0  # the profile: memory held after READY ...
     mb_per_audio_second: float = 4.0  # ... grown per audio second of the file (or of the span) ...
     cpu_seconds_per_audio_second: float = 0.02  # ... over this much CPU work per audio second
+    boot_seconds: float = 0.0  # how long its "model load" takes (boot timeout tests)
     profile: str = "total"  # total: holds the whole file; streaming: one span at a time
 
 
@@ -128,10 +129,40 @@ class ServiceSettings:
 
 
 @dataclass
+class SlurmSettings:
+    """``--cluster slurm``: the dask-jobqueue SLURMCluster the supervisor starts and scales."""
+
+    partition: str = ""  # empty: the cluster's default partition
+    account: str = ""
+    walltime: str = "01:00:00"
+    cores: int = 1  # per job
+    memory: int = _size(4 * 2**30)  # per job (the standard size)
+    processes: int = 1  # worker processes per job (each one file at a time)
+    max_jobs: int = 4  # standard and sized jobs at once
+    max_memory: int | None = _size(None)  # largest job sized for one big file; empty: 4 x memory
+    job_extra: list = field(default_factory=list, metadata={"kind": "list"})  # extra #SBATCH lines
+    python: str = ""  # interpreter of the environment the jobs run; empty: this one
+    scheduler_host: str = ""  # address the scheduler listens on; empty: Dask's choice
+    local_directory: str = ""  # node-local scratch for the workers
+    log_directory: str = ""  # where Slurm writes the jobs' output; empty: the submit folder
+
+
+@dataclass
+class ClusterSettings:
+    """Where files run: empty = the local process pool; tcp://HOST:PORT, local or slurm = Dask."""
+
+    address: str = ""
+    local_workers: int = 0  # --cluster local: worker processes; 0 = run.workers
+    local_memory: int | None = _size(None)  # --cluster local: per worker; empty: the limit / workers
+    slurm: SlurmSettings = field(default_factory=SlurmSettings)
+
+
+@dataclass
 class Settings:
     run: RunSettings = field(default_factory=RunSettings)
     memory: MemorySettings = field(default_factory=MemorySettings)
     service: ServiceSettings = field(default_factory=ServiceSettings)
+    cluster: ClusterSettings = field(default_factory=ClusterSettings)
     engine: dict[str, EngineDefaults] = field(
         default_factory=lambda: {
             "wav2vec": EngineDefaults(cold_baseline_mb=1100.0, cold_intercept_mb=200.0, cold_mb_per_span_second=12.0),
@@ -222,6 +253,12 @@ def _convert(value: Any, f: dataclasses.Field, source: str) -> Any:
             return parse_size(value)
         if kind == "duration":
             return float(parse_duration(value))
+        if kind == "list":
+            if isinstance(value, str):
+                return [line.strip() for line in value.replace(";", "\n").splitlines() if line.strip()]
+            if isinstance(value, (list, tuple)):
+                return [str(v) for v in value]
+            raise ValueError(f"expected a list of strings, got {value!r}")
         target = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
         if target == "bool":
             if isinstance(value, bool):
@@ -251,6 +288,11 @@ def _apply(obj: Any, values: Mapping[str, Any], source: str) -> None:
         name = key.replace("-", "_")
         if name not in fields:
             raise SettingsError(f"{source}: unknown key {key!r}")
+        if dataclasses.is_dataclass(getattr(obj, name)):
+            if not isinstance(value, Mapping):
+                raise SettingsError(f"{source}: [{key}] must be a table")
+            _apply(getattr(obj, name), value, f"{source} [{key}]")
+            continue
         setattr(obj, name, _convert(value, fields[name], f"{source} {key}"))
 
 
@@ -264,7 +306,7 @@ def apply_mapping(settings: Settings, data: Mapping[str, Any], source: str) -> N
                 if name not in settings.engine:
                     raise SettingsError(f"{source}: unknown engine [engine.{name}] (known: {', '.join(ENGINES)})")
                 _apply(settings.engine[name], opts, f"{source} [engine.{name}]")
-        elif section in ("run", "memory", "service"):
+        elif section in ("run", "memory", "service", "cluster"):
             if not isinstance(values, Mapping):
                 raise SettingsError(f"{source}: [{section}] must be a table")
             _apply(getattr(settings, section), values, f"{source} [{section}]")
@@ -295,7 +337,10 @@ def env_mapping(environ: Mapping[str, str]) -> dict[str, Any]:
             if len(parts) == 3 and parts[1] in ENGINES:
                 out.setdefault("engine", {}).setdefault(parts[1], {})[parts[2]] = value
                 continue
-        for section in ("memory", "service"):
+        if rest.startswith("cluster_slurm_"):
+            out.setdefault("cluster", {}).setdefault("slurm", {})[rest[len("cluster_slurm_"):]] = value
+            continue
+        for section in ("memory", "service", "cluster"):
             if rest.startswith(section + "_"):
                 out.setdefault(section, {})[rest[len(section) + 1:]] = value
                 break
@@ -371,5 +416,10 @@ def validate(s: Settings) -> None:
         raise SettingsError("memory quantile must be in [0.5, 1)")
     if s.run.progress not in ("auto", "on", "off"):
         raise SettingsError("progress must be auto, on or off")
+    c = s.cluster.address
+    if c and c not in ("local", "slurm") and not c.startswith(("tcp://", "tls://", "ucx://", "inproc://")):
+        raise SettingsError(f"cluster {c!r} is not tcp://HOST:PORT, local or slurm")
+    if s.cluster.slurm.max_jobs < 1 or s.cluster.slurm.cores < 1 or s.cluster.slurm.processes < 1:
+        raise SettingsError("[cluster.slurm] max_jobs, cores and processes must be at least 1")
     if s.run.start_method not in ("auto", "spawn", "zygote"):
         raise SettingsError(f"start_method {s.run.start_method!r} is not one of auto, spawn, zygote")

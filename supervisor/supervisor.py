@@ -1,9 +1,12 @@
 """The supervisor loop: wait for an event or the next tick -> sample -> decide -> act.
 
-Modelled on gunicorn's arbiter: signal handlers only enqueue; one loop owns every state change;
-workers are spawned one at a time, reaped, and murdered when they stop heartbeating; a worker that
-cannot boot halts the run instead of being respawned forever. Memory decisions come from the pure
-``MemoryPolicy``; this module turns them into process actions and records what happened.
+Modelled on gunicorn's arbiter: signal handlers only enqueue; one loop hands every event to the
+part that owns what it changes; workers that cannot boot halt the run instead of being respawned
+forever. The parts (see docs/DESIGN.md): intake (planning, watch mode, manifests), the worker
+table, outcomes, the estimator (predictor, lower bounds), the telemetry sink and the publisher
+(log, ledger, watchdog, status). The loop itself only senses (the sampler), asks the pure
+``MemoryPolicy`` and routes its decisions; nothing on it blocks: the backend starts workers and
+writes to them in tasks, and files, hashes, scans, the store and the ledger are side jobs.
 """
 
 from __future__ import annotations
@@ -18,29 +21,41 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from supervisor import corpus as corpus_mod
-from supervisor.corpus import FileInfo, Manifest
+import anyio
+
+from supervisor.backend import (Backend, FileError, FileProgress, FileResult, FileStarted, JobSpec, LocalBackend,
+                                SpawnFailed, WorkerBroken, WorkerExited, WorkerHeartbeat, WorkerLog, WorkerReady,
+                                WorkerSpawned)
+from supervisor.corpus import Candidate
+from supervisor.estimates import Estimator
 from supervisor.identity import output_identity
-from supervisor.policy import Act, Bands, Decision, MemoryPolicy, PendingView, Snapshot, WorkerView, remaining_growth
-from supervisor.pool import (PoolEvent, ProcessPool, Worker, WorkerState, ZygoteLauncher, resolve_start_method,
-                             worker_command)
-from supervisor.queue import FileJob, FileState, WorkQueue
+from supervisor.intake import Intake
+from supervisor.outcomes import Outcomes
+from supervisor.policy import Act, Bands, Decision, MemoryPolicy, PendingView, Snapshot, committed_mb, used_mb
+from supervisor.pool import ZygoteLauncher, resolve_start_method, worker_command
+from supervisor.publish import Publisher, status_header
+from supervisor.queue import FileState, WorkQueue, is_uncertain
 from supervisor.sampler import Limits, ProcSampler, Sampler, detect_limits
 from supervisor.sd_notify import Notifier
 from supervisor.settings import Settings, SettingsError, reload_settings
+from supervisor.sidejobs import SideJobs
+from supervisor.sink import TelemetrySink
+from supervisor.workers import MAX_BOOT_FAILURES, WorkerRecord, WorkerState, WorkerTable
 from telemetry.model import Defaults, FileFeatures, MemoryModel, Predictor
-from telemetry.model import remaining_growth as file_remaining_growth
-from telemetry.store import Attempt, TelemetryStore
-from worker import protocol
+from telemetry.store import TelemetryStore
 from worker.align import plan_features
 from worker.engines.base import JobError
 
 MiB = 2**20
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_HALTED, EXIT_INTERRUPTED = 0, 1, 2, 3, 4
-MAX_BOOT_FAILURES = 3
-REESTIMATE_S = 2.0
 # The policy fits files first-fit in queue order; the head of a large queue is enough to find one.
 POLICY_WINDOW = 256
+# What a SIGHUP may not change: the running engine's identity and what was set up at start.
+RESTART_ONLY = ("run.engine", "run.model", "run.device", "run.dtype", "run.start_method", "run.state_dir",
+                "run.telemetry", "run.log_json", "run.media_dir", "memory.ledger", "service.watch",
+                "service.control_socket", "service.metrics_port", "service.metrics_host", "engine.")
+SHUTDOWN_WAIT_S = 10.0
+SIDE_JOBS_WAIT_S = 30.0
 
 
 @dataclass
@@ -52,7 +67,7 @@ class RunSummary:
 
 
 def engine_options(s: Settings, workers: int) -> dict[str, Any]:
-    """What the worker's engine needs; torch threads split so the pool never oversubscribes."""
+    """What the worker's engine needs at start; each file then gets the threads it can use now."""
     eng = s.engine_settings
     opts: dict[str, Any] = {k: v for k, v in vars(eng).items() if not k.startswith("cold_")}
     threads = eng.threads or max(1, (os.cpu_count() or 1) // max(1, workers))
@@ -80,12 +95,25 @@ def model_key(s: Settings) -> str:
     return key
 
 
+def file_planner(s: Settings) -> Callable[[Any], FileFeatures]:
+    """What the engine will hold for a file, from its plan (blocking: intake calls it off the loop)."""
+    options = engine_options(s, 1)
+
+    def plan(info: Any) -> FileFeatures:
+        try:
+            return plan_features(info.path, info.media, s.engine_name, options)
+        except (JobError, OSError, ValueError):
+            # The worker reports bad input with its line; until then, size alone.
+            return FileFeatures(audio_s=info.audio_seconds, media_mb=info.media_mb)
+
+    return plan
+
+
 def make_predictor(s: Settings, store: TelemetryStore | None) -> Predictor:
     eng = s.engine_settings
-    defaults = cold_defaults(s)
     kw = dict(quantile=s.memory.quantile, margin=s.memory.margin, min_samples=s.memory.min_samples)
     params = store.load_model(s.engine_name, model_key(s), s.run.device) if store else None
-    model = MemoryModel.from_params(params, defaults, **kw) if params else MemoryModel(defaults, **kw)
+    model = MemoryModel.from_params(params, cold_defaults(s), **kw) if params else MemoryModel(cold_defaults(s), **kw)
     # PSS at READY: what a worker is charged, and close to its whole cost when it runs alone.
     learned = store.baseline(s.engine_name, s.model_id, s.run.device, measure="pss") if store else None
     return Predictor(model, learned if learned is not None else eng.cold_baseline_mb,
@@ -99,11 +127,23 @@ def bands_from(s: Settings) -> Bands:
                  max_pause_s=m.max_pause, kill_settle_s=m.kill_settle, pause_cooldown_s=m.pause_cooldown)
 
 
+def settings_diff(old: Settings, new: Settings) -> dict[str, list]:
+    changed: dict[str, list] = {}
+    for section in ("memory", "run", "service"):
+        old_d, new_d = vars(getattr(old, section)), vars(getattr(new, section))
+        changed.update({f"{section}.{k}": [old_d[k], new_d[k]] for k in old_d if old_d[k] != new_d[k]})
+    for name in old.engine:
+        old_d, new_d = vars(old.engine[name]), vars(new.engine.get(name, old.engine[name]))
+        changed.update({f"engine.{name}.{k}": [old_d[k], new_d[k]] for k in old_d if old_d[k] != new_d.get(k)})
+    return changed
+
+
 class Supervisor:
     def __init__(self, settings: Settings, *, log: Any, sampler: Sampler | None = None,
                  clock: Callable[[], float] = time.monotonic, notifier: Notifier | None = None,
                  store: TelemetryStore | None = None, limits: Limits | None = None,
-                 display: Any = None, reload_cli: dict | None = None, watcher: Any = None) -> None:
+                 display: Any = None, reload_cli: dict | None = None, watcher: Any = None,
+                 backend: Backend | None = None, listing: Any = None) -> None:
         self.s = settings
         self.log = log
         # Exact smaps reads walk page tables (~11 ms per GiB): ration them; status-based estimates
@@ -111,54 +151,56 @@ class Supervisor:
         self.sampler = sampler or ProcSampler(exact_share=0.002, min_exact_interval=5.0)
         self.clock = clock
         self.notifier = notifier or Notifier()
-        self.store = store
-        self.display = display
-        self.watcher = watcher
         self.reload_cli = reload_cli or {}
+        self.backend = backend
         self.run_id = time.strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
         self.limits = limits or detect_limits(budget=settings.memory.budget, reserve=settings.memory.reserve)
-        self.queue = WorkQueue(settings.run.max_attempts)
-        self.policy = MemoryPolicy(bands_from(settings))
-        self.predictor = make_predictor(settings, store)
-        self.events: asyncio.Queue = asyncio.Queue()
-        self.pool: ProcessPool | None = None
-        self.manifests: dict[Path, Manifest] = {}
-        self.identity = output_identity(settings)
+        self.key = (settings.engine_name, settings.model_id, settings.run.device)
         self.t0 = clock()
         self.wall0 = time.time()
+        self.inbox: asyncio.Queue = asyncio.Queue()
         self.draining = False
         self.drain_deadline: float | None = None
         self.stop_now = False
         self.halted: str | None = None
-        self.boot_failures = 0
-        self.kills = 0
-        self.pauses = 0
-        self.ready_once = False
-        self.host = None
-        self.used_mb = 0.0
-        self.committed_mb = 0.0
-        self._last_sample_log = -1e9
-        self._last_status = -1e9
-        self._last_watchdog = -1e9
-        self._job_started_wall: dict[str, float] = {}
-        self._finishing = False
-        self.ledger = None
-        self.ledger_owner = f"{os.getpid()}-{self.run_id}"
-        self.audio_done_s = 0.0
-        self._status_hooks: list[Callable[[dict], None]] = []
-        self.others_mb = 0.0
-        self._capacity_changed = False
-        self._bounds_read: set[str] = set()
-        self._model_changed = False
-        self._reestimated_at = -1e9
+        self.host: Any = None
+        self.host_error: str | None = None
         self.overhead_mb = 0.0
         self._overhead_at = -1e9
-        self._spans_progress: dict[Any, dict] = {}
+        self._capacity_changed = False
+
+        self.queue = WorkQueue(settings.run.max_attempts)
+        self.policy = MemoryPolicy(bands_from(settings))
+        self.jobs = SideJobs(self.emit)
+        self.estimator = Estimator(make_predictor(settings, store), self.queue,
+                                   stored_bounds=store.lower_bounds(*self.key) if store else None, clock=clock)
+        self.sink = TelemetrySink(store, self.jobs, self.emit, self.key, model_key(settings))
+        self.intake = Intake(queue=self.queue, estimator=self.estimator, jobs=self.jobs, emit=self.emit,
+                             forget=self.policy.forget, force=settings.force,
+                             media_dir=Path(settings.run.media_dir) if settings.run.media_dir else None,
+                             out_root=settings.out, in_place=settings.in_place, watcher=watcher, clock=clock,
+                             listing=listing, identity=output_identity(settings), plan=file_planner(settings))
+        self.outcomes = Outcomes(queue=self.queue, estimator=self.estimator, intake=self.intake, sink=self.sink,
+                                 emit=self.emit, run_id=self.run_id, forget=self.policy.forget)
+        self.publisher = Publisher(notifier=self.notifier, jobs=self.jobs, emit=self.emit, display=display)
+        self.workers: WorkerTable | None = None
 
     # -- helpers -----------------------------------------------------------------------------------
     @property
     def budget_mb(self) -> float:
         return self.limits.budget / MiB
+
+    @property
+    def realigned(self) -> list[tuple[str, str]]:
+        return self.intake.realigned
+
+    @property
+    def kills(self) -> int:
+        return self.workers.kills if self.workers else 0
+
+    @property
+    def pauses(self) -> int:
+        return self.workers.pauses if self.workers else 0
 
     def now(self) -> float:
         return self.clock()
@@ -167,156 +209,226 @@ class Supervisor:
         fields.setdefault("t", round(self.now() - self.t0, 3))
         getattr(self.log, level)(event, **fields)
 
-    def _wfields(self, w: Worker) -> dict[str, Any]:
-        return {"worker": w.id, "pid": w.pid}
+    def plan(self, candidates: list[Candidate]) -> None:
+        """Plan the whole corpus now (``--dry-run``)."""
+        self.intake.plan_now(candidates)
 
-    # -- planning ----------------------------------------------------------------------------------
-    def plan(self, infos: list[FileInfo]) -> None:
-        """Queue every file; skip done ones, fail those whose media are missing, estimate the rest."""
-        for info in infos:
-            manifest = self._manifest_for(info)
-            if not self.s.force and manifest.is_done(info):
-                self.queue.add(info, FileState.SKIPPED)
-                self.emit("file_skipped", file=info.rel, reason="already done")
-                continue
-            stale = None if self.s.force else manifest.stale_reason(info)
-            if stale:
-                self.emit("file_realigned", file=info.rel, reason=f"made with other settings: {stale}")
-            job = self.queue.add(info)
-            if info.media_error:
-                self.queue.fail(job, info.media_error, retry=False)
-                self.emit("file_failed", level="warning", file=info.rel, reason=info.media_error,
-                          kind="media", attempt=0)
-                self._remember_failure(job)
-                continue
-            self.estimate(job)
+    def add_status_hook(self, hook: Callable[[dict], None]) -> None:
+        self.publisher.hooks = [*self.publisher.hooks, hook]
 
-    def _manifest_for(self, info: FileInfo) -> Manifest:
-        root = self._out_root(info)
-        m = self.manifests.get(root)
-        if m is None:
-            m = self.manifests[root] = Manifest(root / corpus_mod.MANIFEST_DIR / "done.jsonl", self.identity)
-        return m
-
-    def _out_root(self, info: FileInfo) -> Path:
-        depth = len(Path(info.rel).parts)
-        return info.out.parents[depth - 1] if depth else info.out.parent
-
-    def estimate(self, job: FileJob) -> None:
-        if job.rel not in self._bounds_read and self.store is not None:
-            # Once per file: later bounds come from this run's own kills, already on the job.
-            self._bounds_read.add(job.rel)
-            stored = self.store.lower_bound(job.info.input_hash, self.s.engine_name, self.s.model_id,
-                                            self.s.run.device)
-            if stored is not None:
-                job.lower_bound_mb = max(job.lower_bound_mb or 0.0, stored)
-        job.estimate = self.predictor.estimate(self.features(job), job.lower_bound_mb)
-        self.queue.touch()
-
-    def features(self, job: FileJob) -> FileFeatures:
-        """What the engine will hold for this file, from its plan (once per file)."""
-        if job.features is None:
-            info = job.info
-            try:
-                job.features = plan_features(info.path, info.media, self.s.engine_name, engine_options(self.s, 1))
-            except (JobError, OSError, ValueError):
-                # The worker reports bad input with its line; until then, size alone.
-                job.features = FileFeatures(audio_s=info.audio_seconds, media_mb=info.media_mb)
-        return job.features
-
-    def reestimate_pending(self) -> None:
-        for job in self.queue.in_state(FileState.PENDING):
-            self.estimate(job)
-
-    # -- the loop ------------------------------------------------------------------------------------
-    async def run(self, infos: list[FileInfo]) -> RunSummary:
+    # -- the run -------------------------------------------------------------------------------------
+    async def run(self, candidates: list[Candidate]) -> RunSummary:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-            loop.add_signal_handler(sig, self.events.put_nowait, ("signal", sig))
-        self.plan(infos)
-        counts = self.queue.counts()
+            loop.add_signal_handler(sig, self.inbox.put_nowait, ("signal", sig))
         self.emit("run_started", corpus=[str(p) for p in self.s.corpus], out=str(self.s.out) if self.s.out else None,
-                  engine=self.s.engine_name, model=self.s.model_id, device=self.s.run.device,
+                  engine=self.key[0], model=self.key[1], device=self.key[2],
                   limit_mb=round(self.limits.limit / MiB, 1), budget_mb=round(self.budget_mb, 1),
                   reserve_mb=round(self.limits.reserve / MiB, 1), limit_source=self.limits.source,
-                  files=counts["total"], pending=counts["pending"], skipped=counts["skipped"],
-                  max_workers=self.s.max_workers(), pid=os.getpid(),
+                  files=len(candidates), max_workers=self.s.max_workers(), pid=os.getpid(),
                   supervisor_cpu_s=round(time.process_time(), 3))
-        if self.store is not None:
-            self.store.start_run(self.run_id, corpus=",".join(str(p) for p in self.s.corpus),
-                                 engine=self.s.engine_name, model=self.s.model_id, device=self.s.run.device,
-                                 settings=self.s.to_dict())
-        self._open_ledger()
-        cmd = worker_command(self.s.engine_name, engine_options(self.s, self.s.max_workers()))
-        method = resolve_start_method(self.s.run.start_method, self.s.engine_name)
-        launcher = ZygoteLauncher(self.s.engine_name) if method == "zygote" else None
-        self.pool = ProcessPool(cmd, events=self.events, clock=self.clock, launcher=launcher)
+        self.sink.start_run(self.run_id, ",".join(str(p) for p in self.s.corpus), self.s.to_dict())
+        await anyio.to_thread.run_sync(self.publisher.open_ledger, self.s.memory.ledger,
+                                       f"{os.getpid()}-{self.run_id}")
+        if self.backend is None:
+            self.backend = self._local_backend()
+        self.workers = WorkerTable(self.backend, emit=self.emit, clock=self.clock)
+        await self.backend.start()
+        pump = asyncio.create_task(self._pump(), name="backend-events")
+        self.intake.start_planning(candidates)
         try:
             await self._loop()
         finally:
             for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                 loop.remove_signal_handler(sig)
-            await self._shutdown_workers()
-            if self.ledger is not None:
-                self.ledger.unregister(self.ledger_owner)
-        return self._finish()
+            await self._shutdown()
+            pump.cancel()
+            await asyncio.gather(pump, return_exceptions=True)
+        result, summary = self._finish()
+        self.sink.finish(self.run_id, self.estimator.params(), summary)
+        if not await self.jobs.drain(SIDE_JOBS_WAIT_S):
+            self.emit("side_jobs_abandoned", level="warning", after_s=SIDE_JOBS_WAIT_S)
+        await anyio.to_thread.run_sync(self.publisher.close_ledger)
+        return result
+
+    def _local_backend(self) -> LocalBackend:
+        cmd = worker_command(self.key[0], engine_options(self.s, self.s.max_workers()))
+        method = resolve_start_method(self.s.run.start_method, self.key[0])
+        launcher = ZygoteLauncher(self.key[0]) if method == "zygote" else None
+        return LocalBackend(cmd, launcher=launcher, clock=self.clock)
+
+    async def _pump(self) -> None:
+        async for ev in self.backend.events():
+            self.inbox.put_nowait(ev)
 
     async def _loop(self) -> None:
         next_tick = self.now()
         while True:
             timeout = max(0.0, next_tick - self.now())
             try:
-                ev = await asyncio.wait_for(self.events.get(), timeout)
+                ev = await asyncio.wait_for(self.inbox.get(), timeout)
             except asyncio.TimeoutError:
                 ev = None
             if ev is not None:
-                await self._handle(ev)
-                while not self.events.empty():
-                    await self._handle(self.events.get_nowait())
+                self._handle(ev)
+                while not self.inbox.empty():
+                    self._handle(self.inbox.get_nowait())
             if self.stop_now or self.halted:
                 return
-            if self.now() >= next_tick:
-                await self._tick()
-                next_tick = self.now() + self.s.memory.poll_interval
+            now = self.now()
+            if now >= next_tick:
+                self._guarded("tick", self._tick, now)
+                next_tick = now + self.s.memory.poll_interval
             elif self._capacity_changed:
                 # A file finished or a worker became ready: decide now on the last readings rather
                 # than leave a worker idle until the next tick. Stale readings only overstate use.
-                await self._decide(self.now())
+                self._guarded("decide", self._decide, now)
             if self._done():
                 return
 
+    def _guarded(self, what: str, fn: Callable[..., None], *args: Any, **context: Any) -> None:
+        """One failing handler is logged with its context; the loop goes on."""
+        try:
+            fn(*args)
+        except Exception as exc:
+            self.emit("handler_failed", level="error", handler=what, error=f"{type(exc).__name__}: {exc}",
+                      exc_info=True, **context)
+
     def _done(self) -> bool:
-        running = any(w.job is not None for w in self.pool.live()) if self.pool else False
-        if running:
+        if self.workers.running():
             return False
         if self.draining:
             return True
-        if self.watcher is not None:
+        if self.intake.watcher is not None or self.intake.planning:
             return False
         return not self.queue.in_state(FileState.PENDING, FileState.RUNNING)
 
     # -- events --------------------------------------------------------------------------------------
-    async def _handle(self, ev: Any) -> None:
+    def _handle(self, ev: Any) -> None:
         if isinstance(ev, tuple) and ev[0] == "signal":
-            await self._on_signal(ev[1])
+            self._guarded("signal", self._on_signal, ev[1], signal=signal.Signals(ev[1]).name)
             return
-        assert isinstance(ev, PoolEvent)
-        w = ev.worker
-        if ev.kind == "exited" or (ev.kind == "message" and ev.msg.get("type") in (
-                protocol.READY, protocol.RESULT, protocol.ERROR)):
-            self._capacity_changed = True
-        if ev.kind == "message":
-            await self._on_message(w, ev.msg)
-        elif ev.kind == "output":
-            self._on_output(w, ev.msg["line"])
-        elif ev.kind == "broken":
-            if w.live:
-                self.emit("worker_protocol_error", level="error", **self._wfields(w), error=ev.error)
-                self.pool.kill(w, f"protocol error: {ev.error}")
-        elif ev.kind == "exited":
-            self._on_exit(w, ev.returncode)
+        handler = self._HANDLERS.get(type(ev))
+        if handler is None:
+            self.emit("handler_failed", level="error", handler="dispatch", error=f"unknown event {ev!r}")
+            return
+        self._guarded(type(ev).__name__, handler, self, ev, worker=getattr(ev, "worker_id", None))
 
-    async def _on_signal(self, sig: int) -> None:
+    def _on_spawned(self, ev: WorkerSpawned) -> None:
+        self.workers.spawned(ev.worker_id, ev.pid)
+
+    def _on_spawn_failed(self, ev: SpawnFailed) -> None:
+        self.workers.spawn_failed(ev.reason)
+        self._check_boot()
+
+    def _on_ready(self, ev: WorkerReady) -> None:
+        self._capacity_changed = True
+        mem = self.sampler.tree(ev.pid, exact=True)  # a real smaps read, not an estimate
+        w = self.workers.ready(ev, mem)
+        if w is None:
+            return
+        self.estimator.learn_baseline(w.baseline_pss_mb, w.calibration)
+        self.sink.baseline(w.baseline_uss_mb, w.baseline_rss_mb, w.baseline_pss_mb)
+        if not self.workers.ready_once:
+            self.workers.ready_once = True
+            self.notifier.ready()
+        if self.draining:
+            self.workers.stop(w, "draining")
+
+    def _on_heartbeat(self, ev: WorkerHeartbeat) -> None:
+        self.workers.heartbeat(ev.worker_id, ev.progress)
+
+    def _on_progress(self, ev: FileProgress) -> None:
+        self.workers.file_progress(ev.worker_id, ev.progress)
+
+    def _on_started(self, ev: FileStarted) -> None:
+        w = self.workers.get(ev.worker_id)
+        if w is not None and w.job is not None:
+            self.emit("file_started", worker=w.id, pid=w.pid, file=w.job.rel)
+
+    def _holder(self, worker_id: str, job_id: str | None, what: str) -> WorkerRecord | None:
+        """The worker, if it holds the job it reports on; otherwise it broke the protocol."""
+        w = self.workers.get(worker_id)
+        if w is None:
+            return None
+        if w.job is None or (job_id is not None and job_id != w.job_id):
+            self.workers.kill(w, f"protocol error: {what} for a job it does not hold")
+            return None
+        return w
+
+    def _on_result(self, ev: FileResult) -> None:
+        self._file_over(ev, "result", self.outcomes.from_result)
+
+    def _on_error(self, ev: FileError) -> None:
+        self._file_over(ev, "error", self.outcomes.from_error)
+
+    def _file_over(self, ev: FileResult | FileError, what: str, outcome_of: Callable[..., Any]) -> None:
+        """A worker's file ended (result or error): release the worker, then apply the outcome."""
+        self._capacity_changed = True
+        w = self._holder(ev.worker_id, ev.job_id, what)
+        if w is None:
+            return
+        outcome = outcome_of(w, w.job, ev)
+        self.workers.release(w)
+        self.outcomes.apply(outcome)
+        out_of_memory = isinstance(ev, FileError) and ev.kind == "memory"
+        if self.draining or out_of_memory:
+            # After an out-of-memory error a fresh process is the only clean state.
+            self.workers.stop(w, "draining" if self.draining else "out of memory")
+
+    def _on_exited(self, ev: WorkerExited) -> None:
+        self._capacity_changed = True
+        w = self.workers.get(ev.worker_id)
+        ex = self.workers.exited(ev)
+        if ex is None:
+            return
+        if ex.job is not None:
+            self.outcomes.apply(self.outcomes.from_exit(w, ex.job, ev, stopping=self.stop_now))
+        if ex.boot_failure:
+            self._check_boot()
+
+    def _on_broken(self, ev: WorkerBroken) -> None:
+        w = self.workers.get(ev.worker_id)
+        if w is not None and w.live:
+            self.emit("worker_protocol_error", level="error", worker=w.id, pid=w.pid, error=ev.error)
+            self.workers.kill(w, f"protocol error: {ev.error}")
+
+    def _on_log(self, ev: WorkerLog) -> None:
+        line = ev.line
+        if not line:
+            return
+        w = self.workers.get(ev.worker_id)
+        wf = {"worker": ev.worker_id, "pid": w.pid if w else None}
+        try:
+            rec = json.loads(line)
+            if not isinstance(rec, dict):
+                raise ValueError
+        except ValueError:
+            self.emit("worker_output", level="debug", **wf, line=line[:2000])
+            return
+        level = rec.pop("level", "info")
+        event = rec.pop("event", "log")
+        rec.pop("timestamp", None), rec.pop("ts", None)
+        loud = level in ("warning", "error", "critical")
+        self.emit("worker_log", level="warning" if loud else "debug", **wf, worker_event=event, worker_level=level,
+                  **{k: v for k, v in rec.items() if k not in ("worker", "pid", "t")})
+
+    _HANDLERS: dict[type, Callable[..., None]] = {
+        WorkerSpawned: _on_spawned, SpawnFailed: _on_spawn_failed, WorkerReady: _on_ready,
+        WorkerHeartbeat: _on_heartbeat, FileProgress: _on_progress, FileStarted: _on_started,
+        FileResult: _on_result, FileError: _on_error, WorkerExited: _on_exited, WorkerBroken: _on_broken,
+        WorkerLog: _on_log,
+    }
+
+    def _check_boot(self) -> None:
+        t = self.workers
+        if t.boot_failures >= MAX_BOOT_FAILURES and not self.halted:
+            self.halted = (f"workers cannot start: engine {self.key[0]}, model {self.key[1]}: "
+                           f"{t.last_boot_failure}")
+            self.emit("run_halted", level="error", reason=self.halted, boot_failures=t.boot_failures)
+
+    # -- signals -------------------------------------------------------------------------------------
+    def _on_signal(self, sig: int) -> None:
         if sig == signal.SIGHUP:
             self._reload()
         elif sig == signal.SIGTERM and not self.draining:
@@ -324,9 +436,11 @@ class Supervisor:
             self.drain_deadline = self.now() + self.s.run.drain_grace
             self.notifier.stopping()
             self.emit("drain_started", reason="SIGTERM", grace_s=self.s.run.drain_grace)
-            for w in self.pool.live():
-                if w.job is None:
-                    await self.pool.stop(w, "draining")
+            for w in self.workers.live():
+                if w.state is WorkerState.STARTING:
+                    self.workers.kill(w, "drain: not ready yet", by_us=True)
+                elif w.job is None:
+                    self.workers.stop(w, "draining")
         else:
             self.emit("stop_requested", level="warning", signal=signal.Signals(sig).name)
             self.notifier.stopping()
@@ -338,541 +452,241 @@ class Supervisor:
         except SettingsError as exc:
             self.emit("config_reload_failed", level="error", error=str(exc))
             return
-        changed = {}
-        for section in ("memory", "run", "service"):
-            old_d, new_d = vars(getattr(self.s, section)), vars(getattr(new, section))
-            for k in old_d:
-                if old_d[k] != new_d[k]:
-                    changed[f"{section}.{k}"] = [old_d[k], new_d[k]]
+        changed = settings_diff(self.s, new)
+        refused = {k: v for k, v in changed.items() if k.startswith(RESTART_ONLY)}
+        for key in refused:  # keep what runs: nothing may be filed under a key that is not the running one
+            section, _, name = key.partition(".")
+            if section == "engine":
+                new.engine = self.s.engine
+            else:
+                setattr(getattr(new, section), name, getattr(getattr(self.s, section), name))
+        if refused:
+            self.emit("config_reload_refused", level="warning",
+                      changed={k: [str(a), str(b)] for k, (a, b) in refused.items()},
+                      reason="a restart is needed to change these; the running values stay")
+        applied = {k: v for k, v in changed.items() if k not in refused}
         self.s = new
         self.policy.bands = bands_from(new)
         self.queue.max_attempts = new.run.max_attempts
-        if "memory.budget" in changed or "memory.reserve" in changed:
+        if "memory.budget" in applied or "memory.reserve" in applied:
             self.limits = detect_limits(budget=new.memory.budget, reserve=new.memory.reserve)
-        self.emit("config_reloaded", changed={k: [str(a), str(b)] for k, (a, b) in changed.items()},
+        self.emit("config_reloaded", changed={k: [str(a), str(b)] for k, (a, b) in applied.items()},
                   budget_mb=round(self.budget_mb, 1))
 
-    async def _on_message(self, w: Worker, msg: dict[str, Any]) -> None:
-        kind = msg["type"]
-        now = self.now()
-        if kind == protocol.HEARTBEAT:
-            w.last_heartbeat = now
-            w.progress = msg.get("progress")
-        elif kind == protocol.PROGRESS:
-            w.last_heartbeat = now
-            if w.job is not None and msg.get("job") == w.job_id:
-                self._spans_progress[w.id] = msg
-        elif kind == protocol.READY:
-            if w.state is not WorkerState.STARTING:
-                self.pool.kill(w, "protocol error: READY twice")
-                return
-            w.transition(WorkerState.READY)
-            w.ready_at = w.idle_since = w.last_heartbeat = now
-            mem = self.sampler.tree(w.pid, exact=True)  # a real smaps read, not an estimate
-            w.baseline_uss_mb = (mem.uss if mem else msg.get("uss_mb", 0) * MiB) / MiB
-            w.baseline_pss_mb = (mem.pss if mem else msg.get("pss_mb", 0) * MiB) / MiB
-            w.baseline_rss_mb = (mem.rss if mem else msg.get("rss_mb", 0) * MiB) / MiB
-            w.uss_mb, w.pss_mb, w.rss_mb = w.baseline_uss_mb, w.baseline_pss_mb, w.baseline_rss_mb
-            self.boot_failures = 0
-            self.predictor.observe_baseline(w.baseline_pss_mb)
-            if self.predictor.calibrate(msg.get("calibration")):
-                self._model_changed = True
-            if self.store is not None:
-                self.store.record_baseline(self.s.engine_name, self.s.model_id, self.s.run.device,
-                                           w.baseline_uss_mb, w.baseline_rss_mb, w.baseline_pss_mb)
-            self.emit("worker_ready", **self._wfields(w), baseline_mb=round(w.baseline_uss_mb, 1),
-                      baseline_pss_mb=round(w.baseline_pss_mb, 1), baseline_rss_mb=round(w.baseline_rss_mb, 1),
-                      startup_s=round(now - w.spawned_at, 3))
-            if not self.ready_once:
-                self.ready_once = True
-                self.notifier.ready()
-            if self.draining:
-                await self.pool.stop(w, "draining")
-        elif kind == protocol.BOOT_ERROR:
-            w.exit_reason = msg.get("error", "boot error")
-            self.emit("worker_boot_error", level="error", **self._wfields(w), error=w.exit_reason)
-        elif kind == protocol.STARTED:
-            if w.job is not None:
-                self.emit("file_started", **self._wfields(w), file=w.job.rel)
-        elif kind == protocol.RESULT:
-            self._on_result(w, msg)
-        elif kind == protocol.ERROR:
-            self._on_error(w, msg)
-        else:
-            self.pool.kill(w, f"protocol error: unexpected {kind!r}")
-
-    def _file_growth(self, w: Worker, reported_hwm_mb: float | None = None) -> float:
-        polled = w.peak_uss_mb - (w.baseline_uss_mb or 0.0)
-        hwm = (reported_hwm_mb - (w.baseline_rss_mb or 0.0)) if reported_hwm_mb else 0.0
-        return max(0.0, polled, hwm)
-
-    def _attempt(self, job: FileJob, w: Worker, outcome: str, reason: str | None, growth: float | None,
-                 wall: float | None = None, cpu: float | None = None, audio: float | None = None) -> None:
-        if self.store is None:
-            return
-        info = job.info
-        started = self._job_started_wall.pop(job.rel, time.time())
-        self.store.record_attempt(Attempt(
-            run_id=self.run_id, file=info.rel, path=str(info.path), input_hash=info.input_hash,
-            engine=self.s.engine_name, model=self.s.model_id, device=self.s.run.device,
-            audio_seconds=audio if audio is not None else info.audio_seconds, media_bytes=info.media_bytes,
-            transcript_bytes=info.transcript_bytes, worker_baseline_mb=w.baseline_pss_mb,
-            peak_mb=(w.baseline_pss_mb or 0.0) + growth if growth is not None else None, growth_mb=growth,
-            predicted_mb=job.estimate.peak_mb if job.estimate else None, wall_s=wall, cpu_s=cpu,
-            outcome=outcome, reason=reason, worker_pid=w.pid, started_at=started, finished_at=time.time()))
-
-    def _release(self, w: Worker) -> FileJob | None:
-        job = w.job
-        w.job = None
-        w.job_id = None
-        w.file_started_at = None
-        w.progress = None
-        self._spans_progress.pop(w.id, None)
-        if w.state is WorkerState.BUSY:
-            w.transition(WorkerState.READY)
-            w.idle_since = self.now()
-        return job
-
-    def _on_result(self, w: Worker, msg: dict[str, Any]) -> None:
-        if w.job is None or msg.get("job") != w.job_id:
-            self.pool.kill(w, "protocol error: result for a job it does not hold")
-            return
-        growth = self._file_growth(w, msg.get("peak_rss_mb"))
-        job = self._release(w)
-        info = job.info
-        audio = msg.get("audio_seconds")
-        if info.audio_seconds is None and audio:
-            info.audio_seconds = float(audio)
-        try:
-            self._manifest_for(info).mark_done(info)
-        except OSError as exc:
-            self.emit("manifest_write_failed", level="warning", file=info.rel, error=str(exc))
-        self.queue.finish(job, (w.baseline_pss_mb or 0.0) + growth)
-        self.audio_done_s += float(audio or info.audio_seconds or 0.0)
-        # Only real work teaches: nothing when every span came from the result cache.
-        if msg.get("features_run") is not None:
-            self.predictor.observe_growth(msg["features_run"], growth)
-        self._attempt(job, w, "done", None, growth, msg.get("wall_s"), msg.get("cpu_s"), audio)
-        self.emit("file_done", **self._wfields(w), file=info.rel, peak_mb=round((w.baseline_pss_mb or 0) + growth, 1),
-                  growth_mb=round(growth, 1), predicted_mb=round(job.estimate.peak_mb, 1) if job.estimate else None,
-                  predicted_growth_mb=round(job.estimate.growth_mb, 1) if job.estimate else None,
-                  audio_seconds=info.audio_seconds, wall_s=msg.get("wall_s"), cpu_s=msg.get("cpu_s"),
-                  warnings=len(msg.get("warnings") or []), stats=msg.get("stats"))
-        for line in (msg.get("warnings") or [])[:20]:
-            self.emit("file_warning", level="warning", file=info.rel, warning=line)
-        self._model_changed = True
-        if self.draining:
-            asyncio.get_running_loop().create_task(self.pool.stop(w, "draining"))
-
-    def _on_error(self, w: Worker, msg: dict[str, Any]) -> None:
-        if w.job is None or msg.get("job") != w.job_id:
-            self.pool.kill(w, "protocol error: error for a job it does not hold")
-            return
-        growth = self._file_growth(w)
-        job = self._release(w)
-        kind = msg.get("kind", "internal")
-        reason = str(msg.get("error", "unknown error"))
-        retry = kind not in ("input", "media")
-        state = self.queue.fail(job, reason, retry=retry, observed_mb=(w.baseline_pss_mb or 0) + growth)
-        self._attempt(job, w, "failed", reason, growth)
-        self.emit("file_failed", level="warning", **self._wfields(w), file=job.rel, reason=reason, kind=kind,
-                  attempt=job.attempts)
-        self._after_failure(job, state, reason)
-        if self.draining:
-            asyncio.get_running_loop().create_task(self.pool.stop(w, "draining"))
-
-    def _remember_failure(self, job: FileJob) -> None:
-        """Record a file that failed for good, so watch mode does not retry it after a restart."""
-        try:
-            self._manifest_for(job.info).mark_failed(job.info, job.state.value, job.reason or "")
-        except OSError as exc:
-            self.emit("manifest_write_failed", level="warning", file=job.rel, error=str(exc))
-
-    def _after_failure(self, job: FileJob, state: FileState, reason: str) -> None:
-        if state in (FileState.FAILED, FileState.QUARANTINED):
-            self._remember_failure(job)
-        if state is FileState.PENDING:
-            self.policy.forget(job.rel)
-            self.estimate(job)
-            self.emit("file_requeued", file=job.rel, reason=reason, attempt=job.attempts,
-                      estimate_mb=round(job.estimate.peak_mb, 1), observed_mb=job.last_peak_mb and round(job.last_peak_mb, 1))
-        elif state is FileState.QUARANTINED:
-            self.emit("file_quarantined", level="warning", file=job.rel, reason=reason, attempts=job.attempts,
-                      observed_mb=job.last_peak_mb and round(job.last_peak_mb, 1))
-            if self.store is not None:
-                self.store.record_attempt(Attempt(
-                    run_id=self.run_id, file=job.rel, path=str(job.info.path), input_hash=job.info.input_hash,
-                    engine=self.s.engine_name, model=self.s.model_id, device=self.s.run.device,
-                    audio_seconds=job.info.audio_seconds, media_bytes=job.info.media_bytes,
-                    transcript_bytes=job.info.transcript_bytes, worker_baseline_mb=None, peak_mb=job.last_peak_mb,
-                    growth_mb=None, predicted_mb=job.estimate.peak_mb if job.estimate else None, wall_s=None,
-                    cpu_s=None, outcome="quarantined", reason=reason, worker_pid=None, started_at=time.time(),
-                    finished_at=time.time()))
-
-    def _on_output(self, w: Worker, line: str) -> None:
-        if not line:
-            return
-        try:
-            rec = json.loads(line)
-            if not isinstance(rec, dict):
-                raise ValueError
-        except ValueError:
-            self.emit("worker_output", level="debug", **self._wfields(w), line=line[:2000])
-            return
-        level = rec.pop("level", "info")
-        event = rec.pop("event", "log")
-        rec.pop("timestamp", None), rec.pop("ts", None)
-        self.emit("worker_log", level="warning" if level in ("warning", "error", "critical") else "debug",
-                  **self._wfields(w), worker_event=event, worker_level=level, **{k: v for k, v in rec.items()
-                                                                                 if k not in ("worker", "pid", "t")})
-
-    def _on_exit(self, w: Worker, rc: int | None) -> None:
-        was = w.state
-        killed_reason = w.kill_reason
-        if w.state is WorkerState.EXITED:
-            return
-        w.transition(WorkerState.EXITED)
-        sig = -rc if rc is not None and rc < 0 else None
-        self.emit("worker_exited", level="info" if rc == 0 or killed_reason or was is WorkerState.STOPPING else "warning",
-                  **self._wfields(w), exitcode=rc, signal=signal.Signals(sig).name if sig else None,
-                  state=was.value, reason=killed_reason or w.exit_reason)
-        if was is WorkerState.STARTING or (w.ready_at is None and killed_reason is None):
-            self.boot_failures += 1
-            if rc == protocol.EXIT_BOOT_ERROR or self.boot_failures >= MAX_BOOT_FAILURES:
-                self.halted = w.exit_reason or f"worker exited with code {rc} before it was ready"
-                self.emit("run_halted", level="error", reason=self.halted)
-        job = w.job
-        if job is None:
-            return
-        growth = self._file_growth(w)
-        observed_peak = (w.baseline_pss_mb or 0.0) + growth
-        self._release(w)
-        w.job = None
-        if self.stop_now or (killed_reason or "").startswith("drain"):
-            self.queue.requeue(job, killed_reason or "supervisor stopping")
-            self._attempt(job, w, "killed", killed_reason or "supervisor stopping", growth)
-            return
-        memory_kill = killed_reason in ("over the guard", "host memory nearly exhausted")
-        if memory_kill:
-            outcome, reason = "killed", f"killed: {killed_reason} at {observed_peak:.0f} MiB"
-        elif killed_reason:
-            outcome = "timeout" if "heartbeat" in killed_reason or "timeout" in killed_reason else "killed"
-            reason = f"killed: {killed_reason}"
-        else:
-            outcome = "crashed"
-            reason = f"worker died ({'signal ' + signal.Signals(sig).name if sig else f'exit code {rc}'})"
-        state = self.queue.fail(job, reason, retry=True, observed_mb=observed_peak,
-                                lower_bound_mb=observed_peak if (memory_kill or sig == signal.SIGKILL) else None)
-        if memory_kill:
-            self.predictor.observe_kill(job.features, growth)
-        if memory_kill and self.store is not None:
-            self.store.set_lower_bound(job.info.input_hash, self.s.engine_name, self.s.model_id, self.s.run.device,
-                                       observed_peak)
-        self._attempt(job, w, outcome, reason, growth)
-        self.emit("file_failed", level="warning", **self._wfields(w), file=job.rel, reason=reason, kind=outcome,
-                  attempt=job.attempts)
-        self._after_failure(job, state, reason)
-
     # -- the tick ------------------------------------------------------------------------------------
-    async def _tick(self) -> None:
-        now = self.now()
+    def _tick(self, now: float) -> None:
         self._sample(now)
-        self._check_health(now)
-        if self.watcher is not None and not self.draining:
-            for info in self.watcher.poll(now):
-                self._add_watched(info)
+        self._health(now)
+        if not self.draining:
+            self.intake.scan(now)
         if self.draining and self.drain_deadline is not None and now > self.drain_deadline:
-            for w in self.pool.live():
-                if w.job is not None:
-                    self.pool.kill(w, "drain grace period over")
-        await self._decide(now)
+            for w in self.workers.running():
+                self.workers.kill(w, "drain grace period over", by_us=True)
+        self._decide(now)
         self._publish(now)
-
-    async def _decide(self, now: float) -> None:
-        # Refitting costs milliseconds per sample set: at most every REESTIMATE_S, not per file.
-        if self._model_changed and now - self._reestimated_at >= REESTIMATE_S:
-            self._model_changed = False
-            self._reestimated_at = now
-            self.reestimate_pending()
-        self._capacity_changed = False
-        for d in self.policy.decide(self.snapshot(now)):
-            await self._act(d, now)
 
     def _sample(self, now: float) -> None:
         try:
             self.host = self.sampler.host()
-        except OSError:
+        except (OSError, KeyError, ValueError) as exc:
             self.host = None
-        used = 0.0
-        for w in self.pool.workers.values():
-            if w.state is WorkerState.EXITED:
-                continue
-            mem = self.sampler.tree(w.pid)
-            if mem is None:
-                continue
-            w.uss_mb, w.pss_mb, w.rss_mb = mem.uss / MiB, mem.pss / MiB, mem.rss / MiB
-            if w.job is not None:
-                w.peak_uss_mb = max(w.peak_uss_mb, w.uss_mb)
-            used += w.pss_mb
+            if self.host_error is None:
+                self.host_error = f"{type(exc).__name__}: {exc}"
+                self.emit("host_memory_unreadable", level="error", error=self.host_error,
+                          effect="admitting nothing new until host memory can be read again")
+        else:
+            if self.host_error is not None:
+                self.emit("host_memory_readable", after_error=self.host_error)
+                self.host_error = None
+        for w in self.workers.present():
+            mem = self.sampler.tree(w.pid) if w.pid else None
+            if mem is not None:
+                self.workers.observe(w, mem)
         if now - self._overhead_at >= 10.0:  # static memory: an exact read now and then is enough
             self._overhead_at = now
             self.overhead_mb = self._overhead()
-        self.used_mb = used + self.overhead_mb
 
     def _overhead(self) -> float:
         """The supervisor's own PSS and the zygote's (its workers are counted on their own)."""
         read = getattr(self.sampler, "process_pss", None)
         if read is None:
             return 0.0
-        total = 0
-        for pid in (os.getpid(), getattr(self.pool.launcher, "zygote_pid", None)):
-            if pid:
-                total += read(pid) or 0
-        return total / MiB
+        extra = getattr(self.backend, "extra_pids", lambda: [])()
+        return sum(read(pid) or 0 for pid in (os.getpid(), *extra)) / MiB
 
-    def _check_health(self, now: float) -> None:
-        hb, boot = self.s.run.heartbeat_timeout, self.s.run.boot_timeout
-        for w in self.pool.live():
-            if w.state is WorkerState.STARTING and now - w.spawned_at > boot:
-                self.pool.kill(w, f"not ready after {boot:.0f} s")
-            elif w.state in (WorkerState.READY, WorkerState.BUSY) and now - w.last_heartbeat > hb:
-                self._kill(w, f"no heartbeat for {now - w.last_heartbeat:.0f} s")
-            elif w.state is WorkerState.BUSY and w.job is not None and w.file_started_at is not None:
-                limit = self.s.run.file_timeout + self.s.run.file_timeout_per_audio_second * (w.job.info.audio_seconds or 0)
-                if now - w.file_started_at > limit:
-                    self._kill(w, f"file timeout after {limit:.0f} s")
+    def _health(self, now: float) -> None:
+        r = self.s.run
+        overdue = self.workers.overdue(
+            now, boot_timeout=r.boot_timeout, heartbeat_timeout=r.heartbeat_timeout,
+            file_timeout=lambda job: r.file_timeout + r.file_timeout_per_audio_second * (job.info.audio_seconds or 0))
+        for w, reason in overdue:
+            self.workers.kill(w, reason)
+        self.workers.stale_spawns(now, r.boot_timeout)
+        self._check_boot()
 
-    def _corrected_growth(self, w: Worker) -> float:
-        """A running file's predicted growth, corrected from its progress (seen + what remains)."""
-        if w.job is None or w.job.estimate is None:
-            return 0.0
-        seen = max(0.0, w.uss_mb - (w.baseline_uss_mb or 0.0)) if w.baseline_uss_mb is not None else 0.0
-        return seen + file_remaining_growth(w.job.estimate, self._spans_progress.get(w.id), seen)
+    def _decide(self, now: float) -> None:
+        if self.halted:
+            return
+        self.estimator.refresh(now)
+        self._capacity_changed = False
+        for d in self.policy.decide(self.snapshot(now)):
+            self._guarded("act", self._act, d, now, decision=d.act.value, file=d.file)
+
+    def _remaining(self, w: WorkerRecord) -> float:
+        """A running file's remaining growth, corrected from its progress (the one place)."""
+        seen = max(0.0, w.uss_mb - (w.baseline_uss_mb or w.uss_mb))
+        return self.estimator.remaining(w.job, w.progress, seen)
+
+    def others_mb(self) -> float:
+        if self.publisher.ledger_blind():
+            return self.publisher.conservative_others_mb(self.limits.reserve / MiB)
+        return self.publisher.others_mb
 
     def snapshot(self, now: float) -> Snapshot:
-        workers = []
-        for w in self.pool.workers.values():
-            if w.state is WorkerState.EXITED:
-                continue
-            workers.append(WorkerView(
-                id=w.id, state=w.state.value, pss_mb=w.pss_mb, uss_mb=w.uss_mb, baseline_uss_mb=w.baseline_uss_mb,
-                file=w.job.rel if w.job else None,
-                growth_mb=self._corrected_growth(w),
-                file_started_at=w.file_started_at, paused_at=w.paused_at, idle_since=w.idle_since))
-        # A cold guess never refuses a file ("cannot fit even alone"): the first worker's probe spans
-        # at READY re-estimate everything on figures from this machine before anything is refused.
         pending = tuple(PendingView(file=j.rel, peak_mb=j.estimate.peak_mb, growth_mb=j.estimate.growth_mb,
-                                    central_peak_mb=j.estimate.central_mb if j.estimate.source != "cold" else 0.0)
+                                    central_peak_mb=j.estimate.central_mb if j.estimate.source != "cold" else 0.0,
+                                    uncertain=is_uncertain(j.estimate))
                         for j in self.queue.pending()[:POLICY_WINDOW] if j.estimate is not None)
-        available = self.host.available / MiB if self.host else float("inf")
-        others = 0.0
-        if self.ledger is not None:
-            try:
-                others = self.ledger.others(self.ledger_owner) / MiB
-            except OSError:
-                others = 0.0
-        self.others_mb = others
-        snap = Snapshot(now=now, budget_mb=self.budget_mb, reserve_mb=self.limits.reserve / MiB,
-                        available_mb=available, workers=tuple(workers), pending=pending,
-                        predicted_baseline_mb=self.predictor.baseline_mb, max_workers=self.s.max_workers(),
-                        psi_some10=self.host.psi_some_avg10 if self.host else None,
-                        psi_full10=self.host.psi_full_avg10 if self.host else None,
-                        draining=self.draining or self.stop_now, others_reserved_mb=others,
-                        overhead_mb=self.overhead_mb,
-                        idle_retire_s=self.s.service.idle_retire if self.watcher is not None else None)
-        live = [v for v in workers if v.state != "killed"]
-        self.committed_mb = self.used_mb + sum(remaining_growth(v) for v in live) + \
-            sum(snap.predicted_baseline_mb for v in live if v.state == "starting")
-        return snap
+        h = self.host
+        return Snapshot(now=now, budget_mb=self.budget_mb, reserve_mb=self.limits.reserve / MiB,
+                        available_mb=h.available / MiB if h else None, workers=self.workers.views(self._remaining),
+                        pending=pending, predicted_baseline_mb=self.estimator.baseline_mb,
+                        max_workers=self.s.max_workers(), psi_some10=h.psi_some_avg10 if h else None,
+                        psi_full10=h.psi_full_avg10 if h else None, draining=self.draining or self.stop_now,
+                        others_reserved_mb=self.others_mb(), overhead_mb=self.overhead_mb,
+                        idle_retire_s=self.s.service.idle_retire if self.intake.watcher is not None else None)
 
-    async def _act(self, d: Decision, now: float) -> None:
-        w = self.pool.workers.get(d.worker) if d.worker is not None else None
+    def _threads(self) -> int:
+        """Torch threads for a file starting now: the cores shared by the files that will run."""
+        fixed = self.s.engine_settings.threads
+        return fixed or max(1, (os.cpu_count() or 1) // (len(self.workers.running()) + 1))
+
+    def _act(self, d: Decision, now: float) -> None:
+        w = self.workers.get(d.worker) if isinstance(d.worker, str) else None
         if d.act is Act.SPAWN:
-            w = await self.pool.spawn()
-            self.emit("worker_spawned", **self._wfields(w), reason=d.reason, **d.figures)
+            self.workers.spawn(d.reason, d.figures)
         elif d.act is Act.ADMIT and w is not None and w.state is WorkerState.READY:
             job = self.queue.get(d.file)
             if job is None or job.state is not FileState.PENDING:
                 return
             self.queue.start(job, w.id)
-            w.transition(WorkerState.BUSY)
-            w.job, w.job_id = job, f"{job.rel}#{job.attempts}"
-            w.file_started_at, w.idle_since = now, None
-            # The last reading may predate the previous file's release: start from the baseline.
-            w.peak_uss_mb = w.baseline_uss_mb or 0.0
-            w.last_heartbeat = now
-            self._job_started_wall[job.rel] = time.time()
-            info = job.info
-            self.emit("file_admitted", **self._wfields(w), file=job.rel, predicted_mb=round(job.estimate.peak_mb, 1),
-                      predicted_growth_mb=round(job.estimate.growth_mb, 1), estimate_source=job.estimate.source,
-                      estimate_uncertain=job.estimate.uncertain,
-                      audio_seconds=info.audio_seconds, attempt=job.attempts, reason=d.reason,
-                      committed_mb=d.figures.get("committed_mb"), budget_mb=round(self.budget_mb, 1))
-            await self.pool.send(w, {"type": protocol.JOB, "job": w.job_id, "input": str(info.path),
-                                     "output": str(info.out), "media": str(info.media) if info.media else None,
-                                     "rel": info.rel, "options": {}})
+            info, est = job.info, job.estimate
+            spec = JobSpec(file=job.rel, cha=str(info.path), media=str(info.media) if info.media else None,
+                           out=str(info.out), options={"threads": self._threads()}, attempt=job.attempts,
+                           predicted_peak_mb=est.peak_mb, predicted_growth_mb=est.growth_mb,
+                           job_id=f"{job.rel}#{job.attempts}")
+            self.outcomes.started(job)
+            self.workers.assign(w, job, spec, predicted_mb=round(est.peak_mb, 1),
+                                predicted_growth_mb=round(est.growth_mb, 1), estimate_source=est.source,
+                                estimate_uncertain=is_uncertain(est), audio_seconds=info.audio_seconds, attempt=job.attempts,
+                                reason=d.reason, committed_mb=d.figures.get("committed_mb"),
+                                budget_mb=round(self.budget_mb, 1))
         elif d.act is Act.PAUSE and w is not None and w.state is WorkerState.BUSY:
-            self.pool.pause(w)
-            self.pauses += 1
-            self.emit("worker_paused", **self._wfields(w), file=w.job.rel if w.job else None, reason=d.reason,
-                      uss_mb=round(w.uss_mb, 1), **d.figures)
+            self.workers.pause(w, d.reason, d.figures)
         elif d.act is Act.RESUME and w is not None and w.state is WorkerState.PAUSED:
-            paused_s = self.pool.resume(w)
-            self.emit("worker_resumed", **self._wfields(w), file=w.job.rel if w.job else None, reason=d.reason,
-                      paused_s=round(paused_s, 2), **{k: v for k, v in d.figures.items() if k != "paused_s"})
+            self.workers.resume(w, d.reason, d.figures)
         elif d.act is Act.KILL and w is not None and w.live:
-            self._kill(w, d.reason, d.figures)
+            self.workers.kill(w, d.reason, d.figures, budget_mb=round(self.budget_mb, 1))
         elif d.act is Act.RETIRE and w is not None and w.state is WorkerState.READY:
-            self.emit("worker_retired", **self._wfields(w), uss_mb=round(w.uss_mb, 1), reason=d.reason)
-            await self.pool.stop(w, f"retired: {d.reason}")
+            self.workers.stop(w, f"retired: {d.reason}", "worker_retired", uss_mb=round(w.uss_mb, 1), reason=d.reason)
         elif d.act is Act.REJECT:
             job = self.queue.get(d.file)
-            if job is None or job.state is not FileState.PENDING:
-                return
-            if job.attempts:
-                self.queue.quarantine(job, d.reason)
-                self.emit("file_quarantined", level="warning", file=job.rel, reason=d.reason, attempts=job.attempts,
-                          observed_mb=job.last_peak_mb and round(job.last_peak_mb, 1))
-            else:
-                self.queue.fail(job, d.reason, retry=False)
-                self.emit("file_failed", level="warning", file=job.rel, reason=d.reason, kind="too_big", attempt=0)
-            self._remember_failure(job)
-
-    def _kill(self, w: Worker, reason: str, figures: dict | None = None) -> None:
-        self.kills += 1
-        self.emit("worker_killed", level="warning", **self._wfields(w), file=w.job.rel if w.job else None,
-                  reason=reason, uss_mb=round(w.uss_mb, 1), used_mb=round(self.used_mb, 1),
-                  budget_mb=round(self.budget_mb, 1),
-                  predicted_mb=round(w.job.estimate.peak_mb, 1) if w.job is not None and w.job.estimate else None,
-                  **{k: v for k, v in (figures or {}).items() if k not in ("uss_mb", "used_mb", "budget_mb")})
-        self.pool.kill(w, reason)
+            if job is not None and job.state is FileState.PENDING:
+                self.outcomes.reject(job, d.reason)
 
     # -- publishing ------------------------------------------------------------------------------------
     def _publish(self, now: float) -> None:
-        if now - self._last_sample_log >= self.s.memory.sample_log_interval:
-            self._last_sample_log = now
-            self.emit("memory_sample", level="debug" if not self.pool.live() else "info",
-                      used_mb=round(self.used_mb, 1), committed_mb=round(self.committed_mb, 1),
-                      budget_mb=round(self.budget_mb, 1), limit_mb=round(self.limits.limit / MiB, 1),
-                      available_mb=round(self.host.available / MiB, 1) if self.host else None,
-                      psi_some10=self.host.psi_some_avg10 if self.host else None,
-                      others_reserved_mb=round(self.others_mb, 1),
-                      workers=[{"worker": w.id, "pid": w.pid, "state": w.state.value, "uss_mb": round(w.uss_mb, 1),
-                                "pss_mb": round(w.pss_mb, 1), "file": w.job.rel if w.job else None}
-                               for w in self.pool.live()])
-        if self.ledger is not None:
-            try:
-                self.ledger.update(self.ledger_owner, int(max(0.0, self.committed_mb - self.used_mb) * MiB))
-            except OSError:
-                pass
-        interval = self.notifier.watchdog_interval
-        if interval and now - self._last_watchdog >= interval:
-            self._last_watchdog = now
-            self.notifier.watchdog()
-        if now - self._last_status >= 2.0:
-            self._last_status = now
-            c = self.queue.counts()
-            self.notifier.status(f"{c['done']}/{c['total'] - c['skipped']} done, {c['running']} running, "
-                                 f"{c['failed'] + c['quarantined']} failed; memory {self.used_mb:.0f}/"
-                                 f"{self.budget_mb:.0f} MiB")
-            for hook in self._status_hooks:
-                hook(self.status())
-        if self.display is not None:
-            self.display.update(self.status())
+        snap = self.snapshot(now)
+        used, committed = used_mb(snap), committed_mb(snap)
+        self.publisher.exchange(committed - used, self.host)
+        self.publisher.tick(now, status=self.status, sample=lambda: self._memory(used, committed),
+                            interval=self.s.memory.sample_log_interval, busy=bool(self.workers.live()),
+                            counts=self.queue.counts())
 
-    def add_status_hook(self, hook: Callable[[dict], None]) -> None:
-        self._status_hooks = [*self._status_hooks, hook]
+    def _memory(self, used: float, committed: float) -> dict[str, Any]:
+        h = self.host
+        return {"used_mb": round(used, 1), "committed_mb": round(committed, 1), "budget_mb": round(self.budget_mb, 1),
+                "limit_mb": round(self.limits.limit / MiB, 1),
+                "available_mb": round(h.available / MiB, 1) if h else None,
+                "psi_some10": h.psi_some_avg10 if h else None, "others_reserved_mb": round(self.others_mb(), 1),
+                "workers": [{"worker": w.id, "pid": w.pid, "state": w.state.value, "uss_mb": round(w.uss_mb, 1),
+                             "pss_mb": round(w.pss_mb, 1), "file": w.job.rel if w.job else None}
+                            for w in self.workers.live()]}
 
     def status(self) -> dict[str, Any]:
         now = self.now()
         c = self.queue.counts()
+        mem: dict[str, Any] = {"used_mb": 0.0, "committed_mb": 0.0, "budget_mb": round(self.budget_mb, 1),
+                               "limit_mb": round(self.limits.limit / MiB, 1), "available_mb": None}
+        workers: list[dict] = []
+        if self.workers is not None:
+            snap = self.snapshot(now)
+            full = self._memory(used_mb(snap), committed_mb(snap))
+            mem = {k: full[k] for k in ("used_mb", "budget_mb", "limit_mb", "committed_mb", "available_mb")}
+            workers = [{"worker": w.id, "pid": w.pid, "state": w.state.value, "file": w.job.rel if w.job else None,
+                        "uss_mb": round(w.uss_mb, 1), "pss_mb": round(w.pss_mb, 1),
+                        "predicted_mb": round(w.job.estimate.peak_mb, 1) if w.job is not None and w.job.estimate else None,
+                        "progress": w.progress,
+                        "since_s": round(now - (w.file_started_at or w.idle_since or w.spawned_at), 1)}
+                       for w in self.workers.live()]
         return {
-            "run": self.run_id, "pid": os.getpid(), "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.wall0)),
-            "uptime_s": round(now - self.t0, 1), "draining": self.draining,
-            "memory": {"used_mb": round(self.used_mb, 1), "budget_mb": round(self.budget_mb, 1),
-                       "limit_mb": round(self.limits.limit / MiB, 1), "committed_mb": round(self.committed_mb, 1),
-                       "available_mb": round(self.host.available / MiB, 1) if self.host else None},
+            **status_header(self.run_id, self.wall0, now - self.t0, self.draining),
+            "memory": mem,
             "files": {k: c[k] for k in ("pending", "running", "done", "failed", "quarantined", "skipped", "total")},
-            "audio_done_s": round(self.audio_done_s, 1),
+            "planning": {"planned": self.intake.planned, "files": self.intake.total} if self.intake.planning else None,
+            "audio_done_s": round(self.outcomes.audio_done_s, 1),
             "audio_total_s": round(sum(j.info.audio_seconds or 0 for j in self.queue
                                        if j.state is not FileState.SKIPPED), 1),
-            "kills": self.kills, "pauses": self.pauses,
-            "workers": [{"worker": w.id, "pid": w.pid, "state": w.state.value, "file": w.job.rel if w.job else None,
-                         "uss_mb": round(w.uss_mb, 1), "pss_mb": round(w.pss_mb, 1),
-                         "predicted_mb": round(w.job.estimate.peak_mb, 1) if w.job is not None and w.job.estimate else None,
-                         "progress": w.progress,
-                         "since_s": round(now - (w.file_started_at or w.idle_since or w.spawned_at), 1)}
-                        for w in (self.pool.live() if self.pool else [])],
+            "kills": self.kills, "pauses": self.pauses, "workers": workers,
             "queue": [{"file": j.rel, "predicted_mb": round(j.estimate.peak_mb, 1) if j.estimate else None,
                        "attempts": j.attempts} for j in self.queue.pending()[:20]],
         }
 
-    # -- watch mode ------------------------------------------------------------------------------------
-    def _add_watched(self, info: FileInfo) -> None:
-        existing = self.queue.get(info.rel)
-        if existing is not None and existing.state in (FileState.PENDING, FileState.RUNNING):
-            return
-        if existing is not None and existing.info.input_hash == info.input_hash:
-            return  # unchanged since we last handled it (done, failed or quarantined)
-        manifest = self._manifest_for(info)
-        if not self.s.force and manifest.is_done(info):
-            return
-        earlier = None if self.s.force else manifest.failed(info)
-        if earlier is not None:
-            if existing is None:
-                self.queue.add(info, FileState.SKIPPED)
-                self.emit("file_skipped", file=info.rel,
-                          reason=f"{earlier['state']} earlier, unchanged since: {earlier.get('reason', '')}")
-            return
-        if existing is not None:
-            del self.queue.jobs[info.rel]
-            self.queue.touch()
-        job = self.queue.add(info)
-        self.policy.forget(info.rel)
-        self.emit("file_discovered", file=info.rel, audio_seconds=info.audio_seconds)
-        if info.media_error:
-            self.queue.fail(job, info.media_error, retry=False)
-            self.emit("file_failed", level="warning", file=info.rel, reason=info.media_error, kind="media", attempt=0)
-            self._remember_failure(job)
-            return
-        self.estimate(job)
-
     # -- ending ----------------------------------------------------------------------------------------
-    def _open_ledger(self) -> None:
-        spec = self.s.memory.ledger
-        if spec == "off":
+    async def _shutdown(self) -> None:
+        if self.workers is None:
             return
-        from supervisor.ledger import HostLedger
-
-        try:
-            self.ledger = HostLedger(Path(spec) if spec else None)
-            self.ledger.register(self.ledger_owner)
-        except OSError as exc:
-            self.emit("ledger_unavailable", level="warning", error=str(exc))
-            self.ledger = None
-
-    async def _shutdown_workers(self) -> None:
-        if self.pool is None:
-            return
-        for w in self.pool.live():
-            if w.job is not None or self.stop_now or self.halted:
-                self.pool.kill(w, "supervisor stopping" if not self.draining else "drain: supervisor stopping")
+        ending = "drain: supervisor stopping" if self.draining else "supervisor stopping"
+        for w in self.workers.live():
+            if w.job is not None or self.stop_now or self.halted or w.state is WorkerState.STARTING:
+                self.workers.kill(w, ending, by_us=True)
             else:
-                await self.pool.stop(w, "run finished")
-        if not await self.pool.wait_all(10.0):
-            self.pool.kill_all("did not exit after shutdown")
-            await self.pool.wait_all(10.0)
-        await self.pool.close()
-        while not self.events.empty():
-            ev = self.events.get_nowait()
-            if isinstance(ev, PoolEvent) and ev.kind == "exited":
-                self._on_exit(ev.worker, ev.returncode)
+                self.workers.stop(w, "run finished")
+        if not await self._await_exits(SHUTDOWN_WAIT_S):
+            for w in self.workers.live() + [w for w in self.workers.present() if w.state is WorkerState.STOPPING]:
+                self.workers.kill(w, "did not exit after shutdown", by_us=True)
+            await self._await_exits(SHUTDOWN_WAIT_S)
+        await self.backend.close()
+        while not self.inbox.empty():
+            ev = self.inbox.get_nowait()
+            if isinstance(ev, (WorkerExited, FileResult, FileError)):
+                self._handle(ev)
         for job in self.queue.in_state(FileState.RUNNING):
             self.queue.requeue(job, "supervisor stopping")
 
-    def _finish(self) -> RunSummary:
+    async def _await_exits(self, timeout: float) -> bool:
+        """Handle events until every worker has exited (pending spawns included)."""
+        deadline = self.now() + timeout
+        while self.workers.present() or self.workers.spawning:
+            left = deadline - self.now()
+            if left <= 0:
+                return False
+            try:
+                ev = await asyncio.wait_for(self.inbox.get(), left)
+            except asyncio.TimeoutError:
+                return False
+            if isinstance(ev, WorkerSpawned):  # a spawn that landed while stopping: end it too
+                self._handle(ev)
+                self.workers.kill(self.workers.get(ev.worker_id), "supervisor stopping", by_us=True)
+            elif not (isinstance(ev, tuple) and ev[0] == "signal"):
+                self._handle(ev)
+            self.publisher.watchdog(self.now())
+        return True
+
+    def _finish(self) -> tuple[RunSummary, dict[str, Any]]:
         c = self.queue.counts()
-        failures = [(j.rel, j.state.value, j.reason or "") for j in self.queue.in_state(FileState.FAILED, FileState.QUARANTINED)]
+        failures = [(j.rel, j.state.value, j.reason or "")
+                    for j in self.queue.in_state(FileState.FAILED, FileState.QUARANTINED)]
         if self.halted:
             code = EXIT_HALTED
         elif (self.draining or self.stop_now) and (c["pending"] or c["running"]):
@@ -883,14 +697,12 @@ class Supervisor:
             code = EXIT_FAILED
         else:
             code = EXIT_OK
-        wall = time.time() - self.wall0
         summary = {"done": c["done"], "failed": c["failed"], "quarantined": c["quarantined"], "skipped": c["skipped"],
-                   "pending": c["pending"], "kills": self.kills, "pauses": self.pauses, "wall_s": round(wall, 2),
-                   "audio_seconds": round(self.audio_done_s, 1), "exit_code": code, "halted": self.halted,
-                   "drained": self.draining, "supervisor_cpu_s": round(time.process_time(), 3)}
+                   "pending": c["pending"], "kills": self.kills, "pauses": self.pauses,
+                   "wall_s": round(time.time() - self.wall0, 2), "audio_seconds": round(self.outcomes.audio_done_s, 1),
+                   "exit_code": code, "halted": self.halted, "drained": self.draining,
+                   "telemetry": "unavailable" if self.sink.failed else "ok",
+                   "supervisor_cpu_s": round(time.process_time(), 3)}
         self.emit("run_finished", level="info" if code == 0 else "warning", **summary)
-        if self.store is not None:
-            self.store.save_model(self.s.engine_name, model_key(self.s), self.s.run.device, self.predictor.model.params())
-            self.store.finish_run(self.run_id, summary)
         self.notifier.stopping()
-        return RunSummary(exit_code=code, counts=c, failures=failures, halted=self.halted)
+        return RunSummary(exit_code=code, counts=c, failures=failures, halted=self.halted), summary

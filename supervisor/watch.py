@@ -8,11 +8,12 @@ neither redoes finished files nor forgets ones that landed while it was stopped.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from supervisor.corpus import FileInfo, describe, find_media, iter_transcripts, media_name
+from supervisor.paths import is_within
+from worker.audio import DirListing
 
 
 @dataclass
@@ -35,13 +36,13 @@ class InboxWatcher:
         self._next_scan = float("-inf")
         self.inbox.mkdir(parents=True, exist_ok=True)
 
-    def _signature(self, cha: Path) -> tuple | None:
+    def _signature(self, cha: Path, listing: DirListing) -> tuple | None:
         try:
             st = cha.stat()
             sig: list = [st.st_size, st.st_mtime_ns]
             name = media_name(cha.read_bytes()[:65536])
             if name:
-                media = find_media(cha, name, self.media_dir, self.inbox)
+                media = find_media(cha, name, self.media_dir, self.inbox, listing=listing)
                 if media is not None:
                     mst = media.stat()
                     sig += [str(media), mst.st_size, mst.st_mtime_ns]
@@ -50,17 +51,19 @@ class InboxWatcher:
             return None
 
     def poll(self, now: float) -> list[FileInfo]:
-        """Files that have settled since the last call (at most one scan per ``scan_interval``)."""
+        """Files that have settled since the last call (at most one scan per ``scan_interval``).
+        Blocking (a folder scan): the supervisor calls it off the loop."""
         if now < self._next_scan:
             return []
         self._next_scan = now + self.scan_interval
         ready: list[FileInfo] = []
         present = set()
+        listing = DirListing()  # each folder listed once per scan
         for _root, cha in iter_transcripts([self.inbox]):
-            if self.out_root is not None and not self.in_place and _inside(cha, self.out_root):
+            if self.out_root is not None and not self.in_place and is_within(cha, self.out_root):
                 continue
             present.add(cha)
-            sig = self._signature(cha)
+            sig = self._signature(cha, listing)
             if sig is None:
                 continue
             seen = self._seen.get(cha)
@@ -71,13 +74,10 @@ class InboxWatcher:
                 seen.handed = True
                 try:
                     ready.append(describe(self.inbox, cha, out_root=self.out_root, in_place=self.in_place,
-                                          media_dir=self.media_dir))
+                                          media_dir=self.media_dir, listing=listing))
                 except OSError:
                     seen.handed = False
         for gone in set(self._seen) - present:
             del self._seen[gone]
         return ready
 
-
-def _inside(path: Path, folder: Path) -> bool:
-    return os.path.commonpath([str(path), str(folder)]) == str(folder)

@@ -5,15 +5,16 @@ Every event becomes one JSON object per line with ``event``, ``ts`` (ISO 8601 UT
 line goes to the file in a single ``write`` on an ``O_APPEND`` descriptor, so a ``kill -9`` can lose
 at most the line being written and never interleaves lines from several writers.
 
-The processor chain is installed once and reads the current sinks on every event, so loggers
-obtained before a reconfiguration follow it and a second ``configure_logging`` replaces the
-outputs instead of adding to them. Records from the standard ``logging`` module (libraries'
-warnings) are forwarded into the same sinks.
+The pipeline is structlog's own: a filtering bound logger for the level, ``add_log_level``,
+``TimeStamper`` (``ts``), one processor that stamps ``t``/``run``/``process``, ``format_exc_info``
+and ``JSONRenderer`` for the file; the logger at the end of the chain writes each rendered line to
+the current sinks, so loggers obtained before a reconfiguration follow it and a second
+``configure_logging`` replaces the outputs instead of adding to them. Records from the standard
+``logging`` module (libraries' warnings) are forwarded into the same pipeline.
 """
 
 from __future__ import annotations
 
-import datetime as _dt
 import json
 import logging as _stdlib_logging
 import os
@@ -87,10 +88,6 @@ def _level_no(level: str | int) -> int:
         raise ValueError(f"unknown log level {level!r}") from None
 
 
-def _utc_now() -> str:
-    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
-
-
 def _ordered(event_dict: dict[str, Any]) -> dict[str, Any]:
     out = {k: event_dict[k] for k in _FIRST_KEYS if k in event_dict}
     out.update((k, v) for k, v in event_dict.items() if k not in out)
@@ -134,35 +131,54 @@ def _write_stderr(line: str) -> None:
         pass
 
 
-def _emit(_logger: Any, method_name: str, event_dict: dict[str, Any]) -> Any:
-    """The whole pipeline: stamp, filter, render to each sink, then drop (nothing else to do)."""
-    level = _METHOD_LEVEL.get(method_name, method_name)
+def _stamp(_logger: Any, _method: str, event_dict: dict[str, Any]) -> dict[str, Any]:
+    """``t`` since the run started, the run id and the process name (set by configure/bind_run)."""
     st = _state
-    if _LEVELS.get(level, 20) < st.level:
-        raise structlog.DropEvent
-    ev = dict(event_dict)
-    ev["event"] = str(ev.get("event", ""))
-    ev["level"] = level
-    ev.setdefault("ts", _utc_now())
-    ev.setdefault("t", round(time.monotonic() - st.t0, 3))
+    event_dict["event"] = str(event_dict.get("event", ""))
+    event_dict.setdefault("t", round(time.monotonic() - st.t0, 3))
     if st.run_id is not None:
-        ev.setdefault("run", st.run_id)
-    ev.setdefault("process", st.process)
-    if ev.get("exc_info") or method_name == "exception":
-        ev = structlog.processors.format_exc_info(None, method_name, {**ev, "exc_info": ev.get("exc_info") or True})
-    ev.pop("exc_info", None)
-    ev.pop("stack_info", None)
-    with st.lock:
-        if st.file is not None:
-            try:
-                st.file.write(_json_line(ev))
-            except OSError:
-                pass
-        if st.console == "json":
-            _write_stderr(_json_line(ev))
-        elif st.console == "plain" or _LEVELS.get(level, 20) >= _LEVELS["warning"]:
-            _write_stderr(_plain_line(ev))
-    raise structlog.DropEvent
+        event_dict.setdefault("run", st.run_id)
+    event_dict.setdefault("process", st.process)
+    event_dict.pop("stack_info", None)
+    return event_dict
+
+
+_render_json = structlog.processors.JSONRenderer(
+    serializer=lambda d, **kw: json.dumps(_ordered(d), default=str, ensure_ascii=False, separators=(",", ":")))
+
+
+def _both(_logger: Any, method: str, event_dict: dict[str, Any]) -> tuple[tuple, dict]:
+    """Hand the sink logger the event and its JSON line (rendered once, for file and console)."""
+    return (event_dict, _render_json(_logger, method, dict(event_dict)) + "\n"), {}
+
+
+class _SinkLogger:
+    """The logger at the end of the chain: writes one event to the current sinks."""
+
+    def _write(self, event_dict: dict[str, Any], line: str) -> None:
+        st = _state
+        level = event_dict.get("level", "info")
+        with st.lock:
+            if st.file is not None:
+                try:
+                    st.file.write(line)
+                except OSError:
+                    pass
+            if st.console == "json":
+                _write_stderr(line)
+            elif st.console == "plain" or _LEVELS.get(level, 20) >= _LEVELS["warning"]:
+                _write_stderr(_plain_line(event_dict))
+
+    debug = info = msg = warning = warn = error = exception = critical = fatal = log = _write
+
+
+_PROCESSORS = [
+    structlog.processors.add_log_level,
+    structlog.processors.TimeStamper(fmt="iso", utc=True, key="ts"),
+    _stamp,
+    structlog.processors.format_exc_info,
+    _both,
+]
 
 
 class _ForwardHandler(_stdlib_logging.Handler):
@@ -173,17 +189,16 @@ class _ForwardHandler(_stdlib_logging.Handler):
             method = record.levelname.lower()
             if method not in _METHOD_LEVEL:
                 method = "error" if record.levelno >= 40 else "warning" if record.levelno >= 30 else "info"
-            fields: dict[str, Any] = {"event": "library_log", "logger": record.name, "message": record.getMessage()}
+            fields: dict[str, Any] = {"logger": record.name, "message": record.getMessage()}
             if record.exc_info:
                 fields["exc_info"] = record.exc_info
-            _emit(None, method, fields)
-        except structlog.DropEvent:
-            pass
+            getattr(structlog.get_logger(), method)("library_log", **fields)
         except Exception:
             self.handleError(record)
 
 
 _forward = _ForwardHandler(level=_stdlib_logging.WARNING)
+_SINK = _SinkLogger()
 
 
 def configure_logging(
@@ -213,14 +228,13 @@ def configure_logging(
         _state.t0 = time.monotonic()
     if old_file is not None:
         old_file.close()
-    if structlog.get_config().get("processors") != [_emit]:
-        structlog.configure(
-            processors=[_emit],
-            wrapper_class=structlog.make_filtering_bound_logger(_stdlib_logging.NOTSET),
-            logger_factory=structlog.ReturnLoggerFactory(),
-            context_class=dict,
-            cache_logger_on_first_use=False,
-        )
+    structlog.configure(
+        processors=_PROCESSORS,
+        wrapper_class=structlog.make_filtering_bound_logger(_state.level),
+        logger_factory=lambda *args: _SINK,
+        context_class=dict,
+        cache_logger_on_first_use=False,
+    )
     root = _stdlib_logging.getLogger()
     if _forward not in root.handlers:
         root.addHandler(_forward)

@@ -23,6 +23,7 @@ from typing import Any, Iterable
 from rich import box as _box
 from rich.console import Console
 from rich.table import Table
+from supervisor.units import format_mib
 
 __all__ = [
     "EventList",
@@ -186,6 +187,7 @@ class Report:
     run_finished: dict | None = None
     warnings: int = 0  # per-utterance warnings logged (at most 20 per file)
     implausible: list[tuple[str, str]] = field(default_factory=list)  # (file, warning) flagged implausible
+    implausible_utterances: int = 0  # from the files' stats: every flagged utterance, even unlogged ones
 
 
 # --------------------------------------------------------------------------------------------
@@ -452,6 +454,8 @@ class _Fold:
         r.audio_seconds = _num(ev.get("audio_seconds")) or r.audio_seconds
         r.wall_s = _num(ev.get("wall_s"))
         r.worker = ev.get("worker")
+        stats = ev.get("stats") if isinstance(ev.get("stats"), dict) else {}
+        self.rep.implausible_utterances += int(_num(stats.get("implausible_utterances")) or 0)
 
     def file_failed(self, ev: dict, t: float | None, f: str | None) -> None:
         if not f:
@@ -561,7 +565,8 @@ def _totals(rep: Report) -> dict[str, int]:
     counts["pauses"] = len(rep.pauses)
     counts["attempts"] = sum(r.attempts for r in rep.files)
     counts["warnings"] = rep.warnings
-    counts["implausible"] = len(rep.implausible)
+    # The engines' own count (all of them) when the log has it; the logged warnings are at most 20 a file.
+    counts["implausible"] = max(len(rep.implausible), rep.implausible_utterances)
     return counts
 
 
@@ -609,11 +614,7 @@ def _mib(v: float | None) -> str:
 
 
 def _size(mb: float | None) -> str:
-    if mb is None:
-        return "?"
-    if abs(mb) >= 1024:
-        return f"{mb / 1024:.1f} GiB"
-    return f"{mb:.0f} MiB"
+    return format_mib(mb)
 
 
 def _dur(s: float | None) -> str:
@@ -708,8 +709,8 @@ def _head_events(rep: Report) -> list[str]:
              + (f"{tp:.2f} audio h per wall h" if tp is not None else "-")]
     paused_total = sum(p.paused_s or 0.0 for p in rep.pauses)
     lines.append(f"kills {len(rep.kills)}  pauses {len(rep.pauses)} (paused {_dur(paused_total)} in all)")
-    if rep.warnings or rep.implausible:
-        lines.append(f"warnings {rep.warnings}, of which implausible alignments {len(rep.implausible)} "
+    if rep.warnings or rep.totals.get("implausible"):
+        lines.append(f"warnings {rep.warnings}, implausible alignments {rep.totals.get('implausible', 0)} "
                      "(those utterances keep their original bullets)")
     if rep.drain is not None:
         lines.append(f"drain started at {_dur(rep.drain[0])}: {rep.drain[1] or '?'}")
@@ -782,7 +783,7 @@ def _failed_part(failed: list[FileRow]) -> Any:
 
 
 def _implausible_part(rep: Report, limit: int = 20) -> Any:
-    it = _table(f"Implausible alignments ({len(rep.implausible)}; original bullets kept)",
+    it = _table(f"Implausible alignments ({rep.totals.get('implausible', 0)}; original bullets kept)",
                 [("file", "left"), ("warning", "left")])
     for f, w in rep.implausible[:limit]:
         it.add_row(f, w)

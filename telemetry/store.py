@@ -371,6 +371,14 @@ class TelemetryStore:
         )
         return rows[0]["mb"] if rows else None
 
+    def lower_bounds(self, engine: str, model: str, device: str) -> dict[str, float]:
+        """Every stored lower bound of one key, by input hash: one query for a whole corpus."""
+        rows = self._read(
+            "SELECT input_hash, mb FROM lower_bounds WHERE engine = ? AND model = ? AND device = ?",
+            (engine, model, device),
+        )
+        return {r["input_hash"]: r["mb"] for r in rows}
+
     # -- worker baselines ----------------------------------------------------------------------
 
     def record_baseline(

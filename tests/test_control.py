@@ -332,3 +332,30 @@ def test_root_may_query_another_users_supervisor(shared):
         proc.wait(timeout=30)
     assert proc.returncode == 0, proc.stderr.read()
     assert not path.exists()
+
+
+def test_several_supervisors_each_have_a_socket_and_a_deep_state_dir_still_gets_one(loop, tmp_path):
+    from supervisor.control import list_sockets, query_all, select, socket_dir
+
+    state = tmp_path / ("deep" * 20) / "state"  # socket paths may hold 107 bytes only
+    d = socket_dir(state)
+    assert len(str(d / "4194304.sock")) <= 107 and d == socket_dir(state)
+    servers = [ControlServer(default_socket_path(state, pid), lambda pid=pid: {"pid": pid, "run": f"r{pid}"},
+                             info={"out": str(tmp_path / f"out{pid}")}) for pid in (os.getpid(), 1)]
+    for s in servers:
+        loop.run(s.start())
+    try:
+        assert (d.stat().st_mode & 0o777) == 0o700
+        found = list_sockets(state)
+        assert [p.name for p in found] == ["1.sock", f"{os.getpid()}.sock"]
+        statuses = loop.run(asyncio.to_thread(query_all, state))
+        assert sorted(s["pid"] for s in statuses) == sorted([1, os.getpid()])
+        assert [s["pid"] for s in select(statuses, str(tmp_path / "out1"))] == [1]
+        assert [s["pid"] for s in select(statuses, str(os.getpid()))] == [os.getpid()]
+    finally:
+        for s in servers:
+            loop.run(s.stop())
+    # a socket left by a process that is gone is cleaned up, a live one's is not touched
+    dead = d / "4194303.sock"
+    dead.write_text("")
+    assert list_sockets(state) == [] and not dead.exists()

@@ -82,9 +82,9 @@ def test_in_place_manifest_recognises_its_own_output(tmp_path):
     assert Manifest(m.path).is_done(again)
 
 
-def _est(peak):
-    return Estimate(peak_mb=peak, growth_mb=peak - 10, baseline_mb=10, source="cold", lower_bound_mb=None,
-                    central_mb=peak)
+def _est(peak, source="learned"):
+    return Estimate(peak_mb=peak, growth_mb=peak - 10, baseline_mb=10, source=source, lower_bound_mb=None,
+                    central_mb=peak, uncertain=source == "cold")
 
 
 def test_queue_orders_largest_first_and_counts_attempts(tmp_path):
@@ -109,3 +109,81 @@ def test_queue_orders_largest_first_and_counts_attempts(tmp_path):
     with pytest.raises(ValueError):
         q.start(job, worker=1)
     assert q.counts()["quarantined"] == 1 and q.counts()["failed"] == 1
+
+
+def test_uncertain_estimates_run_after_trusted_ones_smallest_first(tmp_path):
+    make_corpus(tmp_path / "c", [3, 9, 5, 7, 2])
+    q = WorkQueue(max_attempts=2)
+    for info in discover([tmp_path / "c"], out_root=tmp_path / "o", in_place=False):
+        q.add(info).estimate = _est(info.audio_seconds * 10, source="learned" if info.audio_seconds > 6 else "cold")
+    # trusted: 9 s, 7 s largest first; then the cold ones smallest first (learn cheaply)
+    assert [j.rel for j in q.pending()] == ["f001.cha", "f003.cha", "f004.cha", "f000.cha", "f002.cha"]
+
+
+def test_file_states_change_only_along_the_table(tmp_path):
+    from supervisor.queue import IllegalFileTransition
+
+    make_corpus(tmp_path / "c", [3])
+    q = WorkQueue(max_attempts=2)
+    (info,) = discover([tmp_path / "c"], out_root=tmp_path / "o", in_place=False)
+    job = q.add(info)
+    with pytest.raises(IllegalFileTransition):
+        q.finish(job, 10.0)  # a pending file cannot be done without running
+    q.start(job, worker="w1")
+    q.finish(job, 10.0)
+    with pytest.raises(IllegalFileTransition):
+        q.fail(job, "late error", retry=True)  # a done file stays done
+    with pytest.raises(ValueError):
+        q.start(job, worker="w2")
+    again = q.add(info)  # a changed file replaces its finished record, keeping its place
+    assert again is not job and again.state is FileState.PENDING and again.seq == job.seq
+
+
+def test_intake_lists_each_folder_once_however_many_transcripts_it_holds(tmp_path, monkeypatch):
+    import os as os_mod
+
+    make_corpus(tmp_path / "c", [1] * 60)
+    real = os_mod.scandir
+    calls: list[str] = []
+
+    def counting(path="."):
+        calls.append(str(path))
+        return real(path)
+
+    monkeypatch.setattr(os_mod, "scandir", counting)
+    infos = discover([tmp_path / "c"], out_root=tmp_path / "o", in_place=False)
+    assert len(infos) == 60 and all(i.media is not None for i in infos)
+    assert calls.count(str(tmp_path / "c")) <= 1  # not once per transcript (quadratic in a big folder)
+
+
+def test_planning_reports_progress_and_files_join_the_queue_as_they_are_described(tmp_path):
+    import asyncio
+
+    from supervisor.corpus import find_transcripts
+    from supervisor.estimates import Estimator
+    from supervisor.intake import Intake
+    from supervisor.sidejobs import SideJobs
+    from telemetry.model import Defaults, MemoryModel, Predictor
+
+    make_corpus(tmp_path / "c", [1] * 600)
+    seen: list[tuple[str, dict]] = []
+    q = WorkQueue(max_attempts=2)
+    clock = iter(range(10_000)).__next__  # every reading a second later: progress is due each batch
+
+    async def main():
+        jobs = SideJobs(lambda ev, level="info", **f: seen.append((ev, f)))
+        est = Estimator(Predictor(MemoryModel(Defaults(100, 10, 1, 1)), 100), q)
+        intake = Intake(queue=q, estimator=est, jobs=jobs, emit=lambda ev, level="info", **f: seen.append((ev, f)),
+                        forget=lambda rel: None, force=False, media_dir=None, out_root=tmp_path / "o", in_place=False,
+                        clock=lambda: float(clock()))
+        intake.start_planning(find_transcripts([tmp_path / "c"], out_root=tmp_path / "o", in_place=False))
+        assert intake.planning
+        await jobs.drain(60)
+        assert not intake.planning
+
+    asyncio.run(main())
+    names = [ev for ev, _ in seen]
+    assert names.count("intake_progress") >= 1 and names[-1] == "intake_finished"
+    progress = [f["planned"] for ev, f in seen if ev == "intake_progress"]
+    assert progress == sorted(progress) and progress[0] < 600
+    assert dict(seen)["intake_finished"]["files"] == 600 and len(q.pending()) == 600

@@ -24,12 +24,11 @@ MIB = 1024 * 1024
 
 CHILD = textwrap.dedent(
     r'''
-    import importlib.util, json, sys, time
+    import json, sys, time
     from pathlib import Path
 
-    spec = importlib.util.spec_from_file_location("ledger_copy", sys.argv[1])
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    sys.path.insert(0, sys.argv[1])  # a copy of the ledger and what it imports, readable by any user
+    import supervisor.ledger as mod
     mode, path, owner, value = sys.argv[2], Path(sys.argv[3]), sys.argv[4], int(sys.argv[5])
     MIB = 1024 * 1024
     ledger = mod.HostLedger(path)
@@ -71,14 +70,24 @@ CHILD = textwrap.dedent(
 )
 
 
+# The ledger's own imports: stdlib only beyond these, so any user's python3 can run the copy.
+LEDGER_FILES = ("supervisor/__init__.py", "supervisor/ledger.py", "supervisor/sampler.py", "supervisor/units.py",
+                "supervisor/paths.py", "worker/__init__.py", "worker/output.py")
+
+
 @pytest.fixture
 def shared(tmp_path_factory):
     """A directory every user can reach (pytest's tmp dirs are 0700 root)."""
     d = Path(tempfile.mkdtemp(prefix="bas-ledger-", dir="/tmp"))
     os.chmod(d, 0o755)
-    shutil.copy(ledger_mod.__file__, d / "ledger_copy.py")
+    root = Path(ledger_mod.__file__).resolve().parents[1]
+    for rel in LEDGER_FILES:
+        (d / "pkg" / rel).parent.mkdir(parents=True, exist_ok=True)
+        os.chmod((d / "pkg" / rel).parent, 0o755)
+        shutil.copy(root / rel, d / "pkg" / rel)
+        os.chmod(d / "pkg" / rel, 0o644)
+    os.chmod(d / "pkg", 0o755)
     (d / "child.py").write_text(CHILD)
-    os.chmod(d / "ledger_copy.py", 0o644)
     os.chmod(d / "child.py", 0o644)
     yield d
     shutil.rmtree(d, ignore_errors=True)
@@ -86,7 +95,7 @@ def shared(tmp_path_factory):
 
 def _spawn(shared: Path, mode: str, path: Path, owner: str, value: int, *extra: str, python: str | None = None,
            user: dict | None = None, stdin=None) -> subprocess.Popen:
-    args = [python or sys.executable, str(shared / "child.py"), str(shared / "ledger_copy.py"), mode, str(path),
+    args = [python or sys.executable, str(shared / "child.py"), str(shared / "pkg"), mode, str(path),
             owner, str(value), *extra]
     return subprocess.Popen(args, cwd=shared, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             stdin=stdin, env={"PATH": os.environ.get("PATH", "/usr/bin:/bin")}, **(user or {}))
@@ -161,7 +170,7 @@ def test_reused_pid_is_detected_by_start_time(shared):
         ledger.register("me")
         entries = json.loads(path.read_text())["entries"]
         now = time.time()
-        base = {"user": "x", "uid": 1, "updated": now}
+        base = {"user": "x", "uid": os.getuid(), "updated": now}
         entries["reused"] = dict(base, owner="reused", pid=sleeper.pid, pid_start_time=real_start - 1,
                                  reserved_bytes=700 * MIB)
         entries["genuine"] = dict(base, owner="genuine", pid=sleeper.pid, pid_start_time=real_start,
@@ -259,3 +268,124 @@ def test_default_path_is_a_shared_run_dir():
     assert p.parent in (Path("/run/batchalign-supervise"), Path("/tmp/batchalign-supervise"))
     if os.access("/run", os.W_OK):
         assert p.parent == Path("/run/batchalign-supervise")
+
+
+# -- scope and trust ------------------------------------------------------------------------------
+
+
+def _scope(uid, cgroup=None, headroom=None):
+    from supervisor.sampler import ProcScope
+
+    return lambda pid: ProcScope(pid=pid, uid=uid, start_time=None, cgroup=cgroup, headroom=headroom)
+
+
+def _forge(path: Path, **entry) -> None:
+    data = json.loads(path.read_text())
+    base = {"owner": "forged", "user": "x", "updated": time.time(), "pid_start_time": None}
+    data["entries"][entry.get("owner", "forged")] = {**base, **entry}
+    path.write_text(json.dumps(data))
+
+
+def test_an_entry_is_believed_only_for_the_uid_that_owns_its_pid(tmp_path):
+    path = tmp_path / "ledger.json"
+    ledger = HostLedger(path)
+    ledger.register("me")
+    # A live pid (ours, uid 0 here) claimed by another uid: a forged line, not believed.
+    _forge(path, pid=os.getpid(), uid=os.getuid() + 1234, reserved_bytes=100 << 30)
+    assert ledger.others("me") == 0
+    _forge(path, pid=os.getpid(), uid=os.getuid(), reserved_bytes=300 * MIB)
+    assert ledger.others("me") == 300 * MIB
+
+
+def test_a_reservation_counts_for_at_most_what_its_process_could_still_take(tmp_path):
+    path = tmp_path / "ledger.json"
+    ledger = HostLedger(path, scope=_scope(os.getuid(), "/sys/fs/cgroup/box", headroom=2 << 30))
+    ledger.register("me")
+    _forge(path, pid=os.getpid(), uid=os.getuid(), reserved_bytes=100 << 30)  # "100 GiB reserved"
+    (r,) = ledger.reservations("me", host_available=8 << 30)
+    assert r.claimed_bytes == 100 << 30 and r.reserved_bytes == 2 << 30  # its cgroup's headroom
+    assert r.cgroup == "/sys/fs/cgroup/box"
+    free = HostLedger(path, scope=_scope(os.getuid()))
+    assert free.others("me", host_available=8 << 30) == 8 << 30  # no cgroup: the host's MemAvailable
+
+
+def test_entries_record_their_cgroup(tmp_path):
+    from supervisor.sampler import memory_cgroup
+
+    ledger = HostLedger(tmp_path / "ledger.json")
+    ledger.register("me")
+    (entry,) = ledger.entries()
+    view = memory_cgroup()
+    assert entry["cgroup"] == (str(view.path) if view is not None else None)
+
+
+def test_promises_take_room_only_from_the_memory_they_would_come_from():
+    from supervisor.ledger import Reservation, charged
+
+    def res(mb, cg):
+        return Reservation(owner="o", pid=1, uid=0, cgroup=cg, claimed_bytes=mb * MIB, reserved_bytes=mb * MIB)
+
+    host, headroom = 20_000 * MIB, 3000 * MIB
+    # Another supervisor on the host, outside our cgroup: the host has plenty, our cgroup is untouched.
+    assert charged([res(5000, "/cg/other")], host_available=host, cgroup_headroom=headroom, own_cgroup="/cg/mine") == 0
+    # Inside our cgroup (or a child of it): it comes out of our headroom.
+    assert charged([res(1000, "/cg/mine/child")], host_available=host, cgroup_headroom=headroom,
+                   own_cgroup="/cg/mine") == 1000 * MIB
+    # Outside, but the host itself runs short: the host's share limits us.
+    assert charged([res(18_000, "/cg/other")], host_available=host, cgroup_headroom=headroom,
+                   own_cgroup="/cg/mine") == 1000 * MIB
+    # A supervisor outside any limited cgroup: every promise comes from the host.
+    assert charged([res(700, "/cg/mine")], host_available=host, cgroup_headroom=None, own_cgroup=None) == 700 * MIB
+
+
+def test_a_supervisor_in_its_own_cgroup_is_not_held_back_by_a_host_supervisors_promises(tmp_path):
+    """Two real supervisors: A on the host promises far more than B's cgroup holds; B, inside a
+    real memory cgroup, must not subtract A's promise from its cgroup headroom."""
+    from helpers import cli_args, env_for, events, named, wait_for_event
+
+    from bench.synth_corpus import make_corpus
+    from supervisor.cgroups import MemoryCgroup
+
+    ledger = tmp_path / "ledger" / "ledger.json"
+    make_corpus(tmp_path / "a", [60, 60], seed=1)
+    make_corpus(tmp_path / "b", [10, 10, 10, 10, 10, 10], seed=2)
+    common = dict(BATCHALIGN_SUPERVISE_MEMORY_LEDGER=str(ledger),
+                  BATCHALIGN_SUPERVISE_MEMORY_SAMPLE_LOG_INTERVAL="0.25s",
+                  BATCHALIGN_SUPERVISE_ENGINE_SYNTHETIC_MB_PER_AUDIO_SECOND="0.5")
+    a_log, b_log = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    # A: cold estimate 20 MiB per audio second (1.2 GiB promised per file), real growth tiny, slow.
+    a = subprocess.Popen(cli_args(tmp_path / "a", tmp_path / "out-a", "--memory-budget", "3GiB", "--workers", "2",
+                                  "--log-json", str(a_log), "--state-dir", str(tmp_path / "sa")),
+                         cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         env=env_for(tmp_path, **common,
+                                     BATCHALIGN_SUPERVISE_ENGINE_SYNTHETIC_COLD_MB_PER_SPAN_SECOND="20",
+                                     BATCHALIGN_SUPERVISE_ENGINE_SYNTHETIC_CALIBRATE="false",
+                                     BATCHALIGN_SUPERVISE_ENGINE_SYNTHETIC_CPU_SECONDS_PER_AUDIO_SECOND="0.3"))
+    try:
+        wait_for_event(a_log, "file_admitted", timeout=60)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:  # A's promise is in the ledger
+            entries = json.loads(ledger.read_text())["entries"] if ledger.exists() else {}
+            if any(e.get("reserved_bytes", 0) > 1000 * MIB for e in entries.values()):
+                break
+            time.sleep(0.1)
+        else:
+            raise AssertionError("supervisor A never published its promise")
+        with MemoryCgroup(f"bas-scope-{os.getpid()}", 900 * MIB) as cg:
+            b = subprocess.run(cli_args(tmp_path / "b", tmp_path / "out-b", "--reserve", "100MiB", "--workers", "2",
+                                        "--log-json", str(b_log), "--state-dir", str(tmp_path / "sb")),
+                               cwd=tmp_path, preexec_fn=cg.preexec(), capture_output=True, text=True, timeout=120,
+                               env=env_for(tmp_path, **common,
+                                           BATCHALIGN_SUPERVISE_ENGINE_SYNTHETIC_COLD_MB_PER_SPAN_SECOND="9",
+                                           BATCHALIGN_SUPERVISE_ENGINE_SYNTHETIC_CPU_SECONDS_PER_AUDIO_SECOND="0.02"))
+        a_running = a.poll() is None
+    finally:
+        a.kill()
+        a.wait()
+    assert b.returncode == 0, b.stderr[-3000:]
+    assert a_running, "A finished before B: the test did not overlap the two runs"
+    b_evs = events(b_log)
+    assert named(b_evs, "run_started")[0]["limit_mb"] == 900.0
+    assert len(named(b_evs, "file_done")) == 6
+    assert all(e.get("others_reserved_mb", 0) == 0 for e in named(b_evs, "memory_sample"))
+    assert not named(b_evs, "worker_paused")

@@ -370,3 +370,20 @@ def test_models_command_list_path_verify(tmp_path, tiny_source):
     assert r.returncode == 2 and "models pull whisper-tiny.en" in r.stderr
     r = cli("models", "verify", "whisper-tiny.en")
     assert r.returncode == 1 and "not in the model store" in r.stderr
+
+
+def test_hub_model_in_the_cache_resolves_offline_with_its_revision(tmp_path, monkeypatch):
+    from conftest_models import install_in_hub_cache
+
+    hub = tmp_path / "hub"
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "config.json").write_text('{"model_type": "wav2vec2"}')
+    install_in_hub_cache(tmp_path / "src", hub, "facebook/wav2vec2-base-960h")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(hub))
+    for name in ("facebook/wav2vec2-base-960h", "wav2vec2-base-960h"):  # the id, or its store name
+        r = resolve_model(name, "wav2vec", tmp_path / "store")
+        assert (r.kind, r.location, r.revision) == ("hub", "facebook/wav2vec2-base-960h", "hub:" + "0" * 40)
+    rows = {row["name"]: row for row in models_mod.list_models(tmp_path / "store")}
+    assert rows["wav2vec2-base-960h"]["state"] == "in hub cache"
+    assert verify("wav2vec2-base-960h", tmp_path / "store") == []

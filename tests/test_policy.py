@@ -271,3 +271,56 @@ def test_the_supervisors_own_memory_counts_against_the_budget():
     # Used memory includes the overhead: 8800 of workers + 1500 is over the guard.
     out = p.decide(snap(workers=[busy(1, uss=8800, growth=9000)], overhead_mb=1500))
     assert acts(out) == [(Act.KILL, 1, "f1.cha")]
+
+
+def test_idle_workers_that_block_a_file_on_the_host_are_retired():
+    p = MemoryPolicy(Bands())
+    # The budget has room, but the host does not (another user holds it): two idle workers of ours
+    # hold memory that the waiting file needs, so the largest is retired rather than waiting forever.
+    out = p.decide(snap(workers=[idle("w1", pss=300), idle("w2", pss=400)], pending=[pend("a", 1500)],
+                        available=1200.0, reserve=100.0))
+    assert acts(out) == [(Act.RETIRE, "w2", None)]
+
+
+def test_nothing_is_admitted_or_spawned_while_host_memory_cannot_be_read():
+    p = MemoryPolicy(Bands())
+    assert p.decide(snap(workers=[idle("w1")], pending=[pend("a", 100)], available=None)) == []
+    assert p.decide(snap(pending=[pend("a", 100)], available=None)) == []
+
+
+def test_a_file_growing_past_its_prediction_is_held_back_and_paused_before_the_guard():
+    p = MemoryPolicy(Bands())
+    # w1's file was predicted to grow 1000 MiB; it has grown 2000 already and its progress says it
+    # will grow 3000 more: committed passes the guard although used is still low.
+    fast = WorkerView(id="w1", state="busy", pss_mb=3000, uss_mb=3000, baseline_uss_mb=1000, file="f1.cha",
+                      growth_mb=1000, remaining_mb=3000, file_started_at=0.0)
+    other = busy("w2", uss=1500, growth=500, started=5.0)
+    out = p.decide(snap(workers=[fast, other, idle("w3")], pending=[pend("a", 100)], budget=8000))
+    assert acts(out) == [(Act.PAUSE, "w2", "fw2.cha")]
+    # Without the correction the same pool admits the waiting file.
+    plain = WorkerView(id="w1", state="busy", pss_mb=3000, uss_mb=3000, baseline_uss_mb=1000, file="f1.cha",
+                       growth_mb=1000, file_started_at=0.0)
+    assert acts(MemoryPolicy(Bands()).decide(snap(workers=[plain, other, idle("w3")], pending=[pend("a", 100)],
+                                                  budget=8000))) == [(Act.ADMIT, "w3", "a")]
+
+
+def test_only_one_uncertain_large_file_runs_at_a_time():
+    p = MemoryPolicy(Bands())
+    big = PendingView(file="big", peak_mb=4000, growth_mb=3000, central_peak_mb=3500, uncertain=True)
+    big2 = PendingView(file="big2", peak_mb=4000, growth_mb=3000, central_peak_mb=3500, uncertain=True)
+    small = PendingView(file="small", peak_mb=1200, growth_mb=200, central_peak_mb=1100, uncertain=True)
+    out = p.decide(snap(workers=[idle("w1"), idle("w2"), idle("w3")], pending=[big, big2, small], budget=12000))
+    assert acts(out) == [(Act.ADMIT, "w1", "big"), (Act.ADMIT, "w2", "small")]
+    # Once the model is trusted, large files are packed side by side.
+    sure = [PendingView(file=f, peak_mb=4000, growth_mb=3000, central_peak_mb=3500) for f in ("big", "big2")]
+    out = MemoryPolicy(Bands()).decide(snap(workers=[idle("w1"), idle("w2")], pending=sure, budget=12000))
+    assert acts(out) == [(Act.ADMIT, "w1", "big"), (Act.ADMIT, "w2", "big2")]
+
+
+def test_a_file_that_fits_the_pool_alone_is_not_left_waiting_beside_one_idle_worker():
+    p = MemoryPolicy(Bands())
+    # The idle worker measured a little more than the predicted baseline: the file's growth misses
+    # the room by 1 MiB, but nothing else runs, so waiting frees nothing. It runs alone.
+    w = WorkerView(id="w1", state="ready", pss_mb=1070, uss_mb=1070, baseline_uss_mb=1070, idle_since=0.0)
+    out = p.decide(snap(workers=[w], pending=[pend("big", 8931)], budget=10_000, baseline=1000))
+    assert acts(out) == [(Act.ADMIT, "w1", "big")] and out[0].reason == "runs alone"

@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 
 from bench.synth_corpus import make_corpus
-from supervisor.pool import IllegalTransition, ProcessPool, WorkerState, worker_command
+from supervisor.pool import ProcessPool, worker_command
+from supervisor.workers import IllegalTransition, WorkerRecord, WorkerState
 from worker import protocol
 
 pytestmark = pytest.mark.timeout(60)
@@ -69,8 +70,6 @@ def test_ready_job_result_and_shutdown(tmp_path):
         w = await pool.spawn()
         ev = await _next(events, "message")
         assert ev.msg["type"] == protocol.READY and ev.msg["pid"] == w.pid
-        w.transition(WorkerState.READY)
-        w.transition(WorkerState.BUSY)
         await pool.send(w, {"type": protocol.JOB, "job": "j1", "input": str(cha), "output": str(tmp_path / "o.cha"),
                             "media": str(cha.with_suffix(".wav")), "rel": "f000.cha"})
         started = await _next(events, "message")
@@ -78,12 +77,9 @@ def test_ready_job_result_and_shutdown(tmp_path):
         result = await _next(events, "message")
         assert result.msg["type"] == protocol.RESULT and result.msg["audio_seconds"] == pytest.approx(3, abs=0.01)
         assert result.msg["peak_rss_mb"] > 0 and "%wor:" in (tmp_path / "o.cha").read_text()
-        w.transition(WorkerState.READY)
-        await pool.stop(w, "test over")
+        await pool.stop(w)
         exited = await _next(events, "exited")
-        assert exited.returncode == protocol.EXIT_OK
-        with pytest.raises(IllegalTransition):
-            w.transition(WorkerState.BUSY)
+        assert exited.returncode == protocol.EXIT_OK and w.exited
 
     asyncio.run(scenario())
 
@@ -124,17 +120,15 @@ def test_pause_resume_and_kill_reach_the_whole_process_group(tmp_path):
                            env={**os.environ, "PYTHONPATH": str(ROOT)})
         w = await pool.spawn()
         await _next(events, "message")
-        w.transition(WorkerState.READY)
-        w.transition(WorkerState.BUSY)
         pool.pause(w)
         await asyncio.sleep(0.2)
         assert _proc_state(w.pid) == "T"
         pool.resume(w)
         await asyncio.sleep(0.2)
         assert _proc_state(w.pid) in ("S", "R")
-        pool.kill(w, "test")
+        pool.kill(w)
         exited = await _next(events, "exited")
-        assert exited.returncode == -signal.SIGKILL and w.state is WorkerState.KILLED
+        assert exited.returncode == -signal.SIGKILL
 
     asyncio.run(scenario())
 
@@ -165,3 +159,32 @@ def _proc_state(pid: int) -> str | None:
             return fh.read().rsplit(")", 1)[1].split()[0]
     except FileNotFoundError:
         return None
+
+
+def test_worker_states_change_only_along_the_table():
+    class Backend:
+        def __init__(self):
+            self.calls = []
+
+        def spawn(self):
+            self.calls.append("spawn")
+
+        def signal(self, wid, action):
+            self.calls.append((wid, action))
+
+        def assign(self, wid, spec):
+            self.calls.append((wid, "assign"))
+
+    from supervisor.workers import WorkerTable
+
+    b = Backend()
+    seen = []
+    t = WorkerTable(b, emit=lambda ev, level="info", **f: seen.append(ev), clock=lambda: 0.0)
+    w = t.spawned("w1", 123)
+    with pytest.raises(IllegalTransition):
+        t.pause(w, "pressure", {})  # a starting worker runs no file to pause
+    t.kill(w, "test")
+    assert w.state is WorkerState.KILLED and b.calls == [("w1", "kill")]
+    with pytest.raises(IllegalTransition):
+        t._to(w, WorkerState.READY)
+    assert seen == ["worker_spawned", "worker_killed"]

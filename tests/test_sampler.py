@@ -312,7 +312,7 @@ def test_psi_parsed(tmp_path):
     proc = fake_proc(tmp_path, total=16 * GiB, avail=12 * GiB, swap=GiB, psi=psi)
     host = ProcSampler(proc=proc, cgroup_root=tmp_path / "cg").host()
     assert host == HostMem(total=16 * GiB, available=12 * GiB, psi_some_avg10=1.25, psi_full_avg10=0.75,
-                           swap_free=GiB)
+                           swap_free=GiB, mem_available=12 * GiB)
 
 
 def test_psi_absent(tmp_path):

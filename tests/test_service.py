@@ -145,8 +145,10 @@ def test_systemd_notify_ready_status_watchdog_stopping(tmp_path):
     assert "READY=1" in lines
     assert any(ln.startswith("STATUS=") and "done" in ln for ln in lines)
     assert "WATCHDOG=1" in lines
-    assert lines.index("READY=1") < len(lines) - 1
-    assert lines[-1] == "STOPPING=1" or "STOPPING=1" in lines
+    # READY first, STOPPING last, and nothing announced after STOPPING.
+    assert lines.index("READY=1") < lines.index("STOPPING=1")
+    assert lines[-1] == "STOPPING=1"
+    assert all(ln == "STOPPING=1" for ln in lines[lines.index("STOPPING=1"):])
 
 
 def test_status_socket_answers_while_workers_run_and_refuses_other_users(tmp_path):

@@ -85,8 +85,9 @@ def test_rerun_skips_done_files_and_force_redoes_them(tmp_path):
 
 def test_too_big_file_is_killed_requeued_larger_and_quarantined_while_rest_finish(tmp_path):
     corpus_dir = tmp_path / "corpus"
-    # f000 is 150 s: at 4 MiB/s it grows ~600 MiB, while the cold estimate is ~2 MiB/s.
-    files = make_corpus(corpus_dir, [150, 5, 6, 7, 8])
+    # f000 is 150 s: at 4 MiB/s it grows ~600 MiB, while the cold estimate is ~2 MiB/s. Two small
+    # files are too few to trust a model (min_samples 3): f000 runs on the cold guess.
+    files = make_corpus(corpus_dir, [150, 5, 6])
     out = tmp_path / "out"
     log = tmp_path / "run.jsonl"
     r = run_cli(cli_args(corpus_dir, out, "--memory-budget", "420MiB", "--workers", "2", "--log-json", str(log),
@@ -108,8 +109,27 @@ def test_too_big_file_is_killed_requeued_larger_and_quarantined_while_rest_finis
     # The kill showed it needs more than the whole budget: no attempt is wasted on it.
     assert q[0]["reason"].startswith("needs ~") and "budget is" in q[0]["reason"]
     assert q[0]["observed_mb"] > 420 * 0.75  # the rest of the budget is the supervisor's own
-    assert {e["file"] for e in named(evs, "file_done")} == {"f001.cha", "f002.cha", "f003.cha", "f004.cha"}
+    assert {e["file"] for e in named(evs, "file_done")} == {"f001.cha", "f002.cha"}
     assert "quarantined: f000.cha" in r.stderr
+
+
+def test_a_cold_run_learns_on_small_files_before_it_bets_a_large_one(tmp_path):
+    """While the model is uncertain, small files go first; by the time the large file's turn comes
+    the model has learned enough to see it cannot fit: refused at once, no guard kill."""
+    corpus_dir = tmp_path / "corpus"
+    make_corpus(corpus_dir, [150, 5, 6, 7, 8])
+    out = tmp_path / "out"
+    log = tmp_path / "run.jsonl"
+    r = run_cli(cli_args(corpus_dir, out, "--memory-budget", "420MiB", "--workers", "2", "--log-json", str(log)),
+                tmp_path, BATCHALIGN_SUPERVISE_ENGINE_SYNTHETIC_CPU_SECONDS_PER_AUDIO_SECOND="0.03")
+    assert r.returncode == 1, r.stderr[-3000:]
+    evs = events(log)
+    assert named(evs, "worker_killed") == []
+    admitted = [e["file"] for e in named(evs, "file_admitted")]
+    assert admitted[:2] == ["f001.cha", "f002.cha"] and "f000.cha" not in admitted
+    (failed,) = named(evs, "file_failed")
+    assert failed["file"] == "f000.cha" and failed["kind"] == "too_big"
+    assert named(evs, "run_finished")[0]["done"] == 4
 
 
 def test_file_that_keeps_crashing_its_worker_is_quarantined_after_max_attempts(tmp_path):
@@ -276,7 +296,8 @@ def test_dry_run_prints_the_plan_and_runs_nothing(tmp_path):
     r = run_cli(cli_args(corpus_dir, out, "--memory-budget", "1GiB", "--dry-run"), tmp_path)
     assert r.returncode == 0, r.stderr
     lines = [ln for ln in r.stdout.splitlines() if ".cha" in ln]
-    assert [ln.split("│")[2].strip() for ln in lines] == ["f001.cha", "f002.cha", "f000.cha"]
+    # Nothing learned yet: uncertain estimates run smallest first, so the model learns cheaply.
+    assert [ln.split("│")[2].strip() for ln in lines] == ["f000.cha", "f002.cha", "f001.cha"]
     assert not out.exists()
 
 
@@ -295,7 +316,7 @@ def test_bad_input_fails_that_file_with_one_line_and_the_rest_finish(tmp_path):
     failed = {e["file"]: e for e in named(evs, "file_failed")}
     assert set(failed) == {"f001.cha", "nomedia.cha"}
     assert "f001.cha" in failed["f001.cha"]["reason"] and "\n" not in failed["f001.cha"]["reason"]
-    assert failed["f001.cha"]["kind"] == "input"
+    assert failed["f001.cha"]["kind"] == "bad_input"
     assert "ghost" in failed["nomedia.cha"]["reason"]
     assert {e["file"] for e in named(evs, "file_done")} == {"f000.cha", "f002.cha"}
     assert "failed: f001.cha" in r.stderr
@@ -375,3 +396,104 @@ def test_second_sigterm_stops_at_once_and_requeues(tmp_path):
     assert run_cli(args, tmp_path).returncode == 0
     again = [e for e in named(events(log), "file_admitted") if e["run"] == named(events(log), "run_started")[-1]["run"]]
     assert {e["attempt"] for e in again} == {1}
+
+
+def test_workers_that_hang_at_start_up_halt_the_run_with_exit_3(tmp_path):
+    corpus_dir = tmp_path / "corpus"
+    make_corpus(corpus_dir, [5, 5])
+    out = tmp_path / "out"
+    log = tmp_path / "run.jsonl"
+    t0 = time.monotonic()
+    r = run_cli(cli_args(corpus_dir, out, "--memory-budget", "500MiB", "--workers", "2", "--log-json", str(log)),
+                tmp_path, timeout=90, BATCHALIGN_SUPERVISE_BOOT_TIMEOUT="1s",
+                BATCHALIGN_SUPERVISE_ENGINE_SYNTHETIC_BOOT_SECONDS="60")
+    took = time.monotonic() - t0
+    assert r.returncode == 3, r.stderr[-3000:]
+    evs = events(log)
+    assert len(named(evs, "worker_spawned")) == 3  # three tries, then halt: not respawned for ever
+    (halted,) = named(evs, "run_halted")
+    assert "synthetic" in halted["reason"] and "not ready after 1 s" in halted["reason"]
+    line = [ln for ln in r.stderr.splitlines() if "halted:" in ln]
+    assert len(line) == 1 and "not ready after 1 s" in line[0] and "model synthetic" in line[0]
+    assert took < 30
+
+
+def test_a_worker_that_dies_while_it_boots_counts_toward_the_halt(tmp_path):
+    corpus_dir = tmp_path / "corpus"
+    make_corpus(corpus_dir, [5])
+    out = tmp_path / "out"
+    log = tmp_path / "run.jsonl"
+    p = start_cli(cli_args(corpus_dir, out, "--memory-budget", "500MiB", "--workers", "1", "--log-json", str(log)),
+                  tmp_path, BATCHALIGN_SUPERVISE_ENGINE_SYNTHETIC_BOOT_SECONDS="60")
+    try:
+        killed: set[int] = set()
+        deadline = time.monotonic() + 60
+        while p.poll() is None and time.monotonic() < deadline:
+            for e in named(events(log), "worker_spawned"):
+                if e["pid"] not in killed:
+                    killed.add(e["pid"])
+                    os.kill(e["pid"], signal.SIGKILL)
+            time.sleep(0.05)
+        assert p.wait(timeout=30) == 3, p.stderr.read()[-3000:]
+    finally:
+        if p.poll() is None:
+            p.kill()
+    assert len(killed) == 3
+    assert "SIGKILL" in named(events(log), "run_halted")[0]["reason"]
+
+
+def test_sigterm_while_workers_are_still_starting_exits_at_once(tmp_path):
+    corpus_dir = tmp_path / "corpus"
+    make_corpus(corpus_dir, [5, 5])
+    out = tmp_path / "out"
+    log = tmp_path / "run.jsonl"
+    p = start_cli(cli_args(corpus_dir, out, "--memory-budget", "500MiB", "--log-json", str(log)), tmp_path,
+                  BATCHALIGN_SUPERVISE_ENGINE_SYNTHETIC_BOOT_SECONDS="60")
+    try:
+        spawned = wait_for_event(log, "worker_spawned", timeout=30)
+        t0 = time.monotonic()
+        p.send_signal(signal.SIGTERM)
+        assert p.wait(timeout=20) == 4, p.stderr.read()[-3000:]  # interrupted with files left
+        assert time.monotonic() - t0 < 5
+    finally:
+        if p.poll() is None:
+            p.kill()
+    assert not pid_alive(spawned["pid"])
+
+
+def test_a_full_telemetry_disk_costs_one_warning_and_every_file_is_done(tmp_path):
+    """The store lives on a real 1 MiB tmpfs that fills up once the run is under way: exit 0."""
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)], check=True)
+    store = mnt / "telemetry.sqlite"
+    corpus_dir = tmp_path / "corpus"
+    files = make_corpus(corpus_dir, [3] * 16)
+    out = tmp_path / "out"
+    log = tmp_path / "run.jsonl"
+    try:
+        p = start_cli(cli_args(corpus_dir, out, "--memory-budget", "600MiB", "--workers", "2", "--log-json", str(log),
+                               "--telemetry", str(store)), tmp_path,
+                      BATCHALIGN_SUPERVISE_ENGINE_SYNTHETIC_CPU_SECONDS_PER_AUDIO_SECOND="0.2")
+        wait_for_event(log, "file_done", timeout=60)
+        fd = os.open(mnt / "filler", os.O_WRONLY | os.O_CREAT)
+        try:  # take every byte left: the store's next writes find the disk full
+            while os.write(fd, b"\0" * 4096):
+                pass
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+        code = p.wait(timeout=120)
+        stderr = p.stderr.read()
+    finally:
+        if p.poll() is None:
+            p.kill()
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+    assert code == 0, stderr[-3000:]
+    assert "Traceback" not in stderr
+    evs = events(log)
+    assert len(named(evs, "file_done")) == len(files)
+    (warned,) = named(evs, "telemetry_unavailable")
+    assert warned["store"] == str(store) and "full" in warned["error"]
+    assert named(evs, "run_finished")[0]["telemetry"] == "unavailable"

@@ -14,7 +14,7 @@ import pytest
 
 from bench.synth_corpus import make_corpus
 from helpers import cli_args, events, named, pid_alive, run_cli
-from supervisor.pool import ProcessPool, SpawnLauncher, WorkerState, ZygoteLauncher, resolve_start_method, worker_command
+from supervisor.pool import ProcessPool, SpawnLauncher, ZygoteLauncher, resolve_start_method, worker_command
 from worker import protocol
 
 pytestmark = pytest.mark.timeout(120)
@@ -39,7 +39,6 @@ async def _ready(events_q: asyncio.Queue, n: int, timeout: float = 60) -> dict[i
         ev = await _next(events_q, "message", timeout)
         assert ev.msg["type"] == protocol.READY, ev.msg
         ready[ev.worker.id] = ev.msg
-        ev.worker.transition(WorkerState.READY)
     return ready
 
 
@@ -72,7 +71,6 @@ def test_forked_workers_align_pause_resume_and_are_killed(tmp_path):
             assert ready[w.id]["pid"] == w.pid and os.getpgid(w.pid) == w.pid  # own process group
             assert _ppid(w.pid) == zygote
         for w, cha in zip((w1, w2), chas):
-            w.transition(WorkerState.BUSY)
             await pool.send(w, {"type": protocol.JOB, "job": f"j{w.id}", "input": str(cha),
                                 "output": str(tmp_path / f"o{w.id}.cha"), "media": str(cha.with_suffix(".wav")),
                                 "rel": cha.name})
@@ -81,20 +79,18 @@ def test_forked_workers_align_pause_resume_and_are_killed(tmp_path):
             ev = await _next(q, "message")
             if ev.msg["type"] == protocol.RESULT:
                 results[ev.worker.id] = ev.msg
-                ev.worker.transition(WorkerState.READY)
         assert all("%wor:" in (tmp_path / f"o{i}.cha").read_text() for i in (w1.id, w2.id))
-        w1.transition(WorkerState.BUSY)
         pool.pause(w1)
         await asyncio.sleep(0.2)
         assert _state(w1.pid) == "T"
         pool.resume(w1)
         await asyncio.sleep(0.2)
         assert _state(w1.pid) in ("S", "R")
-        pool.kill(w1, "test")
+        pool.kill(w1)
         ev = await _next(q, "exited")
         assert ev.worker is w1 and ev.returncode == -signal.SIGKILL
         assert pid_alive(w2.pid)
-        await pool.stop(w2, "test over")
+        await pool.stop(w2)
         ev = await _next(q, "exited")
         assert ev.worker is w2 and ev.returncode == protocol.EXIT_OK
         await pool.close()
@@ -121,7 +117,7 @@ def test_kill_9_of_the_zygote_takes_its_workers_and_the_next_spawn_starts_a_new_
         w3 = await pool.spawn()
         await _ready(q, 1)
         assert launcher.zygote_pid not in (None, first) and _ppid(w3.pid) == launcher.zygote_pid
-        await pool.stop(w3, "test over")
+        await pool.stop(w3)
         assert (await _next(q, "exited")).returncode == protocol.EXIT_OK
         await pool.close()
 
@@ -205,7 +201,7 @@ def test_forked_torch_workers_hold_far_less_private_memory_than_a_spawned_one(ti
         await _ready(q, n, timeout=90)
         uss = [psutil.Process(w.pid).memory_full_info().uss for w in ws]
         for w in ws:
-            await pool.stop(w, "measured")
+            await pool.stop(w)
         assert await pool.wait_all(30)
         await pool.close()
         return uss

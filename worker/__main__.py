@@ -93,6 +93,13 @@ def load_engine(name: str, options: dict[str, Any]):
     raise BootError(f"unknown engine {name!r} (known: wav2vec, whisper, synthetic)")
 
 
+def _follow_threads(threads: Any) -> None:
+    """Run this file on the threads the supervisor gives it now (cores / running workers)."""
+    torch = sys.modules.get("torch")
+    if threads and torch is not None and int(threads) != torch.get_num_threads():
+        torch.set_num_threads(int(threads))
+
+
 class _Progress:
     """The progress callback an engine gets: a fraction for the heartbeat, and spans done, which
     go out at once (throttled) as ``progress`` messages with the growth so far above READY."""
@@ -144,6 +151,7 @@ def serve(engine, channel: Channel, stdin: BinaryIO, heartbeat: Heartbeat, log, 
             log.error("protocol_error", error=f"unexpected message {msg['type']!r}")
             return protocol.EXIT_PROTOCOL_ERROR
         job = Job.from_message(msg)
+        _follow_threads(job.options.get("threads"))
         heartbeat.job, heartbeat.progress = job.job, 0.0
         _clear_hwm()
         t0, c0 = time.monotonic(), time.process_time()
@@ -156,7 +164,7 @@ def serve(engine, channel: Channel, stdin: BinaryIO, heartbeat: Heartbeat, log, 
         except JobError as exc:
             channel.send({"type": protocol.ERROR, "job": job.job, "error": str(exc), "kind": exc.kind})
         except MemoryError:
-            channel.send({"type": protocol.ERROR, "job": job.job, "kind": "engine",
+            channel.send({"type": protocol.ERROR, "job": job.job, "kind": "memory",
                           "error": f"{job.input}: out of memory inside the worker"})
             return protocol.EXIT_OK  # a fresh process is the only clean state after MemoryError
         except Exception as exc:  # an engine bug must fail the file, not the run

@@ -520,7 +520,8 @@ def _run_span(
     try:
         got = aligner.align_span(audio, start, list(todo))
     except (RuntimeError, MemoryError) as exc:
-        raise JobError(f"{source.path}: the model failed on {start:.2f}-{end:.2f} s: {_one_line(exc)}", kind="engine") from None
+        kind = "memory" if is_out_of_memory(exc) else "engine"
+        raise JobError(f"{source.path}: the model failed on {start:.2f}-{end:.2f} s: {_one_line(exc)}", kind=kind) from None
     by_index = {r.index: r for r in got}
     for req in todo:
         res = by_index.get(req.index)
@@ -545,6 +546,15 @@ def _plausible(res: UttResult, req: UttRequest, audio: np.ndarray, start: float,
     b = max(a, int(round((req.end_s - start) * rate)))
     reason = check(res.words, req.words, req.start_s, req.end_s, audio[a:b], rate)
     return res if reason is None else UttResult(req.index, None, error=f"{IMPLAUSIBLE} {reason}")
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """MemoryError or torch's out-of-memory (CPU allocator or CUDA): a memory failure of the file,
+    which the supervisor retries with a larger estimate, never a warning."""
+    if isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError":
+        return True
+    text = str(exc).lower()
+    return "out of memory" in text or "can't allocate memory" in text or "defaultcpuallocator" in text
 
 
 def _one_line(exc: BaseException) -> str:

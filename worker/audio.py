@@ -315,20 +315,49 @@ def media_duration(path: Path | str) -> float | None:
         return None
 
 
-def _match_in_dir(folder: Path, media_name: str) -> Path | None:
+class DirListing:
+    """Each folder's file names, listed once: intake of thousands of transcripts in one folder
+    must not list that folder once per transcript."""
+
+    def __init__(self) -> None:
+        self._names: dict[Path, frozenset[str]] = {}
+        self._prefixes: dict[Path, dict[str, list[str]]] = {}
+
+    def seed(self, folder: Path, names: list[str]) -> None:
+        """Names a directory walk already listed (non-directories), so the folder is not listed again."""
+        self._names.setdefault(Path(folder), frozenset(names))
+
+    def names(self, folder: Path) -> frozenset[str]:
+        got = self._names.get(folder)
+        if got is None:
+            try:
+                got = frozenset(e.name for e in os.scandir(folder) if e.is_file())
+            except OSError:
+                got = frozenset()
+            self._names[folder] = got
+        return got
+
+    def stems(self, folder: Path) -> dict[str, list[str]]:
+        """name without its last extension -> names, for ``@Media`` names given without one."""
+        got = self._prefixes.get(folder)
+        if got is None:
+            got = {}
+            for name in self.names(folder):
+                stem, dot, _ = name.rpartition(".")
+                if dot:
+                    got.setdefault(stem, []).append(name)
+            self._prefixes[folder] = got
+        return got
+
+
+def _match_in_dir(folder: Path, media_name: str, listing: DirListing) -> Path | None:
     """``media_name`` itself, else ``media_name`` + a known extension (extension case ignored)."""
-    try:
-        entries = {e.name: e for e in os.scandir(folder) if e.is_file()}
-    except OSError:
-        return None
+    entries = listing.names(folder)
     if media_name in entries and Path(media_name).suffix.lower().lstrip(".") in MEDIA_EXTENSIONS:
         return folder / media_name
-    by_lower: dict[str, str] = {}
-    for name in entries:
-        if name.startswith(media_name):
-            by_lower.setdefault(media_name + name[len(media_name):].lower(), name)
+    by_lower = {name[len(media_name):].lower(): name for name in sorted(listing.stems(folder).get(media_name, ()))}
     for ext in MEDIA_EXTENSIONS:
-        hit = by_lower.get(f"{media_name}.{ext}")
+        hit = by_lower.get(f".{ext}")
         if hit is not None:
             return folder / hit
     if media_name in entries:
@@ -337,9 +366,14 @@ def _match_in_dir(folder: Path, media_name: str) -> Path | None:
 
 
 def find_media(
-    cha_path: Path, media_name: str, media_dir: Path | None = None, corpus_root: Path | None = None
+    cha_path: Path, media_name: str, media_dir: Path | None = None, corpus_root: Path | None = None,
+    listing: DirListing | None = None,
 ) -> Path | None:
-    """The recording an ``@Media`` header names: beside the .cha, then mirrored under ``media_dir``, then flat."""
+    """The recording an ``@Media`` header names: beside the .cha, then mirrored under ``media_dir``, then flat.
+
+    Pass one ``listing`` for a whole intake so that each folder is listed once.
+    """
+    listing = listing if listing is not None else DirListing()
     cha_path = Path(cha_path)
     media_name = media_name.strip()
     if not media_name:
@@ -361,7 +395,7 @@ def find_media(
         if folder in seen:
             continue
         seen.add(folder)
-        hit = _match_in_dir(folder, media_name)
+        hit = _match_in_dir(folder, media_name, listing)
         if hit is not None:
             return hit
     return None

@@ -34,7 +34,10 @@ STARTED = "started"  # {job}
 PROGRESS = "progress"  # {job, spans_done, spans_total, growth_mb (peak so far above the READY RSS)}
 RESULT = "result"  # {job, output, audio_seconds, peak_rss_mb, wall_s, cpu_s, stats{...}, warnings[],
 #                     features_run: {FileFeatures} of the work the model did, or null (all cached)}
-ERROR = "error"  # {job, error (one line), kind: "input" | "media" | "engine" | "internal"}
+ERROR = "error"  # {job, error (one line), kind: "input" | "media" | "memory" | "engine" | "internal"}
+# Error kinds: "input"/"media" fail the file at once (bad input); "memory" (MemoryError, torch
+# out-of-memory) is a memory failure of the file, retried with a larger estimate like a guard kill;
+# anything else is a crash of the attempt, retried until max_attempts.
 BOOT_ERROR = "boot_error"  # {error}; sent just before exiting with EXIT_BOOT_ERROR
 
 # Message types, supervisor -> worker

@@ -61,6 +61,7 @@ class SyntheticEngine(Engine):
         self.mb_per_audio_second = float(options.get("mb_per_audio_second", 4.0))
         self.cpu_per_audio_second = float(options.get("cpu_seconds_per_audio_second", 0.02))
         self._baseline = _touch(int(float(options.get("baseline_mb", 40.0)) * 2**20))
+        time.sleep(float(options.get("boot_seconds", 0.0)))  # a slow model load (a dead network mount)
 
     def _grow(self, seconds: float, cpu_per_s: float, on_step=None) -> None:
         """Hold ``mb_per_audio_second x seconds`` built up over STEPS steps of CPU work, then let go."""

@@ -1,0 +1,97 @@
+"""Estimates: the one owner of the predictor and of every file's lower bound.
+
+A file's estimate comes from the predictor and the highest peak an attempt at it was killed at
+(stored by earlier runs, or seen in this one). Learning goes through here too: a finished file
+teaches the model only when the model really ran on it (``features_run`` not null). A running
+file's remaining growth is corrected from its progress here, and only here.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Callable
+
+from supervisor.queue import FileJob, FileState, WorkQueue
+from telemetry.model import FileFeatures, Predictor, remaining_growth
+
+REESTIMATE_S = 2.0  # re-estimating a whole large queue: at most this often, not per finished file
+HEAD = 256  # the files the policy looks at next are re-estimated at once after the model learned
+
+
+class Estimator:
+    def __init__(self, predictor: Predictor, queue: WorkQueue, *, stored_bounds: dict[str, float] | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.predictor = predictor
+        self.queue = queue
+        self.stored_bounds = stored_bounds or {}
+        self.clock = clock
+        self._changed = self._head_stale = False
+        self._refit_at = -1e9
+
+    def estimate(self, job: FileJob) -> Estimate:
+        stored = self.stored_bounds.get(job.info.input_hash)
+        if stored is not None:
+            job.lower_bound_mb = max(job.lower_bound_mb or 0.0, stored)
+        job.estimate = self.predictor.estimate(self.features(job), job.lower_bound_mb)
+        self.queue.touch()
+        return job.estimate
+
+    @staticmethod
+    def features(job: FileJob) -> FileFeatures:
+        """The file's planned features (intake plans them off the loop), else its size alone."""
+        if job.features is None:
+            job.features = FileFeatures(audio_s=job.info.audio_seconds, media_mb=job.info.media_mb)
+        return job.features
+
+    def killed_at(self, job: FileJob, peak_mb: float, growth_mb: float | None) -> None:
+        """An attempt failed for memory at ``peak_mb``: the file needs more than that, and the model
+        learns that files like it grow past ``growth_mb`` (a bound, not a sample)."""
+        job.lower_bound_mb = max(job.lower_bound_mb or 0.0, peak_mb)
+        self.stored_bounds[job.info.input_hash] = job.lower_bound_mb
+        if growth_mb is not None:
+            self.predictor.observe_kill(self.features(job), growth_mb)
+            self._changed = self._head_stale = True
+
+    def learn(self, job: FileJob, growth_mb: float, features_run: dict | None) -> bool:
+        """A finished file is a memory sample only when the model ran on it (``features_run`` not
+        null: those are the features of the work it did); True when it was one."""
+        if features_run is None:
+            return False
+        self.predictor.observe_growth(features_run or self.features(job), growth_mb)
+        self._changed = self._head_stale = True
+        return True
+
+    def learn_baseline(self, pss_mb: float, calibration: list | None = None) -> None:
+        """A worker is READY: its baseline, and the probe spans it measured on this hardware."""
+        self.predictor.observe_baseline(pss_mb)
+        if calibration and self.predictor.calibrate(calibration):
+            self._changed = self._head_stale = True
+
+    def remaining(self, job: FileJob | None, progress: Any, seen_mb: float) -> float:
+        """What a running file may still grow by, corrected from its progress report."""
+        if job is None or job.estimate is None:
+            return 0.0
+        return remaining_growth(job.estimate, progress if isinstance(progress, dict) else None, seen_mb)
+
+    def refresh(self, now: float) -> None:
+        """Re-estimate pending files after the model learned: the head of the queue at once (the
+        next admission must not use a stale guess), the whole queue at most every ``REESTIMATE_S``."""
+        if self._changed and now - self._refit_at >= REESTIMATE_S:
+            self._changed = self._head_stale = False
+            self._refit_at = now
+            jobs = self.queue.in_state(FileState.PENDING)
+        elif self._head_stale:
+            self._head_stale = False  # the rest of the queue waits for its turn
+            jobs = self.queue.pending()[:HEAD]
+        else:
+            return
+        for job in jobs:
+            self.estimate(job)
+
+    @property
+    def baseline_mb(self) -> float:
+        return self.predictor.baseline_mb
+
+    def params(self) -> dict[str, Any]:
+        return self.predictor.model.params()
+

@@ -1,0 +1,130 @@
+"""Publishing: what the run tells the outside world, and the host ledger it shares with others.
+
+Owns the throttles of the memory-sample log, the watchdog ping, the systemd status line and the
+status hooks (metrics textfile), and this supervisor's view of the host ledger: what it last
+published and what the others' believed promises take from its room. Ledger reads and writes run
+off the loop; a ledger that cannot be read is said once and answered conservatively (the largest
+charge seen this run, and at least the reserve once more), never as "nobody else is here".
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from supervisor.ledger import HostLedger, charged
+from supervisor.sd_notify import Notifier
+from supervisor.sidejobs import SideJobs
+
+MiB = 2**20
+LANE = "ledger"
+
+
+class Publisher:
+    def __init__(self, *, notifier: Notifier, jobs: SideJobs, emit: Callable[..., None], display: Any = None) -> None:
+        self.notifier = notifier
+        self.jobs = jobs
+        self.emit = emit
+        self.display = display
+        self.hooks: list[Callable[[dict], None]] = []
+        self.ledger: HostLedger | None = None
+        self.owner = ""
+        self.others_mb = 0.0  # what other supervisors' promises take from this one's room
+        self._others_max_mb = 0.0
+        self._ledger_error: str | None = None
+        self._last_sample = self._last_status = self._last_watchdog = -1e9
+
+    # -- the ledger -------------------------------------------------------------------------------
+    def open_ledger(self, spec: str, owner: str) -> None:
+        if spec == "off":
+            return
+        self.owner = owner
+        try:
+            self.ledger = HostLedger(Path(spec) if spec else None)
+            self.ledger.register(owner)
+        except OSError as exc:
+            self.emit("ledger_unavailable", level="warning", path=spec or None, error=str(exc),
+                      effect="admitting as if other supervisors held the reserve once more")
+            self._ledger_error = str(exc)
+            self.ledger = None
+
+    def ledger_blind(self) -> bool:
+        return self._ledger_error is not None
+
+    def conservative_others_mb(self, reserve_mb: float) -> float:
+        """What to assume others take while the ledger cannot be read."""
+        return max(self._others_max_mb, reserve_mb)
+
+    def exchange(self, promised_mb: float, host: Any) -> None:
+        """Publish this supervisor's promise and read the others' (off the loop, one at a time)."""
+        if self.ledger is None or self.jobs.busy(LANE):
+            return
+        ledger, owner = self.ledger, self.owner
+        avail = host.mem_available if host is not None else None
+        headroom = host.cgroup_headroom if host is not None else None
+        cg = host.cgroup_path if host is not None else None
+
+        def work() -> float:
+            ledger.update(owner, int(max(0.0, promised_mb) * MiB))
+            rs = ledger.reservations(owner, avail)
+            if avail is None:
+                return sum(r.reserved_bytes for r in rs) / MiB
+            return charged(rs, host_available=avail, cgroup_headroom=headroom, own_cgroup=cg) / MiB
+
+        self.jobs.submit(LANE, work, what="exchange", on_done=self._read, on_error=self._unreadable)
+
+    def _read(self, others_mb: float) -> None:
+        if self._ledger_error is not None:
+            self.emit("ledger_recovered", path=str(self.ledger.path) if self.ledger else None)
+        self._ledger_error = None
+        self.others_mb = others_mb
+        self._others_max_mb = max(self._others_max_mb, others_mb)
+
+    def _unreadable(self, exc: BaseException) -> None:
+        if self._ledger_error is None:
+            self.emit("ledger_unreadable", level="warning", path=str(self.ledger.path) if self.ledger else None,
+                      error=f"{type(exc).__name__}: {exc}",
+                      effect="admitting as if other supervisors held the most seen this run, at least the reserve")
+        self._ledger_error = str(exc)
+
+    def close_ledger(self) -> None:
+        if self.ledger is not None:
+            try:
+                self.ledger.unregister(self.owner)
+            except OSError as exc:
+                self.emit("ledger_unavailable", level="warning", path=str(self.ledger.path), error=str(exc))
+
+    # -- log, watchdog, status ---------------------------------------------------------------------
+    def tick(self, now: float, *, status: Callable[[], dict], sample: Callable[[], dict], interval: float,
+             busy: bool, counts: dict) -> None:
+        if now - self._last_sample >= interval:
+            self._last_sample = now
+            self.emit("memory_sample", level="info" if busy else "debug", **sample())
+        self.watchdog(now)
+        if now - self._last_status >= 2.0:
+            self._last_status = now
+            c = counts
+            mem = sample()
+            self.notifier.status(f"{c['done']}/{c['total'] - c['skipped']} done, {c['running']} running, "
+                                 f"{c['failed'] + c['quarantined']} failed; memory {mem['used_mb']:.0f}/"
+                                 f"{mem['budget_mb']:.0f} MiB")
+            if self.hooks and not self.jobs.busy("status"):
+                snap = status()
+                for hook in self.hooks:
+                    self.jobs.submit("status", hook, snap, what="status hook")
+        if self.display is not None:
+            self.display.update(status())
+
+    def watchdog(self, now: float) -> None:
+        interval = self.notifier.watchdog_interval
+        if interval and now - self._last_watchdog >= interval:
+            self._last_watchdog = now
+            self.notifier.watchdog()
+
+
+def status_header(run_id: str, wall0: float, uptime_s: float, draining: bool) -> dict[str, Any]:
+    return {"run": run_id, "pid": os.getpid(),
+            "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(wall0)),
+            "uptime_s": round(uptime_s, 1), "draining": draining}
