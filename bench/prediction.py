@@ -49,7 +49,19 @@ def speech_corpus(folder: Path, durations: list[float], seed: int) -> None:
     for i, total in enumerate(durations):
         names = SHORT[:]
         rng.shuffle(names)
-        build_recording(names, folder, gap_s=rng.uniform(0.3, 1.5), total_s=total, stem=f"r{i:02d}")
+        cha, _, _ = build_recording(names, folder, gap_s=rng.uniform(0.3, 1.5), total_s=total, stem=f"r{i:02d}")
+        dither(cha.with_suffix(".wav"), seed * 1000 + i)
+
+
+def dither(wav: Path, seed: int) -> None:
+    """Faint noise on a recording, so no utterance's samples repeat another file's: the result
+    cache would answer repeated utterances, and only real work is a memory sample."""
+    import numpy as np
+    import soundfile as sf
+
+    audio, rate = sf.read(str(wav), dtype="float32")
+    audio += np.random.default_rng(seed).standard_normal(len(audio)).astype(np.float32) * 1e-4
+    sf.write(str(wav), audio, rate, subtype="PCM_16")
 
 
 def run(corpus: Path, work: Path, tag: str, engine: str, extra: list[str], env: dict) -> list[dict]:
