@@ -11,7 +11,7 @@ from supervisor.corpus import CorpusError, find_transcripts
 from supervisor.sampler import detect_limits
 from supervisor.settings import Settings
 from supervisor.supervisor import EXIT_OK, EXIT_USAGE, RunSummary, Supervisor
-from supervisor.units import format_size
+from supervisor.units import format_size, gib
 from worker.audio import DirListing
 
 MiB = 2**20
@@ -163,7 +163,7 @@ def print_plan(sup: Supervisor) -> None:
         e = job.estimate
         note = ""
         if e.central_mb > sup.budget_mb:
-            note = f"cannot fit: needs ~{e.central_mb / 1024:.1f} GiB"
+            note = f"cannot fit: needs ~{gib(e.central_mb)} GiB"
         elif e.peak_mb > sup.budget_mb:
             note = "runs alone"
         table.add_row(str(i), job.rel, "-" if job.info.audio_seconds is None else f"{job.info.audio_seconds:.1f}",

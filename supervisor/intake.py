@@ -21,7 +21,8 @@ from supervisor.sidejobs import SideJobs
 from worker.audio import DirListing
 
 LANE = "manifest"
-BATCH = 256  # files described per side job: small enough that the first files start early
+BATCH = 256  # files described per side job, after a first small one so that the first file starts early
+FIRST_BATCH = 16
 PROGRESS_S = 1.0
 
 
@@ -108,7 +109,8 @@ class Intake:
         """Describe the corpus off the loop, batch after batch; files join the queue as they come."""
         self.total, self.planned, self.planning = len(candidates), 0, True
         self._t0 = self.clock()
-        batches = [candidates[i:i + BATCH] for i in range(0, len(candidates), BATCH)] or [[]]
+        head, rest = candidates[:FIRST_BATCH], candidates[FIRST_BATCH:]
+        batches = [head] + [rest[i:i + BATCH] for i in range(0, len(rest), BATCH)]
         for n, batch in enumerate(batches):
             last = n == len(batches) - 1
             self.jobs.submit(LANE, self.describe_batch, batch, what="plan",

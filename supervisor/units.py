@@ -95,6 +95,18 @@ def format_size(n: int | float) -> str:
     return f"{sign}{value:.1f} {units[i]}"
 
 
+def format_mib(mb: float | None, missing: str = "?") -> str:
+    """A figure in MiB as people read it: ``812 MiB``, ``5.6 GiB`` (``missing`` when unknown)."""
+    if mb is None:
+        return missing
+    return f"{mb / 1024:.1f} GiB" if abs(mb) >= 1024 else f"{mb:.0f} MiB"
+
+
+def gib(mb: float) -> str:
+    """MiB as a GiB number with enough digits that 'needs ~X, budget is Y' never reads as X == Y."""
+    return f"{mb / 1024:.1f}" if mb >= 10 * 1024 else f"{mb / 1024:.2f}"
+
+
 def mib(n: int | float) -> float:
     """Bytes -> MiB, the unit of every ``*_mb`` field in logs and status."""
     return n / (1024 * 1024)

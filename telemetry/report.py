@@ -23,6 +23,7 @@ from typing import Any, Iterable
 from rich import box as _box
 from rich.console import Console
 from rich.table import Table
+from supervisor.units import format_mib
 
 __all__ = [
     "EventList",
@@ -613,11 +614,7 @@ def _mib(v: float | None) -> str:
 
 
 def _size(mb: float | None) -> str:
-    if mb is None:
-        return "?"
-    if abs(mb) >= 1024:
-        return f"{mb / 1024:.1f} GiB"
-    return f"{mb:.0f} MiB"
+    return format_mib(mb)
 
 
 def _dur(s: float | None) -> str:

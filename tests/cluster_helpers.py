@@ -13,15 +13,17 @@ from pathlib import Path
 from helpers import ROOT, env_for
 
 # The synthetic profile the cluster tests run: 4 MiB and 0.05 CPU s per audio second; cold
-# estimates far below it so that learning (and a kill) shows.
+# estimates far below it and no probe spans at READY, so that learning (and a kill) shows.
 CONFIG = """
 [run]
 engine = "synthetic"
 [engine.synthetic]
 mb_per_audio_second = 4.0
 cpu_seconds_per_audio_second = 0.05
-cold_mb_per_audio_second = 1.0
+cold_mb_per_span_second = 1.0
+cold_mb_per_audio_second = 0.0
 cold_intercept_mb = 8.0
+calibrate = false
 """
 
 

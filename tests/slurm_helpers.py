@@ -99,6 +99,7 @@ PartitionName=debug Nodes={self.host} Default=YES MaxTime=INFINITE State=UP
 """)
 
     def start(self) -> None:
+        self._stepds_before = _stepds()
         self.write_conf()
         if not _munge_works():
             MUNGE_SOCKET.parent.mkdir(parents=True, exist_ok=True)
@@ -150,6 +151,12 @@ PartitionName=debug Nodes={self.host} Default=YES MaxTime=INFINITE State=UP
 
     def stop(self) -> None:
         subprocess.run(["scancel", "--user", "root"], env=self.env, capture_output=True, timeout=10)
+        deadline = time.monotonic() + 20  # let slurmd see its jobs end, or their stepds wait for ever
+        while time.monotonic() < deadline:
+            out = subprocess.run(["squeue", "-h"], env=self.env, capture_output=True, text=True).stdout
+            if not out.strip():
+                break
+            time.sleep(0.2)
         for p in reversed(self.procs):
             if p.poll() is None:
                 os.killpg(p.pid, signal.SIGTERM)
@@ -159,3 +166,20 @@ PartitionName=debug Nodes={self.host} Default=YES MaxTime=INFINITE State=UP
             except subprocess.TimeoutExpired:
                 os.killpg(p.pid, signal.SIGKILL)
                 p.wait(5)
+        for pid in _stepds() - getattr(self, "_stepds_before", set()):
+            try:  # a step daemon of ours still retrying a slurmctld that is gone
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+def _stepds() -> set[int]:
+    out = set()
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                if (d / "comm").read_text().strip() == "slurmstepd":
+                    out.add(int(d.name))
+            except OSError:
+                continue
+    return out

@@ -67,7 +67,7 @@ def test_file_too_big_for_any_worker_is_killed_retried_larger_and_quarantined(cl
     out, log = tmp_path / "out", tmp_path / "run.jsonl"
     cfg = write_config(tmp_path)
     r = run_cli(cluster_args(corpus, out, cluster.address, cfg, "--log-json", str(log), "--max-attempts", "3"),
-                tmp_path)
+                tmp_path, timeout=200, BATCHALIGN_SUPERVISE_ENGINE_SYNTHETIC_CPU_SECONDS_PER_AUDIO_SECOND="0.01")
     assert r.returncode == 1, r.stderr[-3000:]
     evs = events(log)
     assert {e["file"] for e in named(evs, "file_done")} == _rels(files[1:], corpus)
@@ -93,10 +93,11 @@ def test_file_too_big_for_any_worker_is_killed_retried_larger_and_quarantined(cl
 
 def test_kill_9_of_a_worker_mid_file_is_done_elsewhere(cluster, tmp_path):
     corpus = tmp_path / "corpus"
-    files = make_corpus(corpus, [120, 5, 6, 7])  # f000: 6 s of work
+    files = make_corpus(corpus, [60, 5, 6, 7, 5, 6])  # f000: 6 s of work, fits either worker
     out, log = tmp_path / "out", tmp_path / "run.jsonl"
     cfg = write_config(tmp_path)
-    p = start_cli(cluster_args(corpus, out, cluster.address, cfg, "--log-json", str(log)), tmp_path)
+    p = start_cli(cluster_args(corpus, out, cluster.address, cfg, "--log-json", str(log)), tmp_path,
+                  BATCHALIGN_SUPERVISE_ENGINE_SYNTHETIC_CPU_SECONDS_PER_AUDIO_SECOND="0.1")
     try:
         started = wait_for_event(log, "file_started", 60, lambda e: e["file"] == "f000.cha")
         time.sleep(1.0)
@@ -111,7 +112,9 @@ def test_kill_9_of_a_worker_mid_file_is_done_elsewhere(cluster, tmp_path):
     assert len(lost) == 1 and lost[0]["kind"] == "lost" and lost[0]["pid"] == started["pid"]
     done = [e for e in named(evs, "file_done") if e["file"] == "f000.cha"]
     assert len(done) == 1 and done[0]["pid"] != started["pid"]
-    assert {e["file"] for e in named(evs, "file_done")} == _rels(files, corpus)
+    assert sorted(e["file"] for e in named(evs, "file_done")) == sorted(_rels(files, corpus))
+    # Files queued behind it on that worker were requeued without spending an attempt.
+    assert {e["file"] for e in named(evs, "file_failed")} == {"f000.cha"}
 
 
 def test_kill_9_of_the_supervisor_then_rerun_redoes_no_finished_file(cluster, tmp_path):
@@ -158,16 +161,17 @@ def test_cluster_results_update_the_learned_model_in_the_store(cluster, tmp_path
         rows = store.ratios()
     assert len(samples) == 6
     row = next(r for r in rows if r["engine"] == "synthetic")
-    # The profile grows 4 MiB per audio second; the cold guess was 1.
-    assert row["samples"] == 6 and 3.0 <= row["upper_mb_per_audio_second"] <= 6.0, row
-    assert params
+    assert row["samples"] == 6 and params
     # A second run predicts from what the cluster taught: requests close to the measured peaks.
     out2, log2 = tmp_path / "out2", tmp_path / "run2.jsonl"
     r = run_cli(cluster_args(corpus, out2, cluster.address, cfg, "--log-json", str(log2)), tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     evs = events(log2)
+    # The profile grows 4 MiB per audio second; the cold guess was 1: the first run under-asked.
+    assert all(a["estimate_source"] != "cold" for a in named(evs, "file_admitted"))
+    requests = {e["file"]: e["request_mb"] for e in named(evs, "file_admitted")}
     for e in named(evs, "file_done"):
-        assert e["peak_mb"] <= e["request_mb"] <= 1.5 * e["peak_mb"], e
+        assert e["peak_mb"] <= requests[e["file"]] <= 1.5 * e["peak_mb"], (e, requests[e["file"]])
 
 
 def test_a_worker_that_cannot_read_a_file_names_the_path(tmp_path):

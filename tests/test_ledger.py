@@ -358,7 +358,8 @@ def test_a_supervisor_in_its_own_cgroup_is_not_held_back_by_a_host_supervisors_p
                                   "--log-json", str(a_log), "--state-dir", str(tmp_path / "sa")),
                          cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                          env=env_for(tmp_path, **common,
-                                     BATCHALIGN_SUPERVISE_ENGINE_SYNTHETIC_COLD_MB_PER_AUDIO_SECOND="20",
+                                     BATCHALIGN_SUPERVISE_ENGINE_SYNTHETIC_COLD_MB_PER_SPAN_SECOND="20",
+                                     BATCHALIGN_SUPERVISE_ENGINE_SYNTHETIC_CALIBRATE="false",
                                      BATCHALIGN_SUPERVISE_ENGINE_SYNTHETIC_CPU_SECONDS_PER_AUDIO_SECOND="0.3"))
     try:
         wait_for_event(a_log, "file_admitted", timeout=60)
@@ -375,7 +376,7 @@ def test_a_supervisor_in_its_own_cgroup_is_not_held_back_by_a_host_supervisors_p
                                         "--log-json", str(b_log), "--state-dir", str(tmp_path / "sb")),
                                cwd=tmp_path, preexec_fn=cg.preexec(), capture_output=True, text=True, timeout=120,
                                env=env_for(tmp_path, **common,
-                                           BATCHALIGN_SUPERVISE_ENGINE_SYNTHETIC_COLD_MB_PER_AUDIO_SECOND="9",
+                                           BATCHALIGN_SUPERVISE_ENGINE_SYNTHETIC_COLD_MB_PER_SPAN_SECOND="9",
                                            BATCHALIGN_SUPERVISE_ENGINE_SYNTHETIC_CPU_SECONDS_PER_AUDIO_SECOND="0.02"))
         a_running = a.poll() is None
     finally:
