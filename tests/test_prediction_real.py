@@ -24,7 +24,7 @@ from bench.prediction import dither  # noqa: E402
 from telemetry.model import MemoryModel, Defaults  # noqa: E402
 from telemetry.store import TelemetryStore  # noqa: E402
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]
 SYNTH = Path(__file__).resolve().parents[2] / "shared" / "synth"
 SHORT = ["c1", "c2", "c3", "c4", "c5", "s1", "s2", "s3"]
 
@@ -73,13 +73,13 @@ def learn_then_long(tmp_path: Path, engine: str, model: Path, budget: str, long_
 
 @pytest.mark.skipif(not (SYNTH / "c1.wav").exists(), reason="shared synthetic speech not present")
 def test_whisper_tiny_en_learns_on_short_files_then_aligns_a_long_one(tmp_path):
-    learn_then_long(tmp_path, "whisper", real_whisper("tiny.en"), "1200MiB", 360.0)
+    learn_then_long(tmp_path, "whisper", real_whisper("tiny.en"), "1200MiB", 240.0)
 
 
 @pytest.mark.skipif(not (SYNTH / "c1.wav").exists(), reason="shared synthetic speech not present")
 def test_wav2vec_learns_on_short_files_then_aligns_a_long_one_and_cached_reruns_teach_nothing(tmp_path):
     model = build_tiny_wav2vec(tmp_path / "w2v", hidden_size=64)
-    got = learn_then_long(tmp_path, "wav2vec", model, "1200MiB", 300.0)
+    got = learn_then_long(tmp_path, "wav2vec", model, "1200MiB", 200.0)
     key = ("wav2vec", str(model), "cpu")
     with TelemetryStore(got["telemetry"]) as store:
         before = MemoryModel.from_params(store.load_model(*key), Defaults(0, 0, 0)).n_samples
