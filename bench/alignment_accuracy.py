@@ -1,12 +1,27 @@
-"""Word-boundary accuracy of Whisper forced alignment on synthetic speech with exact word times.
+"""Word-boundary and utterance-timing accuracy of Whisper forced alignment, on real and synthetic speech.
 
-Each ``../shared/synth`` transcript has its ``%wor`` tier removed, so the engine sees only the
-utterance bullets; its output ``%wor`` is scored against the synthesizer's word times (words marked
-``merged`` are skipped): the mean absolute difference of word starts and ends, in milliseconds.
-Beside each model's figure stands the baseline that spreads an utterance's words over its bullet in
-proportion to their characters: a model is only useful where it beats that.
+Synthetic: each ``../shared/synth`` transcript has its ``%wor`` tier removed, so the engine sees only
+the utterance bullets; its output ``%wor`` is scored against the synthesizer's word times (words
+marked ``merged`` are skipped): the mean absolute difference of word starts and ends, in ms.
 
-usage: python -m bench.alignment_accuracy [--models tiny.en base] [--files c1 c2 ...] [--threads 2]
+Real: every recording of ``../shared/chat`` with its audio (English, French, Spanish, Cantonese,
+Venetian/Croatian), read in place (the data are CC BY-NC-SA and stay outside the project):
+
+- ``words``: word boundaries against the reference ``%wor`` inside the human utterance bullets;
+- ``joins``: two neighbouring utterances joined into one (bullet spanning both); the first one's last
+  word must end at its human bullet's end and the second one's first word start at its start, a
+  word boundary with a human reference on every recording that has bullets;
+- ``utterances``: every bullet stripped, utterance times recovered from the recording, starts and
+  ends scored against the human bullets (share within 250 / 500 ms).
+
+Each figure is mean, median and the share within 20 / 50 / 100 ms, and beside every one stands the
+baseline that spreads words (or utterances, over the whole recording) in proportion to their
+characters: a model is only useful where it beats that. ``sq`` counts utterances whose output words
+are squeezed (``worker.engines.plausibility``), ``impl`` those the engine reported as implausible.
+``--ablation`` flips each post-processing step (``worker.engines.whisper.Steps``) in turn.
+
+usage: python -m bench.alignment_accuracy [--models tiny.en base] [--files c1 c2 ...] [--real [NAME ...]]
+                                          [--kinds words joins utterances] [--no-synthetic] [--ablation]
 
 Models are the real Whisper weights converted by ``../shared/models/get_whisper.sh`` into
 ``$BATCHALIGN_TEST_CACHE`` (default ``~/.cache/batchalign-supervise-tests``); a missing one is
@@ -101,7 +116,7 @@ def read_wor(text: str) -> list[list[Span | None]]:
             if m:
                 times.append((int(m.group(2)) / 1000, int(m.group(3)) / 1000))
             else:
-                times += [None for t in tok.split() if t not in (".", "?", "!")]
+                times += [None for t in tok.split() if t not in _TERMINATORS]
         tiers.append(times)
     return tiers
 
@@ -127,12 +142,11 @@ class Score:
 
 
 def score_files(model: str, files: list[str], workdir: Path, *, threads: int = 2,
-                synth: Path = SYNTH) -> list[Score]:
+                synth: Path = SYNTH, engine=None) -> list[Score]:
     """Align each synth file (``%wor`` stripped) with the Whisper engine and score it."""
     from worker.engines.base import Job
-    from worker.engines.whisper import WhisperEngine
 
-    engine = WhisperEngine({"model": model, "threads": threads, "cache_dir": str(workdir / "cache")})
+    engine = engine or load_engine(model, threads, {"cache_dir": str(workdir / "cache")})
     scores = []
     for name in files:
         src = (synth / f"{name}.cha").read_text()
@@ -295,16 +309,17 @@ def untimed_input(chat, media: str) -> str:
     return _edit(chat, main=lambda u, body: re.sub(r" ?\x15\d+_\d+\x15", "", body), media=media)
 
 
-def joined_input(chat, media: str) -> tuple[str, list[tuple[int, float, float]]]:
+def joined_input(chat, media: str, offset: int = 0) -> tuple[str, list[tuple[int, float, float]]]:
     """Pairs of neighbouring bulleted utterances (at most ``JOIN_GAP_S`` apart) joined into one, the
     pair's bullet spanning both. The human boundary between them is a real-speech reference for
     one word boundary inside the joined utterance: the first one's last word must end near its
     bullet's end and the second one's first word start near its bullet's start.
 
-    Returns the transcript and, per joined utterance, (words of the first part, its end, the
-    second's start) in seconds."""
+    Pairs start at the ``offset``-th bulleted utterance (0 and 1 between them score every
+    boundary). Returns the transcript and, per joined utterance, (words of the first part, its
+    end, the second's start) in seconds."""
     timed = [u for u in chat.utterances if u.bullet is not None and u.words]
-    pairs, k = {}, 0
+    pairs, k = {}, offset
     while k + 1 < len(timed):
         a, b = timed[k], timed[k + 1]
         if 0 <= b.bullet[0] - a.bullet[1] <= JOIN_GAP_S * 1000 and b.bullet[1] - a.bullet[0] <= 30000:
@@ -411,23 +426,25 @@ def score_real_joins(engine, name: str, cha: Path, media: Path, workdir: Path) -
     from worker.chat import read_chat
 
     chat = read_chat(cha)
-    text, refs = joined_input(chat, media.stem)
-    if not refs:
-        return None
-    out, implausible = _run(engine, text, workdir / f"{name}-joins", media, workdir / "cache")
-    score = RealScore("joins", [], [], implausible=implausible)
-    spoken = [u for u in out.utterances if u.words]
-    for u, (n_first, end_a, start_b) in zip(spoken, refs):
-        pred = _wor_of(out, u) or [None] * len(u.words)
-        lo, hi = u.bullet[0] / 1000, u.bullet[1] / 1000
-        base = spread_baseline(list(u.words), lo, hi)
-        for times, errs in ((pred, score.model), (base, score.baseline)):
-            if n_first < len(times) and times[n_first - 1] is not None and times[n_first] is not None:
-                errs += [abs(times[n_first - 1][1] - end_a), abs(times[n_first][0] - start_b)]
-        score.items += 1
-        score.covered += pred[n_first - 1] is not None and pred[n_first] is not None
-        score.squeezed += _squeezed(pred, list(u.words))
-    return score
+    score = RealScore("joins", [], [])
+    for offset in (0, 1):
+        text, refs = joined_input(chat, media.stem, offset)
+        if not refs:
+            continue
+        out, implausible = _run(engine, text, workdir / f"{name}-joins{offset}", media, workdir / "cache")
+        score.implausible += implausible
+        spoken = [u for u in out.utterances if u.words]
+        for u, (n_first, end_a, start_b) in zip(spoken, refs):
+            pred = _wor_of(out, u) or [None] * len(u.words)
+            lo, hi = u.bullet[0] / 1000, u.bullet[1] / 1000
+            base = spread_baseline(list(u.words), lo, hi)
+            for times, errs in ((pred, score.model), (base, score.baseline)):
+                if n_first < len(times) and times[n_first - 1] is not None and times[n_first] is not None:
+                    errs += [abs(times[n_first - 1][1] - end_a), abs(times[n_first][0] - start_b)]
+            score.items += 1
+            score.covered += pred[n_first - 1] is not None and pred[n_first] is not None
+            score.squeezed += _squeezed(pred, list(u.words))
+    return score if score.items else None
 
 
 def score_real_utterances(engine, name: str, cha: Path, media: Path, workdir: Path) -> RealScore | None:
@@ -534,6 +551,77 @@ def load_engine(folder: str, threads: int, options: dict | None = None):
     from worker.engines.whisper import WhisperEngine
 
     return WhisperEngine({"model": folder, "threads": threads, **(options or {})})
+
+
+def memoize_encoder(aligner) -> None:
+    """Benchmark only: the same window of audio is encoded once however many configurations align
+    it (the encoder does not depend on any post-processing step)."""
+    import hashlib  # noqa: PLC0415
+
+    real, memo = aligner._encode, {}
+
+    def encode(audio):
+        key = hashlib.sha1(np.ascontiguousarray(audio, dtype=np.float32).tobytes()).hexdigest()
+        if key not in memo:
+            memo[key] = real(audio)
+        return memo[key]
+
+    aligner._encode = encode
+
+
+def ablation(label: str, folder: str, args) -> None:
+    """The default steps, then each step flipped, on real speech (joins, ``%wor``, and timing
+    recovery for the step that acts on it) and synthetic speech, one table."""
+    from dataclasses import fields, replace  # noqa: PLC0415
+
+    from worker.engines.whisper import Steps  # noqa: PLC0415
+
+    engine = load_engine(folder, args.threads)
+    memoize_encoder(engine.aligner)
+    default = Steps()
+    configs = [("default", default)]
+    for f in fields(Steps):
+        value = getattr(default, f.name)
+        flipped = (1 if value != 1 else 7) if f.name == "median_width" else not value
+        configs.append((f"{f.name}={flipped}", replace(default, **{f.name: flipped})))
+    print(f"\n{label}: ablation (ms; real joins and %wor: mean, share <=100 ms; utterances recovered: "
+          f"share of starts/ends <=250 ms; synthetic c*/s*: mean)")
+    print(f"{'configuration':22} {'joins':>6} {'<=100':>6} {'sq':>3} {'impl':>4} {'%wor':>6} "
+          f"{'utt<=250':>8} {'synth c*':>8} {'synth s*':>8} {'wall s':>6}")
+    base_row = None
+    for name, steps in configs:
+        engine.aligner.steps = steps
+        t0 = time.perf_counter()
+        with tempfile.TemporaryDirectory() as tmp:
+            kinds = ["joins", "words"] + (["utterances"] if name == "default" or "retry" in name or "refine" in name else [])
+            table = score_real(engine, args.real or None, Path(tmp) / "real", kinds=kinds)
+            synth = score_files(folder, args.files, Path(tmp), threads=args.threads, engine=engine)
+        tot = table["all"]
+        j, w, u = tot.get("joins"), tot.get("words"), tot.get("utterances")
+        c = [x.model_ms for x in synth if x.name.startswith("c")]
+        i = [x.model_ms for x in synth if x.name.startswith("s")]
+        row = (f"{name:22} {_mean_ms(j):>6} {_share(j, 0.1):>6} {j.squeezed if j else 0:3d} "
+               f"{j.implausible if j else 0:4d} {_mean_ms(w):>6} {_share(u, 0.25):>8} "
+               f"{np.mean(c) if c else float('nan'):8.1f} {np.mean(i) if i else float('nan'):8.1f} "
+               f"{time.perf_counter() - t0:6.0f}")
+        print(row, flush=True)
+        if base_row is None:
+            base_row = (j, w, synth)
+            bj = j
+            print(f"{'char-count baseline':22} {_mean_ms(bj, True):>6} {_share(bj, 0.1, True):>6} {'':3} {'':4} "
+                  f"{_mean_ms(w, True):>6} {_share(u, 0.25, True):>8} "
+                  f"{np.mean([x.baseline_ms for x in synth if x.name.startswith('c')]):8.1f} "
+                  f"{np.mean([x.baseline_ms for x in synth if x.name.startswith('s')]):8.1f}", flush=True)
+
+
+def _mean_ms(score, baseline: bool = False) -> str:
+    errs = (score.baseline if baseline else score.model) if score else []
+    return f"{1000 * np.mean(errs):.0f}" if errs else "-"
+
+
+def _share(score, within: float, baseline: bool = False) -> str:
+    errs = (score.baseline if baseline else score.model) if score else []
+    return f"{np.mean(np.asarray(errs) <= within):.0%}" if errs else "-"
 
 
 def main(argv: list[str] | None = None) -> int:

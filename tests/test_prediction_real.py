@@ -20,6 +20,7 @@ from helpers import cli_args, events, named, run_cli  # noqa: E402
 from test_whisper import real_whisper  # noqa: E402
 
 from bench.alignment_accuracy import build_recording  # noqa: E402
+from bench.prediction import dither  # noqa: E402
 from telemetry.model import MemoryModel, Defaults  # noqa: E402
 from telemetry.store import TelemetryStore  # noqa: E402
 
@@ -49,6 +50,7 @@ def learn_then_long(tmp_path: Path, engine: str, model: Path, budget: str, long_
     longest_seen = max(e["audio_seconds"] for e in short_done)
 
     cha, _, _ = build_recording(SHORT, tmp_path / "long", gap_s=0.5, total_s=long_s, stem="long")
+    dither(cha.with_suffix(".wav"), 1)  # new samples: the result cache must not answer for the model
     log2 = tmp_path / "long.jsonl"
     r = run_cli(cli_args(cha.parent, tmp_path / "out2", *common, "--log-json", str(log2), engine=engine),
                 tmp_path, timeout=600)
@@ -58,6 +60,7 @@ def learn_then_long(tmp_path: Path, engine: str, model: Path, budget: str, long_
     (adm,) = named(evs, "file_admitted")
     (done,) = named(evs, "file_done")
     assert done["audio_seconds"] > 10 * longest_seen
+    assert done["stats"]["cached_utterances"] == 0  # all of it real work
     assert adm["estimate_source"] == "learned"
     print(f"\n{engine}: learned on {len(SHORT)} files <= {longest_seen:.1f} s; {done['audio_seconds']:.0f} s file "
           f"predicted {adm['predicted_mb']:.0f} MiB, peaked {done['peak_mb']:.0f} MiB "

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from worker.align import SpanAligner
+from worker.align import SpanAligner, UttResult
 from worker.chat import parse_chat
 from worker.engines.timing import (
     EDGE_PAD_S,
@@ -41,8 +41,9 @@ class FakeSource:
         end = min(end_s, self._duration)
         self.reads.append((start_s, end_s))
         n = max(0, int(round((end - start_s) * rate)))
-        out = np.zeros(n, dtype=np.float32)
         rng = np.random.default_rng(int(start_s * 1000))
+        # without a timeline: quiet noise everywhere (silence would rightly be heard as no words)
+        out = np.zeros(n, dtype=np.float32) if self.timeline else rng.normal(0, 0.01, n).astype(np.float32)
         for _, s, e in self.timeline:
             a, b = int(round((s - start_s) * rate)), int(round((e - start_s) * rate))
             a, b = max(a, 0), min(b, n)
@@ -63,7 +64,8 @@ class FakeRecognizer(SpanAligner):
         self.windows: list[tuple[float, float]] = []
 
     def align_span(self, audio, span_start_s, utts):
-        raise AssertionError("recovery must not force-align")
+        self.forced = getattr(self, "forced", 0) + 1
+        return [UttResult(u.index, None, error="a recogniser only") for u in utts]  # rough spans stand
 
     def transcribe_words(self, audio, offset_s):
         end = offset_s + len(audio) / self.sample_rate
@@ -303,3 +305,33 @@ def test_only_spoken_utterances_get_times():
     got = recover_utterance_times(FakeSource(8.0), chat, FakeRecognizer(timeline), lambda f: None)
     spoken = [u.index for u in chat.utterances if u.words]
     assert sorted(got) == spoken and len(spoken) == 2
+
+
+class FakeForcer(FakeRecognizer):
+    """Recognises nothing useful, but force-aligns: every word lands where the timeline has it."""
+
+    def align_span(self, audio, span_start_s, utts):
+        out = []
+        for u in utts:
+            times = [(s, e) for _, s, e in self.timeline]
+            assert len(times) == len(u.words) and span_start_s <= times[0][0]
+            out.append(UttResult(u.index, times))
+        return out
+
+
+def test_rough_spans_are_refined_by_forcing_the_transcripts_words():
+    from worker.engines.timing import refine_spans, transcript_words
+
+    utterances = [(1.0, "the quick brown fox"), (4.0, "please call stella now"), (9.0, "good night")]
+    timeline = timeline_for(utterances)
+    chat = chat_of(*(t for _, t in utterances))
+    utts, _ = transcript_words(chat)
+    rough = [(0.2, 2.0), (3.0, 6.5), (7.5, 9.4)]  # a second off, as interpolation leaves them
+    got = refine_spans(FakeSource(12.0, timeline=timeline), utts, rough, FakeForcer(timeline), 12.0)
+    for (s, e), (ts, te) in zip(got, truth_of(timeline, utterances)):
+        assert abs(s - ts) <= 0.16 and abs(e - te) <= 0.16  # the tidy padding only
+    # squeezed words are not believed: the rough span stays
+    squeezed = [(w, 4.0 + 0.005 * k, 4.0 + 0.005 * (k + 1)) if 4 <= k < 8 else (w, s, e)
+                for k, (w, s, e) in enumerate(timeline)]
+    got = refine_spans(FakeSource(12.0, timeline=timeline), utts, rough, FakeForcer(squeezed), 12.0)
+    assert abs(got[1][0] - 3.0) <= 0.16 and abs(got[1][1] - 6.5) <= 0.16

@@ -23,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from conftest_models import build_tiny_wav2vec, install_in_hub_cache  # noqa: E402
 
 from worker.align import UttRequest  # noqa: E402
+from worker.engines import plausibility as P  # noqa: E402
 from worker.engines import whisper as W  # noqa: E402
 from worker.engines.base import BootError, Job  # noqa: E402
 from worker.engines.whisper import WhisperAligner, WhisperEngine, dtw_path, median_filter, word_frames  # noqa: E402
@@ -108,6 +109,16 @@ def synth(name: str) -> tuple[np.ndarray, list[str], float, float]:
     bullet = text.split("*PAR:")[1].split("\x15")[1]
     start, end = (int(x) / 1000 for x in bullet.split("_"))
     return audio, words, start, end
+
+
+def joined_synth(names: list[str]) -> tuple[np.ndarray, list[str]]:
+    """The synth recordings one after the other, as one long utterance's audio and words."""
+    pieces, words = [], []
+    for name in names:
+        a, w, _, _ = synth(name)
+        pieces.append(a)
+        words += w
+    return np.concatenate(pieces), words
 
 
 @pytest.fixture(scope="module")
@@ -246,12 +257,7 @@ def test_utterances_past_the_token_budget_start_a_new_window(aligner, monkeypatc
 
 
 def test_an_utterance_longer_than_the_window_is_aligned_in_pieces(aligner):
-    pieces, words = [], []
-    for name in ["c1", "s1", "c2", "s2", "c3", "s3", "c4", "c5"]:
-        a, w, _, _ = synth(name)
-        pieces.append(a)
-        words += w
-    audio = np.concatenate(pieces)
+    audio, words = joined_synth(["c1", "s1", "c2", "s2", "c3", "s3", "c4", "c5"])
     assert len(audio) / 16000 > 35
     utt = UttRequest(3, 0.2, len(audio) / 16000 - 0.1, words)
     (res,) = aligner.align_span(audio, 0.0, [utt])
@@ -382,3 +388,150 @@ def test_the_transcripts_language_conditions_a_multilingual_decoder(tiny):
     fixed.hf.generation_config.is_multilingual = True
     fixed.use_language("spa")
     assert fixed.language == "en"
+
+
+def test_out_of_memory_inside_an_utterance_fails_the_span_not_just_the_utterance(aligner, two_utterances, monkeypatch):
+    """A torch out-of-memory error is the file's memory failure: it must reach the driver, which
+    reports it as kind "memory" (retried with a larger estimate), not as an unaligned utterance."""
+    import torch
+
+    from worker.align import is_out_of_memory
+
+    audio, utts = two_utterances
+
+    def oom(*a, **k):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(aligner, "_cross_attention", oom)
+    with pytest.raises(torch.OutOfMemoryError) as err:
+        aligner.align_span(audio, 10.0, list(utts))
+    assert is_out_of_memory(err.value) and is_out_of_memory(MemoryError())
+    assert not is_out_of_memory(RuntimeError("shape mismatch"))
+
+
+# -- squeezed paths, long utterances, languages, steps --------------------------------------------
+
+
+def test_a_path_that_piles_words_into_the_last_frames_is_repaired_with_the_prior():
+    # The first token's attention dominates every frame, the others are flat: plain DTW stays on
+    # the first row and drops through the rest at the very end.
+    n, m = 5, 100
+    matrix = np.full((n, m), -0.5)
+    matrix[0] = 2.0
+    plain = W.first_frames(matrix)
+    assert plain[0] == 0 and all(plain[1:] >= m - n)
+    repaired = W.first_frames_prior(matrix, [1] * n)
+    assert list(repaired) == sorted(repaired) and repaired[1] < m // 2 and repaired[-1] < m - 5
+
+
+@pytest.fixture(scope="module")
+def real_aligner() -> WhisperAligner:
+    return WhisperAligner.load(str(real_whisper("tiny.en")), threads=2)
+
+
+def test_the_aligner_detects_a_squeeze_and_reruns_with_the_prior(real_aligner, monkeypatch):
+    aligner = real_aligner
+    audio, words, s, e = synth("c3")
+    utt = UttRequest(0, s, e, words)
+    calls = []
+
+    def piled(matrix):  # what a diffuse attention map gives: everything but the first word at the end
+        calls.append("plain")
+        out = np.full(matrix.shape[0], matrix.shape[1] - 1)
+        out[0] = 0
+        return out
+
+    real_first, real_prior = W.first_frames, W.first_frames_prior
+
+    def prior(matrix, weights, *args):
+        calls.append("prior")
+        monkeypatch.setattr(W, "first_frames", real_first)  # the prior's own DTW is the real one
+        try:
+            return real_prior(matrix, weights, *args)
+        finally:
+            monkeypatch.setattr(W, "first_frames", piled)
+
+    monkeypatch.setattr(W, "first_frames", piled)
+    monkeypatch.setattr(W, "first_frames_prior", prior)
+    (res,) = aligner.align_span(audio, 0.0, [utt])
+    assert calls == ["plain", "prior"]
+    assert not P.squeezed(res.words, words)
+    check_words(res.words, utt)
+
+    monkeypatch.setattr(aligner, "steps", W.Steps(repair_squeezed=False))
+    calls.clear()
+    (res,) = aligner.align_span(audio, 0.0, [utt])
+    assert calls == ["plain"] and P.squeezed(res.words, words)  # left for the driver to report
+
+
+def test_a_piece_of_a_long_utterance_that_cannot_be_aligned_leaves_only_its_words_untimed(aligner, monkeypatch):
+    audio, words = joined_synth(["c1", "s1", "c2", "s2", "c3", "s3", "c4", "c5"])
+    utt = UttRequest(3, 0.2, len(audio) / 16000 - 0.1, words)
+    real = W._Window.align_many
+    seen = []
+
+    def first_fails(self, utts):
+        seen.append(self.start_s)
+        if len(seen) == 1:
+            raise RuntimeError("decoder exploded")
+        return real(self, utts)
+
+    monkeypatch.setattr(W._Window, "align_many", first_fails)
+    (res,) = aligner.align_span(audio, 0.0, [utt])
+    assert len(seen) >= 2 and seen[1] > seen[0]  # the piece after the failed one is aligned too
+    assert res.words is not None and len(res.words) == len(words)
+    missing = [k for k, t in enumerate(res.words) if t is None]
+    assert missing == list(range(len(missing))) and 0 < len(missing) < len(words)
+    assert res.words[-1] is not None
+    assert "decoder exploded" in res.error and "\n" not in res.error
+
+
+def test_a_long_utterance_through_the_driver_warns_about_its_missing_words(tmp_path, monkeypatch):
+    model = real_whisper("tiny.en")
+    engine = WhisperEngine({"model": str(model), "threads": 1})
+    audio, words = joined_synth(["c1", "c2", "c3", "c4", "c5", "c1", "c2", "c3", "c4", "c5"])
+    folder = tmp_path / "long"
+    folder.mkdir()
+    sf.write(folder / "rec.wav", audio, 16000)
+    end = int(len(audio) / 16)
+    cha = folder / "t.cha"
+    cha.write_text(HEADER + "@Media:\trec, audio\n" + f"*PAR:\t{' '.join(words)} . \x15100_{end - 50}\x15\n@End\n")
+    assert len(audio) / 16000 > 32  # more than one window
+    real = W._Window.align_many
+    seen = []
+
+    def second_fails(self, utts):
+        seen.append(1)
+        if len(seen) == 2:
+            raise RuntimeError("decoder exploded")
+        return real(self, utts)
+
+    monkeypatch.setattr(W._Window, "align_many", second_fails)
+    result = engine.run(Job("l", cha, tmp_path / "out.cha", None, "t.cha"), lambda f: None)
+    assert 0 < result.stats["aligned_words"] < len(words)
+    assert len(result.warnings) == 1 and result.warnings[0].startswith("t.cha:7: ")
+    assert "words could not be placed" in result.warnings[0]
+
+
+def test_cantonese_words_are_glued_as_written_and_each_gets_a_time(aligner):
+    words = ["gam2", "係", "出去", "冇", "耐", "就", "淋濕", "咗", "雨"]
+    toks = aligner._word_tokens(words)
+    assert all(toks)
+    text = aligner.tokenizer.decode([t for w in toks for t in w])
+    assert text == " gam2 係出去冇耐就淋濕咗雨"  # no spaces between Chinese characters
+    assert [aligner.tokenizer.decode(t) for t in toks] == [" gam2", " 係"] + words[2:]
+    audio, *_ = synth("c2")
+    utt = UttRequest(0, 0.1, len(audio) / 16000 - 0.1, words)
+    (res,) = aligner.align_span(audio, 0.0, [utt])
+    check_words(res.words, utt)
+    assert W.whisper_language("yue") == "zh" and W.whisper_language("vec") == "it"
+    assert W.whisper_language("hrv") == "hr"
+
+
+def test_steps_come_from_engine_options():
+    assert W.Steps.from_options({}) == W.Steps()
+    steps = W.Steps.from_options({"joint": "true", "snap_pauses": 1, "median_width": "1", "model": "x"})
+    assert steps.joint and steps.snap_pauses and steps.median_width == 1
+    assert not W.Steps.from_options({"repair_squeezed": "off"}).repair_squeezed
+    with pytest.raises(BootError, match="whisper option"):
+        W.Steps.from_options({"trim_quiet": "maybe"})

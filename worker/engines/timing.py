@@ -36,6 +36,8 @@ MAX_SPLITS = 2
 MIN_BAND = 200  # words either side of the diagonal the alignment may stray
 BAND_FRACTION = 0.15
 MAX_BAND_CELLS = 20_000_000  # bounds the traceback memory (one byte a cell) on huge transcripts
+REFINE_PAD_S = 1.0  # audio either side of a chunk's rough spans when forcing its words
+REFINE_MAX_WORDS = 120  # words forced together at most (well inside Whisper's 448-token decoder)
 SEC_PER_CHAR = (0.03, 0.15)  # bounds on the speaking rate used to stretch over unmatched words
 
 _NOT_WORD = re.compile(r"[^\w]+", re.UNICODE)
@@ -106,6 +108,10 @@ def transcribe_piece(aligner: Any, audio: np.ndarray, offset_s: float, rate: int
     the middle third), kept when they hear more words. An aligner whose ``steps.retry_sparse`` is
     false is not retried.
     """
+    from worker.engines.plausibility import SILENCE_DBFS, speech_level_dbfs  # noqa: PLC0415
+
+    if speech_level_dbfs(audio, rate) < SILENCE_DBFS:
+        return []  # nothing said: a recogniser would only make words up (Whisper does)
     words = list(aligner.transcribe_words(audio, offset_s))
     length = len(audio) / rate
     retry = getattr(getattr(aligner, "steps", None), "retry_sparse", True)
@@ -228,8 +234,58 @@ def recover_utterance_times(source: Any, chat: Any, aligner: Any,
     spans = utterance_spans(utts, ref, hyp, pairs, duration)
     log.debug("recovered times: %d recognised words, %d matched, %d of %d utterances anchored",
               len(hyp), len(pairs), len({ref[i].utt for i, _ in pairs}), len(utts))
+    if getattr(getattr(aligner, "steps", None), "refine_recovered", True):
+        spans = refine_spans(source, utts, spans, aligner, duration, window_s)
     progress(1.0)
     return {u.index: span for u, span in zip(utts, spans)}
+
+
+def refine_spans(source: Any, utts: Sequence[Any], spans: list[tuple[float, float]], aligner: Any,
+                 duration: float, window_s: float = WINDOW_S) -> list[tuple[float, float]]:
+    """The rough spans, each replaced by where forced alignment of the transcript's own words puts it.
+
+    Recognition can miss most words of hard speech (children, overlap, a language the model knows
+    little), and then the spans only interpolate. The words are known, though: consecutive
+    utterances whose rough spans fit one window (with ``REFINE_PAD_S`` either side) are forced
+    together as one text over that audio, and each utterance takes the times of its first and last
+    word. An utterance whose words come out squeezed (see ``worker.engines.plausibility``), or a
+    chunk the aligner cannot place, keeps its rough span.
+    """
+    from worker.align import UttRequest  # noqa: PLC0415 - worker.align imports this module lazily
+    from worker.engines.plausibility import SILENCE_DBFS, speech_level_dbfs, squeezed  # noqa: PLC0415
+
+    rate = int(getattr(aligner, "sample_rate", 16000))
+    words = [[t for t in (spoken_text(w) for w in u.words) if t] for u in utts]
+    out = list(spans)
+    n, i = len(utts), 0
+    while i < n:
+        lo = max(0.0, spans[i][0] - REFINE_PAD_S)
+        j, count = i, 0
+        while (j < n and min(duration, spans[j][1] + REFINE_PAD_S) - lo <= window_s
+               and count + len(words[j]) <= REFINE_MAX_WORDS):
+            count += len(words[j])
+            j += 1
+        if j == i:  # one utterance longer than a window: the driver aligns it in pieces
+            i += 1
+            continue
+        hi = min(duration, spans[j - 1][1] + REFINE_PAD_S)
+        flat = [w for k in range(i, j) for w in words[k]]
+        audio = source.read(lo, hi, rate=rate) if flat and hi > lo else np.zeros(0, dtype=np.float32)
+        if len(audio) and speech_level_dbfs(audio, rate) >= SILENCE_DBFS:
+            try:
+                (res,) = aligner.align_span(audio, lo, [UttRequest(-1, lo, hi, flat)])
+            except Exception as exc:  # noqa: BLE001 - refining is a bonus; the rough spans stand
+                log.debug("refining %.2f-%.2f s failed: %s", lo, hi, exc)
+                res = None
+            if res is not None and res.words is not None and len(res.words) == len(flat):
+                pos = 0
+                for k in range(i, j):
+                    got = [(t, w) for t, w in zip(res.words[pos:pos + len(words[k])], words[k]) if t is not None]
+                    pos += len(words[k])
+                    if got and not squeezed([t for t, _ in got], [w for _, w in got]):
+                        out[k] = (got[0][0][0] - EDGE_PAD_S, got[-1][0][1] + EDGE_PAD_S)
+        i = j
+    return _tidy(out, duration, pad_s=0.0)  # the spans kept are padded already
 
 
 def utterance_spans(utts: Sequence[Any], ref: Sequence[_RefWord],
@@ -298,7 +354,8 @@ def _interpolate(spans: list[tuple[float, float] | None], chars: Sequence[int], 
         k = j
 
 
-def _tidy(spans: list[tuple[float, float]], duration: float) -> list[tuple[float, float]]:
+def _tidy(spans: list[tuple[float, float]], duration: float,
+          pad_s: float = EDGE_PAD_S) -> list[tuple[float, float]]:
     """In order, non-overlapping, inside [0, duration], with a little room at each edge.
 
     Where two spans overlap they are cut at the middle of the overlap; padding only grows a span
@@ -323,7 +380,7 @@ def _tidy(spans: list[tuple[float, float]], duration: float) -> list[tuple[float
     for k, (s, e) in enumerate(out):
         lo = out[k - 1][1] if k > 0 else 0.0
         hi = out[k + 1][0] if k + 1 < len(out) else duration
-        padded.append((round(max(lo, s - EDGE_PAD_S), 3), round(min(hi, e + EDGE_PAD_S), 3)))
+        padded.append((round(max(lo, s - pad_s), 3), round(min(hi, e + pad_s), 3)))
     # Padding reads the unpadded neighbours: make sure the padded spans still do not overlap.
     for k in range(1, len(padded)):
         if padded[k][0] < padded[k - 1][1]:

@@ -5,10 +5,13 @@ teacher-forced through the decoder as one text in time order, because Whisper's 
 transcript of everything it hears from the start of its window. Only the alignment heads'
 cross-attention is kept: the full ``model(..., output_attentions=True)`` call would also return
 every encoder self-attention map, which roughly doubles the peak. Each utterance's rows are cut to
-the frames of its own bullet, z-scored, median-filtered and averaged over heads; a DTW path through
-the negated matrix gives each token its first frame. Words start at their first token's frame and
-end where the next word (or the end of text) starts, and word boundaries next to a pause move onto
-it, since DTW otherwise hands the pause to one of the neighbouring words.
+the frames of its own bullet, renormalised over them, z-scored, median-filtered and averaged over
+heads; a DTW path through the negated matrix gives each token its first frame. Words start at their
+first token's frame and end where the next word (or the end of text) starts, and word boundaries
+next to a pause move onto it, since DTW otherwise hands the pause to one of the neighbouring words.
+A path that squeezes words into a sliver of the bullet is re-run on a better-conditioned matrix.
+Every step around the plain cross-attention + DTW is a :class:`Steps` flag, measured on and off by
+``bench/alignment_accuracy.py --ablation``.
 """
 
 from __future__ import annotations
@@ -49,19 +52,21 @@ class Steps:
     on real and synthetic speech (``bench/alignment_accuracy.py --ablation``); one is on by default
     only where it does not cost accuracy on real speech."""
 
-    joint: bool = False  # force a span's utterances together from its window start, not each alone
-    snap_pauses: bool = False  # a word boundary near a pause moves onto the pause
-    trim_quiet: bool = False  # quiet frames at a word's edges are cut off it
+    joint: bool = True  # force a span's utterances together from its window start, not each alone
+    snap_pauses: bool = True  # a word boundary near a pause moves onto the pause
+    trim_quiet: bool = True  # quiet frames at a word's edges are cut off it
     repair_squeezed: bool = True  # a path that piles words into a sliver is re-run with a prior
     retry_sparse: bool = True  # timing recovery retries halves of a window that heard too few words
+    refine_recovered: bool = True  # recovered utterance times refined by forcing the transcript's words
     median_width: int = MEDIAN_WIDTH  # median filter over time on the attention (1: none)
+    renormalize: bool = True  # each token's attention rescaled over the utterance's own frames
 
     @classmethod
     def from_options(cls, options: dict[str, Any]) -> "Steps":
         """The engine options that name a step (``joint``, ``snap_pauses``, ...) override its default."""
         given = {f.name: options[f.name] for f in fields(cls) if options.get(f.name) is not None}
         try:
-            return replace(cls(), **{k: (int(v) if k == "median_width" else _flag(v)) for k, v in given.items()})
+            return replace(cls(), **{k: int(v) if k == "median_width" else _flag(v) for k, v in given.items()})
         except ValueError as exc:
             raise BootError(f"whisper option: {exc}") from None
 
@@ -114,13 +119,18 @@ def first_frames(matrix: np.ndarray) -> np.ndarray:
     return starts
 
 
-def attention_matrix(weights: torch.Tensor, width: int = MEDIAN_WIDTH) -> np.ndarray:
+def attention_matrix(weights: torch.Tensor, width: int = MEDIAN_WIDTH, renormalize: bool = True) -> np.ndarray:
     """heads x tokens x frames cross-attention -> tokens x frames score.
 
-    Each head is standardised over the tokens at every frame (so a frame that every token attends
-    to stops standing out), median-filtered along time, then the heads are averaged.
+    With ``renormalize`` each token's attention is first rescaled to sum to one over the frames
+    kept (the softmax restricted to the utterance's audio, as Whisper's own word timing computes
+    it), so a token that mostly attends to the padding after the audio does not fade out. Each
+    head is then standardised over the tokens at every frame (so a frame that every token attends
+    to stops standing out), median-filtered along time, and the heads are averaged.
     """
     w = weights.float()
+    if renormalize:
+        w = w / (w.sum(dim=-1, keepdim=True) + 1e-12)
     std, mean = torch.std_mean(w, dim=-2, keepdim=True, unbiased=False)
     w = (w - mean) / (std + 1e-8)
     w = median_filter(w, width)
@@ -441,12 +451,13 @@ class WhisperAligner(SpanAligner):
                    utts: list[UttRequest]) -> list[UttResult]:
         """Word times (absolute seconds) for each utterance, each kept inside its own bullet.
 
-        By default each utterance is aligned alone: its bullet's audio is encoded as a window of its
-        own and its words teacher-forced from that window's start, the plain cross-attention + DTW
-        that measured best on real speech. With ``Steps.joint`` a span that fits Whisper's window is
-        encoded once and its utterances forced together in time order from the window's start
-        (utterances past the decoder's token budget start a new window). An utterance longer than
-        the window is aligned piece by piece either way.
+        With ``Steps.joint`` (the default: on the real recordings it placed the boundaries between
+        neighbouring utterances better than forcing each alone) a span that fits Whisper's window is
+        encoded once and its utterances forced together in time order from the window's start, as
+        Whisper's decoder expects the text of everything it hears from there; utterances past the
+        decoder's token budget start a new window. Without it each utterance is aligned alone, its
+        bullet's audio encoded as a window of its own. An utterance longer than the window is
+        aligned piece by piece either way.
         """
         audio = np.asarray(audio, dtype=np.float32).reshape(-1)
         done: dict[int, UttResult] = {}
@@ -486,6 +497,7 @@ class WhisperAligner(SpanAligner):
         try:
             return fn(utt)
         except Exception as exc:  # one bad utterance must not sink the span
+            _raise_if_out_of_memory(exc)
             return UttResult(utt.index, None, error=_one_line(exc))
 
     def _window(self, audio: np.ndarray, start_s: float) -> "_Window":
@@ -527,6 +539,7 @@ class WhisperAligner(SpanAligner):
                 (res,), _ = window.align_many([UttRequest(utt.index, t, win_end, rest[:take])])
                 del window
             except Exception as exc:  # noqa: BLE001 - this piece only
+                _raise_if_out_of_memory(exc)
                 res = UttResult(utt.index, None, error=_one_line(exc))
             if res.words is None:
                 errors.append(f"{t:.2f}-{win_end:.2f} s: {res.error or 'no alignment'}")
@@ -577,7 +590,7 @@ class WhisperAligner(SpanAligner):
                 groups[-1].append(t)
         weights = self._cross_attention(window.enc, tokens)[:, :, : window.n_frames]
         steps = self.steps
-        starts = first_frames(attention_matrix(weights, steps.median_width))
+        starts = first_frames(attention_matrix(weights, steps.median_width, steps.renormalize))
         bounds = np.cumsum([0] + [len(g) for g in groups])
         frames = word_frames([int(starts[i]) for i in bounds], window.quiet, 0, window.n_frames,
                              snap=steps.snap_pauses, trim=steps.trim_quiet)
@@ -636,7 +649,8 @@ class _Window:
         if chunk:
             try:
                 results += self._force(chunk)
-            except Exception:  # noqa: BLE001 - fall back to one pass per utterance
+            except Exception as exc:  # noqa: BLE001 - fall back to one pass per utterance
+                _raise_if_out_of_memory(exc)
                 for p in chunk:
                     results.append(self.aligner._guarded(lambda _u, p=p: self._force([p])[0], p[0]))
         return results, rest
@@ -665,6 +679,7 @@ class _Window:
             try:
                 results.append(self._times(utt, word_toks, f0, f1, weights[:, row:row + n + 1, f0:f1]))
             except Exception as exc:  # noqa: BLE001 - this utterance only
+                _raise_if_out_of_memory(exc)
                 results.append(UttResult(utt.index, None, error=_one_line(exc)))
             row += n
         return results
@@ -676,7 +691,7 @@ class _Window:
         still squeezed, the result goes back as it is: the driver's plausibility check reports the
         utterance and keeps its bullet."""
         steps = self.aligner.steps
-        matrix = attention_matrix(weights, steps.median_width)
+        matrix = attention_matrix(weights, steps.median_width, steps.renormalize)
         times = self._word_times(utt, word_toks, f0, f1, first_frames(matrix))
         if steps.repair_squeezed and squeezed_run(times, utt.words) is not None:
             rows = [weight(w) / len(t) for w, t in zip(utt.words, word_toks) for _ in t] + [0.5]
@@ -740,3 +755,12 @@ def _quiet_transformers():
 def _one_line(exc: BaseException) -> str:
     text = str(exc).strip().replace("\n", " ")
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def _raise_if_out_of_memory(exc: BaseException) -> None:
+    """Out of memory is the file's memory failure (the supervisor retries it larger), never one
+    utterance's warning: let it through the per-utterance guards."""
+    from worker.align import is_out_of_memory
+
+    if is_out_of_memory(exc):
+        raise exc
