@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from bench.synth_corpus import make_corpus
-from helpers import ROOT, cli_args, env_for, events, named, run_cli, start_cli, wait_for_event
+from helpers import cli_args, env_for, events, named, start_cli, wait_for_event
 
 pytestmark = pytest.mark.timeout(180)
 
