@@ -143,6 +143,52 @@ def committed_mb(s: Snapshot) -> float:
             + sum(s.predicted_baseline_mb for w in live if w.state == "starting"))
 
 
+@dataclass
+class _Round:
+    """One decision round's figures, derived once from the snapshot."""
+
+    s: Snapshot
+    live: list[WorkerView]
+    busy: list[WorkerView]
+    paused: list[WorkerView]
+    idle: list[WorkerView]
+    starting: bool
+    used: float
+    frac: float
+    blind: bool  # host memory could not be read: no room for anything new, no kill on it
+    host_room: float  # what the host can still give, keeping the reserve for everyone else
+    committed: float
+    unrealised: float
+    room: float  # budget left after every promise
+    capacity: float  # what one worker alone may use: the budget less the supervisor's own share
+    psi_some: float
+    psi_full: float
+    figs: dict
+
+    @classmethod
+    def of(cls, s: Snapshot) -> "_Round":
+        live = [w for w in s.workers if w.state in LIVE]
+        used = used_mb(s)  # a killed worker holds its memory until reaped: counted, never acted on
+        blind = s.available_mb is None
+        committed = committed_mb(s)
+        return cls(s=s, live=live, busy=[w for w in live if w.state == "busy"],
+                   paused=[w for w in live if w.state == "paused"],
+                   idle=sorted((w for w in live if w.state == "ready"), key=lambda w: _id_order(w.id)),
+                   starting=any(w.state == "starting" for w in live), used=used,
+                   frac=used / s.budget_mb if s.budget_mb > 0 else float("inf"), blind=blind,
+                   host_room=-float("inf") if blind else s.available_mb - s.reserve_mb - s.others_reserved_mb,
+                   committed=committed, unrealised=committed - used, room=s.budget_mb - committed,
+                   capacity=s.budget_mb - s.overhead_mb, psi_some=s.psi_some10 or 0.0, psi_full=s.psi_full10 or 0.0,
+                   figs={"used_mb": round(used, 1), "budget_mb": round(s.budget_mb, 1),
+                         "available_mb": None if blind else round(s.available_mb, 1)})
+
+    def take(self, growth_mb: float) -> None:
+        """A file was admitted in this round: its growth is promised."""
+        self.room -= growth_mb
+        self.committed += growth_mb
+        self.unrealised += growth_mb
+
+
 class MemoryPolicy:
     """Decides what the pool does next. Holds only the hysteresis it needs (last kill, last pause)."""
 
@@ -154,179 +200,177 @@ class MemoryPolicy:
         self._rejected: set[str] = set()
 
     def decide(self, s: Snapshot) -> list[Decision]:
-        b = self.bands
-        live = [w for w in s.workers if w.state in LIVE]
-        # A killed worker holds its memory until it is reaped: count it, but never act on it.
-        used = used_mb(s)
-        frac = used / s.budget_mb if s.budget_mb > 0 else float("inf")
-        # Host headroom: what the machine can still give, keeping the reserve for everyone else.
-        # Unreadable host memory: no room for anything new, and no kill on a reading we lack.
-        blind = s.available_mb is None
-        host_room = -float("inf") if blind else s.available_mb - s.reserve_mb - s.others_reserved_mb
-        figs = {"used_mb": round(used, 1), "budget_mb": round(s.budget_mb, 1),
-                "available_mb": None if blind else round(s.available_mb, 1)}
-        out: list[Decision] = []
+        """The steps in order; the first that decides something ends the round."""
+        c = _Round.of(s)
+        for step in (self._guard, self._overdue_pauses, self._pressure, self._resume):
+            got = step(c)
+            if got is not None:
+                return got
+        if s.draining:
+            return []
+        out, pending = self._rejects(c)
+        if not pending:
+            return out + self._retire_idle(s, c.live)
+        return out + self._admit(c, pending)
 
-        # 1. The guard. One kill at a time; then let memory fall before judging again.
+    # 1. The guard. One kill at a time; then let memory fall before judging again.
+    def _guard(self, c: "_Round") -> list[Decision] | None:
+        b, s = self.bands, c.s
         settling = (self._last_kill_at is not None and s.now - self._last_kill_at < b.kill_settle_s
-                    and (self._used_at_kill is None or used >= self._used_at_kill * 0.98))
-        over_guard = frac >= b.kill_above or (not blind and host_room < -s.reserve_mb * 0.5)
+                    and (self._used_at_kill is None or c.used >= self._used_at_kill * 0.98))
+        over_guard = c.frac >= b.kill_above or (not c.blind and c.host_room < -s.reserve_mb * 0.5)
         if over_guard and not settling:
-            victim = self._kill_victim(live)
+            victim = self._kill_victim(c.live)
             if victim is not None:
                 self._last_kill_at = s.now
-                self._used_at_kill = used
-                why = "over the guard" if frac >= b.kill_above else "host memory nearly exhausted"
+                self._used_at_kill = c.used
+                why = "over the guard" if c.frac >= b.kill_above else "host memory nearly exhausted"
                 return [Decision(Act.KILL, worker=victim.id, file=victim.file, reason=why,
-                                 figures={**figs, "uss_mb": round(victim.uss_mb, 1)})]
-        if settling:
-            return []
+                                 figures={**c.figs, "uss_mb": round(victim.uss_mb, 1)})]
+        return [] if settling else None
 
-        # 2. Paused too long: give the memory back and retry the file later.
-        for w in live:
-            if w.state == "paused" and w.paused_at is not None and s.now - w.paused_at > b.max_pause_s:
-                out.append(Decision(Act.KILL, worker=w.id, file=w.file, reason="paused too long",
-                                    figures={**figs, "paused_s": round(s.now - w.paused_at, 1)}))
-        if out:
-            return out
+    # 2. Paused too long: give the memory back and retry the file later.
+    def _overdue_pauses(self, c: "_Round") -> list[Decision] | None:
+        s = c.s
+        out = [Decision(Act.KILL, worker=w.id, file=w.file, reason="paused too long",
+                        figures={**c.figs, "paused_s": round(s.now - w.paused_at, 1)})
+               for w in c.paused if w.paused_at is not None and s.now - w.paused_at > self.bands.max_pause_s]
+        return out or None
 
-        busy = [w for w in live if w.state == "busy"]
-        paused = [w for w in live if w.state == "paused"]
-        psi_full = s.psi_full10 or 0.0
-        psi_some = s.psi_some10 or 0.0
-
-        committed = committed_mb(s)
-        unrealised = committed - used
-
-        # 3. Pressure: pause the newest file (one at a time, with a cooldown so the effect shows).
-        # Files growing past their predictions count too: pause before the guard has to kill.
-        overgrowing = committed >= b.kill_above * s.budget_mb and any(
+    # 3. Pressure: pause the newest file (one at a time, with a cooldown so the effect shows). Files
+    # growing past their predictions count too: pause before the guard has to kill.
+    def _pressure(self, c: "_Round") -> list[Decision] | None:
+        b, s = self.bands, c.s
+        overgrowing = c.committed >= b.kill_above * s.budget_mb and any(
             w.remaining_mb is not None and w.remaining_mb > w.growth_mb - max(0.0, w.uss_mb - (w.baseline_uss_mb or w.uss_mb))
-            for w in busy + paused)
-        pressure = (frac >= b.pause_above or psi_full >= b.psi_pause_above or (not blind and host_room < 0)
-                    or overgrowing)
+            for w in c.busy + c.paused)
+        host_short = not c.blind and c.host_room < 0
+        frac_over = c.frac >= b.pause_above
+        stalled = c.psi_full >= b.psi_pause_above
+        pressure = frac_over or stalled or host_short or overgrowing
         cooled = self._last_pause_at is None or s.now - self._last_pause_at >= b.pause_cooldown_s
-        if pressure and cooled and len(busy) > 1 and not s.draining:
-            newest = max(busy, key=lambda w: (w.file_started_at or 0.0, _id_order(w.id)))
-            self._last_pause_at = s.now
-            why = ("memory above the pause band" if frac >= b.pause_above
-                   else "memory pressure stall (PSI)" if psi_full >= b.psi_pause_above
-                   else "host MemAvailable below the reserve" if not blind and host_room < 0
-                   else "running files growing past their predictions")
-            return [Decision(Act.PAUSE, worker=newest.id, file=newest.file, reason=why,
-                             figures={**figs, "committed_mb": round(committed, 1)})]
+        if not (pressure and cooled and len(c.busy) > 1 and not s.draining):
+            return None
+        newest = max(c.busy, key=lambda w: (w.file_started_at or 0.0, _id_order(w.id)))
+        self._last_pause_at = s.now
+        why = ("memory above the pause band" if frac_over else "memory pressure stall (PSI)" if stalled
+               else "host MemAvailable below the reserve" if host_short
+               else "running files growing past their predictions")
+        return [Decision(Act.PAUSE, worker=newest.id, file=newest.file, reason=why,
+                         figures={**c.figs, "committed_mb": round(c.committed, 1)})]
 
-        # 4. Resume oldest-first once memory has recovered and the paused file's growth fits.
-        if paused and (frac < b.resume_below or s.draining) and psi_full < b.psi_pause_above:
-            oldest = min(paused, key=lambda w: (w.paused_at or 0.0, _id_order(w.id)))
-            grow = remaining_growth(oldest)
-            if s.draining or (used + grow <= b.pause_above * s.budget_mb and grow <= host_room):
-                return [Decision(Act.RESUME, worker=oldest.id, file=oldest.file,
-                                 reason="memory recovered" if not s.draining else "draining",
-                                 figures={**figs, "paused_s": round(s.now - (oldest.paused_at or s.now), 1)})]
-        if s.draining:
-            return out
+    # 4. Resume oldest-first once memory has recovered and the paused file's growth fits.
+    def _resume(self, c: "_Round") -> list[Decision] | None:
+        b, s = self.bands, c.s
+        if not c.paused or not (c.frac < b.resume_below or s.draining) or c.psi_full >= b.psi_pause_above:
+            return None
+        oldest = min(c.paused, key=lambda w: (w.paused_at or 0.0, _id_order(w.id)))
+        grow = remaining_growth(oldest)
+        if s.draining or (c.used + grow <= b.pause_above * s.budget_mb and grow <= c.host_room):
+            return [Decision(Act.RESUME, worker=oldest.id, file=oldest.file,
+                             reason="memory recovered" if not s.draining else "draining",
+                             figures={**c.figs, "paused_s": round(s.now - (oldest.paused_at or s.now), 1)})]
+        return None
 
-        # 5. Files that cannot fit even alone fail at once. Alone, a worker has the budget less what
-        # the supervisor (and its zygote) hold.
-        capacity = s.budget_mb - s.overhead_mb
-        pending = []
+    # 5. Files that cannot fit even alone fail at once. Alone, a worker has the budget less what the
+    # supervisor (and its zygote) hold.
+    def _rejects(self, c: "_Round") -> tuple[list[Decision], list[PendingView]]:
+        s, out, pending = c.s, [], []
         for p in s.pending:
-            if p.central_peak_mb > capacity:
-                if p.file not in self._rejected:
-                    self._rejected.add(p.file)
-                    left = f" ({gib(capacity)} GiB beside the supervisor)" if s.overhead_mb >= 1 else ""
-                    out.append(Decision(Act.REJECT, file=p.file, reason=(
-                        f"needs ~{gib(p.central_peak_mb)} GiB, budget is {gib(s.budget_mb)} GiB{left}"),
-                        figures={**figs, "predicted_mb": round(p.peak_mb, 1)}))
-            else:
+            if p.central_peak_mb <= c.capacity:
                 pending.append(p)
-        if not pending:
-            return out + self._retire_idle(s, live)
+            elif p.file not in self._rejected:
+                self._rejected.add(p.file)
+                left = f" ({gib(c.capacity)} GiB beside the supervisor)" if s.overhead_mb >= 1 else ""
+                out.append(Decision(Act.REJECT, file=p.file, reason=(
+                    f"needs ~{gib(p.central_peak_mb)} GiB, budget is {gib(s.budget_mb)} GiB{left}"),
+                    figures={**c.figs, "predicted_mb": round(p.peak_mb, 1)}))
+        return out, pending
 
-        admitting = (frac < b.admit_below and psi_some < b.psi_admit_below and not paused and not blind)
-        if not admitting:
-            return out
+    # 6. Admit, first fit in queue order; a file predicted over the budget needs the pool alone.
+    def _admit(self, c: "_Round", pending: list[PendingView]) -> list[Decision]:
+        b, s = self.bands, c.s
+        if not (c.frac < b.admit_below and c.psi_some < b.psi_admit_below and not c.paused and not c.blind):
+            return []
         # Cold runs learn cheaply: one uncertain large file at a time.
-        large = UNCERTAIN_LARGE * capacity
-        if any(w.uncertain and s.predicted_baseline_mb + w.growth_mb > large for w in busy + paused):
+        large = UNCERTAIN_LARGE * c.capacity
+        if any(w.uncertain and s.predicted_baseline_mb + w.growth_mb > large for w in c.busy + c.paused):
             pending = [p for p in pending if not (p.uncertain and p.peak_mb > large)]
             if not pending:
-                return out
-
-        # 6. Admit, first fit in queue order; a file predicted over the budget needs the pool alone.
-        idle = sorted((w for w in live if w.state == "ready"), key=lambda w: _id_order(w.id))
-        starting = any(w.state == "starting" for w in live)
-        room = s.budget_mb - committed
-        head = pending[0]
-        if head.peak_mb > capacity:
-            # Runs alone: wait for running files, retire all idle workers but one.
-            if busy or paused or starting:
-                return out
-            if idle:
-                if len(idle) > 1:
-                    largest = max(idle[1:], key=lambda w: w.pss_mb)
-                    return out + [Decision(Act.RETIRE, worker=largest.id, reason="a file must run alone",
-                                           figures=figs)]
-                return out + [Decision(Act.ADMIT, worker=idle[0].id, file=head.file, reason="runs alone",
-                                       figures={**figs, "predicted_mb": round(head.peak_mb, 1),
-                                                "committed_mb": round(committed, 1)})]
-            return out + [Decision(Act.SPAWN, reason="a file must run alone", figures=figs)]
-
+                return []
+        if pending[0].peak_mb > c.capacity:
+            return self._alone(c, pending[0])
+        out: list[Decision] = []
         assigned: set[str] = set()
         uncertain_large = False
-        for w in idle:
+        for w in c.idle:
             for p in pending:
-                if p.file in assigned or p.peak_mb > capacity:
-                    continue
                 bet = p.uncertain and p.peak_mb > large
-                if bet and uncertain_large:
+                if p.file in assigned or p.peak_mb > c.capacity or (bet and uncertain_large):
                     continue
-                if p.growth_mb <= room and unrealised + p.growth_mb <= host_room:
+                if p.growth_mb <= c.room and c.unrealised + p.growth_mb <= c.host_room:
                     uncertain_large = uncertain_large or bet
                     out.append(Decision(Act.ADMIT, worker=w.id, file=p.file, reason="fits",
-                                        figures={**figs, "predicted_mb": round(p.peak_mb, 1),
-                                                 "committed_mb": round(committed + p.growth_mb, 1)}))
+                                        figures={**c.figs, "predicted_mb": round(p.peak_mb, 1),
+                                                 "committed_mb": round(c.committed + p.growth_mb, 1)}))
                     assigned.add(p.file)
-                    room -= p.growth_mb
-                    committed += p.growth_mb
-                    unrealised += p.growth_mb
+                    c.take(p.growth_mb)
                     break
-        waiting = [p for p in pending if p.file not in assigned and p.peak_mb <= capacity]
-        free_idle = [w for w in idle if not any(d.worker == w.id for d in out if d.act is Act.ADMIT)]
+        waiting = [p for p in pending if p.file not in assigned and p.peak_mb <= c.capacity]
         if not waiting:
-            return out + self._retire_idle(s, live)
-        if free_idle:
-            # Idle workers that are there but cannot take the head: if their memory is what blocks
-            # it (in the budget or on the host), retire the largest one so the file can start later.
-            if not assigned and not busy and not paused and len(free_idle) > 1:
-                need = waiting[0].growth_mb
-                if need > room or unrealised + need > host_room:
-                    largest = max(free_idle, key=lambda w: w.pss_mb)
-                    return out + [Decision(Act.RETIRE, worker=largest.id,
-                                           reason="idle worker blocks a large file", figures=figs)]
-            # One idle worker and nothing else in the pool: no memory will be freed by waiting. A
-            # file whose predicted peak fits the pool alone runs now (the worker's own baseline,
-            # measured, may differ from the predicted one by a few MiB).
-            if not assigned and not busy and not paused and not starting and len(idle) == 1 \
-                    and unrealised + waiting[0].growth_mb <= host_room:
-                head = waiting[0]
-                return out + [Decision(Act.ADMIT, worker=idle[0].id, file=head.file, reason="runs alone",
-                                       figures={**figs, "predicted_mb": round(head.peak_mb, 1),
-                                                "committed_mb": round(committed + head.growth_mb, 1)})]
-            return out
+            return out + self._retire_idle(s, c.live)
+        if len(c.idle) > len(out):
+            return out + self._idle_but_blocked(c, waiting, [w for w in c.idle
+                                                             if not any(d.worker == w.id for d in out)], bool(out))
+        return out + self._spawn(c, waiting)
 
-        # 7. Spawn one worker at a time while a waiting file would fit beside a new worker.
-        if starting or len(live) >= s.max_workers:
-            return out
+    def _alone(self, c: "_Round", head: PendingView) -> list[Decision]:
+        """The head needs the pool alone: wait for running files, retire all idle workers but one."""
+        if c.busy or c.paused or c.starting:
+            return []
+        if len(c.idle) > 1:
+            largest = max(c.idle[1:], key=lambda w: w.pss_mb)
+            return [Decision(Act.RETIRE, worker=largest.id, reason="a file must run alone", figures=c.figs)]
+        if c.idle:
+            return [Decision(Act.ADMIT, worker=c.idle[0].id, file=head.file, reason="runs alone",
+                             figures={**c.figs, "predicted_mb": round(head.peak_mb, 1),
+                                      "committed_mb": round(c.committed, 1)})]
+        return [Decision(Act.SPAWN, reason="a file must run alone", figures=c.figs)]
+
+    def _idle_but_blocked(self, c: "_Round", waiting: list[PendingView], free_idle: list[WorkerView],
+                          assigned: bool) -> list[Decision]:
+        """Idle workers that cannot take the head: if their memory is what blocks it (in the budget
+        or on the host), retire the largest one so the file can start later. One idle worker with
+        nothing else in the pool frees nothing by waiting: a file whose predicted peak fits the pool
+        alone runs now (the worker's measured baseline may differ from the predicted one by a few MiB)."""
+        if assigned or c.busy or c.paused:
+            return []
+        need = waiting[0].growth_mb
+        if len(free_idle) > 1:
+            if need > c.room or c.unrealised + need > c.host_room:
+                largest = max(free_idle, key=lambda w: w.pss_mb)
+                return [Decision(Act.RETIRE, worker=largest.id, reason="idle worker blocks a large file",
+                                 figures=c.figs)]
+            return []
+        if not c.starting and len(c.idle) == 1 and c.unrealised + need <= c.host_room:
+            head = waiting[0]
+            return [Decision(Act.ADMIT, worker=c.idle[0].id, file=head.file, reason="runs alone",
+                             figures={**c.figs, "predicted_mb": round(head.peak_mb, 1),
+                                      "committed_mb": round(c.committed + head.growth_mb, 1)})]
+        return []
+
+    # 7. Spawn one worker at a time while a waiting file would fit beside a new worker.
+    def _spawn(self, c: "_Round", waiting: list[PendingView]) -> list[Decision]:
+        s = c.s
+        if c.starting or len(c.live) >= s.max_workers:
+            return []
         for p in waiting:
             cost = s.predicted_baseline_mb + p.growth_mb
-            if cost <= room and s.predicted_baseline_mb + unrealised + p.growth_mb <= host_room:
-                out.append(Decision(Act.SPAWN, file=p.file, reason="a waiting file fits beside a new worker",
-                                    figures={**figs, "predicted_mb": round(cost, 1),
-                                             "committed_mb": round(committed, 1)}))
-                break
-        return out
+            if cost <= c.room and s.predicted_baseline_mb + c.unrealised + p.growth_mb <= c.host_room:
+                return [Decision(Act.SPAWN, file=p.file, reason="a waiting file fits beside a new worker",
+                                 figures={**c.figs, "predicted_mb": round(cost, 1),
+                                          "committed_mb": round(c.committed, 1)})]
+        return []
 
     def forget(self, file: str) -> None:
         """A file's estimate changed (requeued): judge it again."""

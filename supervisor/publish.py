@@ -128,3 +128,40 @@ def status_header(run_id: str, wall0: float, uptime_s: float, draining: bool) ->
     return {"run": run_id, "pid": os.getpid(),
             "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(wall0)),
             "uptime_s": round(uptime_s, 1), "draining": draining}
+
+
+def memory_figures(*, used: float, committed: float, budget_mb: float, limit_mb: float, host: Any,
+                   others_mb: float, workers: list) -> dict[str, Any]:
+    """The memory part of ``memory_sample`` events and of the status snapshot (MiB)."""
+    return {"used_mb": round(used, 1), "committed_mb": round(committed, 1), "budget_mb": round(budget_mb, 1),
+            "limit_mb": round(limit_mb, 1), "available_mb": round(host.available / MiB, 1) if host else None,
+            "psi_some10": host.psi_some_avg10 if host else None, "others_reserved_mb": round(others_mb, 1),
+            "workers": [{"worker": w.id, "pid": w.pid, "state": w.state.value, "uss_mb": round(w.uss_mb, 1),
+                         "pss_mb": round(w.pss_mb, 1), "file": w.job.rel if w.job else None} for w in workers]}
+
+
+def status_of(*, header: dict, now: float, memory: dict | None, budget_mb: float, limit_mb: float, queue: Any,
+              intake: Any, audio_done_s: float, kills: int, pauses: int, workers: list) -> dict[str, Any]:
+    """The status snapshot, from what each part owns."""
+    c = queue.counts()
+    keys = ("used_mb", "budget_mb", "limit_mb", "committed_mb", "available_mb")
+    mem = ({k: memory[k] for k in keys} if memory is not None else
+           {"used_mb": 0.0, "committed_mb": 0.0, "budget_mb": round(budget_mb, 1), "limit_mb": round(limit_mb, 1),
+            "available_mb": None})
+    return {
+        **header,
+        "memory": mem,
+        "files": {k: c[k] for k in ("pending", "running", "done", "failed", "quarantined", "skipped", "total")},
+        "planning": {"planned": intake.planned, "files": intake.total} if intake.planning else None,
+        "audio_done_s": round(audio_done_s, 1),
+        "audio_total_s": round(sum(j.info.audio_seconds or 0 for j in queue if j.state.value != "skipped"), 1),
+        "kills": kills, "pauses": pauses,
+        "workers": [{"worker": w.id, "pid": w.pid, "state": w.state.value, "file": w.job.rel if w.job else None,
+                     "uss_mb": round(w.uss_mb, 1), "pss_mb": round(w.pss_mb, 1),
+                     "predicted_mb": round(w.job.estimate.peak_mb, 1) if w.job is not None and w.job.estimate else None,
+                     "progress": w.progress,
+                     "since_s": round(now - (w.file_started_at or w.idle_since or w.spawned_at), 1)}
+                    for w in workers],
+        "queue": [{"file": j.rel, "predicted_mb": round(j.estimate.peak_mb, 1) if j.estimate else None,
+                   "attempts": j.attempts} for j in queue.pending()[:20]],
+    }

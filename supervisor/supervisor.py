@@ -33,7 +33,7 @@ from supervisor.intake import Intake
 from supervisor.outcomes import Outcomes
 from supervisor.policy import Act, Bands, Decision, MemoryPolicy, PendingView, Snapshot, committed_mb, used_mb
 from supervisor.pool import ZygoteLauncher, resolve_start_method, worker_command
-from supervisor.publish import Publisher, status_header
+from supervisor.publish import Publisher, memory_figures, status_header, status_of
 from supervisor.queue import FileState, WorkQueue, is_uncertain
 from supervisor.sampler import Limits, ProcSampler, Sampler, detect_limits
 from supervisor.sd_notify import Notifier
@@ -136,6 +136,20 @@ def settings_diff(old: Settings, new: Settings) -> dict[str, list]:
         old_d, new_d = vars(old.engine[name]), vars(new.engine.get(name, old.engine[name]))
         changed.update({f"engine.{name}.{k}": [old_d[k], new_d[k]] for k in old_d if old_d[k] != new_d.get(k)})
     return changed
+
+
+def live_reload(current: Settings, new: Settings) -> tuple[Settings, dict[str, list], dict[str, list]]:
+    """``new`` with every restart-only key kept at its running value, so that nothing is filed under
+    a key that is not the running one; returns (settings, applied changes, refused changes)."""
+    changed = settings_diff(current, new)
+    refused = {k: v for k, v in changed.items() if k.startswith(RESTART_ONLY)}
+    for key in refused:
+        section, _, name = key.partition(".")
+        if section == "engine":
+            new.engine = current.engine
+        else:
+            setattr(getattr(new, section), name, getattr(getattr(current, section), name))
+    return new, {k: v for k, v in changed.items() if k not in refused}, refused
 
 
 class Supervisor:
@@ -452,19 +466,11 @@ class Supervisor:
         except SettingsError as exc:
             self.emit("config_reload_failed", level="error", error=str(exc))
             return
-        changed = settings_diff(self.s, new)
-        refused = {k: v for k, v in changed.items() if k.startswith(RESTART_ONLY)}
-        for key in refused:  # keep what runs: nothing may be filed under a key that is not the running one
-            section, _, name = key.partition(".")
-            if section == "engine":
-                new.engine = self.s.engine
-            else:
-                setattr(getattr(new, section), name, getattr(getattr(self.s, section), name))
+        new, applied, refused = live_reload(self.s, new)
         if refused:
             self.emit("config_reload_refused", level="warning",
                       changed={k: [str(a), str(b)] for k, (a, b) in refused.items()},
                       reason="a restart is needed to change these; the running values stay")
-        applied = {k: v for k, v in changed.items() if k not in refused}
         self.s = new
         self.policy.bands = bands_from(new)
         self.queue.max_attempts = new.run.max_attempts
@@ -604,43 +610,22 @@ class Supervisor:
                             counts=self.queue.counts())
 
     def _memory(self, used: float, committed: float) -> dict[str, Any]:
-        h = self.host
-        return {"used_mb": round(used, 1), "committed_mb": round(committed, 1), "budget_mb": round(self.budget_mb, 1),
-                "limit_mb": round(self.limits.limit / MiB, 1),
-                "available_mb": round(h.available / MiB, 1) if h else None,
-                "psi_some10": h.psi_some_avg10 if h else None, "others_reserved_mb": round(self.others_mb(), 1),
-                "workers": [{"worker": w.id, "pid": w.pid, "state": w.state.value, "uss_mb": round(w.uss_mb, 1),
-                             "pss_mb": round(w.pss_mb, 1), "file": w.job.rel if w.job else None}
-                            for w in self.workers.live()]}
+        return memory_figures(used=used, committed=committed, budget_mb=self.budget_mb,
+                              limit_mb=self.limits.limit / MiB, host=self.host, others_mb=self.others_mb(),
+                              workers=self.workers.live())
 
     def status(self) -> dict[str, Any]:
+        """What ``status --json`` prints and the metrics are drawn from (see docs/DESIGN.md)."""
         now = self.now()
-        c = self.queue.counts()
-        mem: dict[str, Any] = {"used_mb": 0.0, "committed_mb": 0.0, "budget_mb": round(self.budget_mb, 1),
-                               "limit_mb": round(self.limits.limit / MiB, 1), "available_mb": None}
-        workers: list[dict] = []
+        memory = None
         if self.workers is not None:
             snap = self.snapshot(now)
-            full = self._memory(used_mb(snap), committed_mb(snap))
-            mem = {k: full[k] for k in ("used_mb", "budget_mb", "limit_mb", "committed_mb", "available_mb")}
-            workers = [{"worker": w.id, "pid": w.pid, "state": w.state.value, "file": w.job.rel if w.job else None,
-                        "uss_mb": round(w.uss_mb, 1), "pss_mb": round(w.pss_mb, 1),
-                        "predicted_mb": round(w.job.estimate.peak_mb, 1) if w.job is not None and w.job.estimate else None,
-                        "progress": w.progress,
-                        "since_s": round(now - (w.file_started_at or w.idle_since or w.spawned_at), 1)}
-                       for w in self.workers.live()]
-        return {
-            **status_header(self.run_id, self.wall0, now - self.t0, self.draining),
-            "memory": mem,
-            "files": {k: c[k] for k in ("pending", "running", "done", "failed", "quarantined", "skipped", "total")},
-            "planning": {"planned": self.intake.planned, "files": self.intake.total} if self.intake.planning else None,
-            "audio_done_s": round(self.outcomes.audio_done_s, 1),
-            "audio_total_s": round(sum(j.info.audio_seconds or 0 for j in self.queue
-                                       if j.state is not FileState.SKIPPED), 1),
-            "kills": self.kills, "pauses": self.pauses, "workers": workers,
-            "queue": [{"file": j.rel, "predicted_mb": round(j.estimate.peak_mb, 1) if j.estimate else None,
-                       "attempts": j.attempts} for j in self.queue.pending()[:20]],
-        }
+            memory = self._memory(used_mb(snap), committed_mb(snap))
+        return status_of(header=status_header(self.run_id, self.wall0, now - self.t0, self.draining), now=now,
+                         memory=memory, budget_mb=self.budget_mb, limit_mb=self.limits.limit / MiB,
+                         queue=self.queue, intake=self.intake, audio_done_s=self.outcomes.audio_done_s,
+                         kills=self.kills, pauses=self.pauses,
+                         workers=self.workers.live() if self.workers is not None else [])
 
     # -- ending ----------------------------------------------------------------------------------------
     async def _shutdown(self) -> None:

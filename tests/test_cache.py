@@ -11,7 +11,7 @@ import time
 import pytest
 
 from helpers import env_for
-from supervisor.cache import Pruner, clear, prune, stats
+from supervisor.cache import Pruner, prune, stats
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -4,12 +4,10 @@ survives a pipe, --json everywhere, --version, exit codes, outputs that know wha
 from __future__ import annotations
 
 import json
-import os
 import re
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 
 import pytest
@@ -17,7 +18,9 @@ pytestmark = pytest.mark.timeout(300)
 @pytest.fixture(scope="module")
 def slurm(tmp_path_factory):
     why = slurm_missing()
-    if why:  # CI runs as root and installs slurm-wlm; elsewhere say what is missing
+    if why:  # CI runs as root and installs slurm-wlm: there a missing Slurm is a failure
+        if os.environ.get("CI"):
+            pytest.fail(f"CI must run the Slurm tests: {why}")
         pytest.skip(why)
     s = LocalSlurm(tmp_path_factory.mktemp("slurm"))
     try:
@@ -88,6 +91,6 @@ def test_slurm_memory_killed_file_is_retried_in_a_job_with_more_memory(slurm, tm
     sized = [e for e in named(evs, "slurm_job_submitted") if e["kind"] == "sized"]
     assert sized and sized[-1]["memory_mb"] > 500 and sized[-1]["memory_mb"] >= requests[-1]
     done = next(e for e in named(evs, "file_done") if e["file"] == "f000.cha")
-    assert done["peak_mb"] > 500 * 0.95 and done["peak_mb"] <= done["request_mb"]
+    assert done["peak_mb"] > 500 * 0.95 and done["peak_mb"] <= requests[-1]
     jobs = {j["JobId"]: j for j in slurm.jobs()}
     assert _mib(jobs[str(sized[-1]["job_id"])]["MinMemoryNode"]) >= sized[-1]["memory_mb"]

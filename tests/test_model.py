@@ -80,8 +80,8 @@ def test_noisy_profile_accuracy_and_coverage(seed: int) -> None:
     assert covered / len(durations) >= 0.9
 
 
-# Recorded on this machine (worker growth above READY, MiB): Whisper tiny.en on short synthetic-speech
-# files of one span each, and the same speech tiled to 10 minutes (20 spans of up to 30 s).
+# Samples shaped like Whisper tiny.en's (worker growth above READY, MiB, on short synthetic-speech
+# files of one span each) and a 10-minute recording of the same speech (20 spans of up to 30 s).
 WHISPER_SHORT = [(3.1, 41.0), (4.4, 43.5), (5.2, 47.0), (6.0, 47.9), (7.3, 51.2), (8.1, 52.0), (9.0, 55.3),
                  (9.8, 57.1)]
 WHISPER_LONG = (600.0, 29.6, 93.0)  # audio s, longest span s, growth MiB

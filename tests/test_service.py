@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from bench.synth_corpus import make_corpus
-from helpers import ROOT, cli_args, env_for, events, named, run_cli, start_cli, wait_for_event
+from helpers import cli_args, env_for, events, named, start_cli, wait_for_event
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -295,13 +295,24 @@ def test_prometheus_metrics_over_http_and_textfile_during_a_run(tmp_path):
     try:
         wait_for_event(log, "file_started")
         body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
-        assert "batchalign_up 1" in body
-        assert f"batchalign_memory_budget_bytes {600 * 2**20}" in body
-        assert 'batchalign_workers{state="busy"}' in body
+        samples = _samples(body)
+        assert samples["batchalign_up"] == 1
+        assert samples["batchalign_memory_budget_bytes"] == 600 * 2**20
+        assert 'batchalign_workers{state="busy"}' in samples
         assert p.wait(timeout=120) == 0
     finally:
         if p.poll() is None:
             p.kill()
-    final = prom.read_text()
-    assert 'batchalign_files{state="done"} 3' in final
-    assert "batchalign_kills_total 0" in final
+    final = _samples(prom.read_text())
+    assert final['batchalign_files{state="done"}'] == 3
+    assert final["batchalign_kills_total"] == 0
+
+
+def _samples(exposition: str) -> dict[str, float]:
+    """name{labels} -> value of every sample line (prometheus_client writes floats: 3.0)."""
+    out = {}
+    for line in exposition.splitlines():
+        if line and not line.startswith("#"):
+            name, value = line.rsplit(" ", 1)
+            out[name] = float(value)
+    return out

@@ -390,6 +390,25 @@ def test_the_transcripts_language_conditions_a_multilingual_decoder(tiny):
     assert fixed.language == "en"
 
 
+def test_out_of_memory_inside_an_utterance_fails_the_span_not_just_the_utterance(aligner, two_utterances, monkeypatch):
+    """A torch out-of-memory error is the file's memory failure: it must reach the driver, which
+    reports it as kind "memory" (retried with a larger estimate), not as an unaligned utterance."""
+    import torch
+
+    from worker.align import is_out_of_memory
+
+    audio, utts = two_utterances
+
+    def oom(*a, **k):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(aligner, "_cross_attention", oom)
+    with pytest.raises(torch.OutOfMemoryError) as err:
+        aligner.align_span(audio, 10.0, list(utts))
+    assert is_out_of_memory(err.value) and is_out_of_memory(MemoryError())
+    assert not is_out_of_memory(RuntimeError("shape mismatch"))
+
+
 # -- squeezed paths, long utterances, languages, steps --------------------------------------------
 
 

@@ -419,14 +419,15 @@ def measure_probes(aligner: "SpanAligner", plans: Sequence[Sequence[float]], rel
 
 
 def _probe_chat(stem: str, spans: Sequence[tuple[float, float]]) -> str:
-    """A timed transcript whose utterances (at most 3 s, 2.5 words a second) fill each (start, length)."""
+    """A timed transcript whose utterances (at most 10 s, 2.5 words a second) fill each (start, length):
+    few utterances, since an engine may align each alone and probes must stay cheap."""
     lines = ["@UTF8", "@Begin", "@Languages:\teng", "@Participants:\tPAR Participant",
              "@ID:\teng|probe|PAR|||||Participant|||", f"@Media:\t{stem}, audio"]
     k = 0
     for start, seconds in spans:
         t, stop = start, start + seconds
         while t < stop - 0.05:
-            end = min(stop, t + 3.0)
+            end = min(stop, t + 10.0)
             n = max(1, int(round((end - t) * 2.5)))
             words = " ".join(PROBE_WORDS[(k + i) % len(PROBE_WORDS)] for i in range(n))
             lines.append(f"*PAR:\t{words} . \x15{int(round(t * 1000))}_{int(round(end * 1000))}\x15")

@@ -19,8 +19,11 @@ import time
 from typing import Any, AsyncIterator, Callable
 
 from supervisor.cluster import MEM, TOPIC_FILE, TOPIC_READY, ClusterUnavailable, require_distributed
-from supervisor.cluster.seam import (BackendEvent, FileError, FileProgress, FileResult, FileStarted, JobSpec,
-                                     WorkerExited, WorkerReady)
+from supervisor.backend import BackendEvent, FileProgress, JobSpec, WorkerExited
+from supervisor.cluster.seam import ClusterFileError as FileError
+from supervisor.cluster.seam import ClusterFileResult as FileResult
+from supervisor.cluster.seam import ClusterFileStarted as FileStarted
+from supervisor.cluster.seam import ClusterWorkerReady as WorkerReady
 
 MiB = 2**20
 # A worker lost under a file may have been restarted by its nanny for memory: that event can trail
@@ -254,7 +257,8 @@ class DaskBackend:
         self.workers[addr] = msg
         self.baselines[addr] = msg.get("baseline_rss_mb")
         self.queue.put_nowait(WorkerReady(worker_id=addr, pid=msg.get("pid"), baseline_mb=msg.get("baseline_rss_mb", 0.0),
-                                          calibration=msg.get("calibration") or [], host=msg.get("host")))
+                                          calibration=msg.get("calibration") or [], rss_mb=msg.get("baseline_rss_mb"),
+                                          pss_mb=msg.get("baseline_pss_mb"), host=msg.get("host")))
 
     def _on_file(self, event: tuple) -> None:
         _ts, msg = event

@@ -123,6 +123,8 @@ class EnginePlugin(WorkerPlugin):
             threading.Thread(target=_watch_parent, args=(os.getppid(),), name="parent-watch", daemon=True).start()
         try:
             await asyncio.get_running_loop().run_in_executor(None, HOLDER.get, self.engine, self.options)
+            # From the worker itself: a loading thread is not a task thread and cannot find its worker.
+            worker.log_event(TOPIC_READY, {**(HOLDER.info or {}), "worker": worker.address})
         except Exception as exc:  # the first file reports it again, with its name
             worker.log_event(TOPIC_READY, {"worker": worker.address, "pid": os.getpid(),
                                            "boot_error": f"{self.engine}: {type(exc).__name__}: {exc}"})

@@ -1,12 +1,13 @@
-"""A run on a Dask cluster: the local run's planning, outcomes and telemetry, with the Dask backend
-standing where the process pool stands.
+"""A run on a Dask cluster: the run core's parts (intake, queue, estimator, outcomes, telemetry
+sink, publisher) with the Dask backend standing where the local backend stands.
 
-Planning (manifest skips, media checks, estimates and stored lower bounds), the queue's attempts and
-quarantine, the manifest, the telemetry store and the log events are the local supervisor's own
-(inherited, not copied). What differs is admission: instead of the local memory policy, each pending
-file is submitted with its predicted peak as its ``MEM`` request and the scheduler packs; a file
-whose request no worker can hold fails (first attempt) or is quarantined (after a kill) with both
-figures. A memory restart or a lost worker is a lower bound on the file's peak, never a sample.
+Planning (manifest skips, media checks, features, stored lower bounds), the queue's attempts and
+quarantine, the manifests, the telemetry store and the log events are the run core's own (built by
+``Supervisor.__init__`` and driven here, not copied). What differs is admission: the local memory
+policy decides which local worker takes which file; here each pending file is submitted with its
+predicted peak as its ``MEM`` request and the scheduler packs, and a file whose request no worker
+can hold fails (first attempt) or is quarantined (after a kill) with both figures. A memory restart
+or a lost worker is a lower bound on the file's peak, never a sample.
 """
 
 from __future__ import annotations
@@ -19,56 +20,66 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+import anyio
+
+from supervisor.backend import FileProgress, FileResult, FileStarted, JobSpec, WorkerExited, WorkerReady
 from supervisor.cluster import ClusterUnavailable
 from supervisor.cluster.backend import DaskBackend
-from supervisor.cluster.seam import FileError, FileProgress, FileResult, FileStarted, JobSpec, WorkerExited, WorkerReady
+from supervisor.cluster.seam import ClusterFileError
+from supervisor.outcomes import Outcome
+from supervisor.publish import status_header
 from supervisor.queue import FileJob, FileState
-from supervisor.supervisor import MiB, REESTIMATE_S, RunSummary, Supervisor, engine_options
+from supervisor.supervisor import SIDE_JOBS_WAIT_S, RunSummary, Supervisor, engine_options
 
 TICK_S = 0.25
 
 
 class ClusterSupervisor(Supervisor):
-    """The run loop for ``--cluster``: submit, then turn the backend's events into outcomes."""
+    """The run loop for ``--cluster``: submit by request, then turn the backend's events into outcomes."""
 
     def __init__(self, settings: Any, **kw: Any) -> None:
         super().__init__(settings, **kw)
-        self.backend: DaskBackend | None = None
+        self.dask: DaskBackend | None = None
         self.cluster_workers: dict[str, dict[str, Any]] = {}
-        self.where: dict[str, dict[str, Any]] = {}  # file -> {worker, pid, started, request}
+        self.where: dict[str, dict[str, Any]] = {}  # file -> {request, submitted, worker, pid, started, progress}
         self.timed_out: set[str] = set()
+        self._kills = 0
+
+    @property
+    def kills(self) -> int:
+        return self._kills
+
+    @property
+    def pauses(self) -> int:
+        return 0  # a Dask task cannot be paused; the scheduler packs by request instead
 
     # -- the run -----------------------------------------------------------------------------------------
-    async def run(self, infos: list) -> RunSummary:
+    async def run(self, candidates: list) -> RunSummary:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-            loop.add_signal_handler(sig, self.events.put_nowait, ("signal", sig))
-        self.plan(infos)
-        counts = self.queue.counts()
+            loop.add_signal_handler(sig, self.inbox.put_nowait, ("signal", sig))
         c = self.s.cluster
         self.emit("run_started", corpus=[str(p) for p in self.s.corpus], out=str(self.s.out) if self.s.out else None,
-                  engine=self.s.engine_name, model=self.s.model_id, device=self.s.run.device, backend="dask",
-                  cluster=c.address, limit_mb=None, budget_mb=None, reserve_mb=None, limit_source="cluster",
-                  files=counts["total"], pending=counts["pending"], skipped=counts["skipped"], pid=os.getpid(),
-                  supervisor_cpu_s=round(time.process_time(), 3))
-        if self.store is not None:
-            self.store.start_run(self.run_id, corpus=",".join(str(p) for p in self.s.corpus),
-                                 engine=self.s.engine_name, model=self.s.model_id, device=self.s.run.device,
-                                 settings=self.s.to_dict())
+                  engine=self.key[0], model=self.key[1], device=self.key[2], backend="dask", cluster=c.address,
+                  limit_mb=None, budget_mb=None, reserve_mb=None, limit_source="cluster", files=len(candidates),
+                  pid=os.getpid(), supervisor_cpu_s=round(time.process_time(), 3))
+        self.sink.start_run(self.run_id, ",".join(str(p) for p in self.s.corpus), self.s.to_dict())
         options = engine_options(self.s, 1)
         options["threads"] = self.s.engine_settings.threads  # 0: each worker uses cores / its workers
-        self.backend = DaskBackend(c.address, engine=self.s.engine_name, options=options, run_id=self.run_id,
-                                   local_workers=c.local_workers or self.s.max_workers(),
-                                   local_memory=c.local_memory, slurm=c.slurm, emit=self.emit, clock=self.clock)
+        self.dask = self.backend = DaskBackend(
+            c.address, engine=self.key[0], options=options, run_id=self.run_id,
+            local_workers=c.local_workers or self.s.max_workers(), local_memory=c.local_memory, slurm=c.slurm,
+            emit=self.emit, clock=self.clock)
         pump = None
         try:
             try:
-                await self.backend.start()
+                await self.dask.start()
             except ClusterUnavailable as exc:
                 self.halted = str(exc)
                 self.emit("run_halted", level="error", reason=self.halted)
             else:
-                pump = loop.create_task(self._pump())
+                pump = loop.create_task(self._pump(), name="backend-events")
+                self.intake.start_planning(candidates)
                 await self._cluster_loop()
         finally:
             for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
@@ -76,54 +87,51 @@ class ClusterSupervisor(Supervisor):
             if pump is not None:
                 pump.cancel()
             for job in self.queue.in_state(FileState.RUNNING):
-                self.backend.cancel(job.rel)
+                self.dask.cancel(job.rel)
                 self.queue.requeue(job, "supervisor stopping")
-            await self.backend.close()
-        return self._finish()
-
-    async def _pump(self) -> None:
-        async for ev in self.backend.events():
-            self.events.put_nowait(ev)
+            await self.dask.close()
+        result, summary = self._finish()
+        self.sink.finish(self.run_id, self.estimator.params(), summary)
+        if not await self.jobs.drain(SIDE_JOBS_WAIT_S):
+            self.emit("side_jobs_abandoned", level="warning", after_s=SIDE_JOBS_WAIT_S)
+        return result
 
     async def _cluster_loop(self) -> None:
         while True:
             try:
-                ev = await asyncio.wait_for(self.events.get(), TICK_S)
+                ev = await asyncio.wait_for(self.inbox.get(), TICK_S)
             except asyncio.TimeoutError:
                 ev = None
             if ev is not None:
-                await self._cluster_handle(ev)
-                while not self.events.empty():
-                    await self._cluster_handle(self.events.get_nowait())
+                self._guarded("event", self._cluster_handle, ev)
+                while not self.inbox.empty():
+                    self._guarded("event", self._cluster_handle, self.inbox.get_nowait())
             if self.stop_now or self.halted:
                 return
             now = self.now()
-            if self.watcher is not None and not self.draining:
-                for info in self.watcher.poll(now):
-                    self._add_watched(info)
-            if self._model_changed and now - self._reestimated_at >= REESTIMATE_S:
-                self._model_changed = False
-                self._reestimated_at = now
-                self.reestimate_pending()
-            self._check_timeouts(now)
-            self._submit()
-            self.backend.poll()
-            self._cluster_publish(now)
+            if not self.draining:
+                self.intake.scan(now)
+            self.estimator.refresh(now)
+            self._guarded("timeouts", self._check_timeouts, now)
+            self._guarded("submit", self._submit)
+            self.dask.poll()
+            self._guarded("publish", self._cluster_publish, now)
             running = self.queue.in_state(FileState.RUNNING)
             if self.draining and (not running or (self.drain_deadline is not None and now > self.drain_deadline)):
                 return
-            if not running and self.watcher is None and not self.queue.in_state(FileState.PENDING):
+            if (not running and self.intake.watcher is None and not self.intake.planning
+                    and not self.queue.in_state(FileState.PENDING)):
                 return
 
     # -- admission: the scheduler packs by request ------------------------------------------------------
     def _submit(self) -> None:
         if self.draining or self.stop_now:
             return
-        b = self.backend
+        b = self.dask
         running = len(self.queue.in_state(FileState.RUNNING))
         pending = self.queue.pending()
         b.wanted(len(pending) + running)
-        if not self.cluster_workers:
+        if not self.ready_once:
             # Requests are peaks with a Dask worker's own baseline in them (and its probe spans):
             # nothing can run before a worker exists anyway, so wait for the first one's figures.
             if b.boot_errors:
@@ -135,37 +143,30 @@ class ClusterSupervisor(Supervisor):
         for job in pending:
             if running >= window:
                 break
-            e = job.estimate
-            if e is None:
-                continue
-            if largest:
-                if job.attempts and e.peak_mb > largest:
-                    reason = (f"needs ~{e.peak_mb:.0f} MiB after an attempt cut short at "
+            e = job.estimate or self.estimator.estimate(job)
+            if largest and e.central_mb > largest:
+                if job.attempts:
+                    reason = (f"needs ~{e.central_mb:.0f} MiB after an attempt cut short at "
                               f"{job.lower_bound_mb or 0:.0f} MiB; the largest worker offers {largest:.0f} MiB")
-                    self.queue.quarantine(job, reason)
-                    self.emit("file_quarantined", level="warning", file=job.rel, reason=reason, attempts=job.attempts,
-                              observed_mb=job.last_peak_mb and round(job.last_peak_mb, 1))
-                    self._remember_failure(job)
-                    continue
-                if e.central_mb > largest:
+                else:
                     reason = f"needs ~{e.central_mb:.0f} MiB, the largest worker offers {largest:.0f} MiB"
-                    self.queue.fail(job, reason, retry=False)
-                    self.emit("file_failed", level="warning", file=job.rel, reason=reason, kind="too_big", attempt=0)
-                    self._remember_failure(job)
-                    continue
+                self.outcomes.reject(job, reason)
+                continue
             request = min(e.peak_mb, largest) if largest else e.peak_mb
             self.queue.start(job, "dask")
+            self.outcomes.started(job)
             info = job.info
             self.where[job.rel] = {"request": request, "submitted": self.now()}
-            self._job_started_wall[job.rel] = time.time()
             self.emit("file_admitted", worker=None, pid=None, file=job.rel, predicted_mb=round(request, 1),
                       predicted_growth_mb=round(e.growth_mb, 1), estimate_source=e.source,
-                      audio_seconds=info.audio_seconds, attempt=job.attempts, reason="submitted with MEM request",
-                      request_mb=round(request, 1), largest_offer_mb=largest and round(largest, 1))
+                      estimate_uncertain=e.uncertain, audio_seconds=info.audio_seconds, attempt=job.attempts,
+                      reason="submitted with MEM request", request_mb=round(request, 1),
+                      largest_offer_mb=largest and round(largest, 1))
             b.assign(None, JobSpec(file=job.rel, cha=os.path.abspath(info.path),
                                    media=os.path.abspath(info.media) if info.media else None,
                                    out=os.path.abspath(info.out), options={}, attempt=job.attempts,
-                                   predicted_peak_mb=request, predicted_growth_mb=e.growth_mb))
+                                   predicted_peak_mb=request, predicted_growth_mb=e.growth_mb,
+                                   job_id=f"{job.rel}#{job.attempts}"))
             running += 1
 
     def _check_timeouts(self, now: float) -> None:
@@ -177,25 +178,26 @@ class ClusterSupervisor(Supervisor):
             limit = self.s.run.file_timeout + self.s.run.file_timeout_per_audio_second * (job.info.audio_seconds or 0)
             if now - started > limit and w.get("worker"):
                 self.timed_out.add(job.rel)
-                self.kills += 1
+                self._kills += 1
                 self.emit("worker_killed", level="warning", worker=w["worker"], pid=w.get("pid"), file=job.rel,
                           reason=f"file timeout after {limit:.0f} s")
-                self.backend.signal(w["worker"], "kill")
+                self.dask.signal(w["worker"], "kill")
 
     # -- outcomes ----------------------------------------------------------------------------------------
-    async def _cluster_handle(self, ev: Any) -> None:
+    def _cluster_handle(self, ev: Any) -> None:
         if isinstance(ev, tuple) and ev[0] == "signal":
             self._cluster_signal(ev[1])
         elif isinstance(ev, WorkerReady):
-            self.cluster_workers[ev.worker_id] = {"pid": ev.pid, "baseline_mb": ev.baseline_mb, "host": ev.host,
-                                                  "since": self.now()}
-            before = self.predictor.baseline_mb
-            self.predictor.observe_baseline(ev.baseline_mb)
-            calibrated = self.predictor.calibrate(ev.calibration)
-            if calibrated or abs(self.predictor.baseline_mb - before) >= 1.0:
-                self.reestimate_pending()  # requests are peaks: a Dask worker's baseline is part of them
+            self.cluster_workers[ev.worker_id] = {"pid": ev.pid, "baseline_mb": ev.baseline_mb,
+                                                  "host": getattr(ev, "host", None), "since": self.now()}
+            before = self.estimator.baseline_mb
+            # The RSS at READY: a Dask worker's nanny restarts it on RSS, so requests are RSS peaks.
+            self.estimator.learn_baseline(ev.baseline_mb, ev.calibration)
+            if abs(self.estimator.baseline_mb - before) >= 1.0:
+                for job in self.queue.in_state(FileState.PENDING):
+                    self.estimator.estimate(job)
             self.emit("worker_ready", worker=ev.worker_id, pid=ev.pid, baseline_mb=round(ev.baseline_mb, 1),
-                      host=ev.host)
+                      host=getattr(ev, "host", None))
             if not self.ready_once:
                 self.ready_once = True
                 self.notifier.ready()
@@ -204,18 +206,21 @@ class ClusterSupervisor(Supervisor):
             self.emit("worker_exited", level="info" if ev.reason == "retired" else "warning", worker=ev.worker_id,
                       pid=ev.pid, exitcode=ev.exitcode, signal=ev.signal, reason=ev.reason)
         elif isinstance(ev, FileStarted):
-            job = self.queue.get(ev.file)
-            if job is not None and job.state is FileState.RUNNING:
-                self.where.setdefault(ev.file, {}).update(worker=ev.worker_id, pid=ev.pid, started=self.now())
-                self.emit("file_started", worker=ev.worker_id, pid=ev.pid, file=ev.file)
+            job = self._running(ev.file)
+            if job is not None:
+                pid = getattr(ev, "pid", None)
+                self.where.setdefault(ev.file, {}).update(worker=ev.worker_id, pid=pid, started=self.now())
+                self.emit("file_started", worker=ev.worker_id, pid=pid, file=ev.file)
         elif isinstance(ev, FileProgress):
             w = self.where.get(ev.file)
             if w is not None:
                 w["progress"] = ev.progress
         elif isinstance(ev, FileResult):
             self._cluster_result(ev)
-        elif isinstance(ev, FileError):
+        elif isinstance(ev, ClusterFileError):
             self._cluster_error(ev)
+
+    ready_once = False
 
     def _cluster_signal(self, sig: int) -> None:
         if sig == signal.SIGHUP:
@@ -234,43 +239,23 @@ class ClusterSupervisor(Supervisor):
         job = self.queue.get(file)
         return job if job is not None and job.state is FileState.RUNNING else None
 
-    def _cluster_result(self, ev: FileResult) -> None:
+    def _cluster_result(self, ev: Any) -> None:
         job = self._running(ev.file)
         if job is None:
             return
         where = self.where.pop(ev.file, {})
         info = job.info
         if not Path(info.out).exists():
-            self._cluster_error(FileError(
+            self._cluster_error(ClusterFileError(
                 worker_id=ev.worker_id, file=ev.file, pid=ev.pid, kind="bad_input",
                 reason=(f"{info.out}: written by worker {ev.worker_id} but not visible here; the output folder must "
                         "be on a filesystem shared with the workers, at the same path")), where)
             return
-        if info.audio_seconds is None and ev.audio_seconds:
-            info.audio_seconds = float(ev.audio_seconds)
-        try:
-            self._manifest_for(info).mark_done(info)
-        except OSError as exc:
-            self.emit("manifest_write_failed", level="warning", file=info.rel, error=str(exc))
-        self.queue.finish(job, ev.peak_mb)
-        self.audio_done_s += float(ev.audio_seconds or info.audio_seconds or 0.0)
-        if ev.features_run is not None:  # only real work teaches (not spans from the result cache)
-            self.predictor.observe_growth(ev.features_run, ev.growth_mb)
-            self._model_changed = True
-        w = SimpleNamespace(baseline_pss_mb=ev.baseline_mb, pid=ev.pid)
-        self._attempt(job, w, "done", None, ev.growth_mb, ev.wall_s, ev.cpu_s, ev.audio_seconds)
-        request = where.get("request")
-        self.emit("file_done", worker=ev.worker_id, pid=ev.pid, file=info.rel, peak_mb=round(ev.peak_mb, 1),
-                  growth_mb=round(ev.growth_mb, 1), predicted_mb=request and round(request, 1),
-                  request_mb=request and round(request, 1),
-                  predicted_growth_mb=round(job.estimate.growth_mb, 1) if job.estimate else None,
-                  audio_seconds=info.audio_seconds, wall_s=ev.wall_s, cpu_s=ev.cpu_s,
-                  turnaround_s=round(self.now() - where["submitted"], 3) if "submitted" in where else None,
-                  warnings=len(ev.warnings), stats=ev.stats)
-        for line in ev.warnings[:20]:
-            self.emit("file_warning", level="warning", file=info.rel, warning=line)
+        w = SimpleNamespace(id=ev.worker_id, pid=ev.pid, baseline_pss_mb=ev.baseline_mb)
+        growth = ev.growth_mb or 0.0
+        self.outcomes.apply(Outcome(job, w, "done", growth_mb=growth, peak_mb=ev.peak_mb, result=ev))
 
-    def _cluster_error(self, ev: FileError, where: dict | None = None) -> None:
+    def _cluster_error(self, ev: ClusterFileError, where: dict | None = None) -> None:
         job = self._running(ev.file)
         if job is None:
             return
@@ -289,74 +274,58 @@ class ClusterSupervisor(Supervisor):
                       attempt=job.attempts, estimate_mb=round(job.estimate.peak_mb, 1) if job.estimate else None,
                       observed_mb=None)
             return
-        observed = ev.observed_mb
-        baseline = ev.baseline_mb
+        observed, baseline = ev.observed_mb, ev.baseline_mb
         growth = max(0.0, observed - baseline) if observed is not None and baseline is not None else None
-        w = SimpleNamespace(baseline_pss_mb=baseline, pid=ev.pid)
-        if kind == "bad_input":
-            state = self.queue.fail(job, ev.reason, retry=False, observed_mb=observed)
-            self._attempt(job, w, "failed", ev.reason, growth)
-        else:
-            censored = kind in ("memory", "lost") and observed is not None
-            if kind == "memory":
-                self.kills += 1
-                self.emit("worker_killed", level="warning", worker=ev.worker_id, pid=ev.pid, file=job.rel,
-                          reason=ev.reason, rss_mb=observed and round(observed, 1),
-                          predicted_mb=where.get("request") and round(where["request"], 1))
-                if growth is not None:
-                    self.predictor.observe_kill(self.features(job), growth)
-                if self.store is not None and observed is not None:
-                    self.store.set_lower_bound(job.info.input_hash, self.s.engine_name, self.s.model_id,
-                                               self.s.run.device, observed)
-            state = self.queue.fail(job, ev.reason, retry=True, observed_mb=observed,
-                                    lower_bound_mb=observed if censored else None)
-            outcome = {"memory": "killed", "timeout": "timeout"}.get(kind, "crashed")
-            self._attempt(job, w, outcome, ev.reason, growth)
-        self.emit("file_failed", level="warning", worker=ev.worker_id, pid=ev.pid, file=job.rel, reason=ev.reason,
-                  kind=kind, attempt=job.attempts, observed_mb=observed and round(observed, 1))
-        self._after_failure(job, state, ev.reason)
+        w = SimpleNamespace(id=ev.worker_id, pid=ev.pid, baseline_pss_mb=baseline)
+        if kind == "memory":
+            self._kills += 1
+            self.emit("worker_killed", level="warning", worker=ev.worker_id, pid=ev.pid, file=job.rel,
+                      reason=ev.reason, rss_mb=observed and round(observed, 1),
+                      predicted_mb=where.get("request") and round(where["request"], 1))
+        # Cut short by memory, or lost with a known high-water mark: a lower bound, never a sample.
+        censored = kind in ("memory", "lost") and observed is not None
+        outcome = {"memory": "killed", "timeout": "timeout", "bad_input": "failed"}.get(kind, "crashed")
+        self.outcomes.apply(Outcome(job, w, outcome, ev.reason, growth, observed, retry=kind != "bad_input",
+                                    memory=censored, kind=kind))
 
     # -- publishing ----------------------------------------------------------------------------------
     def _cluster_publish(self, now: float) -> None:
-        if now - self._last_sample_log >= self.s.memory.sample_log_interval:
-            self._last_sample_log = now
-            view = self.backend.workers_view()
-            self.emit("memory_sample", level="info" if view else "debug", workers=view,
-                      offered_mb=sum(w.get("mem_offered_mb") or 0 for w in view),
-                      requested_mb=round(sum(w.get("request", 0) for w in self.where.values()), 1))
-        interval = self.notifier.watchdog_interval
-        if interval and now - self._last_watchdog >= interval:
-            self._last_watchdog = now
-            self.notifier.watchdog()
-        if now - self._last_status >= 2.0:
-            self._last_status = now
-            c = self.queue.counts()
-            self.notifier.status(f"{c['done']}/{c['total'] - c['skipped']} done, {c['running']} running, "
-                                 f"{c['failed'] + c['quarantined']} failed on {self.s.cluster.address}")
-            for hook in self._status_hooks:
-                hook(self.status())
-        if self.display is not None:
-            self.display.update(self.status())
+        view = self.dask.workers_view()
+        self.publisher.tick(now, status=self.status, sample=lambda: self._cluster_memory(view),
+                            interval=self.s.memory.sample_log_interval, busy=bool(self.where),
+                            counts=self.queue.counts())
+
+    def _cluster_memory(self, view: list[dict]) -> dict[str, Any]:
+        offered = float(sum(v.get("mem_offered_mb") or 0 for v in view))
+        used = float(sum((w.get("progress") or {}).get("rss_mb") or 0.0 for w in self.where.values()))
+        return {"used_mb": round(used, 1), "budget_mb": round(offered, 1), "limit_mb": round(offered, 1),
+                "committed_mb": round(sum(w.get("request", 0) for w in self.where.values()), 1),
+                "available_mb": None, "workers": view}
 
     def status(self) -> dict[str, Any]:
-        st = super().status()
-        view = self.backend.workers_view() if self.backend is not None else []
         now = self.now()
-        running = {f: w for f, w in self.where.items() if w.get("worker")}
-        by_worker = {w["worker"]: (f, w) for f, w in running.items()}
+        c = self.queue.counts()
+        view = self.dask.workers_view() if self.dask is not None else []
+        by_worker = {w["worker"]: (f, w) for f, w in self.where.items() if w.get("worker")}
         workers = []
         for v in view:
             f, w = by_worker.get(v["worker"], (None, {}))
             workers.append({"worker": v["worker"], "pid": v.get("pid"), "state": "busy" if f else "ready", "file": f,
                             "uss_mb": (w.get("progress") or {}).get("rss_mb") or 0.0, "pss_mb": 0.0,
                             "predicted_mb": w.get("request") and round(w["request"], 1),
-                            "mem_offered_mb": v.get("mem_offered_mb"), "progress": (w.get("progress") or {}).get("fraction"),
+                            "mem_offered_mb": v.get("mem_offered_mb"),
+                            "progress": (w.get("progress") or {}).get("fraction"),
                             "since_s": round(now - w["started"], 1) if w.get("started") else 0.0})
-        st["workers"] = workers
-        st["cluster"] = self.s.cluster.address
-        offered = float(sum(v.get("mem_offered_mb") or 0 for v in view))
-        used = float(sum(w["uss_mb"] or 0.0 for w in workers))
-        st["memory"] = {"used_mb": round(used, 1), "budget_mb": round(offered, 1), "limit_mb": round(offered, 1),
-                        "committed_mb": round(sum(w.get("request", 0) for w in self.where.values()), 1),
-                        "available_mb": None}
-        return st
+        mem = {k: v for k, v in self._cluster_memory(view).items() if k != "workers"}
+        return {
+            **status_header(self.run_id, self.wall0, now - self.t0, self.draining),
+            "cluster": self.s.cluster.address, "memory": mem,
+            "files": {k: c[k] for k in ("pending", "running", "done", "failed", "quarantined", "skipped", "total")},
+            "planning": {"planned": self.intake.planned, "files": self.intake.total} if self.intake.planning else None,
+            "audio_done_s": round(self.outcomes.audio_done_s, 1),
+            "audio_total_s": round(sum(j.info.audio_seconds or 0 for j in self.queue
+                                       if j.state is not FileState.SKIPPED), 1),
+            "kills": self.kills, "pauses": 0, "workers": workers,
+            "queue": [{"file": j.rel, "predicted_mb": round(j.estimate.peak_mb, 1) if j.estimate else None,
+                       "attempts": j.attempts} for j in self.queue.pending()[:20]],
+        }

@@ -497,6 +497,7 @@ class WhisperAligner(SpanAligner):
         try:
             return fn(utt)
         except Exception as exc:  # one bad utterance must not sink the span
+            _raise_if_out_of_memory(exc)
             return UttResult(utt.index, None, error=_one_line(exc))
 
     def _window(self, audio: np.ndarray, start_s: float) -> "_Window":
@@ -538,6 +539,7 @@ class WhisperAligner(SpanAligner):
                 (res,), _ = window.align_many([UttRequest(utt.index, t, win_end, rest[:take])])
                 del window
             except Exception as exc:  # noqa: BLE001 - this piece only
+                _raise_if_out_of_memory(exc)
                 res = UttResult(utt.index, None, error=_one_line(exc))
             if res.words is None:
                 errors.append(f"{t:.2f}-{win_end:.2f} s: {res.error or 'no alignment'}")
@@ -647,7 +649,8 @@ class _Window:
         if chunk:
             try:
                 results += self._force(chunk)
-            except Exception:  # noqa: BLE001 - fall back to one pass per utterance
+            except Exception as exc:  # noqa: BLE001 - fall back to one pass per utterance
+                _raise_if_out_of_memory(exc)
                 for p in chunk:
                     results.append(self.aligner._guarded(lambda _u, p=p: self._force([p])[0], p[0]))
         return results, rest
@@ -676,6 +679,7 @@ class _Window:
             try:
                 results.append(self._times(utt, word_toks, f0, f1, weights[:, row:row + n + 1, f0:f1]))
             except Exception as exc:  # noqa: BLE001 - this utterance only
+                _raise_if_out_of_memory(exc)
                 results.append(UttResult(utt.index, None, error=_one_line(exc)))
             row += n
         return results
@@ -751,3 +755,12 @@ def _quiet_transformers():
 def _one_line(exc: BaseException) -> str:
     text = str(exc).strip().replace("\n", " ")
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def _raise_if_out_of_memory(exc: BaseException) -> None:
+    """Out of memory is the file's memory failure (the supervisor retries it larger), never one
+    utterance's warning: let it through the per-utterance guards."""
+    from worker.align import is_out_of_memory
+
+    if is_out_of_memory(exc):
+        raise exc
