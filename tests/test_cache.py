@@ -66,6 +66,23 @@ def test_cache_key_holds_the_aligner_version(monkeypatch):
     assert align._cache_tag(A()) != tag
 
 
+def test_cache_key_holds_the_alignment_steps():
+    from worker import align
+    from worker.engines.whisper import Steps
+
+    class A(align.SpanAligner):
+        name, model, dtype = "whisper", "/m", "fp32"
+
+        def __init__(self, steps):
+            self.steps = steps
+
+        def align_span(self, audio, span_start_s, utts):
+            return []
+
+    assert align._cache_tag(A(Steps())) == align._cache_tag(A(Steps()))
+    assert align._cache_tag(A(Steps())) != align._cache_tag(A(Steps(snap_pauses=False)))
+
+
 def test_cache_command_shows_and_clears(tmp_path):
     state = tmp_path / "state" / "batchalign-supervise"
     _fill(state / "cache", "results", 3, 2048, t0=time.time() - 300)

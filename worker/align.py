@@ -168,8 +168,10 @@ def _aligner_version() -> str:
 
 
 def _cache_tag(aligner: SpanAligner) -> str:
+    # The steps around the model change word times too: a result made with other steps is not reused.
+    steps = getattr(aligner, "steps", None)
     return (f"{aligner.name}|{aligner.model}|{aligner.dtype}|{aligner.sample_rate}|{aligner.language or ''}"
-            f"|{_aligner_version()}")
+            f"|{_aligner_version()}" + (f"|{steps!r}" if steps is not None else ""))
 
 
 def _resolve_cache(cache: Any, job: Job) -> tuple[Path, ResultCache | None]:
