@@ -17,6 +17,7 @@ from pathlib import Path
 from cluster_helpers import free_port
 
 MUNGE_SOCKET = Path("/run/munge/munge.socket.2")
+MUNGE_PID = Path("/run/munge/munged.pid")
 
 
 def slurm_missing() -> str | None:
@@ -57,6 +58,7 @@ class LocalSlurm:
         self.host = socket.gethostname().split(".")[0]
         self.conf = root / "slurm.conf"
         self.env = {**os.environ, "SLURM_CONF": str(self.conf)}
+        self.started_munge = False
 
     def write_conf(self) -> None:
         for d in ("state", "spool", "logs"):
@@ -108,6 +110,7 @@ PartitionName=debug Nodes={self.host} Default=YES MaxTime=INFINITE State=UP
                 Path(d).mkdir(parents=True, exist_ok=True)
                 shutil.chown(d, "munge", "munge")
             subprocess.run(["runuser", "-u", "munge", "--", _tool("munged")], check=True, timeout=20)
+            self.started_munge = True
             deadline = time.monotonic() + 10
             while not _munge_works():
                 if time.monotonic() > deadline:
@@ -166,6 +169,11 @@ PartitionName=debug Nodes={self.host} Default=YES MaxTime=INFINITE State=UP
             except subprocess.TimeoutExpired:
                 os.killpg(p.pid, signal.SIGKILL)
                 p.wait(5)
+        if self.started_munge:  # leave the machine as we found it
+            try:
+                os.kill(int(MUNGE_PID.read_text().split()[0]), signal.SIGTERM)
+            except (OSError, ValueError, IndexError):
+                pass
         for pid in _stepds() - getattr(self, "_stepds_before", set()):
             try:  # a step daemon of ours still retrying a slurmctld that is gone
                 os.kill(pid, signal.SIGKILL)
