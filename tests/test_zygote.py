@@ -161,7 +161,12 @@ def test_a_whole_run_through_the_zygote(tmp_path):
     assert {e["file"] for e in named(evs, "file_done")} == {p.relative_to(corpus_dir).as_posix() for p in files}
     pids = {e["pid"] for e in named(evs, "worker_spawned")}
     assert pids and _wait_gone(pids)
-    assert all(e["exitcode"] == 0 for e in named(evs, "worker_exited"))
+    # Workers that served files exit cleanly; one still loading when the last file finished is
+    # stopped at once (the run does not wait for a boot it no longer needs), and nothing was killed.
+    ready = {e["pid"] for e in named(evs, "worker_ready")}
+    exits = named(evs, "worker_exited")
+    assert named(evs, "worker_killed") == []
+    assert all(e["exitcode"] == 0 for e in exits if e["pid"] in ready), exits
 
 
 # -- the real torch path -------------------------------------------------------------------------
