@@ -216,14 +216,15 @@ def test_summarize_store_tolerates_missing_keys():
 
 
 def test_summarize_store_renders_the_real_store_summary(tmp_path):
-    store_mod = pytest.importorskip("telemetry.store")
-    store = store_mod.TelemetryStore(tmp_path / "t.sqlite")
+    from telemetry.store import Attempt, TelemetryStore
+
+    store = TelemetryStore(tmp_path / "t.sqlite")
     try:
         store.start_run("r1", corpus="/c", engine="wav2vec", model="m", device="cpu", settings={})
         t0 = 1_700_000_000.0
 
         def attempt(file: str, outcome: str, peak: float, wall: float, i: int, reason: str | None = None):
-            return store_mod.Attempt(
+            return Attempt(
                 run_id="r1", file=file, path=f"/c/{file}", input_hash=file, engine="wav2vec", model="m",
                 device="cpu", audio_seconds=600.0, media_bytes=1000, transcript_bytes=100, worker_baseline_mb=1400.0,
                 peak_mb=peak, growth_mb=peak - 1400.0, predicted_mb=peak - 100, wall_s=wall, cpu_s=wall * 3,

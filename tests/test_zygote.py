@@ -174,8 +174,6 @@ def test_a_whole_run_through_the_zygote(tmp_path):
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory) -> Path:
-    pytest.importorskip("torch")
-    pytest.importorskip("transformers")
     from conftest_models import build_tiny_wav2vec
 
     return build_tiny_wav2vec(tmp_path_factory.mktemp("tiny") / "w2v")
@@ -196,7 +194,8 @@ def test_wav2vec_run_through_the_zygote(tiny, tmp_path):
 
 
 def test_forked_torch_workers_hold_far_less_private_memory_than_a_spawned_one(tiny):
-    psutil = pytest.importorskip("psutil")
+    import psutil
+
     cmd = worker_command("wav2vec", {"model": str(tiny), "threads": 1})
 
     async def uss_of(launcher, n: int) -> list[float]:
