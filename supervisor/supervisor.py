@@ -450,15 +450,19 @@ class Supervisor:
             self.drain_deadline = self.now() + self.s.run.drain_grace
             self.notifier.stopping()
             self.emit("drain_started", reason="SIGTERM", grace_s=self.s.run.drain_grace)
-            for w in self.workers.live():
-                if w.state is WorkerState.STARTING:
-                    self.workers.kill(w, "drain: not ready yet", by_us=True)
-                elif w.job is None:
-                    self.workers.stop(w, "draining")
+            self._drain_workers()
         else:
             self.emit("stop_requested", level="warning", signal=signal.Signals(sig).name)
             self.notifier.stopping()
             self.stop_now = True
+
+    def _drain_workers(self) -> None:
+        """Stop what a drain no longer needs: workers still loading and idle ones."""
+        for w in self.workers.live():
+            if w.state is WorkerState.STARTING:
+                self.workers.kill(w, "drain: not ready yet", by_us=True)
+            elif w.job is None:
+                self.workers.stop(w, "draining")
 
     def _reload(self) -> None:
         try:

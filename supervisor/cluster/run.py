@@ -20,7 +20,6 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-import anyio
 
 from supervisor.backend import FileProgress, FileResult, FileStarted, JobSpec, WorkerExited, WorkerReady
 from supervisor.cluster import ClusterUnavailable
@@ -186,7 +185,7 @@ class ClusterSupervisor(Supervisor):
     # -- outcomes ----------------------------------------------------------------------------------------
     def _cluster_handle(self, ev: Any) -> None:
         if isinstance(ev, tuple) and ev[0] == "signal":
-            self._cluster_signal(ev[1])
+            self._on_signal(ev[1])
         elif isinstance(ev, WorkerReady):
             self.cluster_workers[ev.worker_id] = {"pid": ev.pid, "baseline_mb": ev.baseline_mb,
                                                   "host": getattr(ev, "host", None), "since": self.now()}
@@ -222,18 +221,8 @@ class ClusterSupervisor(Supervisor):
 
     ready_once = False
 
-    def _cluster_signal(self, sig: int) -> None:
-        if sig == signal.SIGHUP:
-            self._reload()
-        elif sig == signal.SIGTERM and not self.draining:
-            self.draining = True
-            self.drain_deadline = self.now() + self.s.run.drain_grace
-            self.notifier.stopping()
-            self.emit("drain_started", reason="SIGTERM", grace_s=self.s.run.drain_grace)
-        else:
-            self.emit("stop_requested", level="warning", signal=signal.Signals(sig).name)
-            self.notifier.stopping()
-            self.stop_now = True
+    def _drain_workers(self) -> None:
+        """Dask workers are the cluster's: a drain only stops submitting."""
 
     def _running(self, file: str) -> FileJob | None:
         job = self.queue.get(file)
