@@ -408,33 +408,24 @@ def _num(v: Any) -> float | None:
         return None
 
 
+# The formatters are the shared ones, imported where a status is formatted: the server and the
+# client need the standard library only (a query may come from another user's interpreter).
 def _mib(v: Any) -> str:
-    f = _num(v)
-    return "-" if f is None else f"{f:,.0f}"
+    from supervisor.units import format_count
+
+    return format_count(_num(v))
 
 
 def _size(v: Any) -> str:
-    f = _num(v)
-    if f is None:
-        return "?"
-    return f"{f / 1024:.1f} GiB" if abs(f) >= 1024 else f"{f:.0f} MiB"
+    from supervisor.units import format_mib
+
+    return format_mib(_num(v))
 
 
 def _dur(v: Any) -> str:
-    s = _num(v)
-    if s is None:
-        return "-"
-    if s < 60:
-        return f"{s:.0f}s"
-    s = int(round(s))
-    d, rem = divmod(s, 86400)
-    h, rem = divmod(rem, 3600)
-    m, sec = divmod(rem, 60)
-    if d:
-        return f"{d}d{h:02d}h"
-    if h:
-        return f"{h}h{m:02d}m"
-    return f"{m}m{sec:02d}s"
+    from supervisor.units import format_duration
+
+    return format_duration(_num(v))
 
 
 def format_status(status: dict, queue_rows: int = 10) -> str:

@@ -23,7 +23,7 @@ from typing import Any, Iterable
 from rich import box as _box
 from rich.console import Console
 from rich.table import Table
-from supervisor.units import format_mib
+from supervisor.units import format_count, format_duration, format_mib
 
 __all__ = [
     "EventList",
@@ -610,7 +610,7 @@ def _prediction_stats(rep: Report) -> PredictionStats:
 
 
 def _mib(v: float | None) -> str:
-    return "-" if v is None else f"{v:,.0f}"
+    return format_count(v)
 
 
 def _size(mb: float | None) -> str:
@@ -618,16 +618,7 @@ def _size(mb: float | None) -> str:
 
 
 def _dur(s: float | None) -> str:
-    if s is None:
-        return "-"
-    if s < 60:
-        return f"{s:.1f}s"
-    s = int(round(s))
-    h, rem = divmod(s, 3600)
-    m, sec = divmod(rem, 60)
-    if h:
-        return f"{h}h{m:02d}m"
-    return f"{m}m{sec:02d}s"
+    return format_duration(s, decimals=1)
 
 
 def _table(title: str, columns: list[tuple[str, str]]) -> Table:
