@@ -430,10 +430,7 @@ def _dur(v: Any) -> str:
 
 def format_status(status: dict, queue_rows: int = 10) -> str:
     """A plain-text view of a status snapshot for ``batchalign-supervise status``."""
-    import io
-
     from rich import box
-    from rich.console import Console
     from rich.table import Table
 
     s = status or {}
@@ -484,10 +481,6 @@ def format_status(status: dict, queue_rows: int = 10) -> str:
         rest = int(pending) - len(shown) if pending is not None else len(queue) - len(shown)
         if rest > 0:
             parts.append(f"... and {rest} more pending")
-    console = Console(file=io.StringIO(), width=120, color_system=None, force_terminal=False, highlight=False)
-    for i, part in enumerate(parts):
-        if i:
-            console.print()
-        console.print(part)
-    text = console.file.getvalue()
-    return "\n".join(line.rstrip() for line in text.splitlines()).strip("\n") + "\n"
+    from telemetry.report import render_plain
+
+    return render_plain(parts)

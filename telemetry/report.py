@@ -636,7 +636,8 @@ def _table(title: str, columns: list[tuple[str, str]]) -> Table:
     return t
 
 
-def _render(parts: list[Any]) -> str:
+def render_plain(parts: list[Any]) -> str:
+    """Rich tables and lines as plain text, 120 columns, no trailing blanks (reports and status)."""
     console = Console(file=io.StringIO(), width=120, color_system=None, force_terminal=False, highlight=False)
     for i, part in enumerate(parts):
         if i:
@@ -815,7 +816,7 @@ def render_text(report: Report, sort: str = "peak", limit: int | None = None) ->
     if rep.implausible:
         parts.append(_implausible_part(rep))
     parts.append(_prediction_part(rep))
-    return _render(parts)
+    return render_plain(parts)
 
 
 def to_dict(rep: Report) -> dict[str, Any]:
@@ -888,7 +889,7 @@ def summarize_store(summary: dict) -> str:
         for it in failed:
             t.add_row(str(it.get("file", "?")), str(it.get("outcome") or "-"), str(it.get("reason") or "-"))
         parts.append(t)
-    return _render(parts)
+    return render_plain(parts)
 
 
 # --------------------------------------------------------------------------------------------
