@@ -114,3 +114,72 @@ def test_a_truncated_recording_is_refused_from_the_same_reading(tmp_path):
     (tmp_path / "t.cha").write_text(chat_text("t", 4.0, random.Random(1)), encoding="utf-8")
     info = describe(tmp_path, tmp_path / "t.cha", out_root=tmp_path / "out", in_place=False)
     assert info.media_error is not None and "truncated" in info.media_error and str(tmp_path / "t.wav") in info.media_error
+
+
+def test_a_failed_warm_up_is_said_as_a_warning(caplog):
+    import logging
+
+    from worker.align import SpanAligner
+
+    class Broken(SpanAligner):
+        sample_rate = 16000
+
+        def align_span(self, audio, offset_s, utterances):
+            raise RuntimeError("CUDA error: no kernel image")
+
+    with caplog.at_level(logging.DEBUG, logger="worker.align"):
+        Broken.warm_up(Broken.__new__(Broken))
+    (rec,) = [r for r in caplog.records if "warm-up" in r.getMessage()]
+    assert rec.levelno == logging.WARNING and "no kernel image" in rec.getMessage()
+
+
+class _SyncJobs:
+    """Side jobs run at once, so a test sees their callbacks in order."""
+
+    def busy(self, lane):
+        return 0
+
+    def submit(self, lane, fn, *args, what="", on_done=None, on_error=None):
+        try:
+            got = fn(*args)
+        except Exception as exc:
+            if on_error is not None:
+                on_error(exc)
+            return
+        if on_done is not None:
+            on_done(got)
+
+
+def test_an_unreadable_ledger_is_said_once_and_answered_conservatively(tmp_path):
+    from supervisor.publish import Publisher
+    from supervisor.sd_notify import Notifier
+
+    events = []
+    pub = Publisher(notifier=Notifier({}), jobs=_SyncJobs(), emit=lambda e, level="info", **f: events.append((e, level)))
+    pub.open_ledger(str(tmp_path / "ledger.json"), "me")
+    state = {"others": 500 * 2**20, "broken": False}
+
+    class Ledger:
+        path = tmp_path / "ledger.json"
+
+        def update(self, owner, b):
+            if state["broken"]:
+                raise PermissionError(13, "Permission denied")
+
+        def reservations(self, owner, avail):
+            from supervisor.ledger import Reservation
+            return [Reservation(owner="other", pid=1, uid=0, cgroup=None, claimed_bytes=state["others"],
+                                reserved_bytes=state["others"])]
+
+    pub.ledger = Ledger()
+    pub.exchange(100.0, None)
+    assert pub.others_now(200.0) == 500.0  # read: what the others promise
+    state["broken"] = True
+    pub.exchange(100.0, None)
+    pub.exchange(100.0, None)
+    assert [e for e in events if e[0] == "ledger_unreadable"] == [("ledger_unreadable", "warning")]
+    assert pub.others_now(200.0) == 500.0  # blind: the most seen this run, at least the reserve
+    assert pub.others_now(800.0) == 800.0
+    state["broken"], state["others"] = False, 0
+    pub.exchange(100.0, None)
+    assert pub.others_now(200.0) == 0.0 and ("ledger_recovered", "info") in events

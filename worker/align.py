@@ -92,8 +92,9 @@ class SpanAligner(abc.ABC):
         audio = np.zeros(int(self.sample_rate * 2), dtype=np.float32)
         try:
             self.align_span(audio, 0.0, [UttRequest(0, 0.0, 2.0, ["a"])])
-        except Exception as exc:  # a warm-up that fails says nothing about real files
-            log.debug("warm-up span failed: %s", exc)
+        except Exception as exc:  # the worker still serves files, but its READY baseline is low: say so
+            log.warning("warm-up span failed (%s: %s); the READY baseline may miss the model's start-up",
+                        type(exc).__name__, exc)
 
     def transcribe_words(self, audio: np.ndarray, offset_s: float) -> list[tuple[str, float, float]]:
         """Words the model hears in ``audio`` with absolute times, for recovering utterance times.
