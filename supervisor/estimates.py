@@ -11,7 +11,8 @@ from __future__ import annotations
 import time
 from typing import Any, Callable
 
-from supervisor.queue import FileJob, FileState, WorkQueue
+from supervisor.policy import PendingView
+from supervisor.queue import FileJob, FileState, WorkQueue, is_uncertain
 from supervisor.settings import Settings
 from telemetry.model import Defaults, Estimate, FileFeatures, MemoryModel, Predictor, remaining_growth
 from telemetry.store import TelemetryStore
@@ -120,6 +121,14 @@ class Estimator:
             return
         for job in jobs:
             self.estimate(job)
+
+    def pending_views(self, window: int) -> tuple[PendingView, ...]:
+        """The policy's view of the next ``window`` pending files: their estimates (a cold guess
+        has no central figure to weigh against the budget)."""
+        return tuple(PendingView(file=j.rel, peak_mb=j.estimate.peak_mb, growth_mb=j.estimate.growth_mb,
+                                 central_peak_mb=j.estimate.central_mb if j.estimate.source != "cold" else 0.0,
+                                 uncertain=is_uncertain(j.estimate))
+                     for j in self.queue.pending()[:window] if j.estimate is not None)
 
     @property
     def baseline_mb(self) -> float:

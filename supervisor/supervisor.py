@@ -32,10 +32,10 @@ from supervisor.inbox import Inbox
 from supervisor.intake import Intake
 from supervisor.outcomes import (EXIT_FAILED, EXIT_HALTED, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE,  # noqa: F401
                                  Outcomes, RunSummary)
-from supervisor.policy import MemoryPolicy, PendingView, Snapshot, committed_mb, used_mb
+from supervisor.policy import MemoryPolicy, Snapshot, committed_mb, used_mb
 from supervisor.pool import ZygoteLauncher, resolve_start_method, worker_command
 from supervisor.publish import Publisher, memory_figures, status_header, status_of
-from supervisor.queue import FileState, WorkQueue, is_uncertain
+from supervisor.queue import FileState, WorkQueue
 from supervisor.reload import bands_from, reread, shown
 from supervisor.sampler import Limits, Sampler, detect_limits
 from supervisor.sd_notify import Notifier
@@ -43,7 +43,7 @@ from supervisor.senses import Senses, default_sampler
 from supervisor.settings import Settings, SettingsError
 from supervisor.sidejobs import SideJobs
 from supervisor.sink import TelemetrySink
-from supervisor.workers import WorkerRecord, WorkerState, WorkerTable
+from supervisor.workers import WorkerRecord, WorkerTable
 from telemetry.logging import worker_record
 from telemetry.model import FileFeatures
 from telemetry.store import TelemetryStore
@@ -390,14 +390,10 @@ class Supervisor:
         return self.publisher.others_now(self.limits.reserve / MiB)
 
     def snapshot(self, now: float) -> Snapshot:
-        pending = tuple(PendingView(file=j.rel, peak_mb=j.estimate.peak_mb, growth_mb=j.estimate.growth_mb,
-                                    central_peak_mb=j.estimate.central_mb if j.estimate.source != "cold" else 0.0,
-                                    uncertain=is_uncertain(j.estimate))
-                        for j in self.queue.pending()[:POLICY_WINDOW] if j.estimate is not None)
         h = self.senses.host
         return Snapshot(now=now, budget_mb=self.budget_mb, reserve_mb=self.limits.reserve / MiB,
                         available_mb=self.senses.available_mb, workers=self.workers.views(self._remaining),
-                        pending=pending, predicted_baseline_mb=self.estimator.baseline_mb,
+                        pending=self.estimator.pending_views(POLICY_WINDOW), predicted_baseline_mb=self.estimator.baseline_mb,
                         max_workers=self.s.max_workers(self.cores), psi_some10=h.psi_some_avg10 if h else None,
                         psi_full10=h.psi_full_avg10 if h else None, draining=self.draining or self.stop_now,
                         others_reserved_mb=self.others_mb(), overhead_mb=self.senses.overhead_mb,
