@@ -44,6 +44,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from worker.selfmem import clear_hwm, own_memory_mb, read_status_kb  # noqa: E402
+
 MiB = 1 << 20
 CHAR_VOCAB = ["<pad>", "<s>", "</s>", "<unk>", "|", "'"] + [chr(c) for c in range(ord("A"), ord("Z") + 1)]
 
@@ -52,33 +54,14 @@ CHAR_VOCAB = ["<pad>", "<s>", "</s>", "<unk>", "|", "'"] + [chr(c) for c in rang
 
 
 def proc_mem(pid: int | str = "self") -> dict[str, float]:
-    """RSS, PSS and USS (private clean + dirty) in MiB from smaps_rollup, and VmHWM."""
-    out: dict[str, float] = {}
-    try:
-        with open(f"/proc/{pid}/smaps_rollup") as fh:
-            kb = {}
-            for line in fh:
-                parts = line.split()
-                if len(parts) >= 2 and parts[0].endswith(":") and parts[1].isdigit():
-                    kb[parts[0][:-1]] = int(parts[1])
-        with open(f"/proc/{pid}/status") as fh:
-            for line in fh:
-                if line.startswith("VmHWM:"):
-                    out["hwm"] = int(line.split()[1]) / 1024
-    except OSError:
-        return {}
-    out["rss"] = kb.get("Rss", 0) / 1024
-    out["pss"] = kb.get("Pss", 0) / 1024
-    out["uss"] = (kb.get("Private_Clean", 0) + kb.get("Private_Dirty", 0)) / 1024
+    """RSS, PSS and USS (private clean + dirty) in MiB from smaps_rollup, and VmHWM (the worker's
+    own readers, so the benchmark measures what a worker reports)."""
+    m = own_memory_mb(pid)
+    hwm = read_status_kb("VmHWM", pid)
+    out = {"rss": m["rss_mb"], "pss": m["pss_mb"], "uss": m["uss_mb"]}
+    if hwm is not None:
+        out["hwm"] = hwm / 1024
     return out
-
-
-def clear_hwm() -> None:
-    try:
-        with open("/proc/self/clear_refs", "w") as fh:
-            fh.write("5")
-    except OSError:
-        pass
 
 
 # -- the worker process -------------------------------------------------------------------------------

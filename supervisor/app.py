@@ -30,51 +30,19 @@ def _progress_mode(s: Settings) -> bool:
 
 
 def run_app(settings: Settings, reload_cli: dict | None = None) -> int:
-    from telemetry.logging import configure_logging, get_logger
-    from telemetry.store import TelemetryStore
-
     s = settings
     try:
         limits = detect_limits(budget=s.memory.budget, reserve=s.memory.reserve)
     except (OSError, ValueError) as exc:
         _err(f"cannot determine the memory limit: {exc}")
         return EXIT_USAGE
-    media_dir = Path(s.run.media_dir) if s.run.media_dir else None
-    watcher = None
-    listing = DirListing()  # the walk's listings, reused to find media: each folder listed once
     try:
-        if s.service.watch:
-            from supervisor.watch import InboxWatcher
-
-            watcher = InboxWatcher(Path(s.service.watch), out_root=s.out, in_place=s.in_place, media_dir=media_dir,
-                                   settle_s=s.service.settle, scan_interval=s.service.scan_interval)
-            found = []
-        else:
-            found = find_transcripts(s.corpus, out_root=s.out, in_place=s.in_place, listing=listing)
+        found, watcher, listing = _discover(s)
     except (CorpusError, OSError) as exc:
         _err(str(exc))
         return EXIT_USAGE
-    if not found and watcher is None:
-        _err(f"no .cha transcripts found under {', '.join(map(str, s.corpus))}")
-        return EXIT_USAGE
-
-    store_error = None
-    try:
-        store = TelemetryStore(s.telemetry_path)
-    except Exception as exc:  # sqlite3 errors, permissions, a full disk: the run does not need the store
-        store, store_error = None, f"{type(exc).__name__}: {exc}"
-
-    progress = _progress_mode(s) and not s.dry_run
-    log_path = None if s.dry_run else s.log_path
-    if log_path is not None:
-        log_path.parent.mkdir(parents=True, exist_ok=True)
-    configure_logging(json_path=log_path, console="none" if progress else "plain", process="supervisor")
-    log = get_logger("supervisor")
-    display = None
-    if progress:
-        from supervisor.progress import ProgressDisplay
-
-        display = ProgressDisplay()
+    store, store_error = _open_store(s)
+    log, display, log_path = _outputs(s)
     sup_cls = Supervisor
     if s.cluster.address:
         from supervisor.cluster.run import ClusterSupervisor as sup_cls  # needs the 'cluster' extra
@@ -86,15 +54,66 @@ def run_app(settings: Settings, reload_cli: dict | None = None) -> int:
     if store_error is not None:
         sup.emit("telemetry_unavailable", level="warning", store=str(s.telemetry_path), error=store_error,
                  effect="starting from the cold defaults; learning stays in memory for this run")
-    if s.dry_run:
-        sup.plan(found)
-        print_plan(sup)
+    try:
+        if s.dry_run:
+            sup.plan(found)
+            print_plan(sup)
+            return EXIT_OK
+        summary = _run_with_cache(sup, found, display)
+    finally:
         if store is not None:
             store.close()
-        return EXIT_OK
+    print_summary(summary, sup, log_path)
+    return summary.exit_code
+
+
+def _discover(s: Settings) -> tuple[list, Any, DirListing]:
+    """The corpus's transcripts (a walk only), or the inbox watcher in watch mode."""
+    listing = DirListing()  # the walk's listings, reused to find media: each folder listed once
+    if s.service.watch:
+        from supervisor.watch import InboxWatcher
+
+        media_dir = Path(s.run.media_dir) if s.run.media_dir else None
+        watcher = InboxWatcher(Path(s.service.watch), out_root=s.out, in_place=s.in_place, media_dir=media_dir,
+                               settle_s=s.service.settle, scan_interval=s.service.scan_interval)
+        return [], watcher, listing
+    found = find_transcripts(s.corpus, out_root=s.out, in_place=s.in_place, listing=listing)
+    if not found:
+        raise CorpusError(f"no .cha transcripts found under {', '.join(map(str, s.corpus))}")
+    return found, None, listing
+
+
+def _open_store(s: Settings) -> tuple[Any, str | None]:
+    from telemetry.store import TelemetryStore
+
+    try:
+        return TelemetryStore(s.telemetry_path), None
+    except Exception as exc:  # sqlite3 errors, permissions, a full disk: the run does not need the store
+        return None, f"{type(exc).__name__}: {exc}"
+
+
+def _outputs(s: Settings) -> tuple[Any, Any, Path | None]:
+    """The one logging configuration of this process, and the progress display if one is wanted."""
+    from telemetry.logging import configure_logging, get_logger
+
+    progress = _progress_mode(s) and not s.dry_run
+    log_path = None if s.dry_run else s.log_path
+    if log_path is not None:
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+    configure_logging(json_path=log_path, console="none" if progress else "plain", process="supervisor")
+    display = None
+    if progress:
+        from supervisor.progress import ProgressDisplay
+
+        display = ProgressDisplay()
+    return get_logger("supervisor"), display, log_path
+
+
+def _run_with_cache(sup: Supervisor, found: list, display: Any) -> RunSummary:
+    """The run, with the result cache kept under its size limit before, during and after it."""
     from supervisor.cache import Pruner
 
-    pruner = Pruner(s.cache_dir, s.run.cache_max)
+    pruner = Pruner(sup.s.cache_dir, sup.s.run.cache_max)
     pruner.maybe(force=True)
     sup.add_status_hook(pruner.maybe)
     try:
@@ -104,13 +123,10 @@ def run_app(settings: Settings, reload_cli: dict | None = None) -> int:
     finally:
         if display is not None:
             display.stop(sup.status())
-        if store is not None:
-            store.close()
     pruner.join()
     pruner.maybe(force=True)
     pruner.join()
-    print_summary(summary, sup, log_path)
-    return summary.exit_code
+    return summary
 
 
 async def _serve(sup: Supervisor, found: list) -> RunSummary:

@@ -408,41 +408,29 @@ def _num(v: Any) -> float | None:
         return None
 
 
+# The formatters are the shared ones, imported where a status is formatted: the server and the
+# client need the standard library only (a query may come from another user's interpreter).
 def _mib(v: Any) -> str:
-    f = _num(v)
-    return "-" if f is None else f"{f:,.0f}"
+    from supervisor.units import format_count
+
+    return format_count(_num(v))
 
 
 def _size(v: Any) -> str:
-    f = _num(v)
-    if f is None:
-        return "?"
-    return f"{f / 1024:.1f} GiB" if abs(f) >= 1024 else f"{f:.0f} MiB"
+    from supervisor.units import format_mib
+
+    return format_mib(_num(v))
 
 
 def _dur(v: Any) -> str:
-    s = _num(v)
-    if s is None:
-        return "-"
-    if s < 60:
-        return f"{s:.0f}s"
-    s = int(round(s))
-    d, rem = divmod(s, 86400)
-    h, rem = divmod(rem, 3600)
-    m, sec = divmod(rem, 60)
-    if d:
-        return f"{d}d{h:02d}h"
-    if h:
-        return f"{h}h{m:02d}m"
-    return f"{m}m{sec:02d}s"
+    from supervisor.units import format_duration
+
+    return format_duration(_num(v))
 
 
 def format_status(status: dict, queue_rows: int = 10) -> str:
     """A plain-text view of a status snapshot for ``batchalign-supervise status``."""
-    import io
-
     from rich import box
-    from rich.console import Console
     from rich.table import Table
 
     s = status or {}
@@ -493,10 +481,6 @@ def format_status(status: dict, queue_rows: int = 10) -> str:
         rest = int(pending) - len(shown) if pending is not None else len(queue) - len(shown)
         if rest > 0:
             parts.append(f"... and {rest} more pending")
-    console = Console(file=io.StringIO(), width=120, color_system=None, force_terminal=False, highlight=False)
-    for i, part in enumerate(parts):
-        if i:
-            console.print()
-        console.print(part)
-    text = console.file.getvalue()
-    return "\n".join(line.rstrip() for line in text.splitlines()).strip("\n") + "\n"
+    from telemetry.report import render_plain
+
+    return render_plain(parts)

@@ -12,16 +12,15 @@ import hashlib
 import json
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator
 
 from supervisor.paths import is_within
-from worker.audio import MEDIA_EXTENSIONS, DirListing, find_media, media_duration, validate_media
+from worker.audio import MEDIA_EXTENSIONS, DirListing, MediaHeader, find_media, fingerprint, probe_media
 
 MANIFEST_DIR = ".batchalign-supervise"
 _MEDIA_RE = re.compile(rb"^@Media:\t([^,\r\n]+)", re.MULTILINE)
-_FINGERPRINT_CHUNK = 1 << 20
 
 
 class CorpusError(ValueError):
@@ -41,6 +40,7 @@ class FileInfo:
     media_bytes: int | None
     audio_seconds: float | None
     input_hash: str  # transcript content + media fingerprint
+    header: MediaHeader | None = field(default=None, repr=False, compare=False)  # read once at intake
 
     @property
     def media_mb(self) -> float | None:
@@ -74,15 +74,8 @@ def media_name(transcript: bytes) -> str | None:
 
 def media_fingerprint(path: Path) -> str:
     """Size plus the first and last MiB: cheap on multi-GB recordings, still catches real edits."""
-    h = hashlib.sha256()
-    size = path.stat().st_size
-    h.update(str(size).encode())
     with open(path, "rb") as fh:
-        h.update(fh.read(_FINGERPRINT_CHUNK))
-        if size > 2 * _FINGERPRINT_CHUNK:
-            fh.seek(size - _FINGERPRINT_CHUNK)
-            h.update(fh.read(_FINGERPRINT_CHUNK))
-    return h.hexdigest()
+        return fingerprint(fh, os.fstat(fh.fileno()).st_size)
 
 
 def hash_bytes(data: bytes) -> str:
@@ -99,6 +92,7 @@ def describe(root: Path, cha: Path, *, out_root: Path | None, in_place: bool,
     out = cha if in_place else (out_root / rel if out_root is not None else cha)
     media: Path | None = None
     media_error: str | None = None
+    header: MediaHeader | None = None
     name = media_name(data)
     if name is None:
         media_error = f"{cha}: no @Media header"
@@ -107,17 +101,16 @@ def describe(root: Path, cha: Path, *, out_root: Path | None, in_place: bool,
         if media is None:
             where = f" or under {media_dir}" if media_dir else ""
             media_error = (f"{cha}: media {name!r} not found beside the transcript{where} "
-                           f"(looked for .{', .'.join(MEDIA_EXTENSIONS)})")
+                           f"(looked for .{', '.join(MEDIA_EXTENSIONS)})")
         else:
-            media_error = validate_media(media)
-    media_bytes = media.stat().st_size if media is not None else None
-    seconds = media_duration(media) if media is not None else None
+            header = probe_media(media)  # the one opening of the recording at intake
+            media_error = header.error
     h = hashlib.sha256(data)
-    if media is not None:
-        h.update(media_fingerprint(media).encode())
+    if header is not None:
+        h.update(header.fingerprint.encode())
     return FileInfo(rel=rel, path=cha, out=out, media=media, media_error=media_error,
-                    transcript_bytes=len(data), media_bytes=media_bytes, audio_seconds=seconds,
-                    input_hash=h.hexdigest())
+                    transcript_bytes=len(data), media_bytes=header.size_bytes if header else None,
+                    audio_seconds=header.seconds if header else None, input_hash=h.hexdigest(), header=header)
 
 
 @dataclass(frozen=True)

@@ -11,11 +11,45 @@ from __future__ import annotations
 import time
 from typing import Any, Callable
 
-from supervisor.queue import FileJob, FileState, WorkQueue
-from telemetry.model import FileFeatures, Predictor, remaining_growth
+from supervisor.policy import PendingView
+from supervisor.queue import FileJob, FileState, WorkQueue, is_uncertain
+from supervisor.settings import Settings
+from telemetry.model import Defaults, Estimate, FileFeatures, MemoryModel, Predictor, remaining_growth
+from telemetry.store import TelemetryStore
 
 REESTIMATE_S = 2.0  # re-estimating a whole large queue: at most this often, not per finished file
 HEAD = 256  # the files the policy looks at next are re-estimated at once after the model learned
+
+
+def cold_defaults(s: Settings) -> Defaults:
+    eng = s.engine_settings
+    return Defaults(baseline_mb=eng.cold_baseline_mb, intercept_mb=eng.cold_intercept_mb,
+                    mb_per_span_second=eng.cold_mb_per_span_second,
+                    mb_per_audio_second=eng.cold_mb_per_audio_second, mb_per_media_mb=eng.cold_mb_per_media_mb)
+
+
+def model_key(s: Settings) -> str:
+    """The learned model's key beside engine and device: the model, its dtype unless fp32, and the
+    synthetic engine's profile (different shapes must never share one model)."""
+    key = s.model_id
+    if s.run.dtype and s.run.dtype != "fp32":
+        key += f"@{s.run.dtype}"
+    profile = getattr(s.engine_settings, "profile", "total")
+    if s.engine_name == "synthetic" and profile != "total":
+        key += f"/{profile}"
+    return key
+
+
+def make_predictor(s: Settings, store: TelemetryStore | None) -> Predictor:
+    """The learned model of the running key (else the cold defaults) and the learned baseline."""
+    eng = s.engine_settings
+    kw = dict(quantile=s.memory.quantile, margin=s.memory.margin, min_samples=s.memory.min_samples)
+    params = store.load_model(s.engine_name, model_key(s), s.run.device) if store else None
+    model = MemoryModel.from_params(params, cold_defaults(s), **kw) if params else MemoryModel(cold_defaults(s), **kw)
+    # PSS at READY: what a worker is charged, and close to its whole cost when it runs alone.
+    learned = store.baseline(s.engine_name, s.model_id, s.run.device, measure="pss") if store else None
+    return Predictor(model, learned if learned is not None else eng.cold_baseline_mb,
+                     baseline_measured=learned is not None)
 
 
 class Estimator:
@@ -87,6 +121,14 @@ class Estimator:
             return
         for job in jobs:
             self.estimate(job)
+
+    def pending_views(self, window: int) -> tuple[PendingView, ...]:
+        """The policy's view of the next ``window`` pending files: their estimates (a cold guess
+        has no central figure to weigh against the budget)."""
+        return tuple(PendingView(file=j.rel, peak_mb=j.estimate.peak_mb, growth_mb=j.estimate.growth_mb,
+                                 central_peak_mb=j.estimate.central_mb if j.estimate.source != "cold" else 0.0,
+                                 uncertain=is_uncertain(j.estimate))
+                     for j in self.queue.pending()[:window] if j.estimate is not None)
 
     @property
     def baseline_mb(self) -> float:

@@ -9,7 +9,7 @@ event that says what happened.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from supervisor.backend import FileError, FileResult, WorkerExited, signal_name
@@ -22,6 +22,26 @@ from telemetry.store import Attempt
 
 # Kill reasons that mean "this file needed more memory than it was given".
 MEMORY_KILLS = ("over the guard", "host memory nearly exhausted")
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_HALTED, EXIT_INTERRUPTED = 0, 1, 2, 3, 4
+
+
+@dataclass
+class RunSummary:
+    exit_code: int
+    counts: dict[str, int]
+    failures: list[tuple[str, str, str]] = field(default_factory=list)  # (file, state, reason)
+    halted: str | None = None
+
+
+def exit_code(counts: dict[str, int], *, failed: bool, halted: bool, draining: bool, stopping: bool) -> int:
+    left = counts["pending"] or counts["running"]
+    if halted:
+        return EXIT_HALTED
+    if (draining or stopping) and left:
+        return EXIT_INTERRUPTED  # asked to stop with files left: re-running finishes them
+    if draining:
+        return EXIT_OK  # a drain that left nothing undone (watch mode's stop): a success
+    return EXIT_FAILED if failed or left else EXIT_OK
 
 
 @dataclass(frozen=True)
@@ -50,6 +70,19 @@ class Outcomes:
         self.forget = forget
         self.audio_done_s = 0.0
         self._started_wall: dict[str, float] = {}
+
+    def summary(self, *, halted: str | None, draining: bool, stopping: bool,
+                **figures: Any) -> tuple[RunSummary, dict[str, Any]]:
+        """What the run came to: its exit status and the ``run_finished`` figures."""
+        c = self.queue.counts()
+        failures = [(j.rel, j.state.value, j.reason or "")
+                    for j in self.queue.in_state(FileState.FAILED, FileState.QUARANTINED)]
+        code = exit_code(c, failed=bool(failures), halted=bool(halted), draining=draining, stopping=stopping)
+        summary = {"done": c["done"], "failed": c["failed"], "quarantined": c["quarantined"], "skipped": c["skipped"],
+                   "pending": c["pending"], **figures, "audio_seconds": round(self.audio_done_s, 1),
+                   "exit_code": code, "halted": halted, "drained": draining,
+                   "telemetry": "unavailable" if self.sink.failed else "ok"}
+        return RunSummary(exit_code=code, counts=c, failures=failures, halted=halted), summary
 
     def started(self, job: FileJob) -> None:
         self._started_wall[job.rel] = time.time()

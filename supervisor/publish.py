@@ -53,9 +53,12 @@ class Publisher:
     def ledger_blind(self) -> bool:
         return self._ledger_error is not None
 
-    def conservative_others_mb(self, reserve_mb: float) -> float:
-        """What to assume others take while the ledger cannot be read."""
-        return max(self._others_max_mb, reserve_mb)
+    def others_now(self, reserve_mb: float) -> float:
+        """What other supervisors take from this one's room: their believed promises, or while the
+        ledger cannot be read, the most seen this run and at least one more reserve."""
+        if self.ledger_blind():
+            return max(self._others_max_mb, reserve_mb)
+        return self.others_mb
 
     def exchange(self, promised_mb: float, host: Any) -> None:
         """Publish this supervisor's promise and read the others' (off the loop, one at a time)."""

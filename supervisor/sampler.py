@@ -669,7 +669,9 @@ class ProcSampler:
             self._prune(now)
         members = self._members(pid, now, force=exact)
         if exact:
-            self._reread_soon(now, skip=pid)
+            # A new walk of this root: others' shares of the pages it maps can only have fallen,
+            # so their estimates err high meanwhile; no walk of theirs sooner than its floor.
+            self._reread_soon(now, skip=pid, floor=self.min_exact_interval)
         rss = uss = pss = swap = 0
         all_exact = True
         for member in members:
@@ -696,13 +698,14 @@ class ProcSampler:
             for member in cached[1]:
                 self._exact.pop(member, None)
 
-    def _reread_soon(self, now: float, skip: int | None = None) -> None:
-        """Bring other roots' next walk forward, one per poll rather than all in one tick."""
+    def _reread_soon(self, now: float, skip: int | None = None, floor: float = 0.0) -> None:
+        """Bring other roots' next walk forward, one per poll rather than all in one tick, and no
+        sooner than ``floor`` after a root's last walk (a burst of READYs then costs one walk each)."""
         i = 1
         for root in self._roots_seen:
             entry = self._exact.get(root)
             if root != skip and entry is not None:
-                entry.due = min(entry.due, now + 0.25 * i)
+                entry.due = min(entry.due, max(now + 0.25 * i, entry.at + floor))
                 i += 1
 
     def _prune(self, now: float) -> None:

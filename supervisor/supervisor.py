@@ -1,70 +1,62 @@
-"""The supervisor loop: wait for an event or the next tick -> sample -> decide -> act.
+"""The supervisor loop: wait for an event or the next tick -> sense -> decide -> act.
 
 Modelled on gunicorn's arbiter: signal handlers only enqueue; one loop hands every event to the
 part that owns what it changes; workers that cannot boot halt the run instead of being respawned
 forever. The parts (see docs/DESIGN.md): intake (planning, watch mode, manifests), the worker
-table, outcomes, the estimator (predictor, lower bounds), the telemetry sink and the publisher
-(log, ledger, watchdog, status). The loop itself only senses (the sampler), asks the pure
-``MemoryPolicy`` and routes its decisions; nothing on it blocks: the backend starts workers and
-writes to them in tasks, and files, hashes, scans, the store and the ledger are side jobs.
+table, outcomes, the estimator (predictor, lower bounds), senses (the readings), the telemetry
+sink and the publisher (log, ledger, watchdog, status). The loop itself owns only the run's phase
+(draining, stopping, halted): it asks the pure ``MemoryPolicy`` and hands its decisions to
+``Actions``; nothing on it blocks: the backend starts workers and writes to them in tasks, and
+files, hashes, scans, the store and the ledger are side jobs.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import signal
 import time
 import uuid
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 import anyio
 
-from supervisor.backend import (Backend, FileError, FileProgress, FileResult, FileStarted, JobSpec, LocalBackend,
-                                SpawnFailed, WorkerBroken, WorkerExited, WorkerHeartbeat, WorkerLog, WorkerReady,
-                                WorkerSpawned)
+from supervisor.actions import Actions
+from supervisor.backend import (Backend, FileError, FileProgress, FileResult, FileStarted, LocalBackend, SpawnFailed,
+                                WorkerBroken, WorkerExited, WorkerHeartbeat, WorkerLog, WorkerReady, WorkerSpawned)
 from supervisor.corpus import Candidate
-from supervisor.estimates import Estimator
+from supervisor.estimates import Estimator, make_predictor, model_key
 from supervisor.identity import output_identity
+from supervisor.inbox import Inbox
 from supervisor.intake import Intake
-from supervisor.outcomes import Outcomes
-from supervisor.policy import Act, Bands, Decision, MemoryPolicy, PendingView, Snapshot, committed_mb, used_mb
+from supervisor.outcomes import (EXIT_FAILED, EXIT_HALTED, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE,  # noqa: F401
+                                 Outcomes, RunSummary)
+from supervisor.policy import MemoryPolicy, Snapshot, committed_mb, used_mb
 from supervisor.pool import ZygoteLauncher, resolve_start_method, worker_command
 from supervisor.publish import Publisher, memory_figures, status_header, status_of
-from supervisor.queue import FileState, WorkQueue, is_uncertain
-from supervisor.sampler import Limits, ProcSampler, Sampler, detect_limits
+from supervisor.queue import FileState, WorkQueue
+from supervisor.reload import bands_from, reread, shown
+from supervisor.sampler import Limits, Sampler, detect_limits
 from supervisor.sd_notify import Notifier
-from supervisor.settings import Settings, SettingsError, reload_settings
+from supervisor.senses import Senses, default_sampler
+from supervisor.settings import Settings, SettingsError
 from supervisor.sidejobs import SideJobs
 from supervisor.sink import TelemetrySink
-from supervisor.workers import MAX_BOOT_FAILURES, WorkerRecord, WorkerState, WorkerTable
-from telemetry.model import Defaults, FileFeatures, MemoryModel, Predictor
+from supervisor.workers import WorkerRecord, WorkerTable
+from telemetry.logging import worker_record
+from telemetry.model import FileFeatures
 from telemetry.store import TelemetryStore
 from worker.align import plan_features
 from worker.engines.base import JobError
 
 MiB = 2**20
-EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_HALTED, EXIT_INTERRUPTED = 0, 1, 2, 3, 4
 # The policy fits files first-fit in queue order; the head of a large queue is enough to find one.
 POLICY_WINDOW = 256
-# What a SIGHUP may not change: the running engine's identity and what was set up at start.
-RESTART_ONLY = ("run.engine", "run.model", "run.device", "run.dtype", "run.start_method", "run.state_dir",
-                "run.telemetry", "run.log_json", "run.media_dir", "memory.ledger", "service.watch",
-                "service.control_socket", "service.metrics_port", "service.metrics_host", "engine.")
 SHUTDOWN_WAIT_S = 10.0
 SIDE_JOBS_WAIT_S = 30.0
 WAKE = ("wake", None)  # inbox marker: a side job finished, decide on what it brought
-
-
-@dataclass
-class RunSummary:
-    exit_code: int
-    counts: dict[str, int]
-    failures: list[tuple[str, str, str]] = field(default_factory=list)  # (file, state, reason)
-    halted: str | None = None
+SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
 
 def engine_options(s: Settings, workers: int) -> dict[str, Any]:
@@ -77,80 +69,18 @@ def engine_options(s: Settings, workers: int) -> dict[str, Any]:
     return opts
 
 
-def cold_defaults(s: Settings) -> Defaults:
-    eng = s.engine_settings
-    return Defaults(baseline_mb=eng.cold_baseline_mb, intercept_mb=eng.cold_intercept_mb,
-                    mb_per_span_second=eng.cold_mb_per_span_second,
-                    mb_per_audio_second=eng.cold_mb_per_audio_second, mb_per_media_mb=eng.cold_mb_per_media_mb)
-
-
-def model_key(s: Settings) -> str:
-    """The learned model's key beside engine and device: the model, its dtype unless fp32, and the
-    synthetic engine's profile (different shapes must never share one model)."""
-    key = s.model_id
-    if s.run.dtype and s.run.dtype != "fp32":
-        key += f"@{s.run.dtype}"
-    profile = getattr(s.engine_settings, "profile", "total")
-    if s.engine_name == "synthetic" and profile != "total":
-        key += f"/{profile}"
-    return key
-
-
 def file_planner(s: Settings) -> Callable[[Any], FileFeatures]:
     """What the engine will hold for a file, from its plan (blocking: intake calls it off the loop)."""
     options = engine_options(s, 1)
 
     def plan(info: Any) -> FileFeatures:
         try:
-            return plan_features(info.path, info.media, s.engine_name, options)
+            return plan_features(info.path, info.media, s.engine_name, options, header=info.header)
         except (JobError, OSError, ValueError):
             # The worker reports bad input with its line; until then, size alone.
             return FileFeatures(audio_s=info.audio_seconds, media_mb=info.media_mb)
 
     return plan
-
-
-def make_predictor(s: Settings, store: TelemetryStore | None) -> Predictor:
-    eng = s.engine_settings
-    kw = dict(quantile=s.memory.quantile, margin=s.memory.margin, min_samples=s.memory.min_samples)
-    params = store.load_model(s.engine_name, model_key(s), s.run.device) if store else None
-    model = MemoryModel.from_params(params, cold_defaults(s), **kw) if params else MemoryModel(cold_defaults(s), **kw)
-    # PSS at READY: what a worker is charged, and close to its whole cost when it runs alone.
-    learned = store.baseline(s.engine_name, s.model_id, s.run.device, measure="pss") if store else None
-    return Predictor(model, learned if learned is not None else eng.cold_baseline_mb,
-                     baseline_measured=learned is not None)
-
-
-def bands_from(s: Settings) -> Bands:
-    m = s.memory
-    return Bands(admit_below=m.admit_below, pause_above=m.pause_above, resume_below=m.resume_below,
-                 kill_above=m.kill_above, psi_admit_below=m.psi_admit_below, psi_pause_above=m.psi_pause_above,
-                 max_pause_s=m.max_pause, kill_settle_s=m.kill_settle, pause_cooldown_s=m.pause_cooldown)
-
-
-def settings_diff(old: Settings, new: Settings) -> dict[str, list]:
-    changed: dict[str, list] = {}
-    for section in ("memory", "run", "service"):
-        old_d, new_d = vars(getattr(old, section)), vars(getattr(new, section))
-        changed.update({f"{section}.{k}": [old_d[k], new_d[k]] for k in old_d if old_d[k] != new_d[k]})
-    for name in old.engine:
-        old_d, new_d = vars(old.engine[name]), vars(new.engine.get(name, old.engine[name]))
-        changed.update({f"engine.{name}.{k}": [old_d[k], new_d[k]] for k in old_d if old_d[k] != new_d.get(k)})
-    return changed
-
-
-def live_reload(current: Settings, new: Settings) -> tuple[Settings, dict[str, list], dict[str, list]]:
-    """``new`` with every restart-only key kept at its running value, so that nothing is filed under
-    a key that is not the running one; returns (settings, applied changes, refused changes)."""
-    changed = settings_diff(current, new)
-    refused = {k: v for k, v in changed.items() if k.startswith(RESTART_ONLY)}
-    for key in refused:
-        section, _, name = key.partition(".")
-        if section == "engine":
-            new.engine = current.engine
-        else:
-            setattr(getattr(new, section), name, getattr(getattr(current, section), name))
-    return new, {k: v for k, v in changed.items() if k not in refused}, refused
 
 
 class Supervisor:
@@ -161,9 +91,6 @@ class Supervisor:
                  backend: Backend | None = None, listing: Any = None) -> None:
         self.s = settings
         self.log = log
-        # Exact smaps reads walk page tables (~11 ms per GiB): ration them; status-based estimates
-        # track anonymous growth in between.
-        self.sampler = sampler or ProcSampler(exact_share=0.002, min_exact_interval=5.0)
         self.clock = clock
         self.notifier = notifier or Notifier()
         self.reload_cli = reload_cli or {}
@@ -171,22 +98,21 @@ class Supervisor:
         self.run_id = time.strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
         self.limits = limits or detect_limits(budget=settings.memory.budget, reserve=settings.memory.reserve)
         self.key = (settings.engine_name, settings.model_id, settings.run.device)
+        self.cores = os.cpu_count() or 1
         self.t0 = clock()
         self.wall0 = time.time()
-        self.inbox: asyncio.Queue = asyncio.Queue()
+        self.inbox = Inbox()
         self.draining = False
         self.drain_deadline: float | None = None
         self.stop_now = False
         self.halted: str | None = None
-        self.host: Any = None
-        self.host_error: str | None = None
-        self.overhead_mb = 0.0
-        self._overhead_at = -1e9
         self._capacity_changed = False
 
         self.queue = WorkQueue(settings.run.max_attempts)
         self.policy = MemoryPolicy(bands_from(settings))
         self.jobs = SideJobs(self.emit, wake=self._wake)
+        self.senses = Senses(sampler or default_sampler(), self.emit,
+                             extra_pids=lambda: getattr(self.backend, "extra_pids", lambda: [])())
         self.estimator = Estimator(make_predictor(settings, store), self.queue,
                                    stored_bounds=store.lower_bounds(*self.key) if store else None, clock=clock)
         self.sink = TelemetrySink(store, self.jobs, self.emit, self.key, model_key(settings))
@@ -199,6 +125,7 @@ class Supervisor:
                                  emit=self.emit, run_id=self.run_id, forget=self.policy.forget)
         self.publisher = Publisher(notifier=self.notifier, jobs=self.jobs, emit=self.emit, display=display)
         self.workers: WorkerTable | None = None
+        self.actions: Actions | None = None
 
     # -- helpers -----------------------------------------------------------------------------------
     @property
@@ -234,13 +161,13 @@ class Supervisor:
     # -- the run -------------------------------------------------------------------------------------
     async def run(self, candidates: list[Candidate]) -> RunSummary:
         loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        for sig in SIGNALS:
             loop.add_signal_handler(sig, self.inbox.put_nowait, ("signal", sig))
         self.emit("run_started", corpus=[str(p) for p in self.s.corpus], out=str(self.s.out) if self.s.out else None,
                   engine=self.key[0], model=self.key[1], device=self.key[2],
                   limit_mb=round(self.limits.limit / MiB, 1), budget_mb=round(self.budget_mb, 1),
                   reserve_mb=round(self.limits.reserve / MiB, 1), limit_source=self.limits.source,
-                  files=len(candidates), max_workers=self.s.max_workers(), pid=os.getpid(),
+                  files=len(candidates), max_workers=self.s.max_workers(self.cores), pid=os.getpid(),
                   supervisor_cpu_s=round(time.process_time(), 3))
         self.sink.start_run(self.run_id, ",".join(str(p) for p in self.s.corpus), self.s.to_dict())
         await anyio.to_thread.run_sync(self.publisher.open_ledger, self.s.memory.ledger,
@@ -248,13 +175,15 @@ class Supervisor:
         if self.backend is None:
             self.backend = self._local_backend()
         self.workers = WorkerTable(self.backend, emit=self.emit, clock=self.clock)
+        self.actions = Actions(workers=self.workers, queue=self.queue, outcomes=self.outcomes, cores=self.cores,
+                               fixed_threads=self.s.engine_settings.threads, budget_mb=lambda: self.budget_mb)
         await self.backend.start()
         pump = asyncio.create_task(self._pump(), name="backend-events")
         self.intake.start_planning(candidates)
         try:
             await self._loop()
         finally:
-            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            for sig in SIGNALS:
                 loop.remove_signal_handler(sig)
             await self._shutdown()
             pump.cancel()
@@ -267,7 +196,7 @@ class Supervisor:
         return result
 
     def _local_backend(self) -> LocalBackend:
-        cmd = worker_command(self.key[0], engine_options(self.s, self.s.max_workers()))
+        cmd = worker_command(self.key[0], engine_options(self.s, self.s.max_workers(self.cores)))
         method = resolve_start_method(self.s.run.start_method, self.key[0])
         launcher = ZygoteLauncher(self.key[0]) if method == "zygote" else None
         return LocalBackend(cmd, launcher=launcher, clock=self.clock)
@@ -279,11 +208,7 @@ class Supervisor:
     async def _loop(self) -> None:
         next_tick = self.now()
         while True:
-            timeout = max(0.0, next_tick - self.now())
-            try:
-                ev = await asyncio.wait_for(self.inbox.get(), timeout)
-            except asyncio.TimeoutError:
-                ev = None
+            ev = await self.inbox.get(max(0.0, next_tick - self.now()))
             if ev is not None:
                 self._handle(ev)
                 while not self.inbox.empty():
@@ -336,17 +261,13 @@ class Supervisor:
             return
         self._guarded(type(ev).__name__, handler, self, ev, worker=getattr(ev, "worker_id", None))
 
-    def _on_spawned(self, ev: WorkerSpawned) -> None:
-        self.workers.spawned(ev.worker_id, ev.pid)
-
     def _on_spawn_failed(self, ev: SpawnFailed) -> None:
         self.workers.spawn_failed(ev.reason)
         self._check_boot()
 
     def _on_ready(self, ev: WorkerReady) -> None:
         self._capacity_changed = True
-        mem = self.sampler.tree(ev.pid, exact=True)  # a real smaps read, not an estimate
-        w = self.workers.ready(ev, mem)
+        w = self.workers.ready(ev, self.senses.exact(ev.pid))
         if w is None:
             return
         self.estimator.learn_baseline(w.baseline_pss_mb, w.calibration)
@@ -357,27 +278,6 @@ class Supervisor:
         if self.draining:
             self.workers.stop(w, "draining")
 
-    def _on_heartbeat(self, ev: WorkerHeartbeat) -> None:
-        self.workers.heartbeat(ev.worker_id, ev.progress)
-
-    def _on_progress(self, ev: FileProgress) -> None:
-        self.workers.file_progress(ev.worker_id, ev.progress)
-
-    def _on_started(self, ev: FileStarted) -> None:
-        w = self.workers.get(ev.worker_id)
-        if w is not None and w.job is not None:
-            self.emit("file_started", worker=w.id, pid=w.pid, file=w.job.rel)
-
-    def _holder(self, worker_id: str, job_id: str | None, what: str) -> WorkerRecord | None:
-        """The worker, if it holds the job it reports on; otherwise it broke the protocol."""
-        w = self.workers.get(worker_id)
-        if w is None:
-            return None
-        if w.job is None or (job_id is not None and job_id != w.job_id):
-            self.workers.kill(w, f"protocol error: {what} for a job it does not hold")
-            return None
-        return w
-
     def _on_result(self, ev: FileResult) -> None:
         self._file_over(ev, "result", self.outcomes.from_result)
 
@@ -387,7 +287,7 @@ class Supervisor:
     def _file_over(self, ev: FileResult | FileError, what: str, outcome_of: Callable[..., Any]) -> None:
         """A worker's file ended (result or error): release the worker, then apply the outcome."""
         self._capacity_changed = True
-        w = self._holder(ev.worker_id, ev.job_id, what)
+        w = self.workers.holder(ev.worker_id, ev.job_id, what)
         if w is None:
             return
         outcome = outcome_of(w, w.job, ev)
@@ -409,45 +309,27 @@ class Supervisor:
         if ex.boot_failure:
             self._check_boot()
 
-    def _on_broken(self, ev: WorkerBroken) -> None:
-        w = self.workers.get(ev.worker_id)
-        if w is not None and w.live:
-            self.emit("worker_protocol_error", level="error", worker=w.id, pid=w.pid, error=ev.error)
-            self.workers.kill(w, f"protocol error: {ev.error}")
-
     def _on_log(self, ev: WorkerLog) -> None:
-        line = ev.line
-        if not line:
-            return
-        w = self.workers.get(ev.worker_id)
-        wf = {"worker": ev.worker_id, "pid": w.pid if w else None}
-        try:
-            rec = json.loads(line)
-            if not isinstance(rec, dict):
-                raise ValueError
-        except ValueError:
-            self.emit("worker_output", level="debug", **wf, line=line[:2000])
-            return
-        level = rec.pop("level", "info")
-        event = rec.pop("event", "log")
-        rec.pop("timestamp", None), rec.pop("ts", None)
-        loud = level in ("warning", "error", "critical")
-        self.emit("worker_log", level="warning" if loud else "debug", **wf, worker_event=event, worker_level=level,
-                  **{k: v for k, v in rec.items() if k not in ("worker", "pid", "t")})
+        if ev.line:
+            w = self.workers.get(ev.worker_id)
+            event, level, fields = worker_record(ev.line)
+            self.emit(event, level=level, worker=ev.worker_id, pid=w.pid if w else None, **fields)
 
     _HANDLERS: dict[type, Callable[..., None]] = {
-        WorkerSpawned: _on_spawned, SpawnFailed: _on_spawn_failed, WorkerReady: _on_ready,
-        WorkerHeartbeat: _on_heartbeat, FileProgress: _on_progress, FileStarted: _on_started,
-        FileResult: _on_result, FileError: _on_error, WorkerExited: _on_exited, WorkerBroken: _on_broken,
-        WorkerLog: _on_log,
+        WorkerSpawned: lambda self, ev: self.workers.spawned(ev.worker_id, ev.pid),
+        SpawnFailed: _on_spawn_failed, WorkerReady: _on_ready,
+        WorkerHeartbeat: lambda self, ev: self.workers.heartbeat(ev.worker_id, ev.progress),
+        FileProgress: lambda self, ev: self.workers.file_progress(ev.worker_id, ev.progress),
+        FileStarted: lambda self, ev: self.workers.file_started(ev.worker_id),
+        FileResult: _on_result, FileError: _on_error, WorkerExited: _on_exited,
+        WorkerBroken: lambda self, ev: self.workers.broken(ev.worker_id, ev.error), WorkerLog: _on_log,
     }
 
     def _check_boot(self) -> None:
-        t = self.workers
-        if t.boot_failures >= MAX_BOOT_FAILURES and not self.halted:
-            self.halted = (f"workers cannot start: engine {self.key[0]}, model {self.key[1]}: "
-                           f"{t.last_boot_failure}")
-            self.emit("run_halted", level="error", reason=self.halted, boot_failures=t.boot_failures)
+        reason = self.workers.halt_reason(self.key[0], self.key[1])
+        if reason is not None and not self.halted:
+            self.halted = reason
+            self.emit("run_halted", level="error", reason=reason, boot_failures=self.workers.boot_failures)
 
     # -- signals -------------------------------------------------------------------------------------
     def _on_signal(self, sig: int) -> None:
@@ -465,36 +347,32 @@ class Supervisor:
             self.stop_now = True
 
     def _drain_workers(self) -> None:
-        """Stop what a drain no longer needs: workers still loading and idle ones."""
-        for w in self.workers.live():
-            if w.state is WorkerState.STARTING:
-                self.workers.kill(w, "drain: not ready yet", by_us=True)
-            elif w.job is None:
-                self.workers.stop(w, "draining")
+        self.workers.drain()
 
     def _reload(self) -> None:
         try:
-            new = reload_settings(self.s, cli=self.reload_cli)
+            new, applied, refused = reread(self.s, self.reload_cli)
         except SettingsError as exc:
             self.emit("config_reload_failed", level="error", error=str(exc))
             return
-        new, applied, refused = live_reload(self.s, new)
         if refused:
-            self.emit("config_reload_refused", level="warning",
-                      changed={k: [str(a), str(b)] for k, (a, b) in refused.items()},
+            self.emit("config_reload_refused", level="warning", changed=shown(refused),
                       reason="a restart is needed to change these; the running values stay")
         self.s = new
         self.policy.bands = bands_from(new)
         self.queue.max_attempts = new.run.max_attempts
         if "memory.budget" in applied or "memory.reserve" in applied:
             self.limits = detect_limits(budget=new.memory.budget, reserve=new.memory.reserve)
-        self.emit("config_reloaded", changed={k: [str(a), str(b)] for k, (a, b) in applied.items()},
-                  budget_mb=round(self.budget_mb, 1))
+        self.emit("config_reloaded", changed=shown(applied), budget_mb=round(self.budget_mb, 1))
 
     # -- the tick ------------------------------------------------------------------------------------
     def _tick(self, now: float) -> None:
-        self._sample(now)
-        self._health(now)
+        self.senses.sample(now, self.workers)
+        r = self.s.run
+        self.workers.check_health(
+            now, boot_timeout=r.boot_timeout, heartbeat_timeout=r.heartbeat_timeout,
+            file_timeout=lambda job: r.file_timeout + r.file_timeout_per_audio_second * (job.info.audio_seconds or 0))
+        self._check_boot()
         if not self.draining:
             self.intake.scan(now)
         if self.draining and self.drain_deadline is not None and now > self.drain_deadline:
@@ -503,52 +381,13 @@ class Supervisor:
         self._decide(now)
         self._publish(now)
 
-    def _sample(self, now: float) -> None:
-        try:
-            self.host = self.sampler.host()
-        except (OSError, KeyError, ValueError) as exc:
-            self.host = None
-            if self.host_error is None:
-                self.host_error = f"{type(exc).__name__}: {exc}"
-                self.emit("host_memory_unreadable", level="error", error=self.host_error,
-                          effect="admitting nothing new until host memory can be read again")
-        else:
-            if self.host_error is not None:
-                self.emit("host_memory_readable", after_error=self.host_error)
-                self.host_error = None
-        for w in self.workers.present():
-            mem = self.sampler.tree(w.pid) if w.pid else None
-            if mem is not None:
-                self.workers.observe(w, mem)
-        if now - self._overhead_at >= 10.0:  # static memory: an exact read now and then is enough
-            self._overhead_at = now
-            self.overhead_mb = self._overhead()
-
-    def _overhead(self) -> float:
-        """The supervisor's own PSS and the zygote's (its workers are counted on their own)."""
-        read = getattr(self.sampler, "process_pss", None)
-        if read is None:
-            return 0.0
-        extra = getattr(self.backend, "extra_pids", lambda: [])()
-        return sum(read(pid) or 0 for pid in (os.getpid(), *extra)) / MiB
-
-    def _health(self, now: float) -> None:
-        r = self.s.run
-        overdue = self.workers.overdue(
-            now, boot_timeout=r.boot_timeout, heartbeat_timeout=r.heartbeat_timeout,
-            file_timeout=lambda job: r.file_timeout + r.file_timeout_per_audio_second * (job.info.audio_seconds or 0))
-        for w, reason in overdue:
-            self.workers.kill(w, reason)
-        self.workers.stale_spawns(now, r.boot_timeout)
-        self._check_boot()
-
     def _decide(self, now: float) -> None:
         if self.halted:
             return
         self.estimator.refresh(now)
         self._capacity_changed = False
         for d in self.policy.decide(self.snapshot(now)):
-            self._guarded("act", self._act, d, now, decision=d.act.value, file=d.file)
+            self._guarded("act", self.actions.apply, d, decision=d.act.value, file=d.file)
 
     def _remaining(self, w: WorkerRecord) -> float:
         """A running file's remaining growth, corrected from its progress (the one place)."""
@@ -556,83 +395,36 @@ class Supervisor:
         return self.estimator.remaining(w.job, w.progress, seen)
 
     def others_mb(self) -> float:
-        if self.publisher.ledger_blind():
-            return self.publisher.conservative_others_mb(self.limits.reserve / MiB)
-        return self.publisher.others_mb
+        return self.publisher.others_now(self.limits.reserve / MiB)
 
     def snapshot(self, now: float) -> Snapshot:
-        pending = tuple(PendingView(file=j.rel, peak_mb=j.estimate.peak_mb, growth_mb=j.estimate.growth_mb,
-                                    central_peak_mb=j.estimate.central_mb if j.estimate.source != "cold" else 0.0,
-                                    uncertain=is_uncertain(j.estimate))
-                        for j in self.queue.pending()[:POLICY_WINDOW] if j.estimate is not None)
-        h = self.host
+        h = self.senses.host
         return Snapshot(now=now, budget_mb=self.budget_mb, reserve_mb=self.limits.reserve / MiB,
-                        available_mb=h.available / MiB if h else None, workers=self.workers.views(self._remaining),
-                        pending=pending, predicted_baseline_mb=self.estimator.baseline_mb,
-                        max_workers=self.s.max_workers(), psi_some10=h.psi_some_avg10 if h else None,
+                        available_mb=self.senses.available_mb, workers=self.workers.views(self._remaining),
+                        pending=self.estimator.pending_views(POLICY_WINDOW), predicted_baseline_mb=self.estimator.baseline_mb,
+                        max_workers=self.s.max_workers(self.cores), psi_some10=h.psi_some_avg10 if h else None,
                         psi_full10=h.psi_full_avg10 if h else None, draining=self.draining or self.stop_now,
-                        others_reserved_mb=self.others_mb(), overhead_mb=self.overhead_mb,
+                        others_reserved_mb=self.others_mb(), overhead_mb=self.senses.overhead_mb,
                         idle_retire_s=self.s.service.idle_retire if self.intake.watcher is not None else None)
-
-    def _threads(self) -> int:
-        """Torch threads for a file starting now: the cores shared by the files that will run."""
-        fixed = self.s.engine_settings.threads
-        return fixed or max(1, (os.cpu_count() or 1) // (len(self.workers.running()) + 1))
-
-    def _act(self, d: Decision, now: float) -> None:
-        w = self.workers.get(d.worker) if isinstance(d.worker, str) else None
-        if d.act is Act.SPAWN:
-            self.workers.spawn(d.reason, d.figures)
-        elif d.act is Act.ADMIT and w is not None and w.state is WorkerState.READY:
-            job = self.queue.get(d.file)
-            if job is None or job.state is not FileState.PENDING:
-                return
-            self.queue.start(job, w.id)
-            info, est = job.info, job.estimate
-            spec = JobSpec(file=job.rel, cha=str(info.path), media=str(info.media) if info.media else None,
-                           out=str(info.out), options={"threads": self._threads()}, attempt=job.attempts,
-                           predicted_peak_mb=est.peak_mb, predicted_growth_mb=est.growth_mb,
-                           job_id=f"{job.rel}#{job.attempts}")
-            self.outcomes.started(job)
-            self.workers.assign(w, job, spec, predicted_mb=round(est.peak_mb, 1),
-                                predicted_growth_mb=round(est.growth_mb, 1), estimate_source=est.source,
-                                estimate_uncertain=is_uncertain(est), audio_seconds=info.audio_seconds, attempt=job.attempts,
-                                reason=d.reason, committed_mb=d.figures.get("committed_mb"),
-                                budget_mb=round(self.budget_mb, 1))
-        elif d.act is Act.PAUSE and w is not None and w.state is WorkerState.BUSY:
-            self.workers.pause(w, d.reason, d.figures)
-        elif d.act is Act.RESUME and w is not None and w.state is WorkerState.PAUSED:
-            self.workers.resume(w, d.reason, d.figures)
-        elif d.act is Act.KILL and w is not None and w.live:
-            self.workers.kill(w, d.reason, d.figures, budget_mb=round(self.budget_mb, 1))
-        elif d.act is Act.RETIRE and w is not None and w.state is WorkerState.READY:
-            self.workers.stop(w, f"retired: {d.reason}", "worker_retired", uss_mb=round(w.uss_mb, 1), reason=d.reason)
-        elif d.act is Act.REJECT:
-            job = self.queue.get(d.file)
-            if job is not None and job.state is FileState.PENDING:
-                self.outcomes.reject(job, d.reason)
 
     # -- publishing ------------------------------------------------------------------------------------
     def _publish(self, now: float) -> None:
         snap = self.snapshot(now)
         used, committed = used_mb(snap), committed_mb(snap)
-        self.publisher.exchange(committed - used, self.host)
-        self.publisher.tick(now, status=self.status, sample=lambda: self._memory(used, committed),
+        self.publisher.exchange(committed - used, self.senses.host)
+        self.publisher.tick(now, status=self.status, sample=lambda: self._memory(snap),
                             interval=self.s.memory.sample_log_interval, busy=bool(self.workers.live()),
                             counts=self.queue.counts())
 
-    def _memory(self, used: float, committed: float) -> dict[str, Any]:
-        return memory_figures(used=used, committed=committed, budget_mb=self.budget_mb,
-                              limit_mb=self.limits.limit / MiB, host=self.host, others_mb=self.others_mb(),
+    def _memory(self, snap: Snapshot) -> dict[str, Any]:
+        return memory_figures(used=used_mb(snap), committed=committed_mb(snap), budget_mb=self.budget_mb,
+                              limit_mb=self.limits.limit / MiB, host=self.senses.host, others_mb=self.others_mb(),
                               workers=self.workers.live())
 
     def status(self) -> dict[str, Any]:
         """What ``status --json`` prints and the metrics are drawn from (see docs/DESIGN.md)."""
         now = self.now()
-        memory = None
-        if self.workers is not None:
-            snap = self.snapshot(now)
-            memory = self._memory(used_mb(snap), committed_mb(snap))
+        memory = self._memory(self.snapshot(now)) if self.workers is not None else None
         return status_of(header=status_header(self.run_id, self.wall0, now - self.t0, self.draining), now=now,
                          memory=memory, budget_mb=self.budget_mb, limit_mb=self.limits.limit / MiB,
                          queue=self.queue, intake=self.intake, audio_done_s=self.outcomes.audio_done_s,
@@ -643,15 +435,10 @@ class Supervisor:
     async def _shutdown(self) -> None:
         if self.workers is None:
             return
-        ending = "drain: supervisor stopping" if self.draining else "supervisor stopping"
-        for w in self.workers.live():
-            if w.job is not None or self.stop_now or self.halted or w.state is WorkerState.STARTING:
-                self.workers.kill(w, ending, by_us=True)
-            else:
-                self.workers.stop(w, "run finished")
+        self.workers.end("drain: supervisor stopping" if self.draining else "supervisor stopping",
+                         at_once=bool(self.stop_now or self.halted))
         if not await self._await_exits(SHUTDOWN_WAIT_S):
-            for w in self.workers.live() + [w for w in self.workers.present() if w.state is WorkerState.STOPPING]:
-                self.workers.kill(w, "did not exit after shutdown", by_us=True)
+            self.workers.kill_stragglers()
             await self._await_exits(SHUTDOWN_WAIT_S)
         await self.backend.close()
         while not self.inbox.empty():
@@ -665,12 +452,8 @@ class Supervisor:
         """Handle events until every worker has exited (pending spawns included)."""
         deadline = self.now() + timeout
         while self.workers.present() or self.workers.spawning:
-            left = deadline - self.now()
-            if left <= 0:
-                return False
-            try:
-                ev = await asyncio.wait_for(self.inbox.get(), left)
-            except asyncio.TimeoutError:
+            ev = await self.inbox.get(deadline - self.now())
+            if ev is None:
                 return False
             if isinstance(ev, WorkerSpawned):  # a spawn that landed while stopping: end it too
                 self._handle(ev)
@@ -681,25 +464,10 @@ class Supervisor:
         return True
 
     def _finish(self) -> tuple[RunSummary, dict[str, Any]]:
-        c = self.queue.counts()
-        failures = [(j.rel, j.state.value, j.reason or "")
-                    for j in self.queue.in_state(FileState.FAILED, FileState.QUARANTINED)]
-        if self.halted:
-            code = EXIT_HALTED
-        elif (self.draining or self.stop_now) and (c["pending"] or c["running"]):
-            code = EXIT_INTERRUPTED  # asked to stop with files left: re-running finishes them
-        elif self.draining:
-            code = EXIT_OK  # a drain that left nothing undone (watch mode's stop): a success
-        elif failures or c["pending"] or c["running"]:
-            code = EXIT_FAILED
-        else:
-            code = EXIT_OK
-        summary = {"done": c["done"], "failed": c["failed"], "quarantined": c["quarantined"], "skipped": c["skipped"],
-                   "pending": c["pending"], "kills": self.kills, "pauses": self.pauses,
-                   "wall_s": round(time.time() - self.wall0, 2), "audio_seconds": round(self.outcomes.audio_done_s, 1),
-                   "exit_code": code, "halted": self.halted, "drained": self.draining,
-                   "telemetry": "unavailable" if self.sink.failed else "ok",
-                   "supervisor_cpu_s": round(time.process_time(), 3)}
-        self.emit("run_finished", level="info" if code == 0 else "warning", **summary)
+        result, summary = self.outcomes.summary(halted=self.halted, draining=self.draining, stopping=self.stop_now,
+                                                kills=self.kills, pauses=self.pauses,
+                                                wall_s=round(time.time() - self.wall0, 2))
+        summary["supervisor_cpu_s"] = round(time.process_time(), 3)
+        self.emit("run_finished", level="info" if result.exit_code == 0 else "warning", **summary)
         self.notifier.stopping()
-        return RunSummary(exit_code=code, counts=c, failures=failures, halted=self.halted), summary
+        return result, summary

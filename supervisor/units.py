@@ -102,6 +102,28 @@ def format_mib(mb: float | None, missing: str = "?") -> str:
     return f"{mb / 1024:.1f} GiB" if abs(mb) >= 1024 else f"{mb:.0f} MiB"
 
 
+def format_duration(seconds: float | None, missing: str = "-", decimals: int = 0) -> str:
+    """A duration as people read it: ``42s``, ``3m05s``, ``2h07m``, ``3d04h``."""
+    if seconds is None:
+        return missing
+    if seconds < 60:
+        return f"{seconds:.{decimals}f}s"
+    s = int(round(seconds))
+    d, rem = divmod(s, 86400)
+    h, rem = divmod(rem, 3600)
+    m, sec = divmod(rem, 60)
+    if d:
+        return f"{d}d{h:02d}h"
+    if h:
+        return f"{h}h{m:02d}m"
+    return f"{m}m{sec:02d}s"
+
+
+def format_count(v: float | None, missing: str = "-") -> str:
+    """A whole figure with thousands separators: ``12,345``."""
+    return missing if v is None else f"{v:,.0f}"
+
+
 def gib(mb: float) -> str:
     """MiB as a GiB number with enough digits that 'needs ~X, budget is Y' never reads as X == Y."""
     return f"{mb / 1024:.1f}" if mb >= 10 * 1024 else f"{mb / 1024:.2f}"

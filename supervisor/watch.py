@@ -56,28 +56,34 @@ class InboxWatcher:
         if now < self._next_scan:
             return []
         self._next_scan = now + self.scan_interval
-        ready: list[FileInfo] = []
-        present = set()
         listing = DirListing()  # each folder listed once per scan
-        for _root, cha in iter_transcripts([self.inbox]):
-            if self.out_root is not None and not self.in_place and is_within(cha, self.out_root):
-                continue
-            present.add(cha)
-            sig = self._signature(cha, listing)
+        ready = []
+        for cha in self.settled(self._scan(listing), now):
+            try:
+                ready.append(describe(self.inbox, cha, out_root=self.out_root, in_place=self.in_place,
+                                      media_dir=self.media_dir, listing=listing))
+            except OSError:
+                self._seen[cha].handed = False  # read again at the next scan
+        return ready
+
+    def _scan(self, listing: DirListing) -> dict[Path, tuple | None]:
+        """Each transcript in the inbox (our own outputs left out) and its signature now."""
+        return {cha: self._signature(cha, listing) for _root, cha in iter_transcripts([self.inbox])
+                if self.out_root is None or self.in_place or not is_within(cha, self.out_root)}
+
+    def settled(self, signatures: dict[Path, tuple | None], now: float) -> list[Path]:
+        """Decide from one scan's signatures which files are handed over now: unchanged for
+        ``settle_s`` and not handed over before; a change starts the wait again. No I/O."""
+        out = []
+        for cha, sig in signatures.items():
             if sig is None:
                 continue
             seen = self._seen.get(cha)
             if seen is None or seen.signature != sig:
                 self._seen[cha] = _Seen(sig, now)
-                continue
-            if not seen.handed and now - seen.since >= self.settle_s:
+            elif not seen.handed and now - seen.since >= self.settle_s:
                 seen.handed = True
-                try:
-                    ready.append(describe(self.inbox, cha, out_root=self.out_root, in_place=self.in_place,
-                                          media_dir=self.media_dir, listing=listing))
-                except OSError:
-                    seen.handed = False
-        for gone in set(self._seen) - present:
+                out.append(cha)
+        for gone in set(self._seen) - set(signatures):
             del self._seen[gone]
-        return ready
-
+        return out

@@ -305,7 +305,63 @@ class WorkerTable:
         self._to(w, WorkerState.STOPPING, event, **fields)
         self.backend.signal(w.id, "stop")
 
+    def holder(self, worker_id: str, job_id: str | None, what: str) -> WorkerRecord | None:
+        """The worker, if it holds the job it reports on; one that reports on another broke the
+        protocol and is killed."""
+        w = self.records.get(worker_id)
+        if w is None:
+            return None
+        if w.job is None or (job_id is not None and job_id != w.job_id):
+            self.kill(w, f"protocol error: {what} for a job it does not hold")
+            return None
+        return w
+
+    def broken(self, worker_id: str, error: str) -> None:
+        w = self.records.get(worker_id)
+        if w is not None and w.live:
+            self.emit("worker_protocol_error", level="error", worker=w.id, pid=w.pid, error=error)
+            self.kill(w, f"protocol error: {error}")
+
+    def file_started(self, worker_id: str) -> None:
+        w = self.records.get(worker_id)
+        if w is not None and w.job is not None:
+            self.emit("file_started", worker=w.id, pid=w.pid, file=w.job.rel)
+
+    def drain(self) -> None:
+        """Stop what a drain no longer needs: workers still loading and idle ones."""
+        for w in self.live():
+            if w.state is WorkerState.STARTING:
+                self.kill(w, "drain: not ready yet", by_us=True)
+            elif w.job is None:
+                self.stop(w, "draining")
+
+    def end(self, reason: str, *, at_once: bool) -> None:
+        """The run is over: idle workers are stopped, the rest (all of them ``at_once``) killed."""
+        for w in self.live():
+            if at_once or w.job is not None or w.state is WorkerState.STARTING:
+                self.kill(w, reason, by_us=True)
+            else:
+                self.stop(w, "run finished")
+
+    def kill_stragglers(self) -> None:
+        for w in self.live():  # stopping ones included
+            self.kill(w, "did not exit after shutdown", by_us=True)
+
+    def halt_reason(self, engine: str, model: str) -> str | None:
+        """Why the run must halt: workers that cannot start (None while fewer than the limit failed)."""
+        if self.boot_failures < MAX_BOOT_FAILURES:
+            return None
+        return f"workers cannot start: engine {engine}, model {model}: {self.last_boot_failure}"
+
     # -- health --------------------------------------------------------------------------------
+    def check_health(self, now: float, *, boot_timeout: float, heartbeat_timeout: float,
+                     file_timeout: Callable[[Any], float]) -> None:
+        """Kill the overdue workers and count the spawns that never produced one."""
+        for w, reason in self.overdue(now, boot_timeout=boot_timeout, heartbeat_timeout=heartbeat_timeout,
+                                      file_timeout=file_timeout):
+            self.kill(w, reason)
+        self.stale_spawns(now, boot_timeout)
+
     def overdue(self, now: float, *, boot_timeout: float, heartbeat_timeout: float,
                 file_timeout: Callable[[Any], float]) -> list[tuple[WorkerRecord, str]]:
         """Workers to kill: not ready in time, silent too long, or past their file's timeout."""

@@ -260,3 +260,22 @@ def shutdown_logging() -> None:
         old, _state.file = _state.file, None
     if old is not None:
         old.close()
+
+
+def worker_record(line: str) -> tuple[str, str, dict[str, Any]]:
+    """A worker's stderr line as the supervisor relays it: (event, level, fields).
+
+    A JSON log record keeps its own event and level under ``worker_event``/``worker_level`` and is
+    relayed as a warning when it was one (else at debug); anything else is stray output.
+    """
+    try:
+        rec = json.loads(line)
+        if not isinstance(rec, dict):
+            raise ValueError
+    except ValueError:
+        return "worker_output", "debug", {"line": line[:2000]}
+    level = str(rec.pop("level", "info"))
+    event = rec.pop("event", "log")
+    fields = {k: v for k, v in rec.items() if k not in ("worker", "pid", "t", "timestamp", "ts")}
+    loud = level in ("warning", "error", "critical")
+    return "worker_log", "warning" if loud else "debug", {"worker_event": event, "worker_level": level, **fields}

@@ -23,7 +23,7 @@ from typing import Any, Iterable
 from rich import box as _box
 from rich.console import Console
 from rich.table import Table
-from supervisor.units import format_mib
+from supervisor.units import format_count, format_duration, format_mib
 
 __all__ = [
     "EventList",
@@ -610,7 +610,7 @@ def _prediction_stats(rep: Report) -> PredictionStats:
 
 
 def _mib(v: float | None) -> str:
-    return "-" if v is None else f"{v:,.0f}"
+    return format_count(v)
 
 
 def _size(mb: float | None) -> str:
@@ -618,16 +618,7 @@ def _size(mb: float | None) -> str:
 
 
 def _dur(s: float | None) -> str:
-    if s is None:
-        return "-"
-    if s < 60:
-        return f"{s:.1f}s"
-    s = int(round(s))
-    h, rem = divmod(s, 3600)
-    m, sec = divmod(rem, 60)
-    if h:
-        return f"{h}h{m:02d}m"
-    return f"{m}m{sec:02d}s"
+    return format_duration(s, decimals=1)
 
 
 def _table(title: str, columns: list[tuple[str, str]]) -> Table:
@@ -645,7 +636,8 @@ def _table(title: str, columns: list[tuple[str, str]]) -> Table:
     return t
 
 
-def _render(parts: list[Any]) -> str:
+def render_plain(parts: list[Any]) -> str:
+    """Rich tables and lines as plain text, 120 columns, no trailing blanks (reports and status)."""
     console = Console(file=io.StringIO(), width=120, color_system=None, force_terminal=False, highlight=False)
     for i, part in enumerate(parts):
         if i:
@@ -824,7 +816,7 @@ def render_text(report: Report, sort: str = "peak", limit: int | None = None) ->
     if rep.implausible:
         parts.append(_implausible_part(rep))
     parts.append(_prediction_part(rep))
-    return _render(parts)
+    return render_plain(parts)
 
 
 def to_dict(rep: Report) -> dict[str, Any]:
@@ -897,7 +889,7 @@ def summarize_store(summary: dict) -> str:
         for it in failed:
             t.add_row(str(it.get("file", "?")), str(it.get("outcome") or "-"), str(it.get("reason") or "-"))
         parts.append(t)
-    return _render(parts)
+    return render_plain(parts)
 
 
 # --------------------------------------------------------------------------------------------

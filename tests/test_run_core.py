@@ -247,7 +247,7 @@ def test_sighup_refuses_an_engine_change_and_keeps_filing_under_the_running_key(
     cfg.write_text(f'[run]\nengine = "wav2vec"\nmodel = "facebook/wav2vec2-base-960h"\n{common}'
                    '[memory]\nbudget = "900MiB"\n')
     sup.reload_cli = {}
-    import supervisor.supervisor as sup_mod
+    import supervisor.reload as sup_mod
 
     real = sup_mod.reload_settings
     sup_mod.reload_settings = lambda cur, cli=None: real(cur, environ={}, cli=cli)

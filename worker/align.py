@@ -25,7 +25,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from telemetry.model import FileFeatures
-from worker.audio import AudioSource, default_cache_dir, find_media, media_duration
+from worker.audio import AudioSource, default_cache_dir, find_media, probe_media
 from worker.chat import ChatError, ChatFile, UttAlignment, Utterance, WordTime, read_chat, render_chat, spoken_text
 from worker.engines.base import Job, JobError, JobResult, Progress, report_spans
 from worker.output import atomic_write_text
@@ -92,8 +92,9 @@ class SpanAligner(abc.ABC):
         audio = np.zeros(int(self.sample_rate * 2), dtype=np.float32)
         try:
             self.align_span(audio, 0.0, [UttRequest(0, 0.0, 2.0, ["a"])])
-        except Exception as exc:  # a warm-up that fails says nothing about real files
-            log.debug("warm-up span failed: %s", exc)
+        except Exception as exc:  # the worker still serves files, but its READY baseline is low: say so
+            log.warning("warm-up span failed (%s: %s); the READY baseline may miss the model's start-up",
+                        type(exc).__name__, exc)
 
     def transcribe_words(self, audio: np.ndarray, offset_s: float) -> list[tuple[str, float, float]]:
         """Words the model hears in ``audio`` with absolute times, for recovering utterance times.
@@ -310,30 +311,23 @@ def features_of(spans: Sequence[PlannedSpan], *, audio_s: float | None, media_mb
 
 def _media_header(path: Path) -> tuple[float | None, float | None, int | None, int | None]:
     """(seconds, MiB, sample rate, channels) from the header alone; unknowns are None."""
-    import soundfile  # noqa: PLC0415 - the worker has it loaded anyway
-
     try:
-        size_mb = path.stat().st_size / 2**20
+        h = probe_media(path, with_fingerprint=False)
     except OSError:
         raise JobError(f"{path}: media file not found", kind="media") from None
-    rate = channels = None
-    try:
-        info = soundfile.info(str(path))
-        rate, channels = int(info.samplerate), int(info.channels)
-    except Exception:  # noqa: BLE001 - formats soundfile cannot read are decoded by ffmpeg later
-        pass
-    return media_duration(path), size_mb, rate, channels
+    return h.seconds, h.size_mb, h.sample_rate, h.channels
 
 
 def plan_features(cha_path: Path | str, media_path: Path | str | None, engine: str,
-                  options: dict[str, Any] | None = None) -> FileFeatures:
+                  options: dict[str, Any] | None = None, *, header: Any = None) -> FileFeatures:
     """What ``engine`` will hold in memory for this file, from its plan: no model weights, only
     the transcript and the media header, so the supervisor can call it for every file at intake.
 
     Timed transcripts are grouped into spans exactly as ``align_file`` groups them; an untimed one
     is streamed through timing recovery in windows and then cut into spans of at most the cap.
     An engine that holds a whole file (the synthetic ``total`` profile) runs it as one span.
-    Bad input raises ``JobError`` with one line naming the file.
+    Bad input raises ``JobError`` with one line naming the file. ``header``: the recording's
+    ``worker.audio.MediaHeader`` when the caller already read it (intake does), so it is not opened again.
     """
     options = dict(options or {})
     cha = Path(cha_path)
@@ -345,7 +339,9 @@ def plan_features(cha_path: Path | str, media_path: Path | str | None, engine: s
         raise JobError(f"{cha}: cannot read transcript: {exc.strerror or exc}", kind="input") from None
     duration = size_mb = None
     rate = channels = None
-    if media_path is not None:
+    if header is not None:
+        duration, size_mb, rate, channels = header.seconds, header.size_mb, header.sample_rate, header.channels
+    elif media_path is not None:
         duration, size_mb, rate, channels = _media_header(Path(media_path))
     spoken = [u for u in chat.utterances if u.words]
     total_chars = sum(_chars([spoken_text(w) for w in u.words]) for u in spoken)

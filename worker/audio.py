@@ -14,7 +14,9 @@ import os
 import shutil
 import subprocess
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import soundfile as sf
@@ -34,6 +36,7 @@ _FFMPEG_ONLY = {"m4a", "mp4", "aac", "mov", "m4v", "webm", "mkv", "avi", "wma", 
 _SNDFILE_NATIVE = {"wav", "wave", "flac", "aif", "aiff", "aifc", "w64", "caf"}
 # Lossless formats whose header states an exact length that the data must hold.
 _CHECK_LENGTH = {"wav", "wave", "flac", "aif", "aiff", "aifc"}
+_FINGERPRINT_CHUNK = 1 << 20
 
 
 def default_cache_dir() -> Path:
@@ -207,45 +210,54 @@ def wav_declared_seconds(path: Path) -> tuple[float, float] | None:
     libsndfile quietly shortens a truncated WAV to what is there, so the header's own data-chunk
     size is read here: an interrupted copy then says so instead of aligning a few milliseconds.
     """
-    import struct
-
     try:
         with open(path, "rb") as fh:
-            head = fh.read(12)
-            if head[:4] != b"RIFF" or head[8:12] != b"WAVE":
-                return None
-            size = os.fstat(fh.fileno()).st_size
-            byte_rate = None
-            while True:
-                chunk = fh.read(8)
-                if len(chunk) < 8:
-                    return None
-                cid, n = chunk[:4], struct.unpack("<I", chunk[4:])[0]
-                if cid == b"fmt ":
-                    fmt = fh.read(min(n, 16))
-                    if len(fmt) < 16:
-                        return None
-                    byte_rate = struct.unpack("<I", fmt[8:12])[0]
-                    fh.seek(n - 16 + (n & 1), os.SEEK_CUR)
-                elif cid == b"data":
-                    if not byte_rate or n in (0, 0xFFFFFFFF):
-                        return None  # streamed WAVs leave the size unset
-                    held = max(0, size - fh.tell())
-                    return n / byte_rate, min(n, held) / byte_rate
-                else:
-                    fh.seek(n + (n & 1), os.SEEK_CUR)
+            return _wav_declared(fh)
     except OSError:
         return None
 
 
-def check_length(path: Path, handle: sf.SoundFile) -> None:
-    """Refuse a lossless recording that holds less audio than its header says (an interrupted copy)."""
+def _wav_declared(fh: Any) -> tuple[float, float] | None:
+    import struct
+
+    fh.seek(0)
+    head = fh.read(12)
+    if head[:4] != b"RIFF" or head[8:12] != b"WAVE":
+        return None
+    size = os.fstat(fh.fileno()).st_size
+    byte_rate = None
+    while True:
+        chunk = fh.read(8)
+        if len(chunk) < 8:
+            return None
+        cid, n = chunk[:4], struct.unpack("<I", chunk[4:])[0]
+        if cid == b"fmt ":
+            fmt = fh.read(min(n, 16))
+            if len(fmt) < 16:
+                return None
+            byte_rate = struct.unpack("<I", fmt[8:12])[0]
+            fh.seek(n - 16 + (n & 1), os.SEEK_CUR)
+        elif cid == b"data":
+            if not byte_rate or n in (0, 0xFFFFFFFF):
+                return None  # streamed WAVs leave the size unset
+            held = max(0, size - fh.tell())
+            return n / byte_rate, min(n, held) / byte_rate
+        else:
+            fh.seek(n + (n & 1), os.SEEK_CUR)
+
+
+def check_length(path: Path, handle: sf.SoundFile, raw: Any = None) -> None:
+    """Refuse a lossless recording that holds less audio than its header says (an interrupted copy).
+    ``raw``: the recording already open as a binary file, to read the RIFF header from."""
     ext = _ext(path)
     if ext not in _CHECK_LENGTH:
         return
     rate = float(handle.samplerate)
     if ext in ("wav", "wave"):
-        seconds = wav_declared_seconds(path)
+        try:
+            seconds = _wav_declared(raw) if raw is not None else wav_declared_seconds(path)
+        except OSError:
+            seconds = None
         if seconds is not None and seconds[1] < seconds[0] - max(0.05, 0.001 * seconds[0]):
             raise JobError(f"{path}: truncated: header says {seconds[0]:.3f} s, file holds {seconds[1]:.3f} s",
                            kind="media")
@@ -269,37 +281,87 @@ def check_length(path: Path, handle: sf.SoundFile) -> None:
                        "but the end of the audio cannot be read", kind="media")
 
 
+@dataclass(frozen=True)
+class MediaHeader:
+    """What one opening of a recording tells intake: its size, length, rate and channels, whether
+    it is damaged or truncated (one line naming the file) and its content fingerprint."""
+
+    size_bytes: int
+    seconds: float | None
+    sample_rate: int | None
+    channels: int | None
+    error: str | None
+    fingerprint: str
+
+    @property
+    def size_mb(self) -> float:
+        return self.size_bytes / 2**20
+
+
+def fingerprint(fh: Any, size: int) -> str:
+    """Size plus the first and last MiB: cheap on multi-GB recordings, still catches real edits."""
+    h = hashlib.sha256()
+    h.update(str(size).encode())
+    fh.seek(0)
+    h.update(fh.read(_FINGERPRINT_CHUNK))
+    if size > 2 * _FINGERPRINT_CHUNK:
+        fh.seek(size - _FINGERPRINT_CHUNK)
+        h.update(fh.read(_FINGERPRINT_CHUNK))
+    return h.hexdigest()
+
+
+def probe_media(path: Path | str, *, with_fingerprint: bool = True) -> MediaHeader:
+    """Open a recording once: fingerprint, header (libsndfile, or ffprobe for what only ffmpeg
+    reads) and the damaged/truncated check (header-only and cheap, for intake). Raises OSError
+    when the file cannot be opened at all."""
+    path = Path(path)
+    with open(path, "rb") as fh:
+        size = os.fstat(fh.fileno()).st_size
+        fp = fingerprint(fh, size) if with_fingerprint else ""
+        seconds = rate = channels = error = None
+        if _ext(path) not in _FFMPEG_ONLY:
+            fh.seek(0)
+            try:
+                handle = sf.SoundFile(fh)
+            except (sf.LibsndfileError, RuntimeError, TypeError, OSError) as exc:
+                if _ext(path) in _SNDFILE_NATIVE or _looks_like_riff(path):
+                    error = f"{path}: {damaged_reason(path, exc)}"
+            else:
+                try:
+                    rate, channels, frames = int(handle.samplerate), int(handle.channels), handle.frames
+                    if frames and 0 < frames < (1 << 62) and rate:
+                        seconds = frames / rate
+                    check_length(path, handle, raw=fh)
+                except JobError as exc:
+                    error = str(exc)
+                finally:
+                    handle.close()
+    if seconds is None and error is None:
+        seconds = _ffprobe_seconds(path)
+    return MediaHeader(size, seconds, rate, channels, error, fp)
+
+
 def validate_media(path: Path | str) -> str | None:
     """One line saying what is wrong with a recording (damaged, truncated), or None when it looks
-    sound. Header-only and cheap, for intake; formats only ffmpeg reads are checked when decoded."""
+    sound. Formats only ffmpeg reads are checked when decoded."""
     path = Path(path)
     if _ext(path) in _FFMPEG_ONLY or not path.is_file():
         return None
     try:
-        handle = sf.SoundFile(str(path))
-    except (sf.LibsndfileError, RuntimeError, TypeError, OSError) as exc:
-        if _ext(path) in _SNDFILE_NATIVE or _looks_like_riff(path):
-            return f"{path}: {damaged_reason(path, exc)}"
+        return probe_media(path, with_fingerprint=False).error
+    except OSError:
         return None
-    try:
-        check_length(path, handle)
-    except JobError as exc:
-        return str(exc)
-    finally:
-        handle.close()
-    return None
 
 
 def media_duration(path: Path | str) -> float | None:
     """Duration from the header only (cheap, for scheduling); ``None`` when unknown. May be wrong."""
-    path = Path(path)
-    if _ext(path) not in _FFMPEG_ONLY:
-        try:
-            info = sf.info(str(path))
-            if info.frames and 0 < info.frames < (1 << 62) and info.samplerate:
-                return info.frames / info.samplerate
-        except (sf.LibsndfileError, RuntimeError, TypeError, OSError):
-            pass
+    try:
+        return probe_media(path, with_fingerprint=False).seconds
+    except OSError:
+        return None
+
+
+def _ffprobe_seconds(path: Path) -> float | None:
     ffprobe = shutil.which("ffprobe")
     if ffprobe is None or not path.is_file():
         return None

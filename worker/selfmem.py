@@ -8,9 +8,9 @@ missed. Probes at READY and ``progress`` messages use the same reads.
 from __future__ import annotations
 
 
-def read_status_kb(field: str) -> float | None:
+def read_status_kb(field: str, pid: int | str = "self") -> float | None:
     try:
-        with open("/proc/self/status", "rb") as fh:
+        with open(f"/proc/{pid}/status", "rb") as fh:
             for line in fh:
                 if line.startswith(field.encode() + b":"):
                     return float(line.split()[1])
@@ -39,11 +39,11 @@ def clear_hwm() -> None:
         pass
 
 
-def own_memory_mb() -> dict[str, float]:
-    """RSS/USS/PSS of this process from smaps_rollup."""
+def own_memory_mb(pid: int | str = "self") -> dict[str, float]:
+    """RSS/USS/PSS of this process (or of ``pid``) from smaps_rollup."""
     out = {"rss_mb": 0.0, "uss_mb": 0.0, "pss_mb": 0.0}
     try:
-        with open("/proc/self/smaps_rollup", "rb") as fh:
+        with open(f"/proc/{pid}/smaps_rollup", "rb") as fh:
             for line in fh:
                 key, _, rest = line.partition(b":")
                 kb = rest.split()[0] if rest.split() else b"0"
@@ -54,7 +54,7 @@ def own_memory_mb() -> dict[str, float]:
                 elif key in (b"Private_Clean", b"Private_Dirty"):
                     out["uss_mb"] += int(kb) / 1024
     except OSError:
-        rss = read_status_kb("VmRSS")
+        rss = read_status_kb("VmRSS", pid)
         out["rss_mb"] = out["uss_mb"] = out["pss_mb"] = (rss or 0.0) / 1024
     return out
 
