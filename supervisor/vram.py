@@ -1,0 +1,202 @@
+"""VRAM beside host memory: the budget, per-worker readings and the per-file VRAM prediction.
+
+One owner for the run's VRAM state (``VramAccounting``), fed by the loop: NVML readings at each tick
+(``supervisor.gpu``), the figures a worker reports itself (torch's allocator: ``vram_mb`` at READY,
+``peak_vram_mb`` in a result), finished files, and CUDA out-of-memory errors. It hands the pure
+policy VRAM views beside the host ones; it decides nothing.
+
+The prediction reuses the host memory model by composition: a second ``telemetry.model.Predictor``
+over its own ``MemoryModel`` per (engine, model, device, dtype), with VRAM cold defaults, learning
+from the same ``features_run`` as the host model. A CUDA out-of-memory is a censored observation
+exactly like a guard kill: the file's VRAM lower bound rises to what it held, the next estimate to
+``bump_after_kill`` of it, and the attempt counts towards ``--max-attempts``.
+
+On a CPU run (or without NVML) nothing here is built and nothing changes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from supervisor.gpu import MiB, GpuReading, VramReader
+from telemetry.model import Defaults, Estimate, FileFeatures, MemoryModel, Predictor, remaining_growth
+
+# Cold VRAM guesses before any worker or file was measured (MiB): a CUDA context with a model
+# (the READY reading replaces the baseline at once), and activations per second of the longest span.
+VRAM_COLD = {
+    "wav2vec": Defaults(baseline_mb=1200.0, intercept_mb=128.0, mb_per_span_second=12.0),
+    "whisper": Defaults(baseline_mb=2500.0, intercept_mb=256.0, mb_per_span_second=16.0),
+    "synthetic": Defaults(baseline_mb=256.0, intercept_mb=32.0, mb_per_span_second=2.0),
+}
+DEFAULT_RESERVE_FRACTION = 0.05  # of the device: the driver, fragmentation, other users
+MIN_RESERVE_MB = 512.0
+
+
+@dataclass(frozen=True)
+class VramLimits:
+    total_mb: float
+    budget_mb: float
+    reserve_mb: float
+    source: str  # "device" | "budget"
+    names: tuple[str, ...] = ()
+
+
+def vram_limits(reading: GpuReading, budget: int | None = None, reserve: int | None = None) -> VramLimits:
+    """Budget = min(device total - reserve, ``--vram-budget``); reserve defaults to
+    max(5% of the device, 512 MiB)."""
+    total = reading.total / MiB
+    res = reserve / MiB if reserve is not None else max(total * DEFAULT_RESERVE_FRACTION, MIN_RESERVE_MB)
+    res = min(res, total * 0.5)
+    room = max(total - res, 1.0)
+    if budget is not None and budget / MiB < room:
+        return VramLimits(total, budget / MiB, res, "budget", tuple(d.name for d in reading.devices))
+    return VramLimits(total, room, res, "device", tuple(d.name for d in reading.devices))
+
+
+def make_vram_predictor(engine: str, params: dict | None = None, *, quantile: float = 0.9, margin: float = 0.1,
+                        min_samples: int = 3, baseline_mb: float | None = None) -> Predictor:
+    cold = VRAM_COLD.get(engine, VRAM_COLD["wav2vec"])
+    kw = dict(quantile=quantile, margin=margin, min_samples=min_samples)
+    model = MemoryModel.from_params(params, cold, **kw) if params else MemoryModel(cold, **kw)
+    return Predictor(model, baseline_mb if baseline_mb is not None else cold.baseline_mb,
+                     baseline_measured=baseline_mb is not None)
+
+
+@dataclass
+class WorkerVram:
+    """One worker's GPU memory (MiB): at READY, now, and the highest seen during its file."""
+
+    pid: int | None = None
+    baseline_mb: float | None = None
+    current_mb: float = 0.0
+    file_peak_mb: float = 0.0
+    reported_ready_mb: float | None = None  # torch's reserved memory the worker reported at READY
+
+
+@dataclass
+class VramAccounting:
+    """The run's VRAM state; see the module docstring."""
+
+    reader: VramReader
+    limits: VramLimits
+    predictor: Predictor
+    workers: dict[str, WorkerVram] = field(default_factory=dict)
+    estimates: dict[str, Estimate] = field(default_factory=dict)  # by file
+    lower_bounds: dict[str, float] = field(default_factory=dict)  # by file: peak a CUDA OOM hit
+    reading: GpuReading | None = None
+    error: str | None = None
+    ooms: int = 0
+
+    # -- sensing ---------------------------------------------------------------------------------
+    def sample(self, workers: list[Any], pids_of: Any = None) -> str | None:
+        """Read NVML once; returns a new error's text (to log once), else None."""
+        try:
+            self.reading = self.reader.read()
+        except Exception as exc:  # noqa: BLE001 - a driver hiccup: keep the last figures
+            first = self.error is None
+            self.error = f"{type(exc).__name__}: {exc}"
+            return self.error if first else None
+        self.error = None
+        for w in workers:
+            v = self.workers.setdefault(w.id, WorkerVram(pid=w.pid))
+            v.pid = w.pid
+            pids = pids_of(w) if pids_of is not None else [w.pid]
+            got = self.reading.of(pids) if w.pid else None
+            if got is not None:
+                v.current_mb = got / MiB
+            if w.job is not None:
+                v.file_peak_mb = max(v.file_peak_mb, v.current_mb)
+        return None
+
+    def ready(self, worker_id: str, pid: int, reported_mb: float | None) -> float | None:
+        """A worker is READY: its VRAM baseline (NVML, else what it reported), which teaches the
+        predictor's baseline."""
+        v = self.workers.setdefault(worker_id, WorkerVram(pid=pid))
+        v.pid = pid
+        v.reported_ready_mb = reported_mb
+        seen = self.reading.of([pid]) if self.reading is not None else None
+        base = seen / MiB if seen is not None else reported_mb
+        if base is not None:
+            v.baseline_mb = v.current_mb = float(base)
+            self.predictor.observe_baseline(float(base))
+        v.file_peak_mb = v.current_mb
+        return v.baseline_mb
+
+    def started(self, worker_id: str) -> None:
+        v = self.workers.get(worker_id)
+        if v is not None:
+            v.file_peak_mb = v.current_mb
+
+    def forget(self, worker_id: str) -> None:
+        self.workers.pop(worker_id, None)
+
+    # -- the prediction ----------------------------------------------------------------------------
+    def estimate(self, rel: str, features: FileFeatures) -> Estimate:
+        est = self.predictor.estimate(features, self.lower_bounds.get(rel))
+        self.estimates[rel] = est
+        return est
+
+    def growth_seen(self, worker_id: str, reported_peak_mb: float | None) -> float | None:
+        """A file's VRAM growth: the highest NVML reading during it above the READY baseline, or the
+        worker's own allocator peak above what it held at READY, whichever is larger."""
+        v = self.workers.get(worker_id)
+        if v is None:
+            return None
+        got = []
+        if v.baseline_mb is not None:
+            got.append(max(0.0, v.file_peak_mb - v.baseline_mb))
+        if reported_peak_mb is not None and v.reported_ready_mb is not None:
+            got.append(max(0.0, float(reported_peak_mb) - v.reported_ready_mb))
+        return max(got) if got else None
+
+    def learn(self, worker_id: str, rel: str, features_run: dict | None, reported_peak_mb: float | None) -> float | None:
+        """A finished file teaches the VRAM model when the model ran on it; returns its growth."""
+        growth = self.growth_seen(worker_id, reported_peak_mb)
+        if growth is not None and features_run is not None:
+            self.predictor.observe_growth(features_run, growth)
+        self.estimates.pop(rel, None)
+        return growth
+
+    def out_of_memory(self, worker_id: str, rel: str, features: FileFeatures | None) -> float:
+        """A CUDA out-of-memory on ``rel``: it needs more VRAM than it got to (a lower bound for the
+        file and for files at least as large); returns the bound (MiB, baseline included)."""
+        self.ooms += 1
+        v = self.workers.get(worker_id)
+        est = self.estimates.get(rel)
+        base = (v.baseline_mb if v is not None and v.baseline_mb is not None else self.predictor.baseline_mb)
+        growth = max(self.growth_seen(worker_id, None) or 0.0, est.growth_mb if est is not None else 0.0)
+        bound = base + growth
+        self.lower_bounds[rel] = max(self.lower_bounds.get(rel, 0.0), bound)
+        if features is not None and growth > 0:
+            self.predictor.observe_kill(features, growth)
+        return self.lower_bounds[rel]
+
+    def remaining(self, worker_id: str, rel: str | None, progress: Any) -> float:
+        est = self.estimates.get(rel) if rel else None
+        v = self.workers.get(worker_id)
+        if est is None or v is None:
+            return 0.0
+        seen = max(0.0, v.current_mb - (v.baseline_mb or v.current_mb))
+        prog = None
+        if isinstance(progress, dict):  # host growth figures mean nothing here: spans only
+            prog = {k: progress[k] for k in ("spans_done", "spans_total") if k in progress}
+        return remaining_growth(est, prog, seen)
+
+    # -- what others show ---------------------------------------------------------------------------
+    def used_mb(self) -> float:
+        return sum(v.current_mb for v in self.workers.values())
+
+    def figures(self, committed_mb: float | None = None) -> dict[str, Any]:
+        """VRAM figures beside the host ones in status, memory samples and metrics."""
+        r = self.reading
+        out = {"vram_used_mb": round(self.used_mb(), 1), "vram_budget_mb": round(self.limits.budget_mb, 1),
+               "vram_total_mb": round(self.limits.total_mb, 1),
+               "vram_free_mb": round(r.free / MiB, 1) if r is not None else None}
+        if committed_mb is not None:
+            out["vram_committed_mb"] = round(committed_mb, 1)
+        return out
+
+    def worker_mb(self, worker_id: str) -> float | None:
+        v = self.workers.get(worker_id)
+        return round(v.current_mb, 1) if v is not None else None
