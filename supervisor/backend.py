@@ -62,6 +62,7 @@ class WorkerReady:
     calibration: list = field(default_factory=list)
     rss_mb: float | None = None
     pss_mb: float | None = None
+    vram_mb: float | None = None  # GPU memory its allocator held at READY (CUDA runs only)
 
 
 @dataclass(frozen=True)
@@ -114,6 +115,7 @@ class FileResult:
     audio_seconds: float | None = None
     stats: dict | None = None
     job_id: str | None = None
+    peak_vram_mb: float | None = None  # its allocator's GPU peak during the file (CUDA runs only)
 
 
 @dataclass(frozen=True)
@@ -284,7 +286,8 @@ class LocalBackend:
             return WorkerHeartbeat(wid, job, msg.get("progress"))
         if kind == protocol.READY:
             return WorkerReady(wid, int(msg.get("pid") or w.pid), float(msg.get("uss_mb") or 0.0),
-                               list(msg.get("calibration") or []), rss_mb=msg.get("rss_mb"), pss_mb=msg.get("pss_mb"))
+                               list(msg.get("calibration") or []), rss_mb=msg.get("rss_mb"), pss_mb=msg.get("pss_mb"),
+                               vram_mb=msg.get("vram_mb"))
         if kind == protocol.BOOT_ERROR:
             self._boot_errors[wid] = str(msg.get("error") or "boot error")
             return WorkerLog(wid, f"boot error: {self._boot_errors[wid]}")
@@ -297,7 +300,8 @@ class LocalBackend:
                               wall_s=msg.get("wall_s"), cpu_s=msg.get("cpu_s"),
                               features_run=features_run(msg),
                               warnings=list(msg.get("warnings") or []), output=msg.get("output"),
-                              audio_seconds=msg.get("audio_seconds"), stats=msg.get("stats"), job_id=job)
+                              audio_seconds=msg.get("audio_seconds"), stats=msg.get("stats"), job_id=job,
+                              peak_vram_mb=msg.get("peak_vram_mb"))
         if kind == protocol.ERROR:
             return FileError(wid, file, str(msg.get("error") or "unknown error"), error_kind(msg.get("kind")),
                              job_id=job)

@@ -41,6 +41,7 @@ from supervisor.settings import Settings, SettingsError, reload_settings
 from supervisor.sidejobs import SideJobs
 from supervisor.sink import TelemetrySink
 from supervisor.workers import MAX_BOOT_FAILURES, WorkerRecord, WorkerState, WorkerTable
+from supervisor import vram as vram_mod
 from telemetry.model import Defaults, FileFeatures, MemoryModel, Predictor
 from telemetry.store import TelemetryStore
 from worker.align import plan_features
@@ -157,7 +158,7 @@ class Supervisor:
                  clock: Callable[[], float] = time.monotonic, notifier: Notifier | None = None,
                  store: TelemetryStore | None = None, limits: Limits | None = None,
                  display: Any = None, reload_cli: dict | None = None, watcher: Any = None,
-                 backend: Backend | None = None, listing: Any = None) -> None:
+                 backend: Backend | None = None, listing: Any = None, vram_reader: Any = None) -> None:
         self.s = settings
         self.log = log
         # Exact smaps reads walk page tables (~11 ms per GiB): ration them; status-based estimates
@@ -198,6 +199,9 @@ class Supervisor:
                                  emit=self.emit, run_id=self.run_id, forget=self.policy.forget)
         self.publisher = Publisher(notifier=self.notifier, jobs=self.jobs, emit=self.emit, display=display)
         self.workers: WorkerTable | None = None
+        # VRAM beside host memory on a CUDA run (None on a CPU run: nothing below changes then).
+        self.vram, self.vram_views = vram_mod.open_accounting(settings, store, vram_reader, self.emit,
+                                                              model_key(settings))
 
     # -- helpers -----------------------------------------------------------------------------------
     @property
@@ -240,7 +244,7 @@ class Supervisor:
                   limit_mb=round(self.limits.limit / MiB, 1), budget_mb=round(self.budget_mb, 1),
                   reserve_mb=round(self.limits.reserve / MiB, 1), limit_source=self.limits.source,
                   files=len(candidates), max_workers=self.s.max_workers(), pid=os.getpid(),
-                  supervisor_cpu_s=round(time.process_time(), 3))
+                  supervisor_cpu_s=round(time.process_time(), 3), **vram_mod.run_fields(self.vram, self.s))
         self.sink.start_run(self.run_id, ",".join(str(p) for p in self.s.corpus), self.s.to_dict())
         await anyio.to_thread.run_sync(self.publisher.open_ledger, self.s.memory.ledger,
                                        f"{os.getpid()}-{self.run_id}")
@@ -260,6 +264,7 @@ class Supervisor:
             await asyncio.gather(pump, return_exceptions=True)
         result, summary = self._finish()
         self.sink.finish(self.run_id, self.estimator.params(), summary)
+        vram_mod.save(self.sink, self.vram, self.key, model_key(self.s))
         if not await self.jobs.drain(SIDE_JOBS_WAIT_S):
             self.emit("side_jobs_abandoned", level="warning", after_s=SIDE_JOBS_WAIT_S)
         await anyio.to_thread.run_sync(self.publisher.close_ledger)
@@ -341,6 +346,9 @@ class Supervisor:
         w = self.workers.ready(ev, mem)
         if w is None:
             return
+        if self.vram is not None:
+            self.vram.ready(w.id, ev.pid, getattr(ev, "vram_mb", None))
+            self.vram_views.changed()
         self.estimator.learn_baseline(w.baseline_pss_mb, w.calibration)
         self.sink.baseline(w.baseline_uss_mb, w.baseline_rss_mb, w.baseline_pss_mb)
         if not self.workers.ready_once:
@@ -359,6 +367,8 @@ class Supervisor:
         w = self.workers.get(ev.worker_id)
         if w is not None and w.job is not None:
             self.emit("file_started", worker=w.id, pid=w.pid, file=w.job.rel)
+            if self.vram is not None:
+                self.vram.started(w.id)
 
     def _holder(self, worker_id: str, job_id: str | None, what: str) -> WorkerRecord | None:
         """The worker, if it holds the job it reports on; otherwise it broke the protocol."""
@@ -383,6 +393,8 @@ class Supervisor:
         if w is None:
             return
         outcome = outcome_of(w, w.job, ev)
+        if self.vram is not None:
+            outcome = vram_mod.file_over(self.vram, self.vram_views, w, outcome, ev, self.emit)
         self.workers.release(w)
         self.outcomes.apply(outcome)
         out_of_memory = isinstance(ev, FileError) and ev.kind == "memory"
@@ -394,6 +406,8 @@ class Supervisor:
         self._capacity_changed = True
         w = self.workers.get(ev.worker_id)
         ex = self.workers.exited(ev)
+        if self.vram is not None:
+            self.vram.forget(ev.worker_id)
         if ex is None:
             return
         if ex.job is not None:
@@ -512,6 +526,11 @@ class Supervisor:
             mem = self.sampler.tree(w.pid) if w.pid else None
             if mem is not None:
                 self.workers.observe(w, mem)
+        if self.vram is not None:
+            error = self.vram.sample(self.workers.present())
+            if error is not None:
+                self.emit("gpu_memory_unreadable", level="warning", error=error,
+                          effect="admitting on the last GPU readings until NVML answers again")
         if now - self._overhead_at >= 10.0:  # static memory: an exact read now and then is enough
             self._overhead_at = now
             self.overhead_mb = self._overhead()
@@ -558,8 +577,13 @@ class Supervisor:
                                     uncertain=is_uncertain(j.estimate))
                         for j in self.queue.pending()[:POLICY_WINDOW] if j.estimate is not None)
         h = self.host
-        return Snapshot(now=now, budget_mb=self.budget_mb, reserve_mb=self.limits.reserve / MiB,
-                        available_mb=h.available / MiB if h else None, workers=self.workers.views(self._remaining),
+        workers = self.workers.views(self._remaining)
+        vram: dict[str, Any] = {}
+        if self.vram is not None:
+            vram, pending, workers = vram_mod.policy_views(self.vram_views, self.queue, pending, workers,
+                                                           self.workers.get)
+        return Snapshot(now=now, **vram, budget_mb=self.budget_mb, reserve_mb=self.limits.reserve / MiB,
+                        available_mb=h.available / MiB if h else None, workers=workers,
                         pending=pending, predicted_baseline_mb=self.estimator.baseline_mb,
                         max_workers=self.s.max_workers(), psi_some10=h.psi_some_avg10 if h else None,
                         psi_full10=h.psi_full_avg10 if h else None, draining=self.draining or self.stop_now,
@@ -586,7 +610,8 @@ class Supervisor:
                            predicted_peak_mb=est.peak_mb, predicted_growth_mb=est.growth_mb,
                            job_id=f"{job.rel}#{job.attempts}")
             self.outcomes.started(job)
-            self.workers.assign(w, job, spec, predicted_mb=round(est.peak_mb, 1),
+            self.workers.assign(w, job, spec, **vram_mod.admit_fields(self.vram, job.rel),
+                                predicted_mb=round(est.peak_mb, 1),
                                 predicted_growth_mb=round(est.growth_mb, 1), estimate_source=est.source,
                                 estimate_uncertain=is_uncertain(est), audio_seconds=info.audio_seconds, attempt=job.attempts,
                                 reason=d.reason, committed_mb=d.figures.get("committed_mb"),
@@ -614,9 +639,10 @@ class Supervisor:
                             counts=self.queue.counts())
 
     def _memory(self, used: float, committed: float) -> dict[str, Any]:
-        return memory_figures(used=used, committed=committed, budget_mb=self.budget_mb,
-                              limit_mb=self.limits.limit / MiB, host=self.host, others_mb=self.others_mb(),
-                              workers=self.workers.live())
+        figures = memory_figures(used=used, committed=committed, budget_mb=self.budget_mb,
+                                 limit_mb=self.limits.limit / MiB, host=self.host, others_mb=self.others_mb(),
+                                 workers=self.workers.live())
+        return vram_mod.with_vram(figures, self.vram, self.snapshot(self.now()) if self.vram is not None else None)
 
     def status(self) -> dict[str, Any]:
         """What ``status --json`` prints and the metrics are drawn from (see docs/DESIGN.md)."""
@@ -625,11 +651,12 @@ class Supervisor:
         if self.workers is not None:
             snap = self.snapshot(now)
             memory = self._memory(used_mb(snap), committed_mb(snap))
-        return status_of(header=status_header(self.run_id, self.wall0, now - self.t0, self.draining), now=now,
-                         memory=memory, budget_mb=self.budget_mb, limit_mb=self.limits.limit / MiB,
-                         queue=self.queue, intake=self.intake, audio_done_s=self.outcomes.audio_done_s,
-                         kills=self.kills, pauses=self.pauses,
-                         workers=self.workers.live() if self.workers is not None else [])
+        out = status_of(header=status_header(self.run_id, self.wall0, now - self.t0, self.draining), now=now,
+                        memory=memory, budget_mb=self.budget_mb, limit_mb=self.limits.limit / MiB,
+                        queue=self.queue, intake=self.intake, audio_done_s=self.outcomes.audio_done_s,
+                        kills=self.kills, pauses=self.pauses,
+                        workers=self.workers.live() if self.workers is not None else [])
+        return vram_mod.with_vram_status(out, self.vram, memory)
 
     # -- ending ----------------------------------------------------------------------------------------
     async def _shutdown(self) -> None:

@@ -16,7 +16,7 @@ On a CPU run (or without NVML) nothing here is built and nothing changes.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from supervisor.gpu import MiB, GpuReading, VramReader
@@ -115,6 +115,10 @@ class VramAccounting:
         v = self.workers.setdefault(worker_id, WorkerVram(pid=pid))
         v.pid = pid
         v.reported_ready_mb = reported_mb
+        try:  # a fresh reading: the worker's context appeared since the last tick
+            self.reading = self.reader.read()
+        except Exception:  # noqa: BLE001 - the last reading (or the worker's own figure) stands
+            pass
         seen = self.reading.of([pid]) if self.reading is not None else None
         base = seen / MiB if seen is not None else reported_mb
         if base is not None:
@@ -200,3 +204,175 @@ class VramAccounting:
     def worker_mb(self, worker_id: str) -> float | None:
         v = self.workers.get(worker_id)
         return round(v.current_mb, 1) if v is not None else None
+
+
+def is_cuda_oom(reason: str | None) -> bool:
+    """A memory error whose text names the GPU (torch: "CUDA out of memory", "CUDA error: out of memory")."""
+    text = (reason or "").lower()
+    return "cuda" in text and ("out of memory" in text or "outofmemoryerror" in text)
+
+
+class VramViews:
+    """What the pure policy sees of VRAM: per-worker figures and per-pending-file estimates. Pending
+    estimates are cached until the VRAM model learns (the loop must not refit 256 files per tick)."""
+
+    def __init__(self, acct: VramAccounting, *, per_file: bool = True) -> None:
+        self.acct = acct
+        self.per_file = per_file  # False with a model server: files then hold no GPU memory of their own
+        self._version = 0
+        self._cache: dict[str, tuple[int, float, float]] = {}
+
+    def changed(self) -> None:
+        self._version += 1
+
+    def pending(self, rel: str, features: FileFeatures) -> tuple[float, float]:
+        """(predicted VRAM growth, central peak) of a pending file; (0, 0) without per-file VRAM."""
+        if not self.per_file:
+            return 0.0, 0.0
+        hit = self._cache.get(rel)
+        if hit is not None and hit[0] == self._version:
+            return hit[1], hit[2]
+        est = self.acct.estimate(rel, features)
+        central = est.central_mb if est.source != "cold" else 0.0
+        self._cache[rel] = (self._version, est.growth_mb, central)
+        return est.growth_mb, central
+
+    def worker(self, view: Any, progress: Any) -> Any:
+        v = self.acct.workers.get(str(view.id))
+        if v is None:
+            return view
+        left = self.acct.remaining(str(view.id), view.file, progress) if self.per_file and view.file else 0.0
+        return replace(view, vram_mb=v.current_mb, vram_remaining_mb=left)
+
+    def snapshot_fields(self) -> dict[str, Any]:
+        r = self.acct.reading
+        free = None if r is None else r.free / MiB - self.acct.limits.reserve_mb
+        return {"vram_budget_mb": self.acct.limits.budget_mb, "vram_free_mb": free,
+                "predicted_vram_baseline_mb": self.acct.predictor.baseline_mb}
+
+
+# -- the loop's hooks: each one line in supervisor.py, nothing on a CPU run ------------------------------
+
+def open_accounting(settings: Any, store: Any, reader: VramReader | None, emit: Any,
+                    key: str) -> tuple[VramAccounting | None, VramViews | None]:
+    """VRAM accounting for a CUDA run (``reader`` injected by tests, else NVML); (None, None) on a
+    CPU run, and with one warning on a CUDA run that cannot read NVML."""
+    from supervisor.gpu import open_reader  # noqa: PLC0415
+
+    device = settings.run.device
+    if reader is None:
+        reader, why = open_reader(device)
+        if reader is None:
+            if device.startswith("cuda"):
+                emit("gpu_memory_unavailable", level="warning", device=device, error=why,
+                     effect="no VRAM budget: files are admitted on host memory alone")
+            return None, None
+    try:
+        reading = reader.read()
+    except Exception as exc:  # noqa: BLE001 - a driver that answers nothing
+        emit("gpu_memory_unavailable", level="warning", device=device, error=f"{type(exc).__name__}: {exc}",
+             effect="no VRAM budget: files are admitted on host memory alone")
+        return None, None
+    m = settings.memory
+    params = store.load_model(settings.engine_name, key + VRAM_KEY, device) if store else None
+    predictor = make_vram_predictor(settings.engine_name, params, quantile=m.quantile, margin=m.margin,
+                                    min_samples=m.min_samples)
+    acct = VramAccounting(reader=reader, limits=vram_limits(reading, m.vram_budget, m.vram_reserve),
+                          predictor=predictor, reading=reading)
+    from supervisor.model_server import use_model_server  # noqa: PLC0415 - model_server imports this module
+
+    return acct, VramViews(acct, per_file=not use_model_server(settings))
+
+
+VRAM_KEY = "#vram"  # the VRAM model's store key: the host model's key with this suffix
+
+
+def run_fields(acct: VramAccounting | None, settings: Any) -> dict[str, Any]:
+    if acct is None:
+        return {}
+    lim = acct.limits
+    return {"vram_budget_mb": round(lim.budget_mb, 1), "vram_total_mb": round(lim.total_mb, 1),
+            "vram_reserve_mb": round(lim.reserve_mb, 1), "vram_source": lim.source, "gpu": list(lim.names)}
+
+
+def policy_views(views: VramViews, queue: Any, pending: tuple, workers: tuple,
+                 get_worker: Any) -> tuple[dict[str, Any], tuple, tuple]:
+    """The snapshot's VRAM fields, pending views with VRAM estimates, worker views with VRAM readings."""
+    from supervisor.estimates import Estimator  # noqa: PLC0415
+
+    out_p = []
+    for p in pending:
+        job = queue.get(p.file)
+        if job is None:
+            out_p.append(p)
+            continue
+        g, c = views.pending(p.file, Estimator.features(job))
+        out_p.append(replace(p, vram_growth_mb=g, vram_central_peak_mb=c))
+    out_w = []
+    for w in workers:
+        rec = get_worker(w.id) if isinstance(w.id, str) else None
+        out_w.append(views.worker(w, rec.progress if rec is not None else None))
+    return views.snapshot_fields(), tuple(out_p), tuple(out_w)
+
+
+def admit_fields(acct: VramAccounting | None, rel: str) -> dict[str, Any]:
+    est = acct.estimates.get(rel) if acct is not None else None
+    if est is None:
+        return {}
+    return {"predicted_vram_mb": round(est.peak_mb, 1), "predicted_vram_growth_mb": round(est.growth_mb, 1)}
+
+
+def file_over(acct: VramAccounting, views: VramViews, w: Any, outcome: Any, ev: Any, emit: Any) -> Any:
+    """A file ended: a result teaches the VRAM model; a CUDA out-of-memory raises the file's VRAM
+    bound and fails the attempt as a memory failure (retried, quarantined after max attempts),
+    leaving the host estimate alone (the host did not run short)."""
+    rel = outcome.job.rel
+    est = acct.estimates.get(rel)
+    predicted = {"vram_predicted_mb": round(est.peak_mb, 1)} if est is not None else {}
+    if outcome.outcome == "done":
+        growth = acct.learn(w.id, rel, getattr(ev, "features_run", None), getattr(ev, "peak_vram_mb", None))
+        views.changed()
+        v = acct.workers.get(w.id)
+        extra = {**predicted, "vram_growth_mb": None if growth is None else round(growth, 1),
+                 "vram_peak_mb": None if growth is None or v is None or v.baseline_mb is None
+                 else round(v.baseline_mb + growth, 1)}
+        return replace(outcome, extra={**outcome.extra, **extra})
+    if getattr(ev, "kind", None) == "memory" and is_cuda_oom(getattr(ev, "reason", "")):
+        features = outcome.job.features if isinstance(outcome.job.features, FileFeatures) else None
+        bound = acct.out_of_memory(w.id, rel, features)
+        views.changed()
+        return replace(outcome, memory=False, kind="memory", reason=f"CUDA out of memory at {bound:.0f} MiB of GPU "
+                       f"memory: {ev.reason}", extra={**outcome.extra, **predicted, "vram_observed_mb": round(bound, 1)})
+    return outcome
+
+
+def with_vram(figures: dict[str, Any], acct: VramAccounting | None, snap: Any) -> dict[str, Any]:
+    """Memory figures (memory_sample, status) with the VRAM ones beside them, per worker too."""
+    if acct is None:
+        return figures
+    from supervisor.policy import vram_committed_mb  # noqa: PLC0415
+
+    figures.update(acct.figures(vram_committed_mb(snap) if snap is not None else None))
+    for w in figures.get("workers") or []:
+        w["vram_mb"] = acct.worker_mb(w["worker"])
+    return figures
+
+
+def with_vram_status(status: dict[str, Any], acct: VramAccounting | None, memory: dict | None) -> dict[str, Any]:
+    if acct is None:
+        return status
+    keys = ("vram_used_mb", "vram_budget_mb", "vram_total_mb", "vram_free_mb", "vram_committed_mb")
+    src = memory if memory is not None else acct.figures()
+    status["vram"] = {k.removeprefix("vram_"): src.get(k) for k in keys} | {"ooms": acct.ooms}
+    for w in status.get("workers") or []:
+        w["vram_mb"] = acct.worker_mb(w["worker"])
+    return status
+
+
+def save(sink: Any, acct: VramAccounting | None, key: tuple[str, str, str], model_key: str) -> None:
+    """The learned VRAM model goes to the store beside the host one (a side job, like it)."""
+    if acct is None or sink.store is None:
+        return
+    engine, _, device = key
+    sink._submit("save_model", sink.store.save_model, engine, model_key + VRAM_KEY, device,
+                 acct.predictor.model.params())
