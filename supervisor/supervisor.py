@@ -41,7 +41,7 @@ from supervisor.settings import Settings, SettingsError, reload_settings
 from supervisor.sidejobs import SideJobs
 from supervisor.sink import TelemetrySink
 from supervisor.workers import MAX_BOOT_FAILURES, WorkerRecord, WorkerState, WorkerTable
-from supervisor import vram as vram_mod
+from supervisor import model_server, vram as vram_mod
 from telemetry.model import Defaults, FileFeatures, MemoryModel, Predictor
 from telemetry.store import TelemetryStore
 from worker.align import plan_features
@@ -271,9 +271,14 @@ class Supervisor:
         return result
 
     def _local_backend(self) -> LocalBackend:
-        cmd = worker_command(self.key[0], engine_options(self.s, self.s.max_workers()))
+        options = engine_options(self.s, self.s.max_workers())
         method = resolve_start_method(self.s.run.start_method, self.key[0])
         launcher = ZygoteLauncher(self.key[0]) if method == "zygote" else None
+        if model_server.use_model_server(self.s):  # one model copy per GPU, spans sent to it
+            server = model_server.ModelServer(self.key[0], options, emit=self.emit)
+            cmd = worker_command(self.key[0], model_server.served_options(options, server, self.s.run.boot_timeout))
+            return model_server.ServedBackend(cmd, server, launcher=launcher, clock=self.clock)
+        cmd = worker_command(self.key[0], options)
         return LocalBackend(cmd, launcher=launcher, clock=self.clock)
 
     async def _pump(self) -> None:
@@ -527,7 +532,7 @@ class Supervisor:
             if mem is not None:
                 self.workers.observe(w, mem)
         if self.vram is not None:
-            error = self.vram.sample(self.workers.present())
+            error = self.vram.sample(self.workers.present(), extra=getattr(self.backend, "gpu_pids", dict)())
             if error is not None:
                 self.emit("gpu_memory_unreadable", level="warning", error=error,
                           effect="admitting on the last GPU readings until NVML answers again")

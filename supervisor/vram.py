@@ -89,8 +89,9 @@ class VramAccounting:
     ooms: int = 0
 
     # -- sensing ---------------------------------------------------------------------------------
-    def sample(self, workers: list[Any], pids_of: Any = None) -> str | None:
-        """Read NVML once; returns a new error's text (to log once), else None."""
+    def sample(self, workers: list[Any], pids_of: Any = None, extra: dict[str, int] | None = None) -> str | None:
+        """Read NVML once; returns a new error's text (to log once), else None. ``extra``: other
+        processes of ours that hold GPU memory (the model server), by name."""
         try:
             self.reading = self.reader.read()
         except Exception as exc:  # noqa: BLE001 - a driver hiccup: keep the last figures
@@ -107,6 +108,9 @@ class VramAccounting:
                 v.current_mb = got / MiB
             if w.job is not None:
                 v.file_peak_mb = max(v.file_peak_mb, v.current_mb)
+        for name, pid in (extra or {}).items():
+            got = self.reading.of([pid])
+            self.workers.setdefault(name, WorkerVram(pid=pid)).current_mb = got / MiB if got is not None else 0.0
         return None
 
     def ready(self, worker_id: str, pid: int, reported_mb: float | None) -> float | None:
