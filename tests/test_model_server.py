@@ -224,3 +224,25 @@ def test_a_server_killed_mid_run_is_restarted_and_every_file_finishes(tiny, tmp_
     evs = events(log)
     assert len(named(evs, "model_server_ready")) == 2 and named(evs, "model_server_exited")
     assert len(named(evs, "file_done")) == len(files) and not named(evs, "file_failed")
+
+
+def test_remote_whisper_spans_give_the_same_times_as_the_local_model(tmp_path):
+    from test_whisper import build_tiny_whisper, real_whisper
+    from worker.engines.whisper import WhisperAligner
+
+    folder = build_tiny_whisper(tmp_path / "whisper", real_whisper("tiny.en"))
+    local = WhisperAligner.load(str(folder), threads=1)
+    srv, stop = _serve(local, str(tmp_path / "s.sock"))
+    try:
+        remote = remote_aligner(Connection(str(tmp_path / "s.sock")))
+        audio = _noise(6.0, seed=3)
+        utts = [UttRequest(0, 0.5, 2.5, ["hello", "world"]), UttRequest(1, 3.0, 5.5, ["good", "day", "now"])]
+        remote.use_language("eng")
+        local.use_language("eng")
+        assert remote.align_span(audio, 0.0, utts) == local.align_span(audio, 0.0, utts)
+        assert remote.transcribe_words(audio, 1.0) == local.transcribe_words(audio, 1.0)
+        from worker.align import _cache_tag
+
+        assert _cache_tag(remote) == _cache_tag(local)  # the result cache is shared across modes
+    finally:
+        stop.set()

@@ -110,7 +110,9 @@ class SpanServer:
     def hello(self) -> dict[str, Any]:
         a = self.aligner
         out = {"name": a.name, "model": a.model, "dtype": a.dtype, "sample_rate": a.sample_rate,
-               "max_span_s": a.max_span_s, "steps": getattr(a, "steps", None), "kind": "span"}
+               "max_span_s": a.max_span_s, "kind": "span",
+               # the result cache keys on the steps' repr: the worker's side must say the same
+               "steps": None if getattr(a, "steps", None) is None else repr(a.steps)}
         hf = getattr(a, "hf", None)
         vocab = getattr(a, "vocab", None)
         if a.name == "wav2vec" and hf is not None and vocab is not None:
@@ -147,10 +149,18 @@ class SpanServer:
                     with lock:
                         send_msg(conn, {"ok": True, **self.hello()})
                     continue
+                if header.get("op") == "language":  # what the model makes of a transcript's language
+                    self.requests.put(_Request(conn, lock, header, np.zeros(0, np.float32)))
+                    continue
                 audio = np.frombuffer(payload, dtype=np.float32) if payload else np.zeros(0, np.float32)
                 self.requests.put(_Request(conn, lock, header, audio))
         except (ConnectionError, OSError, ValueError):
             conn.close()
+        except Exception as exc:  # noqa: BLE001 - a bug here must not leave the worker waiting forever
+            try:
+                send_msg(conn, {"ok": False, "error": f"{type(exc).__name__}: {exc}"})
+            finally:
+                conn.close()
 
     def run_forever(self, stop: threading.Event | None = None) -> None:
         while stop is None or not stop.is_set():
@@ -219,7 +229,9 @@ class SpanServer:
                 self._reply(r, {"ok": True, "shape": list(em.shape)}, np.ascontiguousarray(em).tobytes())
                 return
             a.use_language(h.get("language"))
-            if op == "align_span":
+            if op == "language":
+                self._reply(r, {"ok": True, "language": a.language})
+            elif op == "align_span":
                 utts = [UttRequest(int(i), float(s), float(e), list(w)) for i, s, e, w in h["utts"]]
                 got = a.align_span(r.audio, float(h["span_start_s"]), utts)
                 self._reply(r, {"ok": True, "results": [[u.index, u.words, u.error] for u in got]})
@@ -342,10 +354,10 @@ def remote_aligner(conn: Connection) -> Any:
     class RemoteSpans(SpanAligner):
         name, model, dtype = hello["name"], hello["model"], hello["dtype"]
         sample_rate, max_span_s = int(hello["sample_rate"]), float(hello["max_span_s"])
-        steps = hello.get("steps")
+        steps = None if hello.get("steps") is None else _Repr(hello["steps"])
 
         def use_language(self, code: str | None) -> None:
-            self.language = code
+            self.language = _answer(conn.call({"op": "language", "language": code})[0])["language"]
 
         def align_span(self, audio, span_start_s, utts):
             h, _ = conn.call({"op": "align_span", "span_start_s": span_start_s, "language": self.language,
@@ -361,6 +373,13 @@ def remote_aligner(conn: Connection) -> Any:
             return [(str(w), float(s), float(e)) for w, s, e in _answer(h)["words"]]
 
     return RemoteSpans()
+
+
+class _Repr(str):
+    """The server aligner's steps as the worker knows them: only their repr (the cache key) matters."""
+
+    def __repr__(self) -> str:
+        return str(self)
 
 
 class ServedEngine(AlignerEngine):
