@@ -115,6 +115,7 @@ class FileResult:
     audio_seconds: float | None = None
     stats: dict | None = None
     job_id: str | None = None
+    rss_after_mb: float | None = None  # the worker's RSS once it released the file's memory
     peak_vram_mb: float | None = None  # its allocator's GPU peak during the file (CUDA runs only)
 
 
@@ -301,7 +302,7 @@ class LocalBackend:
                               features_run=features_run(msg),
                               warnings=list(msg.get("warnings") or []), output=msg.get("output"),
                               audio_seconds=msg.get("audio_seconds"), stats=msg.get("stats"), job_id=job,
-                              peak_vram_mb=msg.get("peak_vram_mb"))
+                              rss_after_mb=msg.get("rss_after_mb"), peak_vram_mb=msg.get("peak_vram_mb"))
         if kind == protocol.ERROR:
             return FileError(wid, file, str(msg.get("error") or "unknown error"), error_kind(msg.get("kind")),
                              job_id=job)

@@ -400,7 +400,7 @@ class Supervisor:
         outcome = outcome_of(w, w.job, ev)
         if self.vram is not None:
             outcome = vram_mod.file_over(self.vram, self.vram_views, w, outcome, ev, self.emit)
-        self.workers.release(w)
+        self.workers.release(w, getattr(ev, "rss_after_mb", None))
         self.outcomes.apply(outcome)
         out_of_memory = isinstance(ev, FileError) and ev.kind == "memory"
         if self.draining or out_of_memory:
