@@ -186,7 +186,8 @@ def supervised(corpus: Path, work: Path, *, tag: str, engine: str, model: Path, 
 
 
 def fa_peak(model_dir: Path, device: str, dtype: str, seconds: float) -> tuple[float, float] | None:
-    """Whisper forced alignment of one span in this process: (peak above the loaded model, weights) MiB."""
+    """Whisper forced alignment of one span in this process: (peak allocated, the model loaded included;
+    the weights alone) MiB."""
     import numpy as np
     import torch
 
@@ -217,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default="cuda", help="cuda (the point of this check) or cpu (to try it)")
     ap.add_argument("--quick", action="store_true", help="tiny models, short files, 1 and 2 files at once")
     ap.add_argument("--levels", default=None, help="files at once, e.g. 1,2,4,8")
-    ap.add_argument("--max-minutes", type=float, default=7.5, help="skip what is left after this long")
+    ap.add_argument("--max-minutes", type=float, default=6.5, help="start no run after this long")
     ap.add_argument("--out", type=Path, help="write the figures here as gpu_check.json")
     args = ap.parse_args(argv)
     import torch
@@ -252,8 +253,14 @@ def main(argv: list[str] | None = None) -> int:
             make_corpus(folder, [seconds] * n, seed=n)
         print(f"{'model':16} {'mode':7} {'files':>5} {'audio s/s':>10} {'peak VRAM':>10} {'host MiB':>9} "
               f"{'at once':>7} {'done':>5}", flush=True)
-        for name, engine, folder, dtype in models:
-            for n in levels:
+        for name, engine, folder, dtype in models:  # alignment peaks first: quick, and a target of their own
+            if engine == "whisper" and cuda:
+                fa[name] = fa_peak(folder, args.device, dtype, 30.0)
+                print(f"{name}: forced-alignment peak {fa[name][0]:.0f} MiB, weights {fa[name][1]:.0f} MiB", flush=True)
+        # 1 and the most files at once first: the targets need those, 2 and 4 come after if time allows
+        order = sorted(levels, key=lambda n: (n not in (min(levels), max(levels)), n))
+        for n in order:
+            for name, engine, folder, dtype in models:
                 for mode in ("naive", "server"):
                     if time.monotonic() > deadline:
                         skipped.append(f"{name} {mode} {n}")
@@ -265,8 +272,6 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"{name:16} {mode:7} {n:>5} {r.throughput:>10.1f} {vram:>10} {r.peak_host_mb or 0:>9.0f} "
                           f"{r.most_at_once:>7} {r.done:>3}/{n}" + (f"  exit {r.rc}: {r.error[-300:]}" if r.rc else ""),
                           flush=True)
-            if engine == "whisper" and cuda and time.monotonic() < deadline:
-                fa[name] = fa_peak(folder, args.device, dtype, 30.0)
         budget_run = _budget_run(models, runs, corpora, levels, work, args, deadline, skipped)
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -282,7 +287,8 @@ def main(argv: list[str] | None = None) -> int:
 def _budget_run(models, runs, corpora, levels, work, args, deadline, skipped) -> Run | None:
     """Naive mode, the most files at once, under a VRAM budget below what they need together."""
     n = max(levels)
-    name, engine, folder, dtype = models[-1]  # the largest model
+    # Whisper base-sized if there is one (per-worker VRAM that 8 workers multiply), else the first
+    name, engine, folder, dtype = next((m for m in models if m[0] == "whisper-base"), models[0])
     full = next((r for r in runs if r.model == name and r.mode == "naive" and r.files == n), None)
     if time.monotonic() > deadline:
         skipped.append(f"{name} budget run")

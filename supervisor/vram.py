@@ -251,8 +251,9 @@ class VramViews:
     def snapshot_fields(self) -> dict[str, Any]:
         r = self.acct.reading
         free = None if r is None else r.free / MiB - self.acct.limits.reserve_mb
+        # With a model server the workers hold no GPU memory: a new one costs none.
         return {"vram_budget_mb": self.acct.limits.budget_mb, "vram_free_mb": free,
-                "predicted_vram_baseline_mb": self.acct.predictor.baseline_mb}
+                "predicted_vram_baseline_mb": self.acct.predictor.baseline_mb if self.per_file else 0.0}
 
 
 # -- the loop's hooks: each one line in supervisor.py, nothing on a CPU run ------------------------------

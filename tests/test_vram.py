@@ -268,3 +268,13 @@ def test_a_failing_reader_is_reported_once_and_keeps_the_last_figures():
 def test_reading_of_a_tree_sums_its_members():
     r = GpuReading(devices=(), processes={1: 10 * MiB, 2: 5 * MiB})
     assert r.of([1, 2, 3]) == 15 * MiB
+
+
+def test_with_a_model_server_files_and_new_workers_cost_no_vram():
+    from supervisor.vram import VramViews
+
+    reader, acct = _acct()
+    views = VramViews(acct, per_file=False)
+    assert views.pending("a.cha", FileFeatures(audio_s=600, longest_span_s=30.0)) == (0.0, 0.0)
+    assert views.snapshot_fields()["predicted_vram_baseline_mb"] == 0.0
+    assert VramViews(acct).snapshot_fields()["predicted_vram_baseline_mb"] > 0
