@@ -278,3 +278,13 @@ def test_with_a_model_server_files_and_new_workers_cost_no_vram():
     assert views.pending("a.cha", FileFeatures(audio_s=600, longest_span_s=30.0)) == (0.0, 0.0)
     assert views.snapshot_fields()["predicted_vram_baseline_mb"] == 0.0
     assert VramViews(acct).snapshot_fields()["predicted_vram_baseline_mb"] > 0
+
+
+def test_vram_settings_from_the_environment_and_a_bad_model_server_value():
+    from supervisor.settings import SettingsError, load_settings
+
+    s = load_settings(environ={"BATCHALIGN_SUPERVISE_MEMORY_VRAM_BUDGET": "12GiB",
+                               "BATCHALIGN_SUPERVISE_MODEL_SERVER": "off"})
+    assert s.memory.vram_budget == 12 * 2**30 and s.run.model_server == "off"
+    with pytest.raises(SettingsError, match="model_server"):
+        load_settings(environ={"BATCHALIGN_SUPERVISE_MODEL_SERVER": "sometimes"})
