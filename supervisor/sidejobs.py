@@ -17,8 +17,9 @@ import anyio
 
 
 class SideJobs:
-    def __init__(self, emit: Callable[..., None]) -> None:
+    def __init__(self, emit: Callable[..., None], wake: Callable[[], None] | None = None) -> None:
         self.emit = emit
+        self.wake = wake  # told when a job finished, so the loop decides on its result at once
         self._lanes: dict[str, anyio.CapacityLimiter] = {}
         self._busy: dict[str, int] = {}
         self._tasks: set[asyncio.Task] = set()
@@ -58,6 +59,8 @@ class SideJobs:
                       exc_info=True)
         finally:
             self._busy[lane] -= 1
+            if self.wake is not None:
+                self.wake()
 
     async def drain(self, timeout: float) -> bool:
         """Wait for every submitted job (and jobs those submit); True when all finished in time."""

@@ -57,6 +57,7 @@ RESTART_ONLY = ("run.engine", "run.model", "run.device", "run.dtype", "run.start
                 "service.control_socket", "service.metrics_port", "service.metrics_host", "engine.")
 SHUTDOWN_WAIT_S = 10.0
 SIDE_JOBS_WAIT_S = 30.0
+WAKE = ("wake", None)  # inbox marker: a side job finished, decide on what it brought
 
 
 @dataclass
@@ -186,7 +187,7 @@ class Supervisor:
 
         self.queue = WorkQueue(settings.run.max_attempts)
         self.policy = MemoryPolicy(bands_from(settings))
-        self.jobs = SideJobs(self.emit)
+        self.jobs = SideJobs(self.emit, wake=self._wake)
         self.estimator = Estimator(make_predictor(settings, store), self.queue,
                                    stored_bounds=store.lower_bounds(*self.key) if store else None, clock=clock)
         self.sink = TelemetrySink(store, self.jobs, self.emit, self.key, model_key(settings))
@@ -328,7 +329,14 @@ class Supervisor:
         return not self.queue.in_state(FileState.PENDING, FileState.RUNNING)
 
     # -- events --------------------------------------------------------------------------------------
+    def _wake(self) -> None:
+        """A side job finished (files planned, a store written): decide now, not at the next tick."""
+        self._capacity_changed = True
+        self.inbox.put_nowait(WAKE)
+
     def _handle(self, ev: Any) -> None:
+        if ev is WAKE:
+            return
         if isinstance(ev, tuple) and ev[0] == "signal":
             self._guarded("signal", self._on_signal, ev[1], signal=signal.Signals(ev[1]).name)
             return
@@ -699,7 +707,7 @@ class Supervisor:
             if isinstance(ev, WorkerSpawned):  # a spawn that landed while stopping: end it too
                 self._handle(ev)
                 self.workers.kill(self.workers.get(ev.worker_id), "supervisor stopping", by_us=True)
-            elif not (isinstance(ev, tuple) and ev[0] == "signal"):
+            elif not isinstance(ev, tuple):
                 self._handle(ev)
             self.publisher.watchdog(self.now())
         return True
