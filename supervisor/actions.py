@@ -27,8 +27,10 @@ def job_spec(job: FileJob, threads: int) -> JobSpec:
 
 class Actions:
     def __init__(self, *, workers: WorkerTable, queue: WorkQueue, outcomes: Outcomes, cores: int,
-                 fixed_threads: int | None, budget_mb: Callable[[], float]) -> None:
+                 fixed_threads: int | None, budget_mb: Callable[[], float],
+                 admit_fields: Callable[[str], dict] = lambda rel: {}) -> None:
         self.workers = workers
+        self.admit_fields = admit_fields  # what else an admission says (a CUDA run's VRAM estimate)
         self.queue = queue
         self.outcomes = outcomes
         self.cores = cores
@@ -62,7 +64,7 @@ class Actions:
         spec = job_spec(job, threads)
         self.outcomes.started(job)
         est = job.estimate
-        self.workers.assign(w, job, spec, predicted_mb=round(est.peak_mb, 1),
+        self.workers.assign(w, job, spec, **self.admit_fields(job.rel), predicted_mb=round(est.peak_mb, 1),
                             predicted_growth_mb=round(est.growth_mb, 1), estimate_source=est.source,
                             estimate_uncertain=is_uncertain(est), audio_seconds=job.info.audio_seconds,
                             attempt=job.attempts, reason=d.reason, committed_mb=d.figures.get("committed_mb"),

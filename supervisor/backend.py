@@ -62,6 +62,7 @@ class WorkerReady:
     calibration: list = field(default_factory=list)
     rss_mb: float | None = None
     pss_mb: float | None = None
+    vram_mb: float | None = None  # GPU memory its allocator held at READY (CUDA runs only)
 
 
 @dataclass(frozen=True)
@@ -115,6 +116,7 @@ class FileResult:
     stats: dict | None = None
     job_id: str | None = None
     rss_after_mb: float | None = None  # the worker's RSS once it released the file's memory
+    peak_vram_mb: float | None = None  # its allocator's GPU peak during the file (CUDA runs only)
 
 
 @dataclass(frozen=True)
@@ -285,7 +287,8 @@ class LocalBackend:
             return WorkerHeartbeat(wid, job, msg.get("progress"))
         if kind == protocol.READY:
             return WorkerReady(wid, int(msg.get("pid") or w.pid), float(msg.get("uss_mb") or 0.0),
-                               list(msg.get("calibration") or []), rss_mb=msg.get("rss_mb"), pss_mb=msg.get("pss_mb"))
+                               list(msg.get("calibration") or []), rss_mb=msg.get("rss_mb"), pss_mb=msg.get("pss_mb"),
+                               vram_mb=msg.get("vram_mb"))
         if kind == protocol.BOOT_ERROR:
             self._boot_errors[wid] = str(msg.get("error") or "boot error")
             return WorkerLog(wid, f"boot error: {self._boot_errors[wid]}")
@@ -299,7 +302,7 @@ class LocalBackend:
                               features_run=features_run(msg),
                               warnings=list(msg.get("warnings") or []), output=msg.get("output"),
                               audio_seconds=msg.get("audio_seconds"), stats=msg.get("stats"), job_id=job,
-                              rss_after_mb=msg.get("rss_after_mb"))
+                              rss_after_mb=msg.get("rss_after_mb"), peak_vram_mb=msg.get("peak_vram_mb"))
         if kind == protocol.ERROR:
             return FileError(wid, file, str(msg.get("error") or "unknown error"), error_kind(msg.get("kind")),
                              job_id=job)

@@ -71,12 +71,14 @@ def cli_mapping(opts: dict[str, Any]) -> dict[str, Any]:
     run_keys = {"engine": "engine", "model": "model", "device": "device", "dtype": "dtype", "workers": "workers",
                 "max_attempts": "max_attempts", "media_dir": "media_dir", "state_dir": "state_dir",
                 "telemetry": "telemetry", "log_json": "log_json", "progress": "progress",
-                "start_method": "start_method", "model_store": "model_store"}
+                "start_method": "start_method", "model_store": "model_store",
+                "model_server": "model_server"}
     out: dict[str, dict[str, Any]] = {}
     for opt, key in run_keys.items():
         if opts.get(opt) is not None:
             out.setdefault("run", {})[key] = str(opts[opt]) if isinstance(opts[opt], Path) else opts[opt]
-    for opt, key in (("memory_budget", "budget"), ("reserve", "reserve"), ("poll_interval", "poll_interval")):
+    for opt, key in (("memory_budget", "budget"), ("reserve", "reserve"), ("poll_interval", "poll_interval"),
+                     ("vram_budget", "vram_budget")):
         if opts.get(opt) is not None:
             out.setdefault("memory", {})[key] = opts[opt]
     for opt, key in (("watch", "watch"), ("metrics_port", "metrics_port"), ("metrics_textfile", "metrics_textfile"),
@@ -211,6 +213,9 @@ def resolve_model_for(settings: Settings, check_hub: bool = True) -> None:
 @click.option("--workers", callback=_workers_value, help="Most workers at once: N or auto (one per core; memory decides below that).")
 @click.option("--memory-budget", callback=_size_value, help="Memory the pool may use, e.g. 6GiB or 5000MB (default: limit - reserve).")
 @click.option("--reserve", callback=_size_value, help="Memory kept free for everyone else (default max(10%, 2 GiB)).")
+@click.option("--vram-budget", callback=_size_value, help="GPU memory the pool may use on a CUDA run (default: device - reserve).")
+@click.option("--model-server", type=click.Choice(["auto", "on", "off"]),
+              help="One model copy per GPU in a server process that CPU workers send spans to (auto: on for cuda).")
 @click.option("--poll-interval", callback=_duration_value, help="How often worker memory is read, e.g. 250ms.")
 @click.option("--telemetry", type=click.Path(path_type=Path), help="SQLite telemetry store.")
 @click.option("--log-json", type=click.Path(path_type=Path), help="JSON-lines event log (default OUT/batchalign-supervise.log.jsonl).")

@@ -76,6 +76,7 @@ def families(status: dict) -> Iterator[Metric]:
     yield from _file_families(status.get("files") or {})
     yield _worker_states(status.get("workers") or ())
     yield from _memory_families(status)
+    yield from _vram_families(status.get("vram"), status.get("workers") or ())
     for key, name, help_text in (
         ("audio_done_s", "batchalign_audio_done_seconds", "Seconds of audio aligned in this run."),
         ("audio_total_s", "batchalign_audio_planned_seconds", "Seconds of audio this run knows about."),
@@ -128,6 +129,34 @@ def _memory_families(status: dict) -> Iterator[Metric]:
                               labels=["worker", "pid"])
         for w in workers:
             g.add_metric([str(w.get("worker", "")), str(w.get("pid", ""))], _number(w["uss_mb"]) * MIB)
+        yield g
+
+
+_VRAM = (
+    ("used_mb", "batchalign_vram_used_bytes", "GPU memory the workers hold now (NVML)."),
+    ("budget_mb", "batchalign_vram_budget_bytes", "GPU memory the pool may use: the device less its reserve, or --vram-budget."),
+    ("total_mb", "batchalign_vram_total_bytes", "GPU memory of the devices the run uses."),
+    ("free_mb", "batchalign_vram_free_bytes", "Free memory on those devices (NVML)."),
+    ("committed_mb", "batchalign_vram_committed_bytes", "GPU memory in use plus what running files are predicted to add."),
+)
+
+
+def _vram_families(vram: dict | None, workers: Any) -> Iterator[Metric]:
+    """VRAM beside host memory; only on a run with a GPU (the status then has a ``vram`` part)."""
+    if not vram:
+        return
+    for key, name, help_text in _VRAM:
+        value = _number(vram.get(key))
+        if value is not None:
+            yield _gauge(name, help_text, value * MIB)
+    c = CounterMetricFamily("batchalign_cuda_oom", "Files that ran out of GPU memory (retried with more).")
+    c.add_metric([], _number(vram.get("ooms")) or 0)
+    yield c
+    held = [w for w in workers if isinstance(w, dict) and _number(w.get("vram_mb")) is not None]
+    if held:
+        g = GaugeMetricFamily("batchalign_worker_vram_bytes", "GPU memory of each live worker.", labels=["worker", "pid"])
+        for w in held:
+            g.add_metric([str(w.get("worker", "")), str(w.get("pid", ""))], _number(w["vram_mb"]) * MIB)
         yield g
 
 

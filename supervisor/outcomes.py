@@ -56,6 +56,7 @@ class Outcome:
     memory: bool = False  # a memory failure: the peak is a lower bound for the next attempt
     result: FileResult | None = None
     kind: str | None = None  # the failure kind the event names (default: the outcome)
+    extra: dict = field(default_factory=dict)  # more figures for its event (VRAM on a CUDA run)
 
 
 class Outcomes:
@@ -135,7 +136,7 @@ class Outcomes:
         state = self.queue.fail(job, o.reason or "failed", retry=o.retry, observed_mb=o.peak_mb)
         self._record(o, "failed" if o.outcome == "memory" else o.outcome)
         self.emit("file_failed", level="warning", **wf, file=job.rel, reason=o.reason,
-                  kind=o.kind or ("memory" if o.memory else o.outcome), attempt=job.attempts)
+                  kind=o.kind or ("memory" if o.memory else o.outcome), attempt=job.attempts, **o.extra)
         self._after_failure(job, state, o.reason or "")
         return state
 
@@ -153,7 +154,8 @@ class Outcomes:
         self.emit("file_done", **wf, file=info.rel, peak_mb=round(o.peak_mb or 0.0, 1),
                   growth_mb=round(o.growth_mb or 0.0, 1), predicted_mb=round(est.peak_mb, 1) if est else None,
                   predicted_growth_mb=round(est.growth_mb, 1) if est else None, audio_seconds=info.audio_seconds,
-                  wall_s=ev.wall_s, cpu_s=ev.cpu_s, warnings=len(ev.warnings), stats=ev.stats, sample=sample)
+                  wall_s=ev.wall_s, cpu_s=ev.cpu_s, warnings=len(ev.warnings), stats=ev.stats, sample=sample,
+                  **o.extra)
         for line in ev.warnings[:20]:
             self.emit("file_warning", level="warning", file=info.rel, warning=line)
         return job.state

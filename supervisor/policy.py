@@ -23,6 +23,12 @@ Bands over the budget, with hysteresis (fractions of the budget, from settings):
     used <  resume_below    resume paused workers, oldest first, when their remaining growth fits
     committed >= kill_above pause the newest file: running files are growing past their
                             predictions and would reach the guard
+
+VRAM, when the run has a GPU (``Snapshot.vram_budget_mb`` set; None on a CPU run, which then decides
+exactly as without it): a worker's GPU memory and a file's predicted VRAM growth are counted the same
+way, and a file is admitted (a worker spawned) only when it fits both budgets and the device's free
+memory. There is no VRAM guard: a file that outgrows the device fails with a CUDA out-of-memory in its
+own process, which the run treats as a memory failure of that file.
 """
 
 from __future__ import annotations
@@ -66,6 +72,8 @@ class WorkerView:
     file_started_at: float | None = None
     paused_at: float | None = None
     idle_since: float | None = None
+    vram_mb: float = 0.0  # GPU memory the worker holds now
+    vram_remaining_mb: float = 0.0  # what its file may still add on the GPU
 
 
 @dataclass(frozen=True)
@@ -75,6 +83,8 @@ class PendingView:
     growth_mb: float
     central_peak_mb: float  # the central estimate (no margin), or the killed lower bound if higher
     uncertain: bool = False
+    vram_growth_mb: float = 0.0
+    vram_central_peak_mb: float = 0.0  # as central_peak_mb, on the GPU (0: cold, judged by no one)
 
 
 @dataclass(frozen=True)
@@ -93,6 +103,9 @@ class Snapshot:
     others_reserved_mb: float = 0.0  # unrealised promises of other supervisors on this host
     overhead_mb: float = 0.0  # the supervisor's own memory, charged to the budget
     idle_retire_s: float | None = None  # retire workers idle this long (watch mode)
+    vram_budget_mb: float | None = None  # None: no GPU accounting (CPU runs)
+    vram_free_mb: float | None = None  # the device's free memory less its reserve, when read
+    predicted_vram_baseline_mb: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -136,6 +149,17 @@ def used_mb(s: Snapshot) -> float:
     return sum(w.pss_mb for w in s.workers if w.state != "exited") + s.overhead_mb
 
 
+def vram_used_mb(s: Snapshot) -> float:
+    return sum(w.vram_mb for w in s.workers if w.state != "exited")
+
+
+def vram_committed_mb(s: Snapshot) -> float:
+    """GPU memory held now plus what running files may still add plus starting workers' contexts."""
+    live = [w for w in s.workers if w.state in LIVE]
+    return (vram_used_mb(s) + sum(max(0.0, w.vram_remaining_mb) for w in live if w.state in RUNNING)
+            + sum(s.predicted_vram_baseline_mb for w in live if w.state == "starting"))
+
+
 def committed_mb(s: Snapshot) -> float:
     """Used now plus what running files may still grow by plus starting workers' baselines."""
     live = [w for w in s.workers if w.state in LIVE]
@@ -164,6 +188,9 @@ class _Round:
     psi_some: float
     psi_full: float
     figs: dict
+    vram_room: float = float("inf")  # VRAM budget left after every promise (inf: no GPU accounting)
+    vram_device_room: float = float("inf")  # the device's free memory less the unrealised VRAM promises
+    vram_frac: float = 0.0
 
     @classmethod
     def of(cls, s: Snapshot) -> "_Round":
@@ -171,7 +198,14 @@ class _Round:
         used = used_mb(s)  # a killed worker holds its memory until reaped: counted, never acted on
         blind = s.available_mb is None
         committed = committed_mb(s)
-        return cls(s=s, live=live, busy=[w for w in live if w.state == "busy"],
+        vram: dict = {}
+        if s.vram_budget_mb is not None:
+            vused, vcommitted = vram_used_mb(s), vram_committed_mb(s)
+            vram = dict(vram_room=s.vram_budget_mb - vcommitted,
+                        vram_device_room=(float("inf") if s.vram_free_mb is None
+                                          else s.vram_free_mb - (vcommitted - vused)),
+                        vram_frac=vused / s.vram_budget_mb if s.vram_budget_mb > 0 else float("inf"))
+        return cls(s=s, **vram, live=live, busy=[w for w in live if w.state == "busy"],
                    paused=[w for w in live if w.state == "paused"],
                    idle=sorted((w for w in live if w.state == "ready"), key=lambda w: _id_order(w.id)),
                    starting=any(w.state == "starting" for w in live), used=used,
@@ -182,11 +216,17 @@ class _Round:
                    figs={"used_mb": round(used, 1), "budget_mb": round(s.budget_mb, 1),
                          "available_mb": None if blind else round(s.available_mb, 1)})
 
-    def take(self, growth_mb: float) -> None:
-        """A file was admitted in this round: its growth is promised."""
+    def take(self, growth_mb: float, vram_mb: float = 0.0) -> None:
+        """A file was admitted in this round: its growth (and its VRAM growth) is promised."""
         self.room -= growth_mb
         self.committed += growth_mb
         self.unrealised += growth_mb
+        self.vram_room -= vram_mb
+        self.vram_device_room -= vram_mb
+
+    def vram_fits(self, vram_mb: float) -> bool:
+        """``vram_mb`` more fits the VRAM budget and the device (always, without a GPU)."""
+        return vram_mb <= self.vram_room and vram_mb <= self.vram_device_room
 
 
 class MemoryPolicy:
@@ -276,9 +316,15 @@ class MemoryPolicy:
     # supervisor (and its zygote) hold.
     def _rejects(self, c: "_Round") -> tuple[list[Decision], list[PendingView]]:
         s, out, pending = c.s, [], []
+        vram_cap = s.vram_budget_mb if s.vram_budget_mb is not None else float("inf")
         for p in s.pending:
-            if p.central_peak_mb <= c.capacity:
+            if p.central_peak_mb <= c.capacity and p.vram_central_peak_mb <= vram_cap:
                 pending.append(p)
+            elif p.file not in self._rejected and p.central_peak_mb <= c.capacity:
+                self._rejected.add(p.file)
+                out.append(Decision(Act.REJECT, file=p.file, reason=(
+                    f"needs ~{gib(p.vram_central_peak_mb)} GiB of GPU memory, the VRAM budget is "
+                    f"{gib(vram_cap)} GiB"), figures={**c.figs, "vram_peak_mb": round(p.vram_central_peak_mb, 1)}))
             elif p.file not in self._rejected:
                 self._rejected.add(p.file)
                 left = f" ({gib(c.capacity)} GiB beside the supervisor)" if s.overhead_mb >= 1 else ""
@@ -290,7 +336,8 @@ class MemoryPolicy:
     # 6. Admit, first fit in queue order; a file predicted over the budget needs the pool alone.
     def _admit(self, c: "_Round", pending: list[PendingView]) -> list[Decision]:
         b, s = self.bands, c.s
-        if not (c.frac < b.admit_below and c.psi_some < b.psi_admit_below and not c.paused and not c.blind):
+        if not (c.frac < b.admit_below and c.psi_some < b.psi_admit_below and not c.paused and not c.blind
+                and c.vram_frac < b.admit_below):
             return []
         # Cold runs learn cheaply: one uncertain large file at a time.
         large = UNCERTAIN_LARGE * c.capacity
@@ -308,13 +355,14 @@ class MemoryPolicy:
                 bet = p.uncertain and p.peak_mb > large
                 if p.file in assigned or p.peak_mb > c.capacity or (bet and uncertain_large):
                     continue
-                if p.growth_mb <= c.room and c.unrealised + p.growth_mb <= c.host_room:
+                if (p.growth_mb <= c.room and c.unrealised + p.growth_mb <= c.host_room
+                        and c.vram_fits(p.vram_growth_mb)):
                     uncertain_large = uncertain_large or bet
                     out.append(Decision(Act.ADMIT, worker=w.id, file=p.file, reason="fits",
                                         figures={**c.figs, "predicted_mb": round(p.peak_mb, 1),
                                                  "committed_mb": round(c.committed + p.growth_mb, 1)}))
                     assigned.add(p.file)
-                    c.take(p.growth_mb)
+                    c.take(p.growth_mb, p.vram_growth_mb)
                     break
         waiting = [p for p in pending if p.file not in assigned and p.peak_mb <= c.capacity]
         if not waiting:
@@ -331,10 +379,12 @@ class MemoryPolicy:
         if len(c.idle) > 1:
             largest = max(c.idle[1:], key=lambda w: w.pss_mb)
             return [Decision(Act.RETIRE, worker=largest.id, reason="a file must run alone", figures=c.figs)]
-        if c.idle:
+        if c.idle and c.vram_fits(head.vram_growth_mb):
             return [Decision(Act.ADMIT, worker=c.idle[0].id, file=head.file, reason="runs alone",
                              figures={**c.figs, "predicted_mb": round(head.peak_mb, 1),
                                       "committed_mb": round(c.committed, 1)})]
+        if c.idle:
+            return []
         return [Decision(Act.SPAWN, reason="a file must run alone", figures=c.figs)]
 
     def _idle_but_blocked(self, c: "_Round", waiting: list[PendingView], free_idle: list[WorkerView],
@@ -346,13 +396,14 @@ class MemoryPolicy:
         if assigned or c.busy or c.paused:
             return []
         need = waiting[0].growth_mb
+        vneed = waiting[0].vram_growth_mb
         if len(free_idle) > 1:
-            if need > c.room or c.unrealised + need > c.host_room:
+            if need > c.room or c.unrealised + need > c.host_room or not c.vram_fits(vneed):
                 largest = max(free_idle, key=lambda w: w.pss_mb)
                 return [Decision(Act.RETIRE, worker=largest.id, reason="idle worker blocks a large file",
                                  figures=c.figs)]
             return []
-        if not c.starting and len(c.idle) == 1 and c.unrealised + need <= c.host_room:
+        if not c.starting and len(c.idle) == 1 and c.unrealised + need <= c.host_room and c.vram_fits(vneed):
             head = waiting[0]
             return [Decision(Act.ADMIT, worker=c.idle[0].id, file=head.file, reason="runs alone",
                              figures={**c.figs, "predicted_mb": round(head.peak_mb, 1),
@@ -366,7 +417,8 @@ class MemoryPolicy:
             return []
         for p in waiting:
             cost = s.predicted_baseline_mb + p.growth_mb
-            if cost <= c.room and s.predicted_baseline_mb + c.unrealised + p.growth_mb <= c.host_room:
+            if (cost <= c.room and s.predicted_baseline_mb + c.unrealised + p.growth_mb <= c.host_room
+                    and c.vram_fits(s.predicted_vram_baseline_mb + p.vram_growth_mb)):
                 return [Decision(Act.SPAWN, file=p.file, reason="a waiting file fits beside a new worker",
                                  figures={**c.figs, "predicted_mb": round(cost, 1),
                                           "committed_mb": round(c.committed, 1)})]

@@ -61,6 +61,7 @@ class RunSettings:
     boot_timeout: float = _duration(600.0)  # a worker that is not READY by then is killed
     progress: str = "auto"  # auto | on | off
     start_method: str = "auto"  # auto (zygote for torch engines, spawn for synthetic) | spawn | zygote
+    model_server: str = "auto"  # auto (on for --device cuda) | on | off: one model copy per GPU
 
 
 @dataclass
@@ -82,6 +83,8 @@ class MemorySettings:
     min_samples: int = 3
     sample_log_interval: float = _duration(5.0)  # memory_sample events at most this often
     ledger: str = ""  # host-wide reservation ledger; "off" disables; empty: shared run directory
+    vram_budget: int | None = _size(None)  # bytes of GPU memory the pool may use; empty: device - vram_reserve
+    vram_reserve: int | None = _size(None)  # bytes; empty: max(5% of the device, 512 MiB)
 
 
 @dataclass
@@ -423,3 +426,5 @@ def validate(s: Settings) -> None:
         raise SettingsError("[cluster.slurm] max_jobs, cores and processes must be at least 1")
     if s.run.start_method not in ("auto", "spawn", "zygote"):
         raise SettingsError(f"start_method {s.run.start_method!r} is not one of auto, spawn, zygote")
+    if s.run.model_server not in ("auto", "on", "off"):
+        raise SettingsError(f"model_server {s.run.model_server!r} is not one of auto, on, off")

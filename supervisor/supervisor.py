@@ -46,6 +46,7 @@ from supervisor.sink import TelemetrySink
 from supervisor.workers import WorkerRecord, WorkerTable
 from telemetry.logging import worker_record
 from telemetry.model import FileFeatures
+from supervisor import model_server, vram as vram_mod
 from telemetry.store import TelemetryStore
 from worker.align import plan_features
 from worker.engines.base import JobError
@@ -88,7 +89,7 @@ class Supervisor:
                  clock: Callable[[], float] = time.monotonic, notifier: Notifier | None = None,
                  store: TelemetryStore | None = None, limits: Limits | None = None,
                  display: Any = None, reload_cli: dict | None = None, watcher: Any = None,
-                 backend: Backend | None = None, listing: Any = None) -> None:
+                 backend: Backend | None = None, listing: Any = None, vram_reader: Any = None) -> None:
         self.s = settings
         self.log = log
         self.clock = clock
@@ -126,6 +127,9 @@ class Supervisor:
         self.publisher = Publisher(notifier=self.notifier, jobs=self.jobs, emit=self.emit, display=display)
         self.workers: WorkerTable | None = None
         self.actions: Actions | None = None
+        # VRAM beside host memory on a CUDA run (None on a CPU run: nothing below changes then).
+        self.vram, self.vram_views = vram_mod.open_accounting(settings, store, vram_reader, self.emit,
+                                                              model_key(settings))
 
     # -- helpers -----------------------------------------------------------------------------------
     @property
@@ -168,7 +172,7 @@ class Supervisor:
                   limit_mb=round(self.limits.limit / MiB, 1), budget_mb=round(self.budget_mb, 1),
                   reserve_mb=round(self.limits.reserve / MiB, 1), limit_source=self.limits.source,
                   files=len(candidates), max_workers=self.s.max_workers(self.cores), pid=os.getpid(),
-                  supervisor_cpu_s=round(time.process_time(), 3))
+                  supervisor_cpu_s=round(time.process_time(), 3), **vram_mod.run_fields(self.vram, self.s))
         self.sink.start_run(self.run_id, ",".join(str(p) for p in self.s.corpus), self.s.to_dict())
         await anyio.to_thread.run_sync(self.publisher.open_ledger, self.s.memory.ledger,
                                        f"{os.getpid()}-{self.run_id}")
@@ -176,7 +180,8 @@ class Supervisor:
             self.backend = self._local_backend()
         self.workers = WorkerTable(self.backend, emit=self.emit, clock=self.clock)
         self.actions = Actions(workers=self.workers, queue=self.queue, outcomes=self.outcomes, cores=self.cores,
-                               fixed_threads=self.s.engine_settings.threads, budget_mb=lambda: self.budget_mb)
+                               fixed_threads=self.s.engine_settings.threads, budget_mb=lambda: self.budget_mb,
+                               admit_fields=lambda rel: vram_mod.admit_fields(self.vram, rel))
         await self.backend.start()
         pump = asyncio.create_task(self._pump(), name="backend-events")
         self.intake.start_planning(candidates)
@@ -190,15 +195,21 @@ class Supervisor:
             await asyncio.gather(pump, return_exceptions=True)
         result, summary = self._finish()
         self.sink.finish(self.run_id, self.estimator.params(), summary)
+        vram_mod.save(self.sink, self.vram, self.key, model_key(self.s))
         if not await self.jobs.drain(SIDE_JOBS_WAIT_S):
             self.emit("side_jobs_abandoned", level="warning", after_s=SIDE_JOBS_WAIT_S)
         await anyio.to_thread.run_sync(self.publisher.close_ledger)
         return result
 
     def _local_backend(self) -> LocalBackend:
-        cmd = worker_command(self.key[0], engine_options(self.s, self.s.max_workers(self.cores)))
+        options = engine_options(self.s, self.s.max_workers(self.cores))
         method = resolve_start_method(self.s.run.start_method, self.key[0])
         launcher = ZygoteLauncher(self.key[0]) if method == "zygote" else None
+        if model_server.use_model_server(self.s):  # one model copy per GPU, spans sent to it
+            server = model_server.ModelServer(self.key[0], options, emit=self.emit)
+            cmd = worker_command(self.key[0], model_server.served_options(options, server, self.s.run.boot_timeout))
+            return model_server.ServedBackend(cmd, server, launcher=launcher, clock=self.clock)
+        cmd = worker_command(self.key[0], options)
         return LocalBackend(cmd, launcher=launcher, clock=self.clock)
 
     async def _pump(self) -> None:
@@ -270,6 +281,9 @@ class Supervisor:
         w = self.workers.ready(ev, self.senses.exact(ev.pid))
         if w is None:
             return
+        if self.vram is not None:
+            self.vram.ready(w.id, ev.pid, getattr(ev, "vram_mb", None))
+            self.vram_views.changed()
         self.estimator.learn_baseline(w.baseline_pss_mb, w.calibration)
         self.sink.baseline(w.baseline_uss_mb, w.baseline_rss_mb, w.baseline_pss_mb)
         if not self.workers.ready_once:
@@ -277,6 +291,11 @@ class Supervisor:
             self.notifier.ready()
         if self.draining:
             self.workers.stop(w, "draining")
+
+    def _on_started(self, ev: FileStarted) -> None:
+        self.workers.file_started(ev.worker_id)
+        if self.vram is not None:
+            self.vram.started(ev.worker_id)
 
     def _on_result(self, ev: FileResult) -> None:
         self._file_over(ev, "result", self.outcomes.from_result)
@@ -291,6 +310,8 @@ class Supervisor:
         if w is None:
             return
         outcome = outcome_of(w, w.job, ev)
+        if self.vram is not None:
+            outcome = vram_mod.file_over(self.vram, self.vram_views, w, outcome, ev, self.emit)
         self.workers.release(w, getattr(ev, "rss_after_mb", None))
         self.outcomes.apply(outcome)
         out_of_memory = isinstance(ev, FileError) and ev.kind == "memory"
@@ -302,6 +323,8 @@ class Supervisor:
         self._capacity_changed = True
         w = self.workers.get(ev.worker_id)
         ex = self.workers.exited(ev)
+        if self.vram is not None:
+            self.vram.forget(ev.worker_id)
         if ex is None:
             return
         if ex.job is not None:
@@ -320,7 +343,7 @@ class Supervisor:
         SpawnFailed: _on_spawn_failed, WorkerReady: _on_ready,
         WorkerHeartbeat: lambda self, ev: self.workers.heartbeat(ev.worker_id, ev.progress),
         FileProgress: lambda self, ev: self.workers.file_progress(ev.worker_id, ev.progress),
-        FileStarted: lambda self, ev: self.workers.file_started(ev.worker_id),
+        FileStarted: lambda self, ev: self._on_started(ev),
         FileResult: _on_result, FileError: _on_error, WorkerExited: _on_exited,
         WorkerBroken: lambda self, ev: self.workers.broken(ev.worker_id, ev.error), WorkerLog: _on_log,
     }
@@ -368,6 +391,11 @@ class Supervisor:
     # -- the tick ------------------------------------------------------------------------------------
     def _tick(self, now: float) -> None:
         self.senses.sample(now, self.workers)
+        if self.vram is not None:
+            error = self.vram.sample(self.workers.present(), extra=getattr(self.backend, "gpu_pids", dict)())
+            if error is not None:
+                self.emit("gpu_memory_unreadable", level="warning", error=error,
+                          effect="admitting on the last GPU readings until NVML answers again")
         r = self.s.run
         self.workers.check_health(
             now, boot_timeout=r.boot_timeout, heartbeat_timeout=r.heartbeat_timeout,
@@ -399,9 +427,15 @@ class Supervisor:
 
     def snapshot(self, now: float) -> Snapshot:
         h = self.senses.host
-        return Snapshot(now=now, budget_mb=self.budget_mb, reserve_mb=self.limits.reserve / MiB,
-                        available_mb=self.senses.available_mb, workers=self.workers.views(self._remaining),
-                        pending=self.estimator.pending_views(POLICY_WINDOW), predicted_baseline_mb=self.estimator.baseline_mb,
+        workers = self.workers.views(self._remaining)
+        pending = self.estimator.pending_views(POLICY_WINDOW)
+        vram: dict[str, Any] = {}
+        if self.vram is not None:
+            vram, pending, workers = vram_mod.policy_views(self.vram_views, self.queue, pending, workers,
+                                                           self.workers.get)
+        return Snapshot(now=now, **vram, budget_mb=self.budget_mb, reserve_mb=self.limits.reserve / MiB,
+                        available_mb=self.senses.available_mb, workers=workers,
+                        pending=pending, predicted_baseline_mb=self.estimator.baseline_mb,
                         max_workers=self.s.max_workers(self.cores), psi_some10=h.psi_some_avg10 if h else None,
                         psi_full10=h.psi_full_avg10 if h else None, draining=self.draining or self.stop_now,
                         others_reserved_mb=self.others_mb(), overhead_mb=self.senses.overhead_mb,
@@ -417,19 +451,21 @@ class Supervisor:
                             counts=self.queue.counts())
 
     def _memory(self, snap: Snapshot) -> dict[str, Any]:
-        return memory_figures(used=used_mb(snap), committed=committed_mb(snap), budget_mb=self.budget_mb,
-                              limit_mb=self.limits.limit / MiB, host=self.senses.host, others_mb=self.others_mb(),
-                              workers=self.workers.live())
+        figures = memory_figures(used=used_mb(snap), committed=committed_mb(snap), budget_mb=self.budget_mb,
+                                 limit_mb=self.limits.limit / MiB, host=self.senses.host, others_mb=self.others_mb(),
+                                 workers=self.workers.live())
+        return vram_mod.with_vram(figures, self.vram, snap if self.vram is not None else None)
 
     def status(self) -> dict[str, Any]:
         """What ``status --json`` prints and the metrics are drawn from (see docs/DESIGN.md)."""
         now = self.now()
         memory = self._memory(self.snapshot(now)) if self.workers is not None else None
-        return status_of(header=status_header(self.run_id, self.wall0, now - self.t0, self.draining), now=now,
-                         memory=memory, budget_mb=self.budget_mb, limit_mb=self.limits.limit / MiB,
-                         queue=self.queue, intake=self.intake, audio_done_s=self.outcomes.audio_done_s,
-                         kills=self.kills, pauses=self.pauses,
-                         workers=self.workers.live() if self.workers is not None else [])
+        out = status_of(header=status_header(self.run_id, self.wall0, now - self.t0, self.draining), now=now,
+                        memory=memory, budget_mb=self.budget_mb, limit_mb=self.limits.limit / MiB,
+                        queue=self.queue, intake=self.intake, audio_done_s=self.outcomes.audio_done_s,
+                        kills=self.kills, pauses=self.pauses,
+                        workers=self.workers.live() if self.workers is not None else [])
+        return vram_mod.with_vram_status(out, self.vram, memory)
 
     # -- ending ----------------------------------------------------------------------------------------
     async def _shutdown(self) -> None:

@@ -87,6 +87,8 @@ class FileRow:
     worker: Any = None
     reason: str | None = None
     kills: int = 0
+    vram_peak_mb: float | None = None  # GPU runs only
+    vram_predicted_mb: float | None = None
 
     @property
     def error_mb(self) -> float | None:
@@ -188,6 +190,10 @@ class Report:
     warnings: int = 0  # per-utterance warnings logged (at most 20 per file)
     implausible: list[tuple[str, str]] = field(default_factory=list)  # (file, warning) flagged implausible
     implausible_utterances: int = 0  # from the files' stats: every flagged utterance, even unlogged ones
+    vram_budget_mb: float | None = None  # GPU runs only: the VRAM budget, the device, the highest use
+    vram_total_mb: float | None = None
+    max_vram_used_mb: float | None = None
+    cuda_ooms: int = 0
 
 
 # --------------------------------------------------------------------------------------------
@@ -398,6 +404,7 @@ class _Fold:
             setattr(rep, key, ev.get(key))
         rep.limit_mb, rep.budget_mb = _num(ev.get("limit_mb")), _num(ev.get("budget_mb"))
         rep.reserve_mb = _num(ev.get("reserve_mb"))
+        rep.vram_budget_mb, rep.vram_total_mb = _num(ev.get("vram_budget_mb")), _num(ev.get("vram_total_mb"))
         files = _num(ev.get("files"))
         rep.planned_files = int(files) if files is not None else None
 
@@ -429,6 +436,7 @@ class _Fold:
         attempt = _num(ev.get("attempt"))
         r.attempts = max(r.attempts + 1 if attempt is None else int(attempt), r.attempts)
         r.predicted_mb = _num(ev.get("predicted_mb"))
+        r.vram_predicted_mb = _num(ev.get("predicted_vram_mb"))
         r.audio_seconds = _num(ev.get("audio_seconds")) or r.audio_seconds
         r.worker, r.outcome, r.reason = ev.get("worker"), "running", None
         self.admitted_t[f] = t
@@ -450,6 +458,7 @@ class _Fold:
         r = self.row(f)
         r.outcome, r.attempts, r.reason = "done", max(r.attempts, 1), None
         r.peak_mb = _num(ev.get("peak_mb"))
+        r.vram_peak_mb = _num(ev.get("vram_peak_mb"))
         r.predicted_mb = _num(ev.get("predicted_mb")) or r.predicted_mb
         r.audio_seconds = _num(ev.get("audio_seconds")) or r.audio_seconds
         r.wall_s = _num(ev.get("wall_s"))
@@ -464,6 +473,9 @@ class _Fold:
         r.outcome = "failed"
         r.attempts = max(r.attempts, int(_num(ev.get("attempt")) or 1))
         reason, kind = ev.get("reason"), ev.get("kind")
+        if ev.get("vram_observed_mb") is not None:  # a CUDA out-of-memory
+            self.rep.cuda_ooms += 1
+            r.vram_peak_mb = _max(r.vram_peak_mb, _num(ev.get("vram_observed_mb")))
         r.reason = f"{kind}: {reason}" if kind and reason and not str(reason).startswith(str(kind)) else reason
 
     def file_requeued(self, ev: dict, t: float | None, f: str | None) -> None:
@@ -522,6 +534,9 @@ class _Fold:
         used = _num(ev.get("used_mb"))
         if used is not None and (rep.max_used_mb is None or used > rep.max_used_mb):
             rep.max_used_mb, rep.max_used_t = used, t
+        vused = _num(ev.get("vram_used_mb"))
+        if vused is not None:
+            rep.max_vram_used_mb = max(rep.max_vram_used_mb or 0.0, vused)
         if rep.limit_mb is None:
             rep.limit_mb = _num(ev.get("limit_mb"))
         if rep.budget_mb is None:
@@ -680,6 +695,11 @@ def _head_memory(rep: Report) -> str:
         mem += f"  reserve {_size(rep.reserve_mb)}"
     if rep.max_used_mb is not None:
         mem += f"  highest used {_size(rep.max_used_mb)} at {_dur(rep.max_used_t)}"
+    if rep.vram_budget_mb is not None:  # a GPU run: VRAM beside RAM
+        mem += f"\nGPU memory {_size(rep.vram_total_mb)}  VRAM budget {_size(rep.vram_budget_mb)}"
+        if rep.max_vram_used_mb is not None:
+            mem += f"  highest used {_size(rep.max_vram_used_mb)}"
+        mem += f"  CUDA out-of-memory {rep.cuda_ooms}"
     return mem
 
 
@@ -735,9 +755,14 @@ def _files_part(rep: Report, sort: str, limit: int | None) -> Any:
     ft = _table(f"Files ({title}{more})", [("file", "left"), ("outcome", "left"), ("tries", "right"),
                                            ("audio", "right"), ("peak MiB", "right"), ("pred MiB", "right"),
                                            ("err MiB", "right"), ("wall", "right")])
+    gpu = rep.vram_budget_mb is not None
+    if gpu:
+        ft.add_column("VRAM MiB", justify="right")
+        ft.add_column("pred VRAM", justify="right")
     for r in shown:
-        ft.add_row(r.file, r.outcome, str(r.attempts), _dur(r.audio_seconds), _mib(r.peak_mb), _mib(r.predicted_mb),
-                   _err_text(r), _dur(r.wall_s))
+        cells = [r.file, r.outcome, str(r.attempts), _dur(r.audio_seconds), _mib(r.peak_mb), _mib(r.predicted_mb),
+                 _err_text(r), _dur(r.wall_s)]
+        ft.add_row(*cells, *((_mib(r.vram_peak_mb), _mib(r.vram_predicted_mb)) if gpu else ()))
     return ft
 
 

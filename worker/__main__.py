@@ -20,7 +20,7 @@ import time
 import traceback
 from typing import Any, BinaryIO
 
-from worker import protocol, selfmem
+from worker import gpumem, protocol, selfmem
 from worker.engines.base import BootError, Job, JobError
 
 
@@ -81,6 +81,9 @@ class Heartbeat(threading.Thread):
 
 def load_engine(name: str, options: dict[str, Any]):
     """Import only the engine asked for: the synthetic one must start without importing torch."""
+    if options.get("model_server") and name in ("wav2vec", "whisper"):
+        from worker.model_server import ServedEngine  # the model lives in the server: this stays on the CPU
+        return ServedEngine(name, options)
     if name == "synthetic":
         from worker.engines.synthetic import SyntheticEngine
         return SyntheticEngine(options)
@@ -154,6 +157,7 @@ def serve(engine, channel: Channel, stdin: BinaryIO, heartbeat: Heartbeat, log, 
         _follow_threads(job.options.get("threads"))
         heartbeat.job, heartbeat.progress = job.job, 0.0
         _clear_hwm()
+        gpumem.reset_peak()
         t0, c0 = time.monotonic(), time.process_time()
         ru0 = resource.getrusage(resource.RUSAGE_CHILDREN)
         channel.send({"type": protocol.STARTED, "job": job.job})
@@ -169,6 +173,12 @@ def serve(engine, channel: Channel, stdin: BinaryIO, heartbeat: Heartbeat, log, 
                           "error": f"{job.input}: out of memory inside the worker"})
             return protocol.EXIT_OK  # a fresh process is the only clean state after MemoryError
         except Exception as exc:  # an engine bug must fail the file, not the run
+            from worker.align import is_out_of_memory  # noqa: PLC0415
+
+            if is_out_of_memory(exc):  # a CUDA/torch out-of-memory outside a span: a memory failure
+                channel.send({"type": protocol.ERROR, "job": job.job, "kind": "memory",
+                              "error": f"{job.input}: out of memory: {type(exc).__name__}: {exc}".replace("\n", " ")[:2000]})
+                return protocol.EXIT_OK
             log.error("job_crashed", file=str(job.input), traceback=traceback.format_exc())
             line = f"{job.input}: {type(exc).__name__}: {exc}".replace("\n", " ")
             channel.send({"type": protocol.ERROR, "job": job.job, "error": line[:2000], "kind": "internal"})
@@ -188,6 +198,7 @@ def serve(engine, channel: Channel, stdin: BinaryIO, heartbeat: Heartbeat, log, 
                 "wall_s": wall, "cpu_s": round(cpu, 3),
                 "stats": result.stats, "warnings": result.warnings[:200],
                 "features_run": getattr(result, "features_run", None),
+                **({"peak_vram_mb": v} if (v := gpumem.peak_mb()) is not None else {}),
             })
         finally:
             heartbeat.job, heartbeat.progress = None, None
@@ -231,7 +242,8 @@ def main(argv: list[str] | None = None) -> int:
     channel.send({"type": protocol.READY, "pid": os.getpid(), "protocol": protocol.PROTOCOL_VERSION,
                   "engine": args.engine, "model": getattr(engine, "model", ""),
                   "device": getattr(engine, "device", "cpu"), "startup_s": round(time.monotonic() - t0, 3),
-                  "calibration": probes, **{k: round(v, 1) for k, v in mem.items()}})
+                  "calibration": probes, **{k: round(v, 1) for k, v in mem.items()},
+                  **({"vram_mb": v} if (v := gpumem.reserved_mb()) is not None else {})})
     heartbeat = Heartbeat(channel, args.heartbeat, parent)
     heartbeat.start()
     try:

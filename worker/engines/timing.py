@@ -275,6 +275,10 @@ def refine_spans(source: Any, utts: Sequence[Any], spans: list[tuple[float, floa
             try:
                 (res,) = aligner.align_span(audio, lo, [UttRequest(-1, lo, hi, flat)])
             except Exception as exc:  # noqa: BLE001 - refining is a bonus; the rough spans stand
+                from worker.align import is_out_of_memory  # noqa: PLC0415 - align imports this module
+
+                if is_out_of_memory(exc):  # out of memory is the file's failure, never a quiet skip
+                    raise
                 log.debug("refining %.2f-%.2f s failed: %s", lo, hi, exc)
                 res = None
             if res is not None and res.words is not None and len(res.words) == len(flat):
