@@ -624,6 +624,122 @@ def _share(score, within: float, baseline: bool = False) -> str:
     return f"{np.mean(np.asarray(errs) <= within):.0%}" if errs else "-"
 
 
+# -- memory per 30 s span: alignment heads only against output_attentions=True --------------------
+
+
+def span_30s(synth: Path = SYNTH) -> tuple[np.ndarray, list]:
+    """A 30 s span of synthetic speech (the synth files back to back, cut at 30 s) and its
+    utterances, each with its own bullet."""
+    from worker.align import UttRequest  # noqa: PLC0415
+
+    pieces, utts, t = [], [], 0.0
+    for name in FILES:
+        audio, rate = sf.read(synth / f"{name}.wav", dtype="float32")
+        seconds = len(audio) / rate
+        if t + seconds > 29.9:
+            break
+        words = [w["word"] for w in json.loads((synth / f"{name}.json").read_text())["words"]]
+        utts.append(UttRequest(len(utts), t, t + seconds, " ".join(words).split()))
+        pieces.append(audio)
+        t += seconds
+    audio = np.concatenate(pieces)
+    return np.pad(audio, (0, max(0, int(29.9 * 16000) - len(audio)))), utts
+
+
+def full_attention_pass(aligner) -> None:
+    """Benchmark only, the way forced alignment used to get its weights: the whole model run with
+    ``output_attentions=True`` in eager attention, which also returns every encoder self-attention
+    map, and the alignment heads picked out of the returned cross-attentions."""
+    import torch  # noqa: PLC0415
+
+    aligner.hf.set_attn_implementation("eager")
+    feats_of: dict[int, torch.Tensor] = {}
+    real_encode = aligner._encode
+
+    def encode(audio):
+        a = np.asarray(audio, dtype=np.float32).reshape(-1)
+        n = min(len(a), int(30 * 16000))
+        feats = aligner.processor.feature_extractor(a[:n], sampling_rate=16000, return_tensors="pt").input_features
+        enc, n_frames = real_encode(audio)
+        feats_of[id(enc)] = feats.to(aligner.device, aligner._feat_dtype)
+        return enc, n_frames
+
+    def cross_attention(enc, tokens):
+        ids = aligner.prefix + tokens + [aligner.eot]
+        out = aligner.hf(input_features=feats_of[id(enc)], decoder_input_ids=torch.tensor([ids]),
+                         output_attentions=True, use_cache=False)
+        r0 = len(aligner.prefix) - 1
+        rows = slice(r0, r0 + len(tokens) + 1)
+        return torch.stack([out.cross_attentions[layer][0, head, rows] for layer, head in aligner.heads])
+
+    aligner._encode, aligner._cross_attention = encode, cross_attention
+
+
+def memory_child(folder: str, mode: str, threads: int) -> dict:
+    """In a fresh process: load, align the 30 s span once (lazy allocations made), then measure
+    the peak RSS (VmHWM cleared) above the RSS before for a second pass of the same span."""
+    from worker.engines.loading import configure_threads  # noqa: PLC0415
+    from worker.engines.whisper import WhisperAligner  # noqa: PLC0415
+    from worker.selfmem import clear_hwm, hwm_mb, rss_mb  # noqa: PLC0415
+
+    configure_threads(threads)
+    aligner = WhisperAligner.load(folder, threads=threads)
+    if mode == "full":
+        full_attention_pass(aligner)
+    audio, utts = span_30s()
+    first = aligner.align_span(audio, 0.0, utts)
+    import gc  # noqa: PLC0415
+
+    gc.collect()
+    before = rss_mb()
+    clear_hwm()
+    t0 = time.perf_counter()
+    second = aligner.align_span(audio, 0.0, utts)
+    wall = time.perf_counter() - t0
+    peak = hwm_mb()
+    same = all((a.words == b.words) for a, b in zip(first, second))
+    weights = sum(p.numel() * p.element_size() for p in aligner.hf.parameters()) / 2**20
+    return {"mode": mode, "rss_before_mb": before, "peak_mb": peak, "growth_mb": peak - before,
+            "weights_mb": weights, "wall_s": wall, "utterances": len(utts), "repeatable": same,
+            "words": [r.words for r in second]}
+
+
+def memory_table(models: list[str], threads: int, fetch: bool) -> None:
+    """Peak growth of one 30 s span per model, alignment heads only against the whole model's
+    attention maps, each in its own fresh process, side by side."""
+    print("\nWhisper forced alignment, one 30 s span, CPU fp32: peak RSS growth above the RSS before the "
+          "span (VmHWM), fresh process each")
+    print(f"{'model':8} {'utts':>4} {'weights MiB':>11} {'heads only MiB':>14} {'output_attentions MiB':>21} "
+          f"{'ratio':>6} {'same times':>10}")
+    for m in models:
+        folder = whisper_dir(m, fetch=fetch) if m in ("tiny.en", "base") else Path(m)
+        if folder is None:
+            print(f"{m:8} not available, skipped")
+            continue
+        rows = {}
+        for mode in ("heads", "full"):
+            proc = subprocess.run([sys.executable, "-m", "bench.alignment_accuracy", "--memory-child", mode,
+                                   str(folder), "--threads", str(threads)],
+                                  capture_output=True, text=True, cwd=ROOT, timeout=900)
+            line = [x for x in proc.stdout.splitlines() if x.startswith("{")]
+            if proc.returncode != 0 or not line:
+                raise SystemExit(f"memory run {m}/{mode} failed: {(proc.stderr or proc.stdout).strip()[-400:]}")
+            rows[mode] = json.loads(line[-1])
+        h, f = rows["heads"], rows["full"]
+        same = all(_close(a, b) for a, b in zip(h["words"], f["words"]))
+        print(f"{m:8} {h['utterances']:4d} {h['weights_mb']:11.0f} {h['growth_mb']:14.0f} {f['growth_mb']:21.0f} "
+              f"{f['growth_mb'] / max(h['growth_mb'], 1e-9):6.2f} {'yes' if same else 'no':>10}", flush=True)
+
+
+def _close(a, b, tol: float = 0.021) -> bool:
+    """Two utterances' word times equal to within one frame (eager and SDPA round differently)."""
+    if a is None or b is None:
+        return a is b
+    return len(a) == len(b) and all(
+        (x is None and y is None) or (x is not None and y is not None and abs(x[0] - y[0]) <= tol
+                                      and abs(x[1] - y[1]) <= tol) for x, y in zip(a, b))
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", nargs="+", default=["tiny.en", "base"],
@@ -636,10 +752,20 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-synthetic", action="store_true")
     ap.add_argument("--ablation", action="store_true",
                     help="each post-processing step flipped from the default, on real and synthetic speech")
+    ap.add_argument("--memory", action="store_true",
+                    help="peak growth of one 30 s span: alignment heads only vs output_attentions=True")
+    ap.add_argument("--memory-child", nargs=2, metavar=("MODE", "FOLDER"), help=argparse.SUPPRESS)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--no-fetch", action="store_true", help="skip models not already converted")
     args = ap.parse_args(argv)
     sys.path.insert(0, str(ROOT))
+    if args.memory_child:
+        out = memory_child(args.memory_child[1], args.memory_child[0], args.threads)
+        print(json.dumps(out))
+        return 0
+    if args.memory:
+        memory_table(args.models, args.threads, not args.no_fetch)
+        return 0
     real = [] if args.real is None and args.ablation else args.real
     for m in args.models:
         folder = whisper_dir(m, fetch=not args.no_fetch) if m in ("tiny.en", "base") else Path(m)

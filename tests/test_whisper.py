@@ -535,3 +535,27 @@ def test_steps_come_from_engine_options():
     assert not W.Steps.from_options({"repair_squeezed": "off"}).repair_squeezed
     with pytest.raises(BootError, match="whisper option"):
         W.Steps.from_options({"trim_quiet": "maybe"})
+
+
+def test_no_attention_map_but_the_alignment_layers_cross_attention_is_ever_made(aligner, two_utterances):
+    """Forced alignment must never materialise the encoder's self-attention maps (1500 x 1500 per
+    head and layer): every attention module of the model is watched during a span, and only the
+    alignment layers' cross-attention may return weights."""
+    audio, utts = two_utterances
+    made: dict[str, tuple[int, ...]] = {}
+    hooks = []
+    for name, module in aligner.hf.named_modules():
+        if name.endswith(("self_attn", "encoder_attn")):
+            def hook(_m, _args, output, name=name):
+                if isinstance(output, tuple) and len(output) > 1 and output[1] is not None:
+                    made[name] = tuple(output[1].shape)
+            hooks.append(module.register_forward_hook(hook))
+    try:
+        aligner.align_span(audio, 10.0, utts)
+    finally:
+        for h in hooks:
+            h.remove()
+    assert len(hooks) == 2 + 2 + 2  # encoder self, decoder self and cross attention of both layers
+    layers = {layer for layer, _ in aligner.heads}
+    assert set(made) == {f"model.decoder.layers.{k}.encoder_attn" for k in layers}
+    assert all(shape[-1] == 1500 and shape[-2] < 448 for shape in made.values())  # tokens x frames only
