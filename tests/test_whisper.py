@@ -559,3 +559,58 @@ def test_no_attention_map_but_the_alignment_layers_cross_attention_is_ever_made(
     layers = {layer for layer, _ in aligner.heads}
     assert set(made) == {f"model.decoder.layers.{k}.encoder_attn" for k in layers}
     assert all(shape[-1] == 1500 and shape[-2] < 448 for shape in made.values())  # tokens x frames only
+
+
+def test_header_languages_are_read_up_to_the_first_utterance(tmp_path):
+    cha = tmp_path / "x.cha"
+    cha.write_text("@UTF8\n@Begin\n@Languages:\tvec , hrv\n*S01:\thello . \x150_10\x15\n@Languages:\teng\n@End\n")
+    assert W.header_languages(cha) == ["vec", "hrv"]
+    cha.write_text("@UTF8\n@Begin\n@Languages:\tspa,eng\n@End\n")
+    assert W.header_languages(cha) == ["spa", "eng"]
+    assert W.header_languages(tmp_path / "missing.cha") == []
+
+
+def test_a_code_switched_transcript_forces_each_window_in_the_language_the_model_hears(tiny, two_utterances, monkeypatch):
+    """Several @Languages: each window is forced with the language token that Whisper's own
+    language identification ranks first among the transcript's languages (never one it did not
+    name); one language, or a model without languages, keeps the single prompt."""
+    import torch
+
+    fresh = WhisperAligner.load(str(tiny))
+    gen = fresh.hf.generation_config
+    gen.is_multilingual = True
+    gen.lang_to_id = {"<|en|>": 50259, "<|es|>": 50262, "<|it|>": 50274, "<|hr|>": 50291}
+    gen.task_to_id = {"transcribe": 50360}
+    fresh.use_language("vec")
+    assert fresh.language == "it"
+    fresh.use_languages(["vec", "hrv", "qqq"])  # unknown codes are dropped
+    assert fresh.candidates == ["it", "hr"]
+
+    audio, utts = two_utterances
+    enc, _ = fresh._encode(audio)
+    with torch.inference_mode():
+        out = fresh.hf.model.decoder(input_ids=torch.tensor([fresh.prefix[:1]]), encoder_hidden_states=enc)
+        logits = fresh.hf.proj_out(out.last_hidden_state[0, -1])
+        expected = max(["it", "hr"], key=lambda c: float(logits[gen.lang_to_id[f"<|{c}|>"]]))
+        assert fresh.detect_language(enc) == expected
+    prompts = []
+    real = fresh._cross_attention
+
+    def spy(enc, tokens, prefix=None):
+        prompts.append(prefix)
+        return real(enc, tokens, prefix)
+
+    monkeypatch.setattr(fresh, "_cross_attention", spy)
+    results = fresh.align_span(audio, 10.0, utts)
+    assert all(r.words for r in results)
+    assert prompts and all(p[1] == gen.lang_to_id[f"<|{expected}|>"] for p in prompts)
+    assert fresh.last_languages == {0: expected, 1: expected}
+
+    fresh.use_languages(["eng"])  # one language: no identification, the file's prompt
+    assert fresh.candidates == []
+    prompts.clear()
+    fresh.align_span(audio, 10.0, utts[:1])
+    assert prompts == [fresh.prefix] or prompts == [None]
+    english_only = WhisperAligner.load(str(tiny))
+    english_only.use_languages(["spa", "eng"])
+    assert english_only.candidates == []

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import re
 from dataclasses import dataclass, fields, replace
 from typing import Any
 
@@ -274,6 +275,8 @@ class WhisperAligner(SpanAligner):
         self.eot = int(gen.eos_token_id if gen.eos_token_id is not None else cfg.eos_token_id)
         self.language = whisper_language(language)
         self._fixed_language = self.language is not None  # the engine option wins over @Languages
+        self.candidates: list[str] = []  # the transcript's languages when it names several
+        self.last_languages: dict[int, str] = {}  # utterance index -> language it was forced in
         self.prefix = self._prefix(gen, cfg)
         self.max_tokens = int(cfg.max_target_positions)
         self.heads = self._alignment_heads(gen, cfg)
@@ -300,6 +303,40 @@ class WhisperAligner(SpanAligner):
                        max_span_s=max_span_s, steps=steps)
         except (KeyError, ValueError, AttributeError, TypeError) as exc:
             raise BootError(f"cannot load model {model_id!r}: not a usable Whisper model ({exc})") from None
+
+    def use_languages(self, codes: list[str]) -> None:
+        """Every ``@Languages`` code of the next transcript. With two or more that the model knows
+        (a code-switched conversation), each window is forced in whichever of them Whisper's own
+        language identification prefers for its audio (:meth:`detect_language`); with one, that one
+        is used throughout."""
+        self.last_languages = {}
+        self.candidates = []
+        if self._fixed_language or not getattr(self.hf.generation_config, "is_multilingual", False):
+            return
+        known = getattr(self.hf.generation_config, "lang_to_id", None) or {}
+        wanted = []
+        for code in codes:
+            lang = whisper_language(code)
+            if lang and f"<|{lang}|>" in known and lang not in wanted:
+                wanted.append(lang)
+        self.candidates = wanted if len(wanted) > 1 else []
+
+    def detect_language(self, enc: torch.Tensor) -> str:
+        """Which of :attr:`candidates` the model hears in an encoded window: the language token
+        with the highest logit after the start-of-transcript token, among those only."""
+        lang_ids = self.hf.generation_config.lang_to_id
+        out = self.hf.model.decoder(input_ids=torch.tensor([self.prefix[:1]], device=self.device),
+                                    encoder_hidden_states=enc, use_cache=False)
+        logits = self.hf.proj_out(out.last_hidden_state[0, -1]).float()
+        return max(self.candidates, key=lambda c: float(logits[int(lang_ids[f"<|{c}|>"])]))
+
+    def prefix_for(self, language: str | None) -> list[int]:
+        """The decoder prompt for ``language`` (the file's own one when None)."""
+        if language is None or language == (self.language or "en"):
+            return self.prefix
+        prefix = list(self.prefix)
+        prefix[1] = int(self.hf.generation_config.lang_to_id[f"<|{language}|>"])
+        return prefix
 
     def use_language(self, code: str | None) -> None:
         """Condition the decoder on the transcript's language, unless the engine was given one; a
@@ -392,10 +429,13 @@ class WhisperAligner(SpanAligner):
         n_frames = min(enc.shape[1], -(-n // SAMPLES_PER_FRAME))
         return enc, n_frames
 
-    def _cross_attention(self, enc: torch.Tensor, tokens: list[int]) -> torch.Tensor:
+    def _cross_attention(self, enc: torch.Tensor, tokens: list[int],
+                         prefix: list[int] | None = None) -> torch.Tensor:
         """Alignment heads' cross-attention of the rows that predict each text token and then the
-        end of text: heads x (tokens + 1) x encoder frames, from one teacher-forced decoder pass."""
-        ids = self.prefix + tokens + [self.eot]
+        end of text: heads x (tokens + 1) x encoder frames, from one teacher-forced decoder pass
+        after ``prefix`` (the file's own prompt by default)."""
+        prefix = prefix or self.prefix
+        ids = prefix + tokens + [self.eot]
         if len(ids) > self.max_tokens:
             raise ValueError(f"{len(tokens)} tokens exceed the decoder's {self.max_tokens}")
         inp = torch.tensor([ids], device=self.device)
@@ -407,7 +447,7 @@ class WhisperAligner(SpanAligner):
             self._captured = None
         # Input position p predicts token p+1: the rows that predict the text tokens and the
         # end-of-text start at the last prefix position.
-        r0 = len(self.prefix) - 1
+        r0 = len(prefix) - 1
         rows = slice(r0, r0 + len(tokens) + 1)
         slot: dict[int, int] = {}
         picked = []
@@ -417,7 +457,7 @@ class WhisperAligner(SpanAligner):
             picked.append(captured[layer][k, rows])
         return torch.stack(picked)
 
-    def _generation_config(self):
+    def _generation_config(self, language: str | None = None):
         """Greedy, no timestamps, prompt set by language and task alone (no legacy forced ids)."""
         gen = copy.deepcopy(self.hf.generation_config)
         gen.forced_decoder_ids = None
@@ -427,7 +467,7 @@ class WhisperAligner(SpanAligner):
         gen.do_sample = False
         gen.return_timestamps = False
         if getattr(gen, "is_multilingual", False):
-            gen.language = self.language or "en"
+            gen.language = language or self.language or "en"
             gen.task = "transcribe"
         return gen
 
@@ -502,7 +542,8 @@ class WhisperAligner(SpanAligner):
 
     def _window(self, audio: np.ndarray, start_s: float) -> "_Window":
         enc, n_frames = self._encode(audio)
-        return _Window(self, enc, n_frames, quiet_frames(frame_levels(audio)), start_s)
+        language = self.detect_language(enc) if self.candidates else None
+        return _Window(self, enc, n_frames, quiet_frames(frame_levels(audio)), start_s, language)
 
     def _align_long(self, audio: np.ndarray, span_start_s: float, utt: UttRequest) -> UttResult:
         """An utterance of any length, one window at a time.
@@ -576,7 +617,7 @@ class WhisperAligner(SpanAligner):
         with _quiet_transformers():
             seq = self.hf.generate(
                 encoder_outputs=BaseModelOutput(last_hidden_state=window.enc),
-                generation_config=self._generation_config(),
+                generation_config=self._generation_config(window.language),
             )
         seq = seq.sequences if hasattr(seq, "sequences") else seq
         tokens = [int(t) for t in seq[0].tolist() if int(t) < self.eot]
@@ -588,7 +629,7 @@ class WhisperAligner(SpanAligner):
                 groups.append([t])
             else:
                 groups[-1].append(t)
-        weights = self._cross_attention(window.enc, tokens)[:, :, : window.n_frames]
+        weights = self._cross_attention(window.enc, tokens, window.prefix)[:, :, : window.n_frames]
         steps = self.steps
         starts = first_frames(attention_matrix(weights, steps.median_width, steps.renormalize))
         bounds = np.cumsum([0] + [len(g) for g in groups])
@@ -606,8 +647,10 @@ class _Window:
     """One encoded window of audio: encoder states, real frame count and quiet frames."""
 
     def __init__(self, aligner: WhisperAligner, enc: torch.Tensor, n_frames: int,
-                 quiet: np.ndarray, start_s: float) -> None:
+                 quiet: np.ndarray, start_s: float, language: str | None = None) -> None:
         self.aligner = aligner
+        self.language = language  # None: the file's own language
+        self.prefix = aligner.prefix_for(language)
         self.enc = enc
         self.n_frames = n_frames
         self.quiet = quiet
@@ -671,7 +714,9 @@ class _Window:
     def _force(self, chunk) -> list[UttResult]:
         """One teacher-forced pass over the chunk's words, then a DTW per utterance."""
         tokens = [t for _, word_toks, _, _ in chunk for toks in word_toks for t in toks]
-        weights = self.aligner._cross_attention(self.enc, tokens)
+        weights = self.aligner._cross_attention(self.enc, tokens, self.prefix)
+        for utt, _, _, _ in chunk:
+            self.aligner.last_languages[utt.index] = self.language or self.aligner.language or "en"
         results = []
         row = 0
         for utt, word_toks, f0, f1 in chunk:
@@ -737,6 +782,27 @@ class WhisperEngine(AlignerEngine):
         )
         self.aligner.warm_up()
         self.release()
+
+    def run(self, job, progress):
+        """The shared driver, after telling the aligner every language the transcript names (the
+        driver itself passes on only the first)."""
+        self.aligner.use_languages(header_languages(job.input))
+        return super().run(job, progress)
+
+
+def header_languages(path) -> list[str]:
+    """The ``@Languages`` codes of a CHAT file's header (read up to its first utterance); none when
+    the file cannot be read (the driver reports that itself)."""
+    try:
+        with open(path, encoding="utf-8", errors="replace") as fh:
+            for line in fh:
+                if line.startswith("*"):
+                    break
+                if line.startswith("@Languages:"):
+                    return [c for c in re.split(r"[\s,]+", line.split(":", 1)[1]) if c]
+    except OSError:
+        pass
+    return []
 
 
 @contextlib.contextmanager
