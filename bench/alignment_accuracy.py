@@ -38,7 +38,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -362,6 +362,8 @@ class RealScore:
     squeezed: int = 0  # utterances whose written words are piled into a sliver of the bullet
     implausible: int = 0  # utterances the engine reported as implausible (bullet kept, no %wor)
     squeeze_reported: int = 0  # of those, how many for words squeezed (the path piled them up)
+    filled: list[float] = field(default_factory=list)  # every item: the model's error where it placed
+    # it, the baseline's where it did not (a configuration that reports more is not scored on less)
 
     def add(self, other: "RealScore") -> None:
         self.model += other.model
@@ -371,6 +373,7 @@ class RealScore:
         self.squeezed += other.squeezed
         self.implausible += other.implausible
         self.squeeze_reported += other.squeeze_reported
+        self.filled += other.filled
 
 
 class Run:
@@ -427,8 +430,10 @@ def score_real_words(engine, name: str, cha: Path, media: Path, workdir: Path) -
     for u, truth in refs:
         pred = pred_of.get(u.index) or [None] * len(truth)
         lo, hi = u.bullet[0] / 1000, u.bullet[1] / 1000
+        base = spread_baseline(list(u.words), lo, hi)
         score.model += boundary_errors(pred, truth)
-        score.baseline += boundary_errors(spread_baseline(list(u.words), lo, hi), truth)
+        score.baseline += boundary_errors(base, truth)
+        score.filled += boundary_errors([p if p is not None else b for p, b in zip(pred, base)], truth)
         score.items += sum(t is not None for t in truth)
         score.covered += sum(t is not None and p is not None for p, t in zip(pred, truth))
         score.squeezed += _squeezed(pred, list(u.words))
@@ -454,7 +459,8 @@ def score_real_joins(engine, name: str, cha: Path, media: Path, workdir: Path) -
             pred = _wor_of(out, u) or [None] * len(u.words)
             lo, hi = u.bullet[0] / 1000, u.bullet[1] / 1000
             base = spread_baseline(list(u.words), lo, hi)
-            for times, errs in ((pred, score.model), (base, score.baseline)):
+            placed = n_first < len(pred) and pred[n_first - 1] is not None and pred[n_first] is not None
+            for times, errs in ((pred, score.model), (base, score.baseline), (pred if placed else base, score.filled)):
                 if n_first < len(times) and times[n_first - 1] is not None and times[n_first] is not None:
                     errs += [abs(times[n_first - 1][1] - end_a), abs(times[n_first][0] - start_b)]
             score.items += 1
@@ -489,6 +495,9 @@ def score_real_utterances(engine, name: str, cha: Path, media: Path, workdir: Pa
         if got.bullet is not None:
             score.covered += 1
             score.model += [abs(got.bullet[0] / 1000 - rs), abs(got.bullet[1] / 1000 - re_)]
+            score.filled += score.model[-2:]
+        else:
+            score.filled += score.baseline[-2:]
     return score
 
 
@@ -515,7 +524,7 @@ def score_real(engine, names: list[str] | None, workdir: Path, kinds=("words", "
                 table.setdefault(name, {})[kind] = s
                 totals.setdefault(kind, RealScore(kind, [], [])).add(
                     RealScore(kind, list(s.model), list(s.baseline), s.items, s.covered, s.squeezed, s.implausible,
-                              s.squeeze_reported))
+                              s.squeeze_reported, list(s.filled)))
     table["all"] = totals
     return table
 
@@ -595,12 +604,13 @@ def print_real(model: str, table: dict) -> None:
     print(f"\n{model}: real speech (ms; words/joins: mean median <=20 <=50 <=100 ms; "
           f"utterances: mean median <=250 <=500 ms)")
     print(f"{'recording':21} {'kind':10} {'n':>3} {'placed':>6} {'sq':>3} {'impl':>4} {'impl sq':>7} | "
-          f"{'model':28} | baseline")
+          f"{'model':28} | {'baseline':28} | all*")
     for name, kinds in table.items():
         for kind, s in kinds.items():
             fmt = stats_utt if kind == "utterances" else stats_ms
             print(f"{name:21} {kind:10} {s.items:3d} {s.covered:6d} {s.squeezed:3d} {s.implausible:4d} "
-                  f"{s.squeeze_reported:7d} | {fmt(s.model):28} | {fmt(s.baseline)}")
+                  f"{s.squeeze_reported:7d} | {fmt(s.model):28} | {fmt(s.baseline):28} | {_mean_ms(s, 'filled'):>4}")
+    print("all*: mean ms over every item, the baseline's error standing in where the model placed nothing")
 
 
 def print_table(model: str, scores: list[Score], extra: list[Score] = ()) -> None:
@@ -661,8 +671,9 @@ def ablation(label: str, folder: str, args) -> None:
         configs.append((f"{f.name}={flipped}", replace(default, **{f.name: flipped})))
     print(f"\n{label}: ablation (ms; real joins and %wor: mean, median, share <=100 ms; utterances "
           f"recovered: share of starts/ends <=250 / 500 ms; synthetic c*/s*: mean)")
-    print(f"{'configuration':22} {'joins':>6} {'med':>5} {'<=100':>6} {'placed':>6} {'sq':>3} {'impl':>4} "
-          f"{'%wor':>6} {'utt<=250':>8} {'<=500':>6} {'synth c*':>8} {'synth s*':>8} {'wall s':>6}")
+    print(f"{'configuration':22} {'joins':>6} {'med':>5} {'<=100':>6} {'all*':>5} {'placed':>6} {'sq':>3} "
+          f"{'impl':>4} {'%wor':>6} {'utt<=250':>8} {'<=500':>6} {'all*':>5} {'synth c*':>8} {'synth s*':>8} "
+          f"{'wall s':>6}")
     base_row = None
     for name, steps in configs:
         engine.aligner.steps = steps
@@ -676,9 +687,10 @@ def ablation(label: str, folder: str, args) -> None:
         j, w, u = tot.get("joins"), tot.get("words"), tot.get("utterances")
         c = [x.model_ms for x in synth if x.name.startswith("c")]
         i = [x.model_ms for x in synth if x.name.startswith("s")]
-        row = (f"{name:22} {_mean_ms(j):>6} {_median_ms(j):>5} {_share(j, 0.1):>6} "
+        row = (f"{name:22} {_mean_ms(j):>6} {_median_ms(j):>5} {_share(j, 0.1):>6} {_mean_ms(j, 'filled'):>5} "
                f"{f'{j.covered}/{j.items}' if j else '-':>6} {j.squeezed if j else 0:3d} "
                f"{j.implausible if j else 0:4d} {_mean_ms(w):>6} {_share(u, 0.25):>8} {_share(u, 0.5):>6} "
+               f"{_share(u, 0.25, 'filled'):>5} "
                f"{np.mean(c) if c else float('nan'):8.1f} {np.mean(i) if i else float('nan'):8.1f} "
                f"{time.perf_counter() - t0:6.0f}")
         print(row, flush=True)
@@ -687,8 +699,8 @@ def ablation(label: str, folder: str, args) -> None:
             default_table = table
             bj = j
             print(f"{'char-count baseline':22} {_mean_ms(bj, True):>6} {_median_ms(bj, True):>5} "
-                  f"{_share(bj, 0.1, True):>6} {'':6} {'':3} {'':4} "
-                  f"{_mean_ms(w, True):>6} {_share(u, 0.25, True):>8} {_share(u, 0.5, True):>6} "
+                  f"{_share(bj, 0.1, True):>6} {'':5} {'':6} {'':3} {'':4} "
+                  f"{_mean_ms(w, True):>6} {_share(u, 0.25, True):>8} {_share(u, 0.5, True):>6} {'':5} "
                   f"{np.mean([x.baseline_ms for x in synth if x.name.startswith('c')]):8.1f} "
                   f"{np.mean([x.baseline_ms for x in synth if x.name.startswith('s')]):8.1f}", flush=True)
     engine.aligner.steps = default
@@ -697,18 +709,25 @@ def ablation(label: str, folder: str, args) -> None:
         print_code_switching(label, code_switching(engine, args.real or None, Path(tmp)))
 
 
-def _mean_ms(score, baseline: bool = False) -> str:
-    errs = (score.baseline if baseline else score.model) if score else []
+def _errors(score, which) -> list[float]:
+    """``which``: False (the model), True (the baseline) or ``"filled"``."""
+    if not score:
+        return []
+    return score.filled if which == "filled" else score.baseline if which else score.model
+
+
+def _mean_ms(score, baseline: bool | str = False) -> str:
+    errs = _errors(score, baseline)
     return f"{1000 * np.mean(errs):.0f}" if errs else "-"
 
 
-def _median_ms(score, baseline: bool = False) -> str:
-    errs = (score.baseline if baseline else score.model) if score else []
+def _median_ms(score, baseline: bool | str = False) -> str:
+    errs = _errors(score, baseline)
     return f"{1000 * np.median(errs):.0f}" if errs else "-"
 
 
-def _share(score, within: float, baseline: bool = False) -> str:
-    errs = (score.baseline if baseline else score.model) if score else []
+def _share(score, within: float, baseline: bool | str = False) -> str:
+    errs = _errors(score, baseline)
     return f"{np.mean(np.asarray(errs) <= within):.0%}" if errs else "-"
 
 

@@ -443,11 +443,11 @@ def test_the_aligner_detects_a_squeeze_and_reruns_with_the_prior(real_aligner, m
 
     real_first, real_prior = W.first_frames, W.first_frames_prior
 
-    def prior(matrix, weights, *args):
+    def prior(matrix, weights, *args, **kwargs):
         calls.append("prior")
         monkeypatch.setattr(W, "first_frames", real_first)  # the prior's own DTW is the real one
         try:
-            return real_prior(matrix, weights, *args)
+            return real_prior(matrix, weights, *args, **kwargs)
         finally:
             monkeypatch.setattr(W, "first_frames", piled)
 
@@ -614,3 +614,32 @@ def test_a_code_switched_transcript_forces_each_window_in_the_language_the_model
     english_only = WhisperAligner.load(str(tiny))
     english_only.use_languages(["spa", "eng"])
     assert english_only.candidates == []
+
+
+def test_context_after_the_bullet_lets_words_said_past_its_end_go_untimed(aligner, two_utterances, monkeypatch):
+    """With ``context_after`` the DTW sees a second of audio past the bullet's end, so it need not
+    cram the words still being said into the bullet's last frames; a word it starts there gets no
+    time (the driver names it) while the others keep theirs, inside the bullet."""
+    audio, utts = two_utterances
+    full = utts[0]
+    cut = UttRequest(0, full.start_s, full.start_s + 0.6 * (full.end_s - full.start_s), full.words)
+    widths = []
+
+    def even(matrix):  # rows spread evenly over every column the DTW was given
+        widths.append(matrix.shape[1])
+        return np.linspace(0, matrix.shape[1] - 1, matrix.shape[0]).astype(np.int64)
+
+    monkeypatch.setattr(W, "first_frames", even)
+    monkeypatch.setattr(aligner, "steps", W.Steps(context_after=True, repair_squeezed=False))
+    (res,) = aligner.align_span(audio, 10.0, [cut])
+    inside = round((cut.end_s - 10.0) / W.FRAME_S) - round((cut.start_s - 10.0) / W.FRAME_S)
+    assert widths == [inside + round(W.CONTEXT_AFTER_S / W.FRAME_S)]
+    assert res.words[-1] is None and res.words[0] is not None
+    timed = [t for t in res.words if t is not None]
+    assert 0 < len(timed) < len(cut.words)
+    assert all(cut.start_s - 1e-6 <= s <= e <= cut.end_s + 1e-6 for s, e in timed)
+
+    widths.clear()
+    monkeypatch.setattr(aligner, "steps", W.Steps(context_after=False, repair_squeezed=False))
+    (res,) = aligner.align_span(audio, 10.0, [cut])
+    assert widths == [inside] and all(t is not None for t in res.words)

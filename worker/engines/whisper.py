@@ -45,6 +45,7 @@ MAX_NEW_TOKENS = 224  # a 30 s window holds far fewer words; stops runaway repet
 DEFAULT_MODEL = "openai/whisper-base"
 PRIOR_WEIGHT = 1.0  # squeeze repair: how hard the re-run path is pulled towards even speech
 PRIOR_WIDTH = 0.25  # ... and how far from it (a share of the utterance) it may stray for free-ish
+CONTEXT_AFTER_S = 1.0  # audio past a bullet's end the DTW may run into (human bullets often end early)
 
 
 @dataclass(frozen=True)
@@ -61,6 +62,7 @@ class Steps:
     refine_recovered: bool = True  # recovered utterance times refined by forcing the transcript's words
     median_width: int = MEDIAN_WIDTH  # median filter over time on the attention (1: none)
     renormalize: bool = True  # each token's attention rescaled over the utterance's own frames
+    context_after: bool = False  # the DTW runs on past the bullet's end; words it puts there are untimed
 
     @classmethod
     def from_options(cls, options: dict[str, Any]) -> "Steps":
@@ -139,18 +141,19 @@ def attention_matrix(weights: torch.Tensor, width: int = MEDIAN_WIDTH, renormali
 
 
 def first_frames_prior(matrix: np.ndarray, weights: list[int], strength: float = PRIOR_WEIGHT,
-                       width: float = PRIOR_WIDTH) -> np.ndarray:
+                       width: float = PRIOR_WIDTH, inside: int | None = None) -> np.ndarray:
     """:func:`first_frames` on a better-conditioned matrix: each row is pulled towards where even
     speech would put it (rows spread over the frames in proportion to ``weights``, one per row).
 
     A DTW path through weak or diffuse attention can stay on one row for most of the frames and
     then pile the remaining rows into the last few; the prior makes that path cost what it should
     (a quadratic penalty on the distance from the even position, in shares of the utterance) while
-    clear attention still wins over it."""
+    clear attention still wins over it. Only the first ``inside`` columns (all by default) are the
+    utterance's own; the rest is context after it, which the prior counts as beyond its end."""
     n, m = matrix.shape
     w = np.asarray(weights, dtype=np.float64)
     centre = (np.cumsum(w) - w / 2) / max(w.sum(), 1e-9)  # expected middle of each row, 0..1
-    cols = (np.arange(m) + 0.5) / m
+    cols = (np.arange(m) + 0.5) / (inside or m)
     penalty = strength * ((cols[None, :] - centre[:, None]) / width) ** 2
     return first_frames(matrix - penalty)
 
@@ -526,6 +529,8 @@ class WhisperAligner(SpanAligner):
         b = min(len(audio), int(round((utt.end_s - span_start_s) * SAMPLE_RATE)))
         if b - a < SAMPLES_PER_FRAME:
             return UttResult(utt.index, None, error=f"utterance {utt.index} has no audio inside the span")
+        if self.steps.context_after:
+            b = min(len(audio), b + int(CONTEXT_AFTER_S * SAMPLE_RATE), a + int(WINDOW_S * SAMPLE_RATE))
         window = self._window(audio[a:b], span_start_s + a / SAMPLE_RATE)
         results, rest = window.align_many([utt])
         if rest:  # cannot happen for one utterance under the budget; kept for safety
@@ -719,10 +724,12 @@ class _Window:
             self.aligner.last_languages[utt.index] = self.language or self.aligner.language or "en"
         results = []
         row = 0
+        after = round(CONTEXT_AFTER_S / FRAME_S) if self.aligner.steps.context_after else 0
         for utt, word_toks, f0, f1 in chunk:
             n = sum(len(t) for t in word_toks)
+            fx = min(self.n_frames, f1 + after)
             try:
-                results.append(self._times(utt, word_toks, f0, f1, weights[:, row:row + n + 1, f0:f1]))
+                results.append(self._times(utt, word_toks, f0, f1, weights[:, row:row + n + 1, f0:fx]))
             except Exception as exc:  # noqa: BLE001 - this utterance only
                 _raise_if_out_of_memory(exc)
                 results.append(UttResult(utt.index, None, error=_one_line(exc)))
@@ -734,25 +741,37 @@ class _Window:
         """Word times from the DTW path; a path that squeezes words into a sliver of the bullet is
         re-run once on a better-conditioned matrix (:func:`first_frames_prior`). If the words are
         still squeezed, the result goes back as it is: the driver's plausibility check reports the
-        utterance and keeps its bullet."""
+        utterance and keeps its bullet.
+
+        ``weights`` may reach past the bullet's end (``Steps.context_after``): the path is then
+        not forced to cram words the speaker was still saying into the bullet's last frames, and a
+        word it starts after the bullet's end is left untimed (the driver names it)."""
         steps = self.aligner.steps
         matrix = attention_matrix(weights, steps.median_width, steps.renormalize)
-        times = self._word_times(utt, word_toks, f0, f1, first_frames(matrix))
-        if steps.repair_squeezed and squeezed_run(times, utt.words) is not None:
+        times = self._word_times(utt, word_toks, f0, f1, first_frames(matrix), matrix.shape[1])
+        placed = [(t, w) for t, w in zip(times, utt.words) if t is not None]
+        if steps.repair_squeezed and squeezed_run([t for t, _ in placed], [w for _, w in placed]) is not None:
             rows = [weight(w) / len(t) for w, t in zip(utt.words, word_toks) for _ in t] + [0.5]
-            times = self._word_times(utt, word_toks, f0, f1, first_frames_prior(matrix, rows))
+            starts = first_frames_prior(matrix, rows, inside=f1 - f0)
+            times = self._word_times(utt, word_toks, f0, f1, starts, matrix.shape[1])
         return UttResult(utt.index, times)
 
     def _word_times(self, utt: UttRequest, word_toks: list[list[int]], f0: int, f1: int,
-                    starts: np.ndarray) -> list[tuple[float, float]]:
+                    starts: np.ndarray, width: int | None = None) -> list[tuple[float, float] | None]:
+        """Seconds per word from DTW start frames (relative to ``f0``) over ``width`` frames; a
+        word starting at or past ``f1`` (in the context after the bullet) gets None."""
         steps = self.aligner.steps
+        fx = f0 + (width or f1 - f0)
         bounds = np.cumsum([0] + [len(t) for t in word_toks])
         lo = max(utt.start_s, self.start_s)
         hi = min(utt.end_s, self.start_s + f1 * FRAME_S)
-        frames = word_frames([f0 + int(starts[i]) for i in bounds], self.quiet, f0, f1,
+        frames = word_frames([f0 + int(starts[i]) for i in bounds], self.quiet, f0, fx,
                              snap=steps.snap_pauses, trim=steps.trim_quiet)
-        times = []
+        times: list[tuple[float, float] | None] = []
         for a, b in frames:
+            if a >= f1 and fx > f1:
+                times.append(None)
+                continue
             s = min(max(round(self.start_s + a * FRAME_S, 3), lo), hi)
             e = min(max(round(self.start_s + b * FRAME_S, 3), s), hi)
             times.append((s, e))
