@@ -680,8 +680,11 @@ def ablation(label: str, folder: str, args) -> None:
         t0 = time.perf_counter()
         with tempfile.TemporaryDirectory() as tmp:
             recover = name.startswith(("default", "plain")) or "retry" in name or "refine" in name
-            kinds = ["joins", "words"] + (["utterances"] if recover else [])
-            table = score_real(engine, args.real or None, Path(tmp) / "real", kinds=kinds)
+            table = score_real(engine, args.real or None, Path(tmp) / "real", kinds=["joins", "words"])
+            if recover:
+                rec = score_real(engine, args.recovery or args.real or None, Path(tmp) / "rec", kinds=["utterances"])
+                for key, kinds in rec.items():
+                    table.setdefault(key, {}).update(kinds)
             synth = score_files(folder, args.files, Path(tmp), threads=args.threads, engine=engine)
         tot = table["all"]
         j, w, u = tot.get("joins"), tot.get("words"), tot.get("utterances")
@@ -863,6 +866,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--memory", action="store_true",
                     help="peak growth of one 30 s span: alignment heads only vs output_attentions=True")
     ap.add_argument("--memory-child", nargs=2, metavar=("MODE", "FOLDER"), help=argparse.SUPPRESS)
+    ap.add_argument("--recovery", nargs="+", default=None,
+                    help="with --ablation: the recordings timing recovery is scored on (default: as --real)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--no-fetch", action="store_true", help="skip models not already converted")
     args = ap.parse_args(argv)

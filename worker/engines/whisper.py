@@ -630,7 +630,9 @@ class WhisperAligner(SpanAligner):
             return []
         groups: list[list[int]] = []
         for t in tokens:
-            if not groups or self.tokenizer.decode([t]).startswith(" "):
+            piece = self.tokenizer.decode([t])
+            # a new word at a space, and at each character of a script written without spaces
+            if not groups or piece.startswith(" ") or written_without_spaces(piece[:1]):
                 groups.append([t])
             else:
                 groups[-1].append(t)
