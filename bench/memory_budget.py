@@ -146,6 +146,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--timeout", type=float, default=600)
     ap.add_argument("--profile", choices=("total", "streaming"), default="total",
                     help="synthetic profile: growth with the whole file, or with its longest span")
+    ap.add_argument("--keep", action="store_true", help="keep the work folder (event logs, outputs) and print its path")
+    ap.add_argument("--only-supervisor", action="store_true", help="measure the supervisor only (cold and warm)")
     ap.add_argument("--child-pool", nargs=2, metavar=("LISTING", "WORKERS"), help=argparse.SUPPRESS)
     ap.add_argument("--child-one", nargs=3, metavar=("CHA", "MEDIA", "OUT"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -214,31 +216,32 @@ def main(argv: list[str] | None = None) -> int:
             r.update(name=f"batchalign-supervise ({label})", done=count_outputs(out, corpus, corpus_dir), note=note)
             rows.append(r)
 
-        # 2. fixed pool sized for the average file
-        n_fixed = max(1, int(limit / 2**20 // avg_peak))
-        out = work / "out-pool"
-        listing = work / "listing.tsv"
-        listing.write_text("".join(f"{c}\t{c.with_suffix('.wav')}\t{out / c.relative_to(corpus_dir)}\n" for c in corpus))
-        r = run_in_cgroup("pool", [sys.executable, "-m", "bench.memory_budget", "--child-pool", str(listing),
-                                   str(n_fixed)], limit, env, args.timeout)
-        r.update(name=f"fixed pool ({n_fixed} workers)", done=count_outputs(out, corpus, corpus_dir),
-                 note="aborted: " + r["stderr"].strip().splitlines()[-1][:120] if r["rc"] else "")
-        rows.append(r)
-
-        # 3. GNU parallel --memfree (installed here when missing: it is measured, never skipped)
-        if ensure_parallel():
-            out = work / "out-parallel"
-            memfree = f"{int(avg_peak)}M"
-            jobs = work / "jobs.txt"
-            jobs.write_text("".join(f"{c} {c.with_suffix('.wav')} {out / c.relative_to(corpus_dir)}\n" for c in corpus))
-            cmd = ["parallel", "--will-cite", "--memfree", memfree, "-j", str(cores), "--colsep", " ",
-                   sys.executable, "-m", "bench.memory_budget", "--child-one", "{1}", "{2}", "{3}", "::::", str(jobs)]
-            r = run_in_cgroup("parallel", cmd, limit, env, args.timeout)
-            r.update(name=f"GNU parallel --memfree {memfree} -j {cores}", done=count_outputs(out, corpus, corpus_dir),
-                     note="")
+        if not args.only_supervisor:
+            # 2. fixed pool sized for the average file
+            n_fixed = max(1, int(limit / 2**20 // avg_peak))
+            out = work / "out-pool"
+            listing = work / "listing.tsv"
+            listing.write_text("".join(f"{c}\t{c.with_suffix('.wav')}\t{out / c.relative_to(corpus_dir)}\n" for c in corpus))
+            r = run_in_cgroup("pool", [sys.executable, "-m", "bench.memory_budget", "--child-pool", str(listing),
+                                       str(n_fixed)], limit, env, args.timeout)
+            r.update(name=f"fixed pool ({n_fixed} workers)", done=count_outputs(out, corpus, corpus_dir),
+                     note="aborted: " + r["stderr"].strip().splitlines()[-1][:120] if r["rc"] else "")
             rows.append(r)
-        else:
-            raise SystemExit("GNU parallel could not be installed (apt-get install parallel)")
+
+            # 3. GNU parallel --memfree (installed here when missing: it is measured, never skipped)
+            if ensure_parallel():
+                out = work / "out-parallel"
+                memfree = f"{int(avg_peak)}M"
+                jobs = work / "jobs.txt"
+                jobs.write_text("".join(f"{c} {c.with_suffix('.wav')} {out / c.relative_to(corpus_dir)}\n" for c in corpus))
+                cmd = ["parallel", "--will-cite", "--memfree", memfree, "-j", str(cores), "--colsep", " ",
+                       sys.executable, "-m", "bench.memory_budget", "--child-one", "{1}", "{2}", "{3}", "::::", str(jobs)]
+                r = run_in_cgroup("parallel", cmd, limit, env, args.timeout)
+                r.update(name=f"GNU parallel --memfree {memfree} -j {cores}", done=count_outputs(out, corpus, corpus_dir),
+                         note="")
+                rows.append(r)
+            else:
+                raise SystemExit("GNU parallel could not be installed (apt-get install parallel)")
 
         head = f"{'contender':<38} {'makespan':>9} {'vs ideal':>8} {'peak MiB':>9} {'OOM':>4} {'lost':>5} {'CPU util':>8}"
         print(head)
@@ -253,29 +256,33 @@ def main(argv: list[str] | None = None) -> int:
               "measured-work ideal cold (at most one guard kill) and 1.05x warm; supervisor CPU under 2% of one core "
               "with 8 workers at 250 ms polling")
 
-        # 4. supervisor CPU with 8 workers at 250 ms polling (long, light files so 8 run at once)
-        corpus8 = work / "corpus8"
-        make_corpus(corpus8, [120.0] * 8, seed=5)
-        log8 = work / "eight.jsonl"
-        env8 = {**senv, "BATCHALIGN_SUPERVISE_ENGINE_SYNTHETIC_BASELINE_MB": "20",
-                "BATCHALIGN_SUPERVISE_ENGINE_SYNTHETIC_MB_PER_AUDIO_SECOND": "0.5",
-                "BATCHALIGN_SUPERVISE_ENGINE_SYNTHETIC_CPU_SECONDS_PER_AUDIO_SECOND": "0.04"}
-        subprocess.run([sys.executable, "-m", "supervisor.cli", str(corpus8), "-o", str(work / "out8"), "--engine",
-                        "synthetic", "--progress", "off", "--workers", "8", "--poll-interval", "250ms",
-                        "--memory-budget", "4GiB", "--log-json", str(log8), "--state-dir", str(work / "state8"),
-                        "--telemetry", str(work / "t8.sqlite")], env=env8, capture_output=True, timeout=args.timeout)
-        evs = [json.loads(x) for x in log8.read_text().splitlines()]
-        fin8 = [e for e in evs if e["event"] == "run_finished"][-1]
-        start8 = [e for e in evs if e["event"] == "run_started"][0]
-        busy8 = max(sum(1 for w in e.get("workers", []) if w["state"] == "busy")
-                    for e in evs if e["event"] == "memory_sample")
-        loop_cpu = fin8["supervisor_cpu_s"] - start8["supervisor_cpu_s"]
-        loop_wall = fin8["t"] - start8["t"]
-        print(f"\n8-worker polling cost at 250 ms: supervisor loop CPU {loop_cpu:.2f} s over {loop_wall:.1f} s "
-              f"({busy8} workers busy at once) = {100 * loop_cpu / loop_wall:.2f}% of one core "
-              f"(start-up imports excluded: {start8['supervisor_cpu_s']:.2f} s)")
+        if not args.only_supervisor:
+            # 4. supervisor CPU with 8 workers at 250 ms polling (long, light files so 8 run at once)
+            corpus8 = work / "corpus8"
+            make_corpus(corpus8, [120.0] * 8, seed=5)
+            log8 = work / "eight.jsonl"
+            env8 = {**senv, "BATCHALIGN_SUPERVISE_ENGINE_SYNTHETIC_BASELINE_MB": "20",
+                    "BATCHALIGN_SUPERVISE_ENGINE_SYNTHETIC_MB_PER_AUDIO_SECOND": "0.5",
+                    "BATCHALIGN_SUPERVISE_ENGINE_SYNTHETIC_CPU_SECONDS_PER_AUDIO_SECOND": "0.04"}
+            subprocess.run([sys.executable, "-m", "supervisor.cli", str(corpus8), "-o", str(work / "out8"), "--engine",
+                            "synthetic", "--progress", "off", "--workers", "8", "--poll-interval", "250ms",
+                            "--memory-budget", "4GiB", "--log-json", str(log8), "--state-dir", str(work / "state8"),
+                            "--telemetry", str(work / "t8.sqlite")], env=env8, capture_output=True, timeout=args.timeout)
+            evs = [json.loads(x) for x in log8.read_text().splitlines()]
+            fin8 = [e for e in evs if e["event"] == "run_finished"][-1]
+            start8 = [e for e in evs if e["event"] == "run_started"][0]
+            busy8 = max(sum(1 for w in e.get("workers", []) if w["state"] == "busy")
+                        for e in evs if e["event"] == "memory_sample")
+            loop_cpu = fin8["supervisor_cpu_s"] - start8["supervisor_cpu_s"]
+            loop_wall = fin8["t"] - start8["t"]
+            print(f"\n8-worker polling cost at 250 ms: supervisor loop CPU {loop_cpu:.2f} s over {loop_wall:.1f} s "
+                  f"({busy8} workers busy at once) = {100 * loop_cpu / loop_wall:.2f}% of one core "
+                  f"(start-up imports excluded: {start8['supervisor_cpu_s']:.2f} s)")
     finally:
-        shutil.rmtree(work, ignore_errors=True)
+        if args.keep:
+            print(f"work folder: {work}")
+        else:
+            shutil.rmtree(work, ignore_errors=True)
     return 0
 
 

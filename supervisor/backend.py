@@ -114,6 +114,7 @@ class FileResult:
     audio_seconds: float | None = None
     stats: dict | None = None
     job_id: str | None = None
+    rss_after_mb: float | None = None  # the worker's RSS once it released the file's memory
 
 
 @dataclass(frozen=True)
@@ -297,7 +298,8 @@ class LocalBackend:
                               wall_s=msg.get("wall_s"), cpu_s=msg.get("cpu_s"),
                               features_run=features_run(msg),
                               warnings=list(msg.get("warnings") or []), output=msg.get("output"),
-                              audio_seconds=msg.get("audio_seconds"), stats=msg.get("stats"), job_id=job)
+                              audio_seconds=msg.get("audio_seconds"), stats=msg.get("stats"), job_id=job,
+                              rss_after_mb=msg.get("rss_after_mb"))
         if kind == protocol.ERROR:
             return FileError(wid, file, str(msg.get("error") or "unknown error"), error_kind(msg.get("kind")),
                              job_id=job)

@@ -383,7 +383,7 @@ class Supervisor:
         if w is None:
             return
         outcome = outcome_of(w, w.job, ev)
-        self.workers.release(w)
+        self.workers.release(w, getattr(ev, "rss_after_mb", None))
         self.outcomes.apply(outcome)
         out_of_memory = isinstance(ev, FileError) and ev.kind == "memory"
         if self.draining or out_of_memory:

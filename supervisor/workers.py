@@ -65,6 +65,7 @@ class WorkerRecord:
     progress: Any = None  # heartbeat fraction, or the worker's progress report (spans, growth)
     peak_uss_mb: float = 0.0
     uss_mb: float = 0.0
+    held_mb: float = 0.0  # memory above READY the worker still held when its current file started
     pss_mb: float = 0.0
     rss_mb: float = 0.0
     kill_reason: str | None = None
@@ -134,7 +135,8 @@ class WorkerTable:
         """The policy's view; ``remaining`` gives a running file's corrected remaining growth."""
         out = [WorkerView(id=w.id, state=w.state.value, pss_mb=w.pss_mb, uss_mb=w.uss_mb,
                           baseline_uss_mb=w.baseline_uss_mb, file=w.job.rel if w.job else None,
-                          growth_mb=w.job.estimate.growth_mb if w.job is not None and w.job.estimate else 0.0,
+                          growth_mb=max(w.job.estimate.growth_mb, w.held_mb)
+                          if w.job is not None and w.job.estimate else 0.0,
                           remaining_mb=remaining(w) if w.job is not None else 0.0,
                           uncertain=bool(w.job is not None and w.job.estimate is not None
                                          and getattr(w.job.estimate, "uncertain", False)),
@@ -235,15 +237,25 @@ class WorkerTable:
         now = self.clock()
         w.job, w.job_id, w.threads = job, spec.job_id, spec.options.get("threads")
         w.file_started_at, w.idle_since, w.last_heartbeat, w.progress = now, None, now, None
+        # What earlier files left in the heap (``release``) is this file's to reuse, and its floor:
+        # a file that needs less still peaks there, so its peak is the larger of the two.
+        growth = spec.predicted_growth_mb or 0.0
+        if w.held_mb > growth and fields.get("predicted_mb") is not None:
+            fields["predicted_mb"] = round(fields["predicted_mb"] + w.held_mb - growth, 1)
+        if w.held_mb >= 1.0:
+            fields["held_mb"] = round(w.held_mb, 1)
         # The last reading may predate the previous file's release: start from the baseline.
         w.peak_uss_mb = w.baseline_uss_mb or 0.0
         self._to(w, WorkerState.BUSY, "file_admitted", file=job.rel, threads=w.threads, **fields)
         self.backend.assign(w.id, spec)
 
-    def release(self, w: WorkerRecord) -> Any:
+    def release(self, w: WorkerRecord, rss_after_mb: float | None = None) -> Any:
         """The worker's file is over (done, failed, or its worker gone): it takes no job any more
-        and, if it was paused as the file ended, it is continued so that it can take the next."""
+        and, if it was paused as the file ended, it is continued so that it can take the next.
+        ``rss_after_mb``: what the worker still holds once it released the file (unknown: nothing)."""
         job = w.job
+        base = w.baseline_rss_mb
+        w.held_mb = max(0.0, rss_after_mb - base) if rss_after_mb is not None and base is not None else 0.0
         w.job = w.job_id = w.file_started_at = w.progress = w.threads = None
         w.paused_at = None
         if w.state is WorkerState.PAUSED:

@@ -305,3 +305,24 @@ def test_a_handler_that_raises_is_reported_with_its_context_and_the_run_goes_on(
     sup._handle(bad)
     (failed,) = log.named("handler_failed")
     assert failed["handler"] == "FileResult" and failed["worker"] == "w1" and failed["level"] == "error"
+
+
+def test_memory_a_worker_still_holds_is_the_floor_of_its_next_files_peak(tmp_path):
+    """A worker whose last file left 200 MiB in its heap peaks there again on a small file: the
+    prediction for that file on that worker says so (and the policy sees at least that growth)."""
+
+    def script(wid, spec):
+        return [FileResult(wid, spec.file, 260.0, 210.0, 0.1, 0.1, {"audio_s": 5.0, "longest_span_s": 5.0},
+                           job_id=spec.job_id, rss_after_mb=250.0)]
+
+    sup, log, _ = supervise(tmp_path / "again", [5, 5, 5, 5, 5], backend=Backend(script))
+    admitted = log.named("file_admitted")
+    assert len(admitted) == 5
+    seen: set[str] = set()
+    for e in admitted:
+        if e["worker"] not in seen:  # a worker's first file: nothing held yet
+            seen.add(e["worker"])
+            assert "held_mb" not in e
+        else:
+            assert e["held_mb"] == pytest.approx(200.0)
+            assert e["predicted_mb"] >= 50.0 + 200.0 - 1.0

@@ -113,9 +113,9 @@ def test_too_big_file_is_killed_requeued_larger_and_quarantined_while_rest_finis
     assert "quarantined: f000.cha" in r.stderr
 
 
-def test_a_cold_run_learns_on_small_files_before_it_bets_a_large_one(tmp_path):
-    """While the model is uncertain, small files go first; by the time the large file's turn comes
-    the model has learned enough to see it cannot fit: refused at once, no guard kill."""
+def test_a_cold_run_never_bets_a_file_its_probes_say_cannot_fit(tmp_path):
+    """The first worker's probe spans put the model on this machine's figures before anything is
+    admitted: the large file is refused at once as too big, with no guard kill, and the rest run."""
     corpus_dir = tmp_path / "corpus"
     make_corpus(corpus_dir, [150, 5, 6, 7, 8])
     out = tmp_path / "out"
@@ -126,7 +126,7 @@ def test_a_cold_run_learns_on_small_files_before_it_bets_a_large_one(tmp_path):
     evs = events(log)
     assert named(evs, "worker_killed") == []
     admitted = [e["file"] for e in named(evs, "file_admitted")]
-    assert admitted[:2] == ["f001.cha", "f002.cha"] and "f000.cha" not in admitted
+    assert "f000.cha" not in admitted and admitted[:2] == ["f004.cha", "f003.cha"]  # largest first
     (failed,) = named(evs, "file_failed")
     assert failed["file"] == "f000.cha" and failed["kind"] == "too_big"
     assert named(evs, "run_finished")[0]["done"] == 4
@@ -296,8 +296,8 @@ def test_dry_run_prints_the_plan_and_runs_nothing(tmp_path):
     r = run_cli(cli_args(corpus_dir, out, "--memory-budget", "1GiB", "--dry-run"), tmp_path)
     assert r.returncode == 0, r.stderr
     lines = [ln for ln in r.stdout.splitlines() if ".cha" in ln]
-    # Nothing learned yet: uncertain estimates run smallest first, so the model learns cheaply.
-    assert [ln.split("│")[2].strip() for ln in lines] == ["f000.cha", "f002.cha", "f001.cha"]
+    # Largest predicted peak first, learned or not (the policy limits a cold run's bets).
+    assert [ln.split("│")[2].strip() for ln in lines] == ["f001.cha", "f002.cha", "f000.cha"]
     assert not out.exists()
 
 

@@ -159,6 +159,7 @@ def serve(engine, channel: Channel, stdin: BinaryIO, heartbeat: Heartbeat, log, 
         channel.send({"type": protocol.STARTED, "job": job.job})
 
         progress = _Progress(channel, heartbeat, job.job, ready_rss_mb)
+        released = False
         try:
             result = engine.run(job, progress)
         except JobError as exc:
@@ -174,17 +175,24 @@ def serve(engine, channel: Channel, stdin: BinaryIO, heartbeat: Heartbeat, log, 
         else:
             ru1 = resource.getrusage(resource.RUSAGE_CHILDREN)
             cpu = time.process_time() - c0 + (ru1.ru_utime - ru0.ru_utime) + (ru1.ru_stime - ru0.ru_stime)
+            peak = round((_read_status_kb("VmHWM") or 0) / 1024, 1)
+            wall = round(time.monotonic() - t0, 3)
+            # Released before the result goes out, so the result can say what the worker still
+            # holds: the floor of its next file's peak (that file reuses the memory).
+            engine.release()
+            released = True
             channel.send({
                 "type": protocol.RESULT, "job": job.job, "output": str(result.output),
-                "audio_seconds": result.audio_seconds,
-                "peak_rss_mb": round((_read_status_kb("VmHWM") or 0) / 1024, 1),
-                "wall_s": round(time.monotonic() - t0, 3), "cpu_s": round(cpu, 3),
+                "audio_seconds": result.audio_seconds, "peak_rss_mb": peak,
+                "rss_after_mb": round((_read_status_kb("VmRSS") or 0) / 1024, 1),
+                "wall_s": wall, "cpu_s": round(cpu, 3),
                 "stats": result.stats, "warnings": result.warnings[:200],
                 "features_run": getattr(result, "features_run", None),
             })
         finally:
             heartbeat.job, heartbeat.progress = None, None
-        engine.release()
+        if not released:
+            engine.release()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -32,7 +32,8 @@ READY = "ready"  # {pid, rss_mb, uss_mb, pss_mb, engine, model, device, protocol
 HEARTBEAT = "heartbeat"  # {job, progress (0..1 or null), rss_mb}
 STARTED = "started"  # {job}
 PROGRESS = "progress"  # {job, spans_done, spans_total, growth_mb (peak so far above the READY RSS)}
-RESULT = "result"  # {job, output, audio_seconds, peak_rss_mb, wall_s, cpu_s, stats{...}, warnings[],
+RESULT = "result"  # {job, output, audio_seconds, peak_rss_mb, rss_after_mb (after release), wall_s, cpu_s,
+#                     stats{...}, warnings[],
 #                     features_run: {FileFeatures} of the work the model did, or null (all cached)}
 ERROR = "error"  # {job, error (one line), kind: "input" | "media" | "memory" | "engine" | "internal"}
 # Error kinds: "input"/"media" fail the file at once (bad input); "memory" (MemoryError, torch

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import math
-import os
 import time
 from typing import Any, AsyncIterator, Callable
 
@@ -55,6 +54,9 @@ class DaskBackend:
         self.running: dict[str, dict[str, Any]] = {}  # key -> started info (worker, pid, rss)
         self.by_file: dict[str, str] = {}  # file -> key of its current attempt
         self.memory_kills: dict[str, dict[str, Any]] = {}  # worker address / pid -> nanny restart event
+        self.started_on: dict[str, str] = {}  # worker address -> key of the task it last started
+        self.lost_on: dict[str, list[tuple[str, float]]] = {}  # worker address -> (key, when) failed as it died
+        self.seq_of: dict[str, int] = {}  # key -> submission order (a worker runs its tasks in it)
         self.workers: dict[str, dict[str, Any]] = {}  # address -> ready info
         self._seq = 0
         self._closing = False
@@ -176,6 +178,7 @@ class DaskBackend:
         task = asyncio.get_running_loop().create_task(self._watch(key, job, fut))
         self.futures[key] = (job, fut, task)
         self.by_file[job.file] = key
+        self.seq_of[key] = self._seq
 
     def signal(self, worker_id: str, action: str) -> None:
         """``kill``/``stop``: restart or retire that worker (a thread cannot be interrupted)."""
@@ -268,6 +271,7 @@ class DaskBackend:
         job = self.futures[key][0]
         if msg.get("phase") == "started":
             self.running[key] = dict(msg)
+            self.started_on[msg["worker"]] = key
             self.queue.put_nowait(FileStarted(worker_id=msg["worker"], file=job.file, pid=msg.get("pid")))
         else:
             info = self.running.setdefault(key, dict(msg))
@@ -304,6 +308,10 @@ class DaskBackend:
         except asyncio.CancelledError:
             return
         except KilledWorker as exc:
+            last = getattr(getattr(exc, "last_worker", None), "address", None)
+            if last:
+                now = self.clock()
+                self.lost_on[last] = [(k, t) for k, t in self.lost_on.get(last, []) if t > now - 60] + [(key, now)]
             await asyncio.sleep(MEMORY_EVENT_GRACE_S)
             await self._lost(key, job, exc)
             return
@@ -327,11 +335,34 @@ class DaskBackend:
             warnings=r.get("warnings") or [], output=r.get("output", job.out), pid=r.get("pid"),
             baseline_mb=r.get("baseline_rss_mb"), audio_seconds=r.get("audio_seconds"), stats=r.get("stats")))
 
+    def _ran_there(self, key: str, addr: str | None) -> bool:
+        """Whether this task is the one the dead worker was executing, not one queued behind it.
+
+        A worker runs one task at a time, so the one it last reported starting is the culprit and
+        every other task the scheduler had placed on it is a bystander (Dask fails them all, with
+        ``allowed-failures`` at 0). When no start reached us (the worker died at once), the worker
+        had picked the earliest submitted of them, as Dask runs a worker's tasks in priority order."""
+        if self.running.get(key, {}).get("worker") == addr:
+            return True
+        recent = self.clock() - 3 * MEMORY_EVENT_GRACE_S  # this death's tasks, not an earlier one's
+        lost = [k for k, t in self.lost_on.get(addr or "", []) if t >= recent]
+        culprit = self.started_on.get(addr or "")
+        if culprit is not None and (culprit in self.futures or culprit in lost):
+            return culprit == key
+        return not lost or min(lost, key=lambda k: self.seq_of.get(k, 0)) == key
+
     async def _lost(self, key: str, job: JobSpec, exc: Exception) -> None:
-        started = self.running.pop(key, {})
-        self._forget(key)
         last = getattr(exc, "last_worker", None)
+        started = self.running.get(key, {})
         addr = started.get("worker") or getattr(last, "address", None)
+        culprit = self._ran_there(key, addr)
+        self.running.pop(key, None)
+        self._forget(key)
+        if not culprit:
+            # Queued on a worker that died under another file: no attempt of this file ran.
+            self.queue.put_nowait(FileError(worker_id=addr, file=job.file, pid=None, kind="lost",
+                                            reason=f"worker {addr} died under another file", bystander=True))
+            return
         kill = self.memory_kills.get(str(started.get("pid"))) or self.memory_kills.get(addr or "")
         if kill:
             self.queue.put_nowait(FileError(worker_id=addr, file=job.file, pid=started.get("pid") or kill.get("pid"),
@@ -342,7 +373,7 @@ class DaskBackend:
         observed = started.get("peak_rss_mb") or started.get("rss_mb")
         baseline = self.baselines.get(addr or "")
         where = await self.slurm.describe_loss(addr) if self.slurm is not None and addr else None
-        self.queue.put_nowait(FileError(worker_id=addr, file=job.file, pid=started.get("pid"),
+        self.queue.put_nowait(FileError(worker_id=addr, file=job.file, pid=started.get("pid") or None,
                                         reason=f"worker {addr} lost while aligning ({where or 'killed or crashed'})",
                                         kind="memory" if where and "OUT_OF_MEMORY" in where else "lost",
                                         observed_mb=observed, baseline_mb=baseline))

@@ -256,7 +256,7 @@ class ClusterSupervisor(Supervisor):
             self.halted = ev.reason
             self.emit("run_halted", level="error", reason=ev.reason)
             return
-        if kind == "lost" and not where.get("started"):
+        if kind == "lost" and ev.bystander:
             # Queued on a worker that died under another file: not this file's doing, no attempt spent.
             self.queue.requeue(job, ev.reason)
             self.emit("file_requeued", file=job.rel, reason=f"{ev.reason}; it had not started there",

@@ -30,3 +30,4 @@ class ClusterFileError(FileError):
     pid: int | None = None
     observed_mb: float | None = None  # a lower bound on the peak when the attempt was cut short
     baseline_mb: float | None = None
+    bystander: bool = False  # queued on a worker that died under another file: no attempt of it ran

@@ -13,7 +13,6 @@ the nanny restarts a worker before Slurm's own limit is reached.
 from __future__ import annotations
 
 import math
-import subprocess
 import sys
 from typing import Any, Callable
 
