@@ -38,7 +38,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -359,8 +359,11 @@ class RealScore:
     baseline: list[float]
     items: int = 0  # words or utterances scored
     covered: int = 0  # of those, how many the model placed at all
-    squeezed: int = 0  # utterances whose words the model piled into a sliver of the bullet
+    squeezed: int = 0  # utterances whose written words are piled into a sliver of the bullet
     implausible: int = 0  # utterances the engine reported as implausible (bullet kept, no %wor)
+    squeeze_reported: int = 0  # of those, how many for words squeezed (the path piled them up)
+    filled: list[float] = field(default_factory=list)  # every item: the model's error where it placed
+    # it, the baseline's where it did not (a configuration that reports more is not scored on less)
 
     def add(self, other: "RealScore") -> None:
         self.model += other.model
@@ -369,6 +372,21 @@ class RealScore:
         self.covered += other.covered
         self.squeezed += other.squeezed
         self.implausible += other.implausible
+        self.squeeze_reported += other.squeeze_reported
+        self.filled += other.filled
+
+
+class Run:
+    """One engine run over an edited transcript: the parsed output and its warnings."""
+
+    def __init__(self, out, warnings: list[str]) -> None:
+        self.out = out
+        self.warnings = warnings
+        self.implausible = sum(1 for w in warnings if w.startswith("implausible:"))
+        self.squeezed = sum(1 for w in warnings if w.startswith("implausible:") and "words squeezed" in w)
+
+    def __iter__(self):  # out, implausible = _run(...)
+        return iter((self.out, self.implausible))
 
 
 def _run(engine, text: str, folder: Path, media: Path, cache: Path):
@@ -385,8 +403,7 @@ def _run(engine, text: str, folder: Path, media: Path, cache: Path):
     out = folder / f"{media.stem}.out.cha"
     result = engine.run(Job(media.stem, cha, out, None, cha.name, {"cache_dir": str(cache)}), lambda f: None)
     engine.release()
-    implausible = sum(1 for w in result.warnings if w.startswith("implausible:"))
-    return parse_chat(out.read_text(), str(out)), implausible
+    return Run(parse_chat(out.read_text(), str(out)), list(result.warnings))
 
 
 def _squeezed(times: list[Span | None], words: list[str]) -> bool:
@@ -405,16 +422,18 @@ def score_real_words(engine, name: str, cha: Path, media: Path, workdir: Path) -
     refs = [(u, w) for u, w in refs if w is not None and len(w) == len(u.words)]
     if not refs:
         return None
-    out, implausible = _run(engine, timed_input(chat, media.stem), workdir / f"{name}-words", media,
-                            workdir / "cache")
+    run = _run(engine, timed_input(chat, media.stem), workdir / f"{name}-words", media, workdir / "cache")
+    out, implausible = run
     kept = [u for u in chat.utterances if u.bullet is not None]
     pred_of = {u.index: _wor_of(out, o) for u, o in zip(kept, out.utterances)}
-    score = RealScore("words", [], [], implausible=implausible)
+    score = RealScore("words", [], [], implausible=implausible, squeeze_reported=run.squeezed)
     for u, truth in refs:
         pred = pred_of.get(u.index) or [None] * len(truth)
         lo, hi = u.bullet[0] / 1000, u.bullet[1] / 1000
+        base = spread_baseline(list(u.words), lo, hi)
         score.model += boundary_errors(pred, truth)
-        score.baseline += boundary_errors(spread_baseline(list(u.words), lo, hi), truth)
+        score.baseline += boundary_errors(base, truth)
+        score.filled += boundary_errors([p if p is not None else b for p, b in zip(pred, base)], truth)
         score.items += sum(t is not None for t in truth)
         score.covered += sum(t is not None and p is not None for p, t in zip(pred, truth))
         score.squeezed += _squeezed(pred, list(u.words))
@@ -431,14 +450,17 @@ def score_real_joins(engine, name: str, cha: Path, media: Path, workdir: Path) -
         text, refs = joined_input(chat, media.stem, offset)
         if not refs:
             continue
-        out, implausible = _run(engine, text, workdir / f"{name}-joins{offset}", media, workdir / "cache")
+        run = _run(engine, text, workdir / f"{name}-joins{offset}", media, workdir / "cache")
+        out, implausible = run
         score.implausible += implausible
+        score.squeeze_reported += run.squeezed
         spoken = [u for u in out.utterances if u.words]
         for u, (n_first, end_a, start_b) in zip(spoken, refs):
             pred = _wor_of(out, u) or [None] * len(u.words)
             lo, hi = u.bullet[0] / 1000, u.bullet[1] / 1000
             base = spread_baseline(list(u.words), lo, hi)
-            for times, errs in ((pred, score.model), (base, score.baseline)):
+            placed = n_first < len(pred) and pred[n_first - 1] is not None and pred[n_first] is not None
+            for times, errs in ((pred, score.model), (base, score.baseline), (pred if placed else base, score.filled)):
                 if n_first < len(times) and times[n_first - 1] is not None and times[n_first] is not None:
                     errs += [abs(times[n_first - 1][1] - end_a), abs(times[n_first][0] - start_b)]
             score.items += 1
@@ -458,11 +480,12 @@ def score_real_utterances(engine, name: str, cha: Path, media: Path, workdir: Pa
         return None
     text = untimed_input(chat, media.stem)
     plain = parse_chat(text)
-    out, implausible = _run(engine, text, workdir / f"{name}-untimed", media, workdir / "cache")
+    run = _run(engine, text, workdir / f"{name}-untimed", media, workdir / "cache")
+    out, implausible = run
     spoken = [u for u in plain.utterances if u.words]
     base = dict(zip([u.index for u in spoken],
                     spread_baseline([" ".join(u.words) for u in spoken], 0.0, _duration(media))))
-    score = RealScore("utterances", [], [], implausible=implausible)
+    score = RealScore("utterances", [], [], implausible=implausible, squeeze_reported=run.squeezed)
     for ref, got in zip(chat.utterances, out.utterances):
         if ref.bullet is None or not ref.words:
             continue
@@ -472,6 +495,9 @@ def score_real_utterances(engine, name: str, cha: Path, media: Path, workdir: Pa
         if got.bullet is not None:
             score.covered += 1
             score.model += [abs(got.bullet[0] / 1000 - rs), abs(got.bullet[1] / 1000 - re_)]
+            score.filled += score.model[-2:]
+        else:
+            score.filled += score.baseline[-2:]
     return score
 
 
@@ -497,9 +523,63 @@ def score_real(engine, names: list[str] | None, workdir: Path, kinds=("words", "
             if s is not None:
                 table.setdefault(name, {})[kind] = s
                 totals.setdefault(kind, RealScore(kind, [], [])).add(
-                    RealScore(kind, list(s.model), list(s.baseline), s.items, s.covered, s.squeezed, s.implausible))
+                    RealScore(kind, list(s.model), list(s.baseline), s.items, s.covered, s.squeezed, s.implausible,
+                              s.squeeze_reported, list(s.filled)))
     table["all"] = totals
     return table
+
+
+# -- code-switching ----------------------------------------------------------------------------
+
+_AT_S = re.compile(r"\S+@s(?::[a-z]{3})?\b")
+
+
+def code_switching(engine, names: list[str] | None, workdir: Path) -> list[dict]:
+    """Per utterance of every code-switched recording (several ``@Languages``, or words marked
+    ``@s``): the languages named, the ``@s`` words, the language the engine forced it in, and
+    whether it got word times (inside its human bullet) or was reported."""
+    from worker.chat import parse_chat, read_chat  # noqa: PLC0415
+
+    rows = []
+    for name, cha, media in real_recordings(names):
+        chat = read_chat(cha)
+        marked = {u.index: _AT_S.findall(chat.text.splitlines()[u.line - 1]) for u in chat.utterances}
+        if len(chat.languages) < 2 and not any(marked.values()):
+            continue
+        text = timed_input(chat, media.stem)
+        run = _run(engine, text, workdir / f"{name}-switching", media, workdir / "cache")
+        forced = dict(getattr(engine.aligner, "last_languages", {}))
+        kept = [u for u in chat.utterances if u.bullet is not None]
+        for u, i, o in zip(kept, parse_chat(text).utterances, run.out.utterances):
+            if not u.words:
+                continue
+            times = _wor_of(run.out, o) or []
+            placed = sum(t is not None for t in times)
+            said = [w for w in run.warnings if f":{i.line}:" in w]  # warnings name the input's lines
+            outcome = (f"{placed}/{len(u.words)} words timed" if placed else
+                       ("implausible: " + said[0].split(": ", 2)[-1][:60]) if said else "no times")
+            rows.append({"recording": name, "line": u.line, "languages": ",".join(chat.languages),
+                         "at_s": " ".join(marked.get(u.index) or []) or "-",
+                         "forced": forced.get(o.index, getattr(engine.aligner, "language", None) or "en"),
+                         "outcome": outcome, "placed": placed > 0})
+    return rows
+
+
+def print_code_switching(model: str, rows: list[dict]) -> None:
+    if not rows:
+        return
+    print(f"\n{model}: code-switched recordings, per utterance (human bullets; language the window was forced in)")
+    print(f"{'recording':21} {'line':>4} {'@Languages':10} {'forced':6} {'@s words':16} outcome")
+    for r in rows:
+        print(f"{r['recording']:21} {r['line']:4d} {r['languages']:10} {r['forced']:6} {r['at_s'][:16]:16} {r['outcome']}")
+    by = {}
+    for r in rows:
+        by.setdefault(r["recording"], []).append(r)
+    for name, rs in by.items():
+        langs = sorted({r["forced"] for r in rs})
+        sw = [r for r in rs if r["at_s"] != "-"]
+        print(f"{name}: {sum(r['placed'] for r in rs)}/{len(rs)} utterances timed, forced in {'/'.join(langs)}; "
+              f"{len(sw)} with @s words, {sum(r['placed'] for r in sw)} of them timed")
 
 
 def stats_ms(errors: list[float]) -> str:
@@ -523,13 +603,14 @@ def print_real(model: str, table: dict) -> None:
     """Model figures with the character-count baseline beside every one."""
     print(f"\n{model}: real speech (ms; words/joins: mean median <=20 <=50 <=100 ms; "
           f"utterances: mean median <=250 <=500 ms)")
-    print(f"{'recording':21} {'kind':10} {'n':>3} {'placed':>6} {'sq':>3} {'impl':>4} | "
-          f"{'model':28} | baseline")
+    print(f"{'recording':21} {'kind':10} {'n':>3} {'placed':>6} {'sq':>3} {'impl':>4} {'impl sq':>7} | "
+          f"{'model':28} | {'baseline':28} | all*")
     for name, kinds in table.items():
         for kind, s in kinds.items():
             fmt = stats_utt if kind == "utterances" else stats_ms
-            print(f"{name:21} {kind:10} {s.items:3d} {s.covered:6d} {s.squeezed:3d} {s.implausible:4d} | "
-                  f"{fmt(s.model):28} | {fmt(s.baseline)}")
+            print(f"{name:21} {kind:10} {s.items:3d} {s.covered:6d} {s.squeezed:3d} {s.implausible:4d} "
+                  f"{s.squeeze_reported:7d} | {fmt(s.model):28} | {fmt(s.baseline):28} | {_mean_ms(s, 'filled'):>4}")
+    print("all*: mean ms over every item, the baseline's error standing in where the model placed nothing")
 
 
 def print_table(model: str, scores: list[Score], extra: list[Score] = ()) -> None:
@@ -579,49 +660,195 @@ def ablation(label: str, folder: str, args) -> None:
     engine = load_engine(folder, args.threads)
     memoize_encoder(engine.aligner)
     default = Steps()
-    configs = [("default", default)]
+    # Whisper's own word timing: each utterance alone, median filter and the softmax restricted to
+    # the utterance's frames, DTW, words from token boundaries; nothing else.
+    plain = replace(default, joint=False, snap_pauses=False, trim_quiet=False, repair_squeezed=False,
+                    retry_sparse=False, refine_recovered=False, median_width=7, renormalize=True)
+    configs = [("default", default), ("plain (find_alignment)", plain)]
     for f in fields(Steps):
         value = getattr(default, f.name)
         flipped = (1 if value != 1 else 7) if f.name == "median_width" else not value
         configs.append((f"{f.name}={flipped}", replace(default, **{f.name: flipped})))
-    print(f"\n{label}: ablation (ms; real joins and %wor: mean, share <=100 ms; utterances recovered: "
-          f"share of starts/ends <=250 ms; synthetic c*/s*: mean)")
-    print(f"{'configuration':22} {'joins':>6} {'<=100':>6} {'sq':>3} {'impl':>4} {'%wor':>6} "
-          f"{'utt<=250':>8} {'synth c*':>8} {'synth s*':>8} {'wall s':>6}")
+    print(f"\n{label}: ablation (ms; real joins and %wor: mean, median, share <=100 ms; utterances "
+          f"recovered: share of starts/ends <=250 / 500 ms; synthetic c*/s*: mean)")
+    print(f"{'configuration':22} {'joins':>6} {'med':>5} {'<=100':>6} {'all*':>5} {'placed':>6} {'sq':>3} "
+          f"{'impl':>4} {'%wor':>6} {'utt<=250':>8} {'<=500':>6} {'all*':>5} {'synth c*':>8} {'synth s*':>8} "
+          f"{'wall s':>6}")
     base_row = None
     for name, steps in configs:
         engine.aligner.steps = steps
         t0 = time.perf_counter()
         with tempfile.TemporaryDirectory() as tmp:
-            kinds = ["joins", "words"] + (["utterances"] if name == "default" or "retry" in name or "refine" in name else [])
-            table = score_real(engine, args.real or None, Path(tmp) / "real", kinds=kinds)
+            recover = name.startswith(("default", "plain")) or "retry" in name or "refine" in name
+            table = score_real(engine, args.real or None, Path(tmp) / "real", kinds=["joins", "words"])
+            if recover:
+                rec = score_real(engine, args.recovery or args.real or None, Path(tmp) / "rec", kinds=["utterances"])
+                for key, kinds in rec.items():
+                    table.setdefault(key, {}).update(kinds)
             synth = score_files(folder, args.files, Path(tmp), threads=args.threads, engine=engine)
         tot = table["all"]
         j, w, u = tot.get("joins"), tot.get("words"), tot.get("utterances")
         c = [x.model_ms for x in synth if x.name.startswith("c")]
         i = [x.model_ms for x in synth if x.name.startswith("s")]
-        row = (f"{name:22} {_mean_ms(j):>6} {_share(j, 0.1):>6} {j.squeezed if j else 0:3d} "
-               f"{j.implausible if j else 0:4d} {_mean_ms(w):>6} {_share(u, 0.25):>8} "
+        row = (f"{name:22} {_mean_ms(j):>6} {_median_ms(j):>5} {_share(j, 0.1):>6} {_mean_ms(j, 'filled'):>5} "
+               f"{f'{j.covered}/{j.items}' if j else '-':>6} {j.squeezed if j else 0:3d} "
+               f"{j.implausible if j else 0:4d} {_mean_ms(w):>6} {_share(u, 0.25):>8} {_share(u, 0.5):>6} "
+               f"{_share(u, 0.25, 'filled'):>5} "
                f"{np.mean(c) if c else float('nan'):8.1f} {np.mean(i) if i else float('nan'):8.1f} "
                f"{time.perf_counter() - t0:6.0f}")
         print(row, flush=True)
         if base_row is None:
             base_row = (j, w, synth)
+            default_table = table
             bj = j
-            print(f"{'char-count baseline':22} {_mean_ms(bj, True):>6} {_share(bj, 0.1, True):>6} {'':3} {'':4} "
-                  f"{_mean_ms(w, True):>6} {_share(u, 0.25, True):>8} "
+            print(f"{'char-count baseline':22} {_mean_ms(bj, True):>6} {_median_ms(bj, True):>5} "
+                  f"{_share(bj, 0.1, True):>6} {'':5} {'':6} {'':3} {'':4} "
+                  f"{_mean_ms(w, True):>6} {_share(u, 0.25, True):>8} {_share(u, 0.5, True):>6} {'':5} "
                   f"{np.mean([x.baseline_ms for x in synth if x.name.startswith('c')]):8.1f} "
                   f"{np.mean([x.baseline_ms for x in synth if x.name.startswith('s')]):8.1f}", flush=True)
+    engine.aligner.steps = default
+    print_real(f"{label}, default steps", default_table)
+    with tempfile.TemporaryDirectory() as tmp:
+        print_code_switching(label, code_switching(engine, args.real or None, Path(tmp)))
 
 
-def _mean_ms(score, baseline: bool = False) -> str:
-    errs = (score.baseline if baseline else score.model) if score else []
+def _errors(score, which) -> list[float]:
+    """``which``: False (the model), True (the baseline) or ``"filled"``."""
+    if not score:
+        return []
+    return score.filled if which == "filled" else score.baseline if which else score.model
+
+
+def _mean_ms(score, baseline: bool | str = False) -> str:
+    errs = _errors(score, baseline)
     return f"{1000 * np.mean(errs):.0f}" if errs else "-"
 
 
-def _share(score, within: float, baseline: bool = False) -> str:
-    errs = (score.baseline if baseline else score.model) if score else []
+def _median_ms(score, baseline: bool | str = False) -> str:
+    errs = _errors(score, baseline)
+    return f"{1000 * np.median(errs):.0f}" if errs else "-"
+
+
+def _share(score, within: float, baseline: bool | str = False) -> str:
+    errs = _errors(score, baseline)
     return f"{np.mean(np.asarray(errs) <= within):.0%}" if errs else "-"
+
+
+# -- memory per 30 s span: alignment heads only against output_attentions=True --------------------
+
+
+def span_30s(synth: Path = SYNTH) -> tuple[np.ndarray, list]:
+    """A 30 s span of synthetic speech (the synth files back to back, cut at 30 s) and its
+    utterances, each with its own bullet."""
+    from worker.align import UttRequest  # noqa: PLC0415
+
+    pieces, utts, t = [], [], 0.0
+    for name in FILES:
+        audio, rate = sf.read(synth / f"{name}.wav", dtype="float32")
+        seconds = len(audio) / rate
+        if t + seconds > 29.9:
+            break
+        words = [w["word"] for w in json.loads((synth / f"{name}.json").read_text())["words"]]
+        utts.append(UttRequest(len(utts), t, t + seconds, " ".join(words).split()))
+        pieces.append(audio)
+        t += seconds
+    audio = np.concatenate(pieces)
+    return np.pad(audio, (0, max(0, int(29.9 * 16000) - len(audio)))), utts
+
+
+def full_attention_pass(aligner) -> None:
+    """Benchmark only, the way forced alignment used to get its weights: the whole model run with
+    ``output_attentions=True`` in eager attention, which also returns every encoder self-attention
+    map, and the alignment heads picked out of the returned cross-attentions."""
+    import torch  # noqa: PLC0415
+
+    aligner.hf.set_attn_implementation("eager")
+    feats_of: dict[int, torch.Tensor] = {}
+    real_encode = aligner._encode
+
+    def encode(audio):
+        a = np.asarray(audio, dtype=np.float32).reshape(-1)
+        n = min(len(a), int(30 * 16000))
+        feats = aligner.processor.feature_extractor(a[:n], sampling_rate=16000, return_tensors="pt").input_features
+        enc, n_frames = real_encode(audio)
+        feats_of[id(enc)] = feats.to(aligner.device, aligner._feat_dtype)
+        return enc, n_frames
+
+    def cross_attention(enc, tokens, prefix=None):
+        prefix = prefix or aligner.prefix
+        ids = prefix + tokens + [aligner.eot]
+        out = aligner.hf(input_features=feats_of[id(enc)], decoder_input_ids=torch.tensor([ids]),
+                         output_attentions=True, use_cache=False)
+        r0 = len(prefix) - 1
+        rows = slice(r0, r0 + len(tokens) + 1)
+        return torch.stack([out.cross_attentions[layer][0, head, rows] for layer, head in aligner.heads])
+
+    aligner._encode, aligner._cross_attention = encode, cross_attention
+
+
+def memory_child(folder: str, mode: str, threads: int) -> dict:
+    """In a fresh process: load, align the 30 s span once (lazy allocations made), then measure
+    the peak RSS (VmHWM cleared) above the RSS before for a second pass of the same span."""
+    from worker.engines.loading import configure_threads  # noqa: PLC0415
+    from worker.engines.whisper import WhisperAligner  # noqa: PLC0415
+    from worker.selfmem import clear_hwm, hwm_mb, rss_mb  # noqa: PLC0415
+
+    configure_threads(threads)
+    aligner = WhisperAligner.load(folder, threads=threads)
+    if mode == "full":
+        full_attention_pass(aligner)
+    audio, utts = span_30s()
+    first = aligner.align_span(audio, 0.0, utts)
+    import gc  # noqa: PLC0415
+
+    gc.collect()
+    before = rss_mb()
+    clear_hwm()
+    t0 = time.perf_counter()
+    second = aligner.align_span(audio, 0.0, utts)
+    wall = time.perf_counter() - t0
+    peak = hwm_mb()
+    same = all((a.words == b.words) for a, b in zip(first, second))
+    weights = sum(p.numel() * p.element_size() for p in aligner.hf.parameters()) / 2**20
+    return {"mode": mode, "rss_before_mb": before, "peak_mb": peak, "growth_mb": peak - before,
+            "weights_mb": weights, "wall_s": wall, "utterances": len(utts), "repeatable": same,
+            "words": [r.words for r in second]}
+
+
+def memory_table(models: list[str], threads: int, fetch: bool) -> None:
+    """Peak growth of one 30 s span per model, alignment heads only against the whole model's
+    attention maps, each in its own fresh process, side by side."""
+    print("\nWhisper forced alignment, one 30 s span, CPU fp32: peak RSS growth above the RSS before the "
+          "span (VmHWM), fresh process each")
+    print(f"{'model':8} {'utts':>4} {'weights MiB':>11} {'heads only MiB':>14} {'output_attentions MiB':>21} "
+          f"{'ratio':>6} {'same times':>10}")
+    for m in models:
+        folder = whisper_dir(m, fetch=fetch) if m in ("tiny.en", "base") else Path(m)
+        if folder is None:
+            print(f"{m:8} not available, skipped")
+            continue
+        rows = {}
+        for mode in ("heads", "full"):
+            proc = subprocess.run([sys.executable, "-m", "bench.alignment_accuracy", "--memory-child", mode,
+                                   str(folder), "--threads", str(threads)],
+                                  capture_output=True, text=True, cwd=ROOT, timeout=900)
+            line = [x for x in proc.stdout.splitlines() if x.startswith("{")]
+            if proc.returncode != 0 or not line:
+                raise SystemExit(f"memory run {m}/{mode} failed: {(proc.stderr or proc.stdout).strip()[-400:]}")
+            rows[mode] = json.loads(line[-1])
+        h, f = rows["heads"], rows["full"]
+        same = all(_close(a, b) for a, b in zip(h["words"], f["words"]))
+        print(f"{m:8} {h['utterances']:4d} {h['weights_mb']:11.0f} {h['growth_mb']:14.0f} {f['growth_mb']:21.0f} "
+              f"{f['growth_mb'] / max(h['growth_mb'], 1e-9):6.2f} {'yes' if same else 'no':>10}", flush=True)
+
+
+def _close(a, b, tol: float = 0.021) -> bool:
+    """Two utterances' word times equal to within one frame (eager and SDPA round differently)."""
+    if a is None or b is None:
+        return a is b
+    return len(a) == len(b) and all(
+        (x is None and y is None) or (x is not None and y is not None and abs(x[0] - y[0]) <= tol
+                                      and abs(x[1] - y[1]) <= tol) for x, y in zip(a, b))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -636,10 +863,22 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-synthetic", action="store_true")
     ap.add_argument("--ablation", action="store_true",
                     help="each post-processing step flipped from the default, on real and synthetic speech")
+    ap.add_argument("--memory", action="store_true",
+                    help="peak growth of one 30 s span: alignment heads only vs output_attentions=True")
+    ap.add_argument("--memory-child", nargs=2, metavar=("MODE", "FOLDER"), help=argparse.SUPPRESS)
+    ap.add_argument("--recovery", nargs="+", default=None,
+                    help="with --ablation: the recordings timing recovery is scored on (default: as --real)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--no-fetch", action="store_true", help="skip models not already converted")
     args = ap.parse_args(argv)
     sys.path.insert(0, str(ROOT))
+    if args.memory_child:
+        out = memory_child(args.memory_child[1], args.memory_child[0], args.threads)
+        print(json.dumps(out))
+        return 0
+    if args.memory:
+        memory_table(args.models, args.threads, not args.no_fetch)
+        return 0
     real = [] if args.real is None and args.ablation else args.real
     for m in args.models:
         folder = whisper_dir(m, fetch=not args.no_fetch) if m in ("tiny.en", "base") else Path(m)
@@ -660,6 +899,7 @@ def main(argv: list[str] | None = None) -> int:
                 t0 = time.perf_counter()
                 table = score_real(engine, real or None, Path(tmp) / "real", kinds=args.kinds)
                 print_real(m, table)
+                print_code_switching(m, code_switching(engine, real or None, Path(tmp) / "switching"))
                 print(f"(real speech: {time.perf_counter() - t0:.1f} s)")
     return 0
 

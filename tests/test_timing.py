@@ -335,3 +335,19 @@ def test_rough_spans_are_refined_by_forcing_the_transcripts_words():
                 for k, (w, s, e) in enumerate(timeline)]
     got = refine_spans(FakeSource(12.0, timeline=timeline), utts, rough, FakeForcer(squeezed), 12.0)
     assert abs(got[1][0] - 3.0) <= 0.16 and abs(got[1][1] - 6.5) <= 0.16
+
+
+def test_words_of_scripts_without_spaces_are_matched_character_by_character():
+    from worker.engines.timing import split_timed, units
+
+    assert units("出去") == ["出", "去"]
+    assert units("gam2") == ["gam2"]
+    assert units("ok了吗") == ["ok", "了", "吗"]
+    parts = split_timed("出去了", 1.0, 1.3)
+    assert [p for p, _, _ in parts] == ["出", "去", "了"]
+    assert parts[0][1] == 1.0 and abs(parts[-1][2] - 1.3) < 1e-9
+    assert all(abs((e - s) - 0.1) < 1e-9 for _, s, e in parts)
+    # a transcriber's word breaks and a recogniser's differ; per character they still match
+    ref = [u for w in ["我哋", "出去", "玩"] for u in units(w)]
+    hyp = [u for w in ["我", "哋出去玩"] for u in units(w)]
+    assert match_words(ref, hyp) == [(i, i) for i in range(5)]

@@ -443,11 +443,11 @@ def test_the_aligner_detects_a_squeeze_and_reruns_with_the_prior(real_aligner, m
 
     real_first, real_prior = W.first_frames, W.first_frames_prior
 
-    def prior(matrix, weights, *args):
+    def prior(matrix, weights, *args, **kwargs):
         calls.append("prior")
         monkeypatch.setattr(W, "first_frames", real_first)  # the prior's own DTW is the real one
         try:
-            return real_prior(matrix, weights, *args)
+            return real_prior(matrix, weights, *args, **kwargs)
         finally:
             monkeypatch.setattr(W, "first_frames", piled)
 
@@ -535,3 +535,111 @@ def test_steps_come_from_engine_options():
     assert not W.Steps.from_options({"repair_squeezed": "off"}).repair_squeezed
     with pytest.raises(BootError, match="whisper option"):
         W.Steps.from_options({"trim_quiet": "maybe"})
+
+
+def test_no_attention_map_but_the_alignment_layers_cross_attention_is_ever_made(aligner, two_utterances):
+    """Forced alignment must never materialise the encoder's self-attention maps (1500 x 1500 per
+    head and layer): every attention module of the model is watched during a span, and only the
+    alignment layers' cross-attention may return weights."""
+    audio, utts = two_utterances
+    made: dict[str, tuple[int, ...]] = {}
+    hooks = []
+    for name, module in aligner.hf.named_modules():
+        if name.endswith(("self_attn", "encoder_attn")):
+            def hook(_m, _args, output, name=name):
+                if isinstance(output, tuple) and len(output) > 1 and output[1] is not None:
+                    made[name] = tuple(output[1].shape)
+            hooks.append(module.register_forward_hook(hook))
+    try:
+        aligner.align_span(audio, 10.0, utts)
+    finally:
+        for h in hooks:
+            h.remove()
+    assert len(hooks) == 2 + 2 + 2  # encoder self, decoder self and cross attention of both layers
+    layers = {layer for layer, _ in aligner.heads}
+    assert set(made) == {f"model.decoder.layers.{k}.encoder_attn" for k in layers}
+    assert all(shape[-1] == 1500 and shape[-2] < 448 for shape in made.values())  # tokens x frames only
+
+
+def test_header_languages_are_read_up_to_the_first_utterance(tmp_path):
+    cha = tmp_path / "x.cha"
+    cha.write_text("@UTF8\n@Begin\n@Languages:\tvec , hrv\n*S01:\thello . \x150_10\x15\n@Languages:\teng\n@End\n")
+    assert W.header_languages(cha) == ["vec", "hrv"]
+    cha.write_text("@UTF8\n@Begin\n@Languages:\tspa,eng\n@End\n")
+    assert W.header_languages(cha) == ["spa", "eng"]
+    assert W.header_languages(tmp_path / "missing.cha") == []
+
+
+def test_a_code_switched_transcript_forces_each_window_in_the_language_the_model_hears(tiny, two_utterances, monkeypatch):
+    """Several @Languages: each window is forced with the language token that Whisper's own
+    language identification ranks first among the transcript's languages (never one it did not
+    name); one language, or a model without languages, keeps the single prompt."""
+    import torch
+
+    fresh = WhisperAligner.load(str(tiny))
+    gen = fresh.hf.generation_config
+    gen.is_multilingual = True
+    gen.lang_to_id = {"<|en|>": 50259, "<|es|>": 50262, "<|it|>": 50274, "<|hr|>": 50291}
+    gen.task_to_id = {"transcribe": 50360}
+    fresh.use_language("vec")
+    assert fresh.language == "it"
+    fresh.use_languages(["vec", "hrv", "qqq"])  # unknown codes are dropped
+    assert fresh.candidates == ["it", "hr"]
+
+    audio, utts = two_utterances
+    enc, _ = fresh._encode(audio)
+    with torch.inference_mode():
+        out = fresh.hf.model.decoder(input_ids=torch.tensor([fresh.prefix[:1]]), encoder_hidden_states=enc)
+        logits = fresh.hf.proj_out(out.last_hidden_state[0, -1])
+        expected = max(["it", "hr"], key=lambda c: float(logits[gen.lang_to_id[f"<|{c}|>"]]))
+        assert fresh.detect_language(enc) == expected
+    prompts = []
+    real = fresh._cross_attention
+
+    def spy(enc, tokens, prefix=None):
+        prompts.append(prefix)
+        return real(enc, tokens, prefix)
+
+    monkeypatch.setattr(fresh, "_cross_attention", spy)
+    results = fresh.align_span(audio, 10.0, utts)
+    assert all(r.words for r in results)
+    assert prompts and all(p[1] == gen.lang_to_id[f"<|{expected}|>"] for p in prompts)
+    assert fresh.last_languages == {0: expected, 1: expected}
+
+    fresh.use_languages(["eng"])  # one language: no identification, the file's prompt
+    assert fresh.candidates == []
+    prompts.clear()
+    fresh.align_span(audio, 10.0, utts[:1])
+    assert prompts == [fresh.prefix] or prompts == [None]
+    english_only = WhisperAligner.load(str(tiny))
+    english_only.use_languages(["spa", "eng"])
+    assert english_only.candidates == []
+
+
+def test_context_after_the_bullet_lets_words_said_past_its_end_go_untimed(aligner, two_utterances, monkeypatch):
+    """With ``context_after`` the DTW sees a second of audio past the bullet's end, so it need not
+    cram the words still being said into the bullet's last frames; a word it starts there gets no
+    time (the driver names it) while the others keep theirs, inside the bullet."""
+    audio, utts = two_utterances
+    full = utts[0]
+    cut = UttRequest(0, full.start_s, full.start_s + 0.6 * (full.end_s - full.start_s), full.words)
+    widths = []
+
+    def even(matrix):  # rows spread evenly over every column the DTW was given
+        widths.append(matrix.shape[1])
+        return np.linspace(0, matrix.shape[1] - 1, matrix.shape[0]).astype(np.int64)
+
+    monkeypatch.setattr(W, "first_frames", even)
+    monkeypatch.setattr(aligner, "steps", W.Steps(context_after=True, repair_squeezed=False))
+    (res,) = aligner.align_span(audio, 10.0, [cut])
+    inside = round((cut.end_s - 10.0) / W.FRAME_S) - round((cut.start_s - 10.0) / W.FRAME_S)
+    assert widths == [inside + round(W.CONTEXT_AFTER_S / W.FRAME_S)]
+    assert res.words[-1] is None and res.words[0] is not None
+    timed = [t for t in res.words if t is not None]
+    assert 0 < len(timed) < len(cut.words)
+    assert all(cut.start_s - 1e-6 <= s <= e <= cut.end_s + 1e-6 for s, e in timed)
+
+    widths.clear()
+    monkeypatch.setattr(aligner, "steps", W.Steps(context_after=False, repair_squeezed=False))
+    (res,) = aligner.align_span(audio, 10.0, [cut])
+    assert widths == [inside] and all(t is not None for t in res.words)

@@ -75,3 +75,26 @@ def test_utterance_times_recovered_from_an_untimed_recording(engine, tmp_path):
         errors += boundary_errors(pred, truth)
     print(f"untimed file, word boundaries: {1000 * np.mean(errors):.1f} ms mean")
     assert np.mean(errors) < 0.3
+
+
+def test_real_base_weights_hear_the_language_of_real_speech_among_those_named(tmp_path):
+    """Language identification restricted to a transcript's @Languages, on real recordings:
+    Whisper base must tell Spanish and French from English (CC BY-NC-SA data, read in place)."""
+    import soundfile as sf
+    import soxr
+    import torch
+
+    from worker.engines.whisper import WhisperAligner
+
+    base = WhisperAligner.load(str(real_whisper("base")), threads=2)
+    chat_dir = Path(__file__).resolve().parents[2] / "shared" / "chat"
+    for clip, codes, want in (("spa_marrero_clip.mp3", ["eng", "spa"], "es"),
+                              ("fra_geneva_clip.mp3", ["eng", "fra"], "fr")):
+        audio, rate = sf.read(chat_dir / clip, dtype="float32")
+        audio = audio.mean(axis=1) if audio.ndim > 1 else audio
+        audio = soxr.resample(audio[: 20 * rate], rate, 16000).astype(np.float32)
+        base.use_languages(codes)
+        assert base.candidates == ["en", want]
+        with torch.inference_mode():
+            enc, _ = base._encode(audio)
+            assert base.detect_language(enc) == want, clip

@@ -58,16 +58,53 @@ class _RefWord:
     text: str
 
 
+def units(word: str) -> list[str]:
+    """``word`` in the units recognised and transcribed words are matched by: itself, or, for
+    scripts written without spaces (Chinese, Cantonese, Japanese), one unit per character, since
+    where a transcriber and a recogniser put word breaks in such text has nothing to do with what
+    was said (runs of other characters stay together)."""
+    from worker.engines.plausibility import written_without_spaces  # noqa: PLC0415
+
+    if not any(written_without_spaces(c) for c in word):
+        return [word]
+    out: list[str] = []
+    run = ""
+    for c in word:
+        if written_without_spaces(c):
+            if run:
+                out.append(run)
+                run = ""
+            out.append(c)
+        else:
+            run += c
+    return out + ([run] if run else [])
+
+
+def split_timed(word: str, start: float, end: float) -> list[tuple[str, float, float]]:
+    """A recognised word as :func:`units`, its time shared among them by length."""
+    parts = units(word)
+    if len(parts) == 1:
+        return [(word, start, end)]
+    total = sum(len(p) for p in parts)
+    out, t = [], start
+    for p in parts:
+        d = (end - start) * len(p) / total
+        out.append((p, t, t + d))
+        t += d
+    return out
+
+
 def transcript_words(chat: Any) -> tuple[list[Any], list[_RefWord]]:
-    """Spoken utterances and their normalised words, in transcript order."""
+    """Spoken utterances and their normalised words (:func:`units`), in transcript order."""
     utts = [u for u in chat.utterances if u.words]
     ref: list[_RefWord] = []
     for k, u in enumerate(utts):
         for w in u.words:
             for piece in spoken_text(w).split():
-                norm = normalize(piece)
-                if norm:
-                    ref.append(_RefWord(k, norm))
+                for unit in units(piece):
+                    norm = normalize(unit)
+                    if norm:
+                        ref.append(_RefWord(k, norm))
     return utts, ref
 
 
@@ -228,7 +265,7 @@ def recover_utterance_times(source: Any, chat: Any, aligner: Any,
     duration = getattr(source, "duration_s", None) or read_end
     if read_end > 0:
         duration = min(duration, read_end)
-    hyp = [(normalize(w), s, e) for w, s, e in hyp_words]
+    hyp = [(normalize(u), a, b) for w, s, e in hyp_words for u, a, b in split_timed(w, s, e)]
     hyp = [h for h in hyp if h[0]]
     pairs = match_words([r.text for r in ref], [h[0] for h in hyp])
     spans = utterance_spans(utts, ref, hyp, pairs, duration)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import re
 from dataclasses import dataclass, fields, replace
 from typing import Any
 
@@ -44,6 +45,7 @@ MAX_NEW_TOKENS = 224  # a 30 s window holds far fewer words; stops runaway repet
 DEFAULT_MODEL = "openai/whisper-base"
 PRIOR_WEIGHT = 1.0  # squeeze repair: how hard the re-run path is pulled towards even speech
 PRIOR_WIDTH = 0.25  # ... and how far from it (a share of the utterance) it may stray for free-ish
+CONTEXT_AFTER_S = 1.0  # audio past a bullet's end the DTW may run into (human bullets often end early)
 
 
 @dataclass(frozen=True)
@@ -60,6 +62,7 @@ class Steps:
     refine_recovered: bool = True  # recovered utterance times refined by forcing the transcript's words
     median_width: int = MEDIAN_WIDTH  # median filter over time on the attention (1: none)
     renormalize: bool = True  # each token's attention rescaled over the utterance's own frames
+    context_after: bool = False  # the DTW runs on past the bullet's end; words it puts there are untimed
 
     @classmethod
     def from_options(cls, options: dict[str, Any]) -> "Steps":
@@ -138,18 +141,19 @@ def attention_matrix(weights: torch.Tensor, width: int = MEDIAN_WIDTH, renormali
 
 
 def first_frames_prior(matrix: np.ndarray, weights: list[int], strength: float = PRIOR_WEIGHT,
-                       width: float = PRIOR_WIDTH) -> np.ndarray:
+                       width: float = PRIOR_WIDTH, inside: int | None = None) -> np.ndarray:
     """:func:`first_frames` on a better-conditioned matrix: each row is pulled towards where even
     speech would put it (rows spread over the frames in proportion to ``weights``, one per row).
 
     A DTW path through weak or diffuse attention can stay on one row for most of the frames and
     then pile the remaining rows into the last few; the prior makes that path cost what it should
     (a quadratic penalty on the distance from the even position, in shares of the utterance) while
-    clear attention still wins over it."""
+    clear attention still wins over it. Only the first ``inside`` columns (all by default) are the
+    utterance's own; the rest is context after it, which the prior counts as beyond its end."""
     n, m = matrix.shape
     w = np.asarray(weights, dtype=np.float64)
     centre = (np.cumsum(w) - w / 2) / max(w.sum(), 1e-9)  # expected middle of each row, 0..1
-    cols = (np.arange(m) + 0.5) / m
+    cols = (np.arange(m) + 0.5) / (inside or m)
     penalty = strength * ((cols[None, :] - centre[:, None]) / width) ** 2
     return first_frames(matrix - penalty)
 
@@ -274,6 +278,8 @@ class WhisperAligner(SpanAligner):
         self.eot = int(gen.eos_token_id if gen.eos_token_id is not None else cfg.eos_token_id)
         self.language = whisper_language(language)
         self._fixed_language = self.language is not None  # the engine option wins over @Languages
+        self.candidates: list[str] = []  # the transcript's languages when it names several
+        self.last_languages: dict[int, str] = {}  # utterance index -> language it was forced in
         self.prefix = self._prefix(gen, cfg)
         self.max_tokens = int(cfg.max_target_positions)
         self.heads = self._alignment_heads(gen, cfg)
@@ -300,6 +306,40 @@ class WhisperAligner(SpanAligner):
                        max_span_s=max_span_s, steps=steps)
         except (KeyError, ValueError, AttributeError, TypeError) as exc:
             raise BootError(f"cannot load model {model_id!r}: not a usable Whisper model ({exc})") from None
+
+    def use_languages(self, codes: list[str]) -> None:
+        """Every ``@Languages`` code of the next transcript. With two or more that the model knows
+        (a code-switched conversation), each window is forced in whichever of them Whisper's own
+        language identification prefers for its audio (:meth:`detect_language`); with one, that one
+        is used throughout."""
+        self.last_languages = {}
+        self.candidates = []
+        if self._fixed_language or not getattr(self.hf.generation_config, "is_multilingual", False):
+            return
+        known = getattr(self.hf.generation_config, "lang_to_id", None) or {}
+        wanted = []
+        for code in codes:
+            lang = whisper_language(code)
+            if lang and f"<|{lang}|>" in known and lang not in wanted:
+                wanted.append(lang)
+        self.candidates = wanted if len(wanted) > 1 else []
+
+    def detect_language(self, enc: torch.Tensor) -> str:
+        """Which of :attr:`candidates` the model hears in an encoded window: the language token
+        with the highest logit after the start-of-transcript token, among those only."""
+        lang_ids = self.hf.generation_config.lang_to_id
+        out = self.hf.model.decoder(input_ids=torch.tensor([self.prefix[:1]], device=self.device),
+                                    encoder_hidden_states=enc, use_cache=False)
+        logits = self.hf.proj_out(out.last_hidden_state[0, -1]).float()
+        return max(self.candidates, key=lambda c: float(logits[int(lang_ids[f"<|{c}|>"])]))
+
+    def prefix_for(self, language: str | None) -> list[int]:
+        """The decoder prompt for ``language`` (the file's own one when None)."""
+        if language is None or language == (self.language or "en"):
+            return self.prefix
+        prefix = list(self.prefix)
+        prefix[1] = int(self.hf.generation_config.lang_to_id[f"<|{language}|>"])
+        return prefix
 
     def use_language(self, code: str | None) -> None:
         """Condition the decoder on the transcript's language, unless the engine was given one; a
@@ -392,10 +432,13 @@ class WhisperAligner(SpanAligner):
         n_frames = min(enc.shape[1], -(-n // SAMPLES_PER_FRAME))
         return enc, n_frames
 
-    def _cross_attention(self, enc: torch.Tensor, tokens: list[int]) -> torch.Tensor:
+    def _cross_attention(self, enc: torch.Tensor, tokens: list[int],
+                         prefix: list[int] | None = None) -> torch.Tensor:
         """Alignment heads' cross-attention of the rows that predict each text token and then the
-        end of text: heads x (tokens + 1) x encoder frames, from one teacher-forced decoder pass."""
-        ids = self.prefix + tokens + [self.eot]
+        end of text: heads x (tokens + 1) x encoder frames, from one teacher-forced decoder pass
+        after ``prefix`` (the file's own prompt by default)."""
+        prefix = prefix or self.prefix
+        ids = prefix + tokens + [self.eot]
         if len(ids) > self.max_tokens:
             raise ValueError(f"{len(tokens)} tokens exceed the decoder's {self.max_tokens}")
         inp = torch.tensor([ids], device=self.device)
@@ -407,7 +450,7 @@ class WhisperAligner(SpanAligner):
             self._captured = None
         # Input position p predicts token p+1: the rows that predict the text tokens and the
         # end-of-text start at the last prefix position.
-        r0 = len(self.prefix) - 1
+        r0 = len(prefix) - 1
         rows = slice(r0, r0 + len(tokens) + 1)
         slot: dict[int, int] = {}
         picked = []
@@ -417,7 +460,7 @@ class WhisperAligner(SpanAligner):
             picked.append(captured[layer][k, rows])
         return torch.stack(picked)
 
-    def _generation_config(self):
+    def _generation_config(self, language: str | None = None):
         """Greedy, no timestamps, prompt set by language and task alone (no legacy forced ids)."""
         gen = copy.deepcopy(self.hf.generation_config)
         gen.forced_decoder_ids = None
@@ -427,7 +470,7 @@ class WhisperAligner(SpanAligner):
         gen.do_sample = False
         gen.return_timestamps = False
         if getattr(gen, "is_multilingual", False):
-            gen.language = self.language or "en"
+            gen.language = language or self.language or "en"
             gen.task = "transcribe"
         return gen
 
@@ -486,6 +529,8 @@ class WhisperAligner(SpanAligner):
         b = min(len(audio), int(round((utt.end_s - span_start_s) * SAMPLE_RATE)))
         if b - a < SAMPLES_PER_FRAME:
             return UttResult(utt.index, None, error=f"utterance {utt.index} has no audio inside the span")
+        if self.steps.context_after:
+            b = min(len(audio), b + int(CONTEXT_AFTER_S * SAMPLE_RATE), a + int(WINDOW_S * SAMPLE_RATE))
         window = self._window(audio[a:b], span_start_s + a / SAMPLE_RATE)
         results, rest = window.align_many([utt])
         if rest:  # cannot happen for one utterance under the budget; kept for safety
@@ -502,7 +547,8 @@ class WhisperAligner(SpanAligner):
 
     def _window(self, audio: np.ndarray, start_s: float) -> "_Window":
         enc, n_frames = self._encode(audio)
-        return _Window(self, enc, n_frames, quiet_frames(frame_levels(audio)), start_s)
+        language = self.detect_language(enc) if self.candidates else None
+        return _Window(self, enc, n_frames, quiet_frames(frame_levels(audio)), start_s, language)
 
     def _align_long(self, audio: np.ndarray, span_start_s: float, utt: UttRequest) -> UttResult:
         """An utterance of any length, one window at a time.
@@ -576,7 +622,7 @@ class WhisperAligner(SpanAligner):
         with _quiet_transformers():
             seq = self.hf.generate(
                 encoder_outputs=BaseModelOutput(last_hidden_state=window.enc),
-                generation_config=self._generation_config(),
+                generation_config=self._generation_config(window.language),
             )
         seq = seq.sequences if hasattr(seq, "sequences") else seq
         tokens = [int(t) for t in seq[0].tolist() if int(t) < self.eot]
@@ -584,11 +630,13 @@ class WhisperAligner(SpanAligner):
             return []
         groups: list[list[int]] = []
         for t in tokens:
-            if not groups or self.tokenizer.decode([t]).startswith(" "):
+            piece = self.tokenizer.decode([t])
+            # a new word at a space, and at each character of a script written without spaces
+            if not groups or piece.startswith(" ") or written_without_spaces(piece[:1]):
                 groups.append([t])
             else:
                 groups[-1].append(t)
-        weights = self._cross_attention(window.enc, tokens)[:, :, : window.n_frames]
+        weights = self._cross_attention(window.enc, tokens, window.prefix)[:, :, : window.n_frames]
         steps = self.steps
         starts = first_frames(attention_matrix(weights, steps.median_width, steps.renormalize))
         bounds = np.cumsum([0] + [len(g) for g in groups])
@@ -606,8 +654,10 @@ class _Window:
     """One encoded window of audio: encoder states, real frame count and quiet frames."""
 
     def __init__(self, aligner: WhisperAligner, enc: torch.Tensor, n_frames: int,
-                 quiet: np.ndarray, start_s: float) -> None:
+                 quiet: np.ndarray, start_s: float, language: str | None = None) -> None:
         self.aligner = aligner
+        self.language = language  # None: the file's own language
+        self.prefix = aligner.prefix_for(language)
         self.enc = enc
         self.n_frames = n_frames
         self.quiet = quiet
@@ -671,13 +721,17 @@ class _Window:
     def _force(self, chunk) -> list[UttResult]:
         """One teacher-forced pass over the chunk's words, then a DTW per utterance."""
         tokens = [t for _, word_toks, _, _ in chunk for toks in word_toks for t in toks]
-        weights = self.aligner._cross_attention(self.enc, tokens)
+        weights = self.aligner._cross_attention(self.enc, tokens, self.prefix)
+        for utt, _, _, _ in chunk:
+            self.aligner.last_languages[utt.index] = self.language or self.aligner.language or "en"
         results = []
         row = 0
+        after = round(CONTEXT_AFTER_S / FRAME_S) if self.aligner.steps.context_after else 0
         for utt, word_toks, f0, f1 in chunk:
             n = sum(len(t) for t in word_toks)
+            fx = min(self.n_frames, f1 + after)
             try:
-                results.append(self._times(utt, word_toks, f0, f1, weights[:, row:row + n + 1, f0:f1]))
+                results.append(self._times(utt, word_toks, f0, f1, weights[:, row:row + n + 1, f0:fx]))
             except Exception as exc:  # noqa: BLE001 - this utterance only
                 _raise_if_out_of_memory(exc)
                 results.append(UttResult(utt.index, None, error=_one_line(exc)))
@@ -689,25 +743,37 @@ class _Window:
         """Word times from the DTW path; a path that squeezes words into a sliver of the bullet is
         re-run once on a better-conditioned matrix (:func:`first_frames_prior`). If the words are
         still squeezed, the result goes back as it is: the driver's plausibility check reports the
-        utterance and keeps its bullet."""
+        utterance and keeps its bullet.
+
+        ``weights`` may reach past the bullet's end (``Steps.context_after``): the path is then
+        not forced to cram words the speaker was still saying into the bullet's last frames, and a
+        word it starts after the bullet's end is left untimed (the driver names it)."""
         steps = self.aligner.steps
         matrix = attention_matrix(weights, steps.median_width, steps.renormalize)
-        times = self._word_times(utt, word_toks, f0, f1, first_frames(matrix))
-        if steps.repair_squeezed and squeezed_run(times, utt.words) is not None:
+        times = self._word_times(utt, word_toks, f0, f1, first_frames(matrix), matrix.shape[1])
+        placed = [(t, w) for t, w in zip(times, utt.words) if t is not None]
+        if steps.repair_squeezed and squeezed_run([t for t, _ in placed], [w for _, w in placed]) is not None:
             rows = [weight(w) / len(t) for w, t in zip(utt.words, word_toks) for _ in t] + [0.5]
-            times = self._word_times(utt, word_toks, f0, f1, first_frames_prior(matrix, rows))
+            starts = first_frames_prior(matrix, rows, inside=f1 - f0)
+            times = self._word_times(utt, word_toks, f0, f1, starts, matrix.shape[1])
         return UttResult(utt.index, times)
 
     def _word_times(self, utt: UttRequest, word_toks: list[list[int]], f0: int, f1: int,
-                    starts: np.ndarray) -> list[tuple[float, float]]:
+                    starts: np.ndarray, width: int | None = None) -> list[tuple[float, float] | None]:
+        """Seconds per word from DTW start frames (relative to ``f0``) over ``width`` frames; a
+        word starting at or past ``f1`` (in the context after the bullet) gets None."""
         steps = self.aligner.steps
+        fx = f0 + (width or f1 - f0)
         bounds = np.cumsum([0] + [len(t) for t in word_toks])
         lo = max(utt.start_s, self.start_s)
         hi = min(utt.end_s, self.start_s + f1 * FRAME_S)
-        frames = word_frames([f0 + int(starts[i]) for i in bounds], self.quiet, f0, f1,
+        frames = word_frames([f0 + int(starts[i]) for i in bounds], self.quiet, f0, fx,
                              snap=steps.snap_pauses, trim=steps.trim_quiet)
-        times = []
+        times: list[tuple[float, float] | None] = []
         for a, b in frames:
+            if a >= f1 and fx > f1:
+                times.append(None)
+                continue
             s = min(max(round(self.start_s + a * FRAME_S, 3), lo), hi)
             e = min(max(round(self.start_s + b * FRAME_S, 3), s), hi)
             times.append((s, e))
@@ -737,6 +803,27 @@ class WhisperEngine(AlignerEngine):
         )
         self.aligner.warm_up()
         self.release()
+
+    def run(self, job, progress):
+        """The shared driver, after telling the aligner every language the transcript names (the
+        driver itself passes on only the first)."""
+        self.aligner.use_languages(header_languages(job.input))
+        return super().run(job, progress)
+
+
+def header_languages(path) -> list[str]:
+    """The ``@Languages`` codes of a CHAT file's header (read up to its first utterance); none when
+    the file cannot be read (the driver reports that itself)."""
+    try:
+        with open(path, encoding="utf-8", errors="replace") as fh:
+            for line in fh:
+                if line.startswith("*"):
+                    break
+                if line.startswith("@Languages:"):
+                    return [c for c in re.split(r"[\s,]+", line.split(":", 1)[1]) if c]
+    except OSError:
+        pass
+    return []
 
 
 @contextlib.contextmanager
