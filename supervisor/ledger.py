@@ -215,37 +215,18 @@ class HostLedger:
         self._written[owner_id] = (reserved, now)
 
     def _believe(self, key: str, entry: dict[str, Any], host_available: int | None) -> Reservation | None:
-        """The entry as far as it can be checked: its pid is the uid it claims, its reservation at
-        most what that process could still take. None when it cannot be checked."""
-        try:
-            pid, uid, claimed = int(entry["pid"]), int(entry["uid"]), max(0, int(entry.get("reserved_bytes", 0)))
-        except (KeyError, TypeError, ValueError):
-            return None
-        scope = self._scope(pid)
-        if scope is None or scope.uid != uid:
-            return None
-        cap = [claimed]
-        if scope.headroom is not None:
-            cap.append(scope.headroom)
-        if host_available is not None:
-            cap.append(max(0, host_available))
-        return Reservation(owner=key, pid=pid, uid=uid, cgroup=scope.cgroup, claimed_bytes=claimed,
-                           reserved_bytes=min(cap))
+        """Sense the claimed pid's owner and headroom, then judge the entry (``believe``)."""
+        pid = _pid_of(entry)
+        return believe(key, entry, self._scope(pid) if pid else None, host_available)
 
     def _alive(self, entry: dict[str, Any]) -> bool:
-        try:
-            pid = int(entry["pid"])
-        except (KeyError, TypeError, ValueError):
-            return False
-        if pid <= 0:
+        """Sense the claimed pid's start time (and, when /proc hides it, whether it exists)."""
+        pid = _pid_of(entry)
+        if not pid:
             return False
         start = proc_start_time(pid)
-        if start is None:
-            # Gone, or hidden by /proc's hidepid=: kill(0) still tells the two apart, and a hidden
-            # entry lives until it goes stale (it is not believed meanwhile: it cannot be checked).
-            return _pid_exists(pid)
-        recorded = entry.get("pid_start_time")
-        return recorded is None or int(recorded) == start
+        return alive(entry, start, _pid_exists(pid) if start is None else True)
+
     def _prune(self, entries: dict[str, dict], keep: str | None) -> bool:
         now = self._clock()
         dead = []
@@ -339,3 +320,41 @@ class HostLedger:
             os.ftruncate(fd, len(data))
         finally:
             os.close(fd)
+
+
+def _pid_of(entry: dict[str, Any]) -> int | None:
+    try:
+        pid = int(entry["pid"])
+    except (KeyError, TypeError, ValueError):
+        return None
+    return pid if pid > 0 else None
+
+
+def believe(key: str, entry: dict[str, Any], scope: ProcScope | None,
+            host_available: int | None) -> Reservation | None:
+    """The entry as far as it can be checked: its pid is the uid it claims, its reservation at
+    most what that process could still take. None when it cannot be checked (pure)."""
+    try:
+        pid, uid, claimed = int(entry["pid"]), int(entry["uid"]), max(0, int(entry.get("reserved_bytes", 0)))
+    except (KeyError, TypeError, ValueError):
+        return None
+    if scope is None or scope.uid != uid:
+        return None
+    cap = [claimed]
+    if scope.headroom is not None:
+        cap.append(scope.headroom)
+    if host_available is not None:
+        cap.append(max(0, host_available))
+    return Reservation(owner=key, pid=pid, uid=uid, cgroup=scope.cgroup, claimed_bytes=claimed,
+                       reserved_bytes=min(cap))
+
+
+def alive(entry: dict[str, Any], start_time: int | None, exists: bool) -> bool:
+    """Whether the entry's process still runs (pure). Without a start time (gone, or hidden by
+    /proc's hidepid=) only existence tells: a hidden entry lives until it goes stale, and it is not
+    believed meanwhile since it cannot be checked. A start time must match the recorded one (a
+    reused pid is another process)."""
+    if start_time is None:
+        return exists
+    recorded = entry.get("pid_start_time")
+    return recorded is None or int(recorded) == start_time

@@ -389,3 +389,18 @@ def test_a_supervisor_in_its_own_cgroup_is_not_held_back_by_a_host_supervisors_p
     assert len(named(b_evs, "file_done")) == 6
     assert all(e.get("others_reserved_mb", 0) == 0 for e in named(b_evs, "memory_sample"))
     assert not named(b_evs, "worker_paused")
+
+
+def test_belief_in_an_entry_is_decided_from_what_was_sensed():
+    from supervisor.ledger import alive, believe
+    from supervisor.sampler import ProcScope
+
+    entry = {"pid": 4242, "uid": 1000, "reserved_bytes": 100 << 30, "pid_start_time": 77}
+    mine = ProcScope(pid=4242, uid=1000, start_time=77, cgroup="/lab/a", headroom=2 << 30)
+    r = believe("a", entry, mine, host_available=8 << 30)
+    assert r is not None and r.claimed_bytes == 100 << 30 and r.reserved_bytes == 2 << 30  # capped
+    assert believe("a", entry, ProcScope(4242, 0, 77, None, None), 8 << 30) is None  # another uid's pid
+    assert believe("a", entry, None, 8 << 30) is None  # cannot be checked
+    assert believe("a", {"pid": "x"}, mine, None) is None
+    assert alive(entry, 77, True) and not alive(entry, 78, True)  # a reused pid is another process
+    assert alive(entry, None, True) and not alive(entry, None, False)
