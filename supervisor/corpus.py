@@ -203,32 +203,25 @@ class Manifest:
         finally:
             os.close(fd)
 
-    def _same_inputs(self, info: FileInfo) -> dict | None:
-        """The entry whose output is still on disk, unchanged, and made from these inputs."""
+    def check(self, info: FileInfo) -> tuple[bool, str | None]:
+        """(done, stale reason) for a file: its output is read and hashed once (the sensing), then
+        judged against the recorded entry (``judge``, pure)."""
         entry = self._entries.get(info.rel)
         if entry is None:
-            return None
+            return False, None
         try:
             out_hash = hash_bytes(info.out.read_bytes())
         except OSError:
-            return None
-        if out_hash != entry.get("output_hash"):
-            return None
-        key = "output_input_hash" if info.out == info.path else "input_hash"  # in place: input is our output
-        return entry if entry.get(key) == info.input_hash else None
+            out_hash = None
+        return judge(entry, out_hash, info.input_hash, in_place=info.out == info.path, identity=self.identity)
 
     def is_done(self, info: FileInfo) -> bool:
-        return self._same_inputs(info) is not None and self.stale_reason(info) is None
+        return self.check(info)[0]
 
     def stale_reason(self, info: FileInfo) -> str | None:
         """Why a finished output must be made again although its inputs are unchanged (a different
         engine, model, device, dtype, option or aligner version), or None."""
-        entry = self._same_inputs(info)
-        if entry is None or self.identity is None:
-            return None
-        from supervisor.identity import describe_change
-
-        return describe_change(entry.get("identity"), self.identity)
+        return self.check(info)[1]
 
     def mark_done(self, info: FileInfo) -> None:
         data = info.out.read_bytes()
@@ -242,3 +235,22 @@ class Manifest:
             entry["output_input_hash"] = h.hexdigest()
         self._entries[info.rel] = entry
         self._append(self.path, entry)
+
+
+def judge(entry: dict, out_hash: str | None, input_hash: str, *, in_place: bool,
+          identity: dict | None) -> tuple[bool, str | None]:
+    """(done, stale reason) from a manifest entry and what is on disk now (pure).
+
+    Done: the output is still there unchanged and was made from these inputs (in place, the input
+    is our own output) by the same engine identity. Stale: the same, but made with other settings
+    (the reason says which); such a file is aligned again."""
+    if out_hash is None or out_hash != entry.get("output_hash"):
+        return False, None
+    if entry.get("output_input_hash" if in_place else "input_hash") != input_hash:
+        return False, None
+    if identity is None:
+        return True, None
+    from supervisor.identity import describe_change
+
+    stale = describe_change(entry.get("identity"), identity)
+    return stale is None, stale

@@ -91,12 +91,11 @@ class Intake:
 
     def _check(self, info: FileInfo) -> Planned:
         m = self.manifest_for(info)
-        done = not self.force and m.is_done(info)
+        done, stale = (False, None) if self.force else m.check(info)
         if done:
             return Planned(info, True, None)
         features = self.plan(info) if self.plan is not None and not info.media_error else None
-        return Planned(info, False, None if self.force else m.failed(info), features,
-                       None if self.force else m.stale_reason(info))
+        return Planned(info, False, None if self.force else m.failed(info), features, stale)
 
     def plan_now(self, candidates: list[Candidate]) -> None:
         """Plan everything at once (``--dry-run``: nothing else runs)."""

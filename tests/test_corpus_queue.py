@@ -187,3 +187,18 @@ def test_planning_reports_progress_and_files_join_the_queue_as_they_are_describe
     progress = [f["planned"] for ev, f in seen if ev == "intake_progress"]
     assert progress == sorted(progress) and progress[0] < 600
     assert dict(seen)["intake_finished"]["files"] == 600 and len(q.pending()) == 600
+
+
+def test_done_or_stale_is_judged_from_the_entry_and_the_output_seen_now():
+    from supervisor.corpus import judge
+
+    entry = {"input_hash": "in", "output_hash": "out", "output_input_hash": "out+media",
+             "identity": {"engine": "whisper", "model": "tiny.en"}}
+    same = {"engine": "whisper", "model": "tiny.en"}
+    assert judge(entry, "out", "in", in_place=False, identity=same) == (True, None)
+    assert judge(entry, None, "in", in_place=False, identity=same) == (False, None)  # output gone
+    assert judge(entry, "edited", "in", in_place=False, identity=same) == (False, None)
+    assert judge(entry, "out", "changed", in_place=False, identity=same) == (False, None)
+    assert judge(entry, "out", "out+media", in_place=True, identity=same) == (True, None)
+    done, stale = judge(entry, "out", "in", in_place=False, identity={"engine": "wav2vec", "model": "x"})
+    assert not done and stale
