@@ -27,6 +27,19 @@ calibrate = false
 """
 
 
+def stop_groups(procs: list[subprocess.Popen]) -> None:
+    """SIGTERM each process group, last started first; SIGKILL what has not exited in 15 s."""
+    for p in reversed(procs):
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGTERM)
+    for p in reversed(procs):
+        try:
+            p.wait(15)
+        except subprocess.TimeoutExpired:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait(5)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -80,15 +93,7 @@ class DaskCluster:
         return p
 
     def stop(self) -> None:
-        for p in reversed(self.procs):
-            if p.poll() is None:
-                os.killpg(p.pid, signal.SIGTERM)
-        for p in reversed(self.procs):
-            try:
-                p.wait(15)
-            except subprocess.TimeoutExpired:
-                os.killpg(p.pid, signal.SIGKILL)
-                p.wait(5)
+        stop_groups(self.procs)
 
 
 def cluster_args(corpus: Path, out: Path, address: str, config: Path, *extra: str) -> list[str]:

@@ -14,7 +14,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from cluster_helpers import free_port
+from cluster_helpers import free_port, stop_groups
 
 MUNGE_SOCKET = Path("/run/munge/munge.socket.2")
 MUNGE_PID = Path("/run/munge/munged.pid")
@@ -160,15 +160,7 @@ PartitionName=debug Nodes={self.host} Default=YES MaxTime=INFINITE State=UP
             if not out.strip():
                 break
             time.sleep(0.2)
-        for p in reversed(self.procs):
-            if p.poll() is None:
-                os.killpg(p.pid, signal.SIGTERM)
-        for p in reversed(self.procs):
-            try:
-                p.wait(15)
-            except subprocess.TimeoutExpired:
-                os.killpg(p.pid, signal.SIGKILL)
-                p.wait(5)
+        stop_groups(self.procs)
         if self.started_munge:  # leave the machine as we found it
             try:
                 os.kill(int(MUNGE_PID.read_text().split()[0]), signal.SIGTERM)

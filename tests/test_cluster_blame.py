@@ -35,7 +35,6 @@ def _submit(b: DaskBackend, file: str) -> tuple[str, JobSpec]:
                   predicted_peak_mb=100.0, predicted_growth_mb=50.0, job_id=file)
     b.futures[key] = (job, None, None)
     b.by_file[file] = key
-    b.seq_of[key] = b._seq
     return key, job
 
 

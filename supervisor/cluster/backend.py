@@ -28,6 +28,8 @@ MiB = 2**20
 # A worker lost under a file may have been restarted by its nanny for memory: that event can trail
 # the task's failure by a moment, so the verdict waits this long for it.
 MEMORY_EVENT_GRACE_S = 1.0
+# The tasks one worker death fails all arrive within the grace: older losses are another death's.
+LOSS_WINDOW_S = 3 * MEMORY_EVENT_GRACE_S
 REFRESH_S = 0.5
 
 
@@ -56,7 +58,6 @@ class DaskBackend:
         self.memory_kills: dict[str, dict[str, Any]] = {}  # worker address / pid -> nanny restart event
         self.started_on: dict[str, str] = {}  # worker address -> key of the task it last started
         self.lost_on: dict[str, list[tuple[str, float]]] = {}  # worker address -> (key, when) failed as it died
-        self.seq_of: dict[str, int] = {}  # key -> submission order (a worker runs its tasks in it)
         self.workers: dict[str, dict[str, Any]] = {}  # address -> ready info
         self._seq = 0
         self._closing = False
@@ -178,7 +179,6 @@ class DaskBackend:
         task = asyncio.get_running_loop().create_task(self._watch(key, job, fut))
         self.futures[key] = (job, fut, task)
         self.by_file[job.file] = key
-        self.seq_of[key] = self._seq
 
     def signal(self, worker_id: str, action: str) -> None:
         """``kill``/``stop``: restart or retire that worker (a thread cannot be interrupted)."""
@@ -311,7 +311,8 @@ class DaskBackend:
             last = getattr(getattr(exc, "last_worker", None), "address", None)
             if last:
                 now = self.clock()
-                self.lost_on[last] = [(k, t) for k, t in self.lost_on.get(last, []) if t > now - 60] + [(key, now)]
+                earlier = [(k, t) for k, t in self.lost_on.get(last, []) if t >= now - LOSS_WINDOW_S]
+                self.lost_on[last] = earlier + [(key, now)]
             await asyncio.sleep(MEMORY_EVENT_GRACE_S)
             await self._lost(key, job, exc)
             return
@@ -344,12 +345,12 @@ class DaskBackend:
         had picked the earliest submitted of them, as Dask runs a worker's tasks in priority order."""
         if self.running.get(key, {}).get("worker") == addr:
             return True
-        recent = self.clock() - 3 * MEMORY_EVENT_GRACE_S  # this death's tasks, not an earlier one's
+        recent = self.clock() - LOSS_WINDOW_S
         lost = [k for k, t in self.lost_on.get(addr or "", []) if t >= recent]
         culprit = self.started_on.get(addr or "")
         if culprit is not None and (culprit in self.futures or culprit in lost):
             return culprit == key
-        return not lost or min(lost, key=lambda k: self.seq_of.get(k, 0)) == key
+        return not lost or min(lost, key=_submitted) == key
 
     async def _lost(self, key: str, job: JobSpec, exc: Exception) -> None:
         last = getattr(exc, "last_worker", None)
@@ -382,3 +383,8 @@ class DaskBackend:
         entry = self.futures.pop(key, None)
         if entry is not None and self.by_file.get(entry[0].file) == key:
             del self.by_file[entry[0].file]
+
+
+def _submitted(key: str) -> int:
+    """A task's submission order, from its key (``align-RUN-SEQ``)."""
+    return int(key.rsplit("-", 1)[1])
