@@ -256,6 +256,73 @@ def build_recording(names: list[str], folder: Path, *, gap_s: float = 1.0, bulle
     return cha, spans, words_true
 
 
+# -- natural synthetic speech: festival's HTS voice --------------------------------------------
+
+FESTIVAL_VOICE = "voice_cmu_us_slt_arctic_hts"  # Debian: festival festvox-us-slt-hts
+FESTIVAL_SENTENCES = [
+    "we walked along the narrow path until the sun went down behind the hills",
+    "my brother never liked coffee, but he drinks three cups every morning now",
+    "could you please send me the report before the meeting on thursday",
+    "the children played in the garden while their parents cooked dinner",
+    "after the storm, the streets were full of broken branches and leaves",
+    "she opened the window and listened to the birds singing outside",
+    "i think we should leave early, because the traffic gets worse after five",
+    "the old library on the corner closes at noon on saturdays",
+    "he forgot his keys, so he waited outside for almost an hour",
+    "there is a small cafe next to the station that sells fresh bread",
+]
+
+
+def festival_set(folder: Path, sentences: list[str] = FESTIVAL_SENTENCES) -> list[str] | None:
+    """Adult read English from festival's HTS voice (statistical parametric, much nearer natural
+    speech than espeak's formants), made at run time into ``folder`` in the layout of
+    ``../shared/synth``: ``f<k>.wav`` (16 kHz), ``f<k>.json`` (each word's start and end from the
+    synthesizer's own segment times: a word starts where its first segment's predecessor ends) and
+    ``f<k>.cha`` (one utterance, its bullet from the first word's start to the last word's end).
+    Returns the names, or None when festival or the voice is not installed."""
+    import shutil  # noqa: PLC0415
+
+    if shutil.which("festival") is None:
+        return None
+    folder.mkdir(parents=True, exist_ok=True)
+    names = [f"f{k + 1}" for k in range(len(sentences))]
+    script = [f"({FESTIVAL_VOICE})"]
+    for name, text in zip(names, sentences):
+        wav = str(folder / f"{name}.wav").replace('"', '\\"')
+        script += [
+            f'(set! utt (Utterance Text "{text}"))', "(utt.synth utt)", "(utt.wave.resample utt 16000)",
+            f'(utt.save.wave utt "{wav}" \'riff)',
+            f'(format t "UTT {name}\\n")',
+            "(mapcar (lambda (w) (format t \"WORD %s %f %f\\n\" (item.name w) "
+            "(item.feat w \"R:SylStructure.daughter1.daughter1.R:Segment.p.end\") (item.feat w \"word_end\"))) "
+            "(utt.relation.items utt 'Word))",
+        ]
+    (folder / "make.scm").write_text("\n".join(script) + "\n")
+    proc = subprocess.run(["festival", "-b", str(folder / "make.scm")], capture_output=True, text=True, timeout=600)
+    words: dict[str, list[dict]] = {}
+    current = None
+    for line in proc.stdout.splitlines():
+        parts = line.split()
+        if parts[:1] == ["UTT"]:
+            current = words.setdefault(parts[1], [])
+        elif parts[:1] == ["WORD"] and current is not None and len(parts) == 4:
+            current.append({"word": parts[1], "start_ms": round(1000 * float(parts[2]), 1),
+                            "end_ms": round(1000 * float(parts[3]), 1)})
+    if proc.returncode != 0 or any(not (folder / f"{n}.wav").is_file() or not words.get(n) for n in names):
+        return None
+    for name, text in zip(names, sentences):
+        ws = words[name]
+        said = [w.strip(",.?!") for w in text.split()]
+        if [w["word"] for w in ws] != said:  # festival normalised a token: score nothing it changed
+            return None
+        (folder / f"{name}.json").write_text(json.dumps({"audio": f"{name}.wav", "sr": 16000, "words": ws}))
+        bullet = f"{int(round(ws[0]['start_ms']))}_{int(round(ws[-1]['end_ms']))}"
+        wor = " ".join(f"{w['word']} \x15{int(round(w['start_ms']))}_{int(round(w['end_ms']))}\x15" for w in ws)
+        (folder / f"{name}.cha").write_text(
+            HEADER + f"@Media:\t{name}, audio\n*PAR:\t{' '.join(said)} . \x15{bullet}\x15\n%wor:\t{wor} .\n@End\n")
+    return names
+
+
 # -- real speech ---------------------------------------------------------------------------------
 
 REAL = SHARED / "chat"

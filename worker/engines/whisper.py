@@ -29,7 +29,7 @@ from worker.align import SpanAligner, UttRequest, UttResult
 from worker.engines.base import AlignerEngine, BootError
 from worker.engines.dtw import dtw_path
 from worker.engines.loading import DTYPES, configure_threads, load_pretrained, load_processor
-from worker.engines.plausibility import squeezed_run, weight, written_without_spaces
+from worker.engines.plausibility import longest_word_s, squeezed_run, stretched, weight, written_without_spaces
 
 SAMPLE_RATE = 16000
 WINDOW_S = 30.0  # Whisper's fixed input window
@@ -45,6 +45,7 @@ MAX_NEW_TOKENS = 224  # a 30 s window holds far fewer words; stops runaway repet
 DEFAULT_MODEL = "openai/whisper-base"
 PRIOR_WEIGHT = 1.0  # squeeze repair: how hard the re-run path is pulled towards even speech
 PRIOR_WIDTH = 0.25  # ... and how far from it (a share of the utterance) it may stray for free-ish
+PEAKED = 4.0  # onsets are read only where a token's attention peaks at this many times a flat row's
 CONTEXT_AFTER_S = 1.0  # audio past a bullet's end the DTW may run into (human bullets often end early)
 
 
@@ -54,10 +55,12 @@ class Steps:
     on real and synthetic speech (``bench/alignment_accuracy.py --ablation``); one is on by default
     only where it does not cost accuracy on real speech."""
 
+    onsets: bool = True  # a token starts at its row's attention onset, not where the DTW path enters the row
     joint: bool = True  # force a span's utterances together from its window start, not each alone
     snap_pauses: bool = True  # a word boundary near a pause moves onto the pause
-    trim_quiet: bool = True  # quiet frames at a word's edges are cut off it
+    trim_quiet: bool = False  # quiet frames at a word's edges are cut off it (off: a stop's closure is quiet but part of its word)
     repair_squeezed: bool = True  # a path that piles words into a sliver is re-run with a prior
+    repair_stretched: bool = True  # a word longer than it can be said is cut to where its attention lies
     retry_sparse: bool = True  # timing recovery retries halves of a window that heard too few words
     refine_recovered: bool = True  # recovered utterance times refined by forcing the transcript's words
     median_width: int = MEDIAN_WIDTH  # median filter over time on the attention (1: none)
@@ -138,6 +141,61 @@ def attention_matrix(weights: torch.Tensor, width: int = MEDIAN_WIDTH, renormali
     w = (w - mean) / (std + 1e-8)
     w = median_filter(w, width)
     return w.mean(dim=0).cpu().numpy()
+
+
+def attention_level(weights: torch.Tensor, width: int = MEDIAN_WIDTH, renormalize: bool = True) -> np.ndarray:
+    """heads x tokens x frames cross-attention -> tokens x frames attention itself (not standardised
+    over the tokens as :func:`attention_matrix` is): each token's share of attention per frame,
+    averaged over heads and median-filtered along time. :func:`onset_frames` reads peaks from it."""
+    w = weights.float()
+    if renormalize:
+        w = w / (w.sum(dim=-1, keepdim=True) + 1e-12)
+    return median_filter(w.mean(dim=0), width).cpu().numpy()
+
+
+def peaked(level: np.ndarray) -> bool:
+    """Whether an utterance's attention has peaks to read onsets from: its rows' peaks, in the
+    median, stand ``PEAKED`` times above the level of attention spread evenly over its frames.
+    Clean speech gives about 10-12 times; noisy, far-field or overlapped speech may give 2-3 times
+    (attention nearly flat), where a peak's edge says little about where the token starts."""
+    n, m = level.shape
+    return n > 0 and float(np.median(level.max(axis=1))) * m >= PEAKED
+
+
+def onset_frames(level: np.ndarray, starts: np.ndarray) -> np.ndarray:
+    """Each row's onset: the leading half-maximum edge of its attention peak inside the frames the
+    DTW path gave it (``starts``: the frame where the path enters each row).
+
+    The row that predicts a token attends most to the beginning of that token (what the decoder
+    needs to tell which token comes next), not evenly over it. A DTW path hands each frame to the
+    row that attends to it most, so the boundary between two rows falls about midway between their
+    peaks: half the previous token early. Where the attention rises to its peak is where the token
+    starts: the first frame, walking back from the peak, still above half way from the row's median
+    level to its peak. It never goes back past the previous row's peak, and onsets stay in order.
+    A row whose attention does not peak inside its own frames (its most there is only the rising or
+    falling flank of a peak elsewhere: a predictable short word whose row looks at its neighbour)
+    has no onset of its own to read and keeps the path's entry."""
+    n, m = level.shape
+    out = np.asarray(starts, dtype=np.int64).copy()
+    prev_peak = -1
+    for r in range(n):
+        a = int(min(max(starts[r], 0), m - 1))
+        b = int(starts[r + 1]) if r + 1 < n else m
+        b = min(max(b, a + 1), m)
+        row = level[r]
+        p = a + int(np.argmax(row[a:b]))
+        if (p > 0 and row[p - 1] > row[p]) or (p + 1 < m and row[p + 1] > row[p]):
+            out[r] = max(a, prev_peak + 1) if r else a
+            prev_peak = max(prev_peak, a)
+            continue
+        floor = float(np.median(row))
+        half = floor + 0.5 * (float(row[p]) - floor)
+        f = p
+        while f - 1 > prev_peak and row[f - 1] > half:
+            f -= 1
+        out[r] = f
+        prev_peak = p
+    return np.maximum.accumulate(out)
 
 
 def first_frames_prior(matrix: np.ndarray, weights: list[int], strength: float = PRIOR_WEIGHT,
@@ -639,6 +697,9 @@ class WhisperAligner(SpanAligner):
         weights = self._cross_attention(window.enc, tokens, window.prefix)[:, :, : window.n_frames]
         steps = self.steps
         starts = first_frames(attention_matrix(weights, steps.median_width, steps.renormalize))
+        level = attention_level(weights, steps.median_width, steps.renormalize) if steps.onsets else None
+        if level is not None and peaked(level):
+            starts = onset_frames(level, starts)
         bounds = np.cumsum([0] + [len(g) for g in groups])
         frames = word_frames([int(starts[i]) for i in bounds], window.quiet, 0, window.n_frames,
                              snap=steps.snap_pauses, trim=steps.trim_quiet)
@@ -750,13 +811,56 @@ class _Window:
         word it starts after the bullet's end is left untimed (the driver names it)."""
         steps = self.aligner.steps
         matrix = attention_matrix(weights, steps.median_width, steps.renormalize)
-        times = self._word_times(utt, word_toks, f0, f1, first_frames(matrix), matrix.shape[1])
-        placed = [(t, w) for t, w in zip(times, utt.words) if t is not None]
-        if steps.repair_squeezed and squeezed_run([t for t, _ in placed], [w for _, w in placed]) is not None:
+        level = attention_level(weights, steps.median_width, steps.renormalize) if steps.onsets else None
+
+        def squeezed(times) -> bool:
+            placed = [(t, w) for t, w in zip(times, utt.words) if t is not None]
+            return squeezed_run([t for t, _ in placed], [w for _, w in placed]) is not None
+
+        entries = first_frames(matrix)
+        times = self._word_times(utt, word_toks, f0, f1, entries, matrix.shape[1])
+        if steps.onsets and peaked(level):
+            # Onsets are read only where the attention has peaks to read: onsets that squeeze words
+            # the path's own entries did not (diffuse attention, noisy audio) are not used.
+            read = self._word_times(utt, word_toks, f0, f1, onset_frames(level, entries), matrix.shape[1])
+            if not squeezed(read) or squeezed(times):
+                times = read
+        if steps.repair_squeezed and squeezed(times):
             rows = [weight(w) / len(t) for w, t in zip(utt.words, word_toks) for _ in t] + [0.5]
             starts = first_frames_prior(matrix, rows, inside=f1 - f0)
             times = self._word_times(utt, word_toks, f0, f1, starts, matrix.shape[1])
+        if steps.repair_stretched and stretched(times, utt.words):
+            if level is None:
+                level = attention_level(weights, steps.median_width, steps.renormalize)
+            times = self._cut_stretched(utt, word_toks, f0, level, times)
         return UttResult(utt.index, times)
+
+    def _cut_stretched(self, utt: UttRequest, word_toks: list[list[int]], f0: int, level: np.ndarray,
+                       times: list[tuple[float, float] | None]) -> list[tuple[float, float] | None]:
+        """Each word longer than it can be said (the path handed it a pause, or noise, of seconds)
+        cut to the frames where its own tokens' attention lies: the run of its frames around their
+        peak that stay above half way from the rows' median level to that peak. A word still too long after that has no
+        time of its own to give: it is left untimed (the driver names it)."""
+        bounds = np.cumsum([0] + [len(t) for t in word_toks])
+        out = list(times)
+        for k in stretched(times, utt.words):
+            s, e = times[k]
+            a = max(0, int(round((s - self.start_s) / FRAME_S)) - f0)
+            b = min(level.shape[1], max(a + 1, int(round((e - self.start_s) / FRAME_S)) - f0))
+            rows = level[bounds[k]:bounds[k + 1]]
+            own = rows[:, a:b].max(axis=0)
+            floor = float(np.median(rows))
+            p = int(np.argmax(own))
+            half = floor + 0.5 * (float(own[p]) - floor)
+            lo, hi = p, p + 1
+            while lo > 0 and own[lo - 1] > half:
+                lo -= 1
+            while hi < len(own) and own[hi] > half:
+                hi += 1
+            cut = (round(self.start_s + (f0 + a + lo) * FRAME_S, 3), round(self.start_s + (f0 + a + hi) * FRAME_S, 3))
+            cut = (max(cut[0], s), min(cut[1], e))
+            out[k] = cut if cut[1] - cut[0] <= longest_word_s(utt.words[k]) else None
+        return out
 
     def _word_times(self, utt: UttRequest, word_toks: list[list[int]], f0: int, f1: int,
                     starts: np.ndarray, width: int | None = None) -> list[tuple[float, float] | None]:
