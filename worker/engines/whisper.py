@@ -6,10 +6,14 @@ transcript of everything it hears from the start of its window. Only the alignme
 cross-attention is kept: the full ``model(..., output_attentions=True)`` call would also return
 every encoder self-attention map, which roughly doubles the peak. Each utterance's rows are cut to
 the frames of its own bullet, renormalised over them, z-scored, median-filtered and averaged over
-heads; a DTW path through the negated matrix gives each token its first frame. Words start at their
-first token's frame and end where the next word (or the end of text) starts, and word boundaries
-next to a pause move onto it, since DTW otherwise hands the pause to one of the neighbouring words.
-A path that squeezes words into a sliver of the bullet is re-run on a better-conditioned matrix.
+heads; a DTW path through the negated matrix gives each token its frames. The row that predicts a
+token attends most to the token's beginning, so the path changes rows about half a token early; each
+token's start is read instead where its row's attention rises to its peak inside those frames (the
+leading half-maximum edge), where the attention has peaks to read. Words start at their first
+token's onset and end where the next word (or the end of text) starts, and word boundaries next to
+a pause move onto it, since DTW otherwise hands the pause to one of the neighbouring words. A path
+that squeezes words into a sliver of the bullet is re-run on a better-conditioned matrix; a word
+longer than it can be said is cut to where its own attention lies.
 Every step around the plain cross-attention + DTW is a :class:`Steps` flag, measured on and off by
 ``bench/alignment_accuracy.py --ablation``.
 """
