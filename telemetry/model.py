@@ -61,6 +61,8 @@ _ABSOLUTE_PREFERENCE = 0.85
 _EXTRAPOLATION = 1.25
 # The term in audio beyond the longest span is fitted only when files spread over this many seconds.
 _MIN_EXCESS_RANGE_S = 20.0
+# Samples under the fitted upper line wait for a refit until they are this share of the window.
+_REFIT_SHARE = 0.05
 # Probe growths kept per probe length (one per recent worker); the fit takes their maximum.
 _PROBES_KEPT = 8
 
@@ -214,10 +216,18 @@ class LineFit:
 
 def quantile(values: Iterable[float], q: float) -> float:
     """Linear-interpolation quantile (numpy's default) of a non-empty collection."""
-    xs = np.asarray(values if isinstance(values, (list, tuple, np.ndarray)) else list(values), dtype=float)
-    if xs.size == 0:
+    q = min(max(q, 0.0), 1.0)
+    if isinstance(values, np.ndarray):
+        if values.size == 0:
+            raise ValueError("quantile of an empty collection")
+        return float(np.quantile(values, q))
+    xs = sorted(values)  # a short list: cheaper than a round trip through numpy
+    if not xs:
         raise ValueError("quantile of an empty collection")
-    return float(np.quantile(xs, min(max(q, 0.0), 1.0)))
+    pos = q * (len(xs) - 1)
+    lo = math.floor(pos)
+    hi = min(lo + 1, len(xs) - 1)
+    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
 
 
 def _median(values: Sequence[float] | np.ndarray) -> float:
@@ -430,6 +440,7 @@ class MemoryModel:
         self._kills: deque[_Sample] = deque(maxlen=self.window)
         self._fit_cache: _Fit | None = None
         self._dirty = True
+        self._unfitted = 0  # samples observed since the last fit
 
     @property
     def n_samples(self) -> int:
@@ -447,7 +458,20 @@ class MemoryModel:
         if g is None or not isinstance(features, FileFeatures):
             return
         self._samples.append(_Sample(features, max(g, 0.0)))
-        self._dirty = True
+        self._unfitted += 1
+        if not self._dirty and not self._still_fits(features, g):
+            self._dirty = True
+
+    def _still_fits(self, features: FileFeatures, growth_mb: float) -> bool:
+        """Whether the current fit may wait for this sample: it lies under the fitted upper line
+        and few samples are waiting. A sample above the line is taken at once (the bound may be
+        too low, which is what costs kills); one under it shifts a fit of many files by little, so
+        refits of a full window (milliseconds of loop time each) come every few percent of it."""
+        if self._fit_cache is None or features.span_s is None:
+            return False
+        if self._unfitted >= max(1, int(_REFIT_SHARE * len(self._samples))):
+            return False
+        return growth_mb <= self.predict(features).upper / (1.0 + self.margin)
 
     def calibrate(self, features: FileFeatures, growth_mb: float) -> None:
         """A probe span a worker measured on itself at READY; recent probes of a length are kept."""
@@ -473,6 +497,7 @@ class MemoryModel:
         if self._dirty:
             self._fit_cache = self._fit()
             self._dirty = False
+            self._unfitted = 0
         return self._fit_cache
 
     def _points(self) -> tuple[list[float], list[float], list[float], int, int]:
@@ -747,20 +772,20 @@ class Predictor:
         self._initial_baseline = float(baseline_mb)
         self._initial_measured = baseline_measured
         self._baselines: deque[float] = deque(maxlen=self.BASELINE_WINDOW - 1)
+        self._baseline_mb = self._initial_baseline
 
     @property
     def baseline_mb(self) -> float:
         """A high quantile of recent READY baselines: workers differ, admission must not undercount.
         A configured guess (``baseline_measured=False``) counts only until a worker is measured."""
-        if not self._baselines:
-            return self._initial_baseline
-        first = [self._initial_baseline] if self._initial_measured else []
-        return quantile([*first, *self._baselines], self.BASELINE_QUANTILE)
+        return self._baseline_mb
 
     def observe_baseline(self, uss_mb: float) -> None:
         v = _finite(uss_mb)
         if v is not None and v >= 0:
             self._baselines.append(v)
+            first = [self._initial_baseline] if self._initial_measured else []
+            self._baseline_mb = quantile([*first, *self._baselines], self.BASELINE_QUANTILE)
 
     def observe_growth(self, features: FileFeatures | dict | None, growth_mb: float) -> None:
         """A finished file's growth on the work its model really did (``result.features_run``);
