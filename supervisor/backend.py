@@ -60,7 +60,7 @@ class WorkerLoaded:
 
     worker_id: str
     pid: int
-    uss_mb: float  # what the worker reported holding after the load
+    uss_mb: float  # what the worker reported holding after the load (0: it could not tell)
 
 
 @dataclass(frozen=True)
@@ -295,7 +295,8 @@ class LocalBackend:
         if kind == protocol.HEARTBEAT:
             return WorkerHeartbeat(wid, job, msg.get("progress"))
         if kind == protocol.LOADED:
-            return WorkerLoaded(wid, int(msg.get("pid") or w.pid), float(msg.get("uss_mb") or 0.0))
+            # Its USS, else its RSS (an upper bound) where it could not read its own smaps.
+            return WorkerLoaded(wid, int(msg.get("pid") or w.pid), float(msg.get("uss_mb") or msg.get("rss_mb") or 0.0))
         if kind == protocol.READY:
             return WorkerReady(wid, int(msg.get("pid") or w.pid), float(msg.get("uss_mb") or 0.0),
                                list(msg.get("calibration") or []), rss_mb=msg.get("rss_mb"), pss_mb=msg.get("pss_mb"),

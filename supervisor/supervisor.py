@@ -278,7 +278,7 @@ class Supervisor:
         self._check_boot()
 
     def _on_loaded(self, ev: WorkerLoaded) -> None:
-        if self.workers.loaded(ev, self.senses.exact(ev.pid)):
+        if self.workers.loaded(ev):
             self._capacity_changed = True  # the next worker may start loading now
 
     def _on_ready(self, ev: WorkerReady) -> None:

@@ -169,13 +169,15 @@ class WorkerTable:
         self._boot_failed(f"worker could not be started: {reason}")
         self.emit("worker_spawn_failed", level="error", reason=reason, boot_failures=self.boot_failures)
 
-    def loaded(self, ev: WorkerLoaded, mem: Any) -> bool:
-        """LOADED: the model is in memory and the probes run. What it holds now (``mem``, exact,
-        else what it reported) tells the policy whether the next worker may start loading."""
+    def loaded(self, ev: WorkerLoaded) -> bool:
+        """LOADED: the model is in memory and the probes run. What it reports holding (its own
+        smaps reading: the supervisor's exact one waits for READY) tells the policy whether the next
+        worker may start loading."""
         w = self.records.get(ev.worker_id)
-        if w is None or w.state is not WorkerState.STARTING or w.loaded_uss_mb is not None:
+        if (w is None or w.state is not WorkerState.STARTING or w.loaded_uss_mb is not None
+                or not ev.uss_mb > 0):  # nothing known: the next worker waits for this one's READY
             return False
-        w.loaded_uss_mb = mem.uss / 2**20 if mem else ev.uss_mb
+        w.loaded_uss_mb = ev.uss_mb
         self.emit("worker_loaded", worker=w.id, pid=w.pid, uss_mb=round(w.loaded_uss_mb, 1),
                   load_s=round(self.clock() - w.spawned_at, 3))
         return True
