@@ -60,7 +60,7 @@ class WorkerLoaded:
 
     worker_id: str
     pid: int
-    uss_mb: float  # what the worker reported holding after the load (0: it could not tell)
+    private_mb: float  # its private dirty memory after the load, what no other worker shares (0: unknown)
 
 
 @dataclass(frozen=True)
@@ -295,8 +295,11 @@ class LocalBackend:
         if kind == protocol.HEARTBEAT:
             return WorkerHeartbeat(wid, job, msg.get("progress"))
         if kind == protocol.LOADED:
-            # Its USS, else its RSS (an upper bound) where it could not read its own smaps.
-            return WorkerLoaded(wid, int(msg.get("pid") or w.pid), float(msg.get("uss_mb") or msg.get("rss_mb") or 0.0))
+            # Private dirty pages: memory-mapped weights are clean and shared by the next worker, so a
+            # lone first worker's USS overstates what a load costs; a worker that could not read its
+            # smaps reports its RSS there (an upper bound).
+            mem = msg.get("dirty_mb", msg.get("uss_mb"))
+            return WorkerLoaded(wid, int(msg.get("pid") or w.pid), float(mem or 0.0))
         if kind == protocol.READY:
             return WorkerReady(wid, int(msg.get("pid") or w.pid), float(msg.get("uss_mb") or 0.0),
                                list(msg.get("calibration") or []), rss_mb=msg.get("rss_mb"), pss_mb=msg.get("pss_mb"),

@@ -65,7 +65,8 @@ class WorkerView:
     pss_mb: float
     uss_mb: float
     baseline_uss_mb: float | None = None
-    loaded_uss_mb: float | None = None  # a starting worker that has loaded its model: what it held then
+    loaded_private_mb: float | None = None  # a starting worker that has loaded its model: its private
+    #                                         dirty memory then (none of it shareable with the next)
     file: str | None = None
     growth_mb: float = 0.0  # predicted growth of the running file
     remaining_mb: float | None = None  # what it may still grow by, corrected from its progress
@@ -211,8 +212,8 @@ class _Round:
                    paused=[w for w in live if w.state == "paused"],
                    idle=sorted((w for w in live if w.state == "ready"), key=lambda w: _id_order(w.id)),
                    starting=any(w.state == "starting" for w in live),
-                   loading=any(w.state == "starting" and (w.loaded_uss_mb is None
-                                                          or w.loaded_uss_mb > s.predicted_baseline_mb)
+                   loading=any(w.state == "starting" and (w.loaded_private_mb is None
+                                                          or w.loaded_private_mb > s.predicted_baseline_mb)
                                for w in live), used=used,
                    frac=used / s.budget_mb if s.budget_mb > 0 else float("inf"), blind=blind,
                    host_room=-float("inf") if blind else s.available_mb - s.reserve_mb - s.others_reserved_mb,

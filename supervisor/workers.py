@@ -51,7 +51,7 @@ class WorkerRecord:
     spawned_at: float
     state: WorkerState = WorkerState.STARTING
     ready_at: float | None = None
-    loaded_uss_mb: float | None = None  # held once its model was loaded (its probes were still to run)
+    loaded_private_mb: float | None = None  # private dirty memory once its model was loaded (probes to run)
     baseline_uss_mb: float | None = None
     baseline_rss_mb: float | None = None
     baseline_pss_mb: float | None = None
@@ -135,7 +135,7 @@ class WorkerTable:
     def views(self, remaining: Callable[[WorkerRecord], float]) -> tuple[WorkerView, ...]:
         """The policy's view; ``remaining`` gives a running file's corrected remaining growth."""
         out = [WorkerView(id=w.id, state=w.state.value, pss_mb=w.pss_mb, uss_mb=w.uss_mb,
-                          baseline_uss_mb=w.baseline_uss_mb, loaded_uss_mb=w.loaded_uss_mb, file=w.job.rel if w.job else None,
+                          baseline_uss_mb=w.baseline_uss_mb, loaded_private_mb=w.loaded_private_mb, file=w.job.rel if w.job else None,
                           growth_mb=max(w.job.estimate.growth_mb, w.held_mb)
                           if w.job is not None and w.job.estimate else 0.0,
                           remaining_mb=remaining(w) if w.job is not None else 0.0,
@@ -170,15 +170,15 @@ class WorkerTable:
         self.emit("worker_spawn_failed", level="error", reason=reason, boot_failures=self.boot_failures)
 
     def loaded(self, ev: WorkerLoaded) -> bool:
-        """LOADED: the model is in memory and the probes run. What it reports holding (its own
-        smaps reading: the supervisor's exact one waits for READY) tells the policy whether the next
-        worker may start loading."""
+        """LOADED: the model is in memory and the probes run. What it reports of its private dirty
+        memory (its own smaps reading: the supervisor's exact one waits for READY) tells the policy
+        whether the next worker may start loading."""
         w = self.records.get(ev.worker_id)
-        if (w is None or w.state is not WorkerState.STARTING or w.loaded_uss_mb is not None
-                or not ev.uss_mb > 0):  # nothing known: the next worker waits for this one's READY
+        if (w is None or w.state is not WorkerState.STARTING or w.loaded_private_mb is not None
+                or not ev.private_mb > 0):  # nothing known: the next worker waits for this one's READY
             return False
-        w.loaded_uss_mb = ev.uss_mb
-        self.emit("worker_loaded", worker=w.id, pid=w.pid, uss_mb=round(w.loaded_uss_mb, 1),
+        w.loaded_private_mb = ev.private_mb
+        self.emit("worker_loaded", worker=w.id, pid=w.pid, private_mb=round(w.loaded_private_mb, 1),
                   load_s=round(self.clock() - w.spawned_at, 3))
         return True
 

@@ -116,7 +116,7 @@ def test_worker_calibrates_at_ready_and_reports_progress_and_features(tmp_path, 
                     "cpu_seconds_per_audio_second": 0.005, "span_seconds": 30})
     try:
         loaded = protocol.read_frame(proc.stdout)  # the model is in memory, the probes follow
-        assert loaded["type"] == protocol.LOADED and loaded["uss_mb"] > 0
+        assert loaded["type"] == protocol.LOADED and loaded["uss_mb"] >= loaded["dirty_mb"] > 0
         ready = protocol.read_frame(proc.stdout)
         assert ready["type"] == protocol.READY
         probes = ready["calibration"]

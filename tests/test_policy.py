@@ -50,10 +50,10 @@ def test_no_second_spawn_while_one_is_starting():
 def test_the_next_worker_starts_loading_once_the_last_has_loaded_within_its_predicted_baseline():
     p = MemoryPolicy(Bands())
     work = [pend("a", 500), pend("b", 500)]
-    loaded = WorkerView(id=1, state="starting", pss_mb=900, uss_mb=900, loaded_uss_mb=900)
+    loaded = WorkerView(id=1, state="starting", pss_mb=900, uss_mb=900, loaded_private_mb=900)
     assert acts(p.decide(snap(workers=[loaded], pending=work, baseline=1000.0))) == [(Act.SPAWN, None, "b")]
     # Loaded over the prediction: the baseline is not what was thought, so wait for its READY.
-    heavy = WorkerView(id=1, state="starting", pss_mb=1200, uss_mb=1200, loaded_uss_mb=1200)
+    heavy = WorkerView(id=1, state="starting", pss_mb=1200, uss_mb=1200, loaded_private_mb=1200)
     assert p.decide(snap(workers=[heavy], pending=work, baseline=1000.0)) == []
     # A probing worker is still a starting one: its predicted baseline stays counted, so no room
     # for a second means no spawn.

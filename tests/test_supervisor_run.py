@@ -415,7 +415,7 @@ def test_the_next_worker_loads_while_the_last_one_runs_its_probes(tmp_path):
     w1_ready = [e for e in named(evs, "worker_ready") if e["worker"] == "w1"]
     w2_spawned = [e for e in named(evs, "worker_spawned") if e["worker"] == "w2"]
     assert w1_loaded and w1_ready and w2_spawned
-    assert w1_loaded[0]["uss_mb"] > 0
+    assert w1_loaded[0]["private_mb"] > 0
     # Two probes of 1.5 s each: the second worker was spawned after the first loaded, well before
     # its READY (one at a time: never before the first had loaded).
     assert w1_loaded[0]["t"] <= w2_spawned[0]["t"] < w1_ready[0]["t"] - 1.0
