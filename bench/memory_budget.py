@@ -137,6 +137,18 @@ def count_outputs(out: Path, corpus: list[Path], root: Path) -> int:
     return n
 
 
+def critical_chain(done: list[dict], budget_mb: float) -> tuple[int, float]:
+    """Files of which no two fit the budget at once must run one after another, whatever the
+    scheduler: (how many, their measured CPU-s), a lower bound on any makespan beside work / cores.
+    By peak, largest first, each file added conflicts with all before it when it conflicts with the
+    smallest of them (the one added last)."""
+    peaks = sorted(((e.get("peak_mb") or 0.0, e.get("cpu_s") or 0.0) for e in done), reverse=True)
+    n = 1 if peaks else 0
+    while n < len(peaks) and peaks[n][0] + peaks[n - 1][0] > budget_mb:
+        n += 1
+    return n, sum(c for _, c in peaks[:n])
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--files", type=int, default=70)
@@ -205,8 +217,14 @@ def main(argv: list[str] | None = None) -> int:
                 loop_cpu = fin[-1]["supervisor_cpu_s"] - start[0].get("supervisor_cpu_s", 0.0)
                 loop_wall = fin[-1]["t"] - start[0]["t"]
                 work_cpu = sum(e.get("cpu_s") or 0.0 for e in evs if e["event"] == "file_done")
+                chain_n, chain_cpu = critical_chain([e for e in evs if e["event"] == "file_done"],
+                                                    start[0]["budget_mb"])
+                bound = max(work_cpu / cores, chain_cpu)
                 note = (f"work measured by the workers: {work_cpu:.1f} CPU-s (profile plus page faults and CHAT I/O) "
                         f"-> ideal {work_cpu / cores:.1f} s, makespan {r['makespan'] / (work_cpu / cores):.2f}x that\n    "
+                        f"critical chain: {chain_n} files of which no two fit the budget together, "
+                        f"{chain_cpu:.1f} CPU-s one after another -> lower bound {bound:.1f} s, makespan "
+                        f"{r['makespan'] / bound:.2f}x that\n    "
                         f"budget {start[0]['budget_mb']:.0f} MiB from {start[0]['limit_source']}; "
                         f"{fin[-1]['kills']} guard kills, {fin[-1]['pauses']} pauses, "
                         f"{fin[-1]['failed'] + fin[-1]['quarantined']} failed; supervisor loop CPU "

@@ -13,7 +13,7 @@ Engines: the synthetic engine's two profiles (``total``: growth with the recordi
 engine that loads whole files; ``streaming``: growth with the longest span), wav2vec2 with random
 weights (``--wav2vec-size small``: 6 layers of 384; ``base``: 94 M parameters; memory does not
 depend on what the weights are) and Whisper
-tiny.en with real weights (``../shared/models/get_whisper.sh``, cached). Speech comes from
+with real weights (``--whisper-size tiny.en`` or ``base``; ``../shared/models/get_whisper.sh``, cached). Speech comes from
 ``../shared/synth`` (the synthetic engine reads only headers: silent WAVs stand in).
 """
 
@@ -96,6 +96,7 @@ def run(corpus: Path, work: Path, tag: str, engine: str, extra: list[str], env: 
 
 
 WAV2VEC_SIZE = "small"
+WHISPER_SIZE = "tiny.en"
 
 
 def random_wav2vec(folder: Path) -> Path:
@@ -135,9 +136,9 @@ def setup(engine: str, work: Path) -> tuple[str, list[str], dict, bool]:
         return "wav2vec", ["--model", str(random_wav2vec(work.parent / f"wav2vec-{WAV2VEC_SIZE}-random"))], env, True
     from bench.alignment_accuracy import whisper_dir
 
-    folder = whisper_dir("tiny.en")
+    folder = whisper_dir(WHISPER_SIZE)
     if folder is None:
-        raise SystemExit("cannot fetch Whisper tiny.en (../shared/models/get_whisper.sh)")
+        raise SystemExit(f"cannot fetch Whisper {WHISPER_SIZE} (../shared/models/get_whisper.sh)")
     return "whisper", ["--model", str(folder)], env, True
 
 
@@ -178,9 +179,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=5)
     ap.add_argument("--keep", action="store_true", help="keep the work folder (logs, stores) and print its path")
     ap.add_argument("--wav2vec-size", choices=("small", "base"), default="small")
+    ap.add_argument("--whisper-size", choices=("tiny.en", "base"), default="tiny.en")
     args = ap.parse_args(argv)
-    global WAV2VEC_SIZE
-    WAV2VEC_SIZE = args.wav2vec_size
+    global WAV2VEC_SIZE, WHISPER_SIZE
+    WAV2VEC_SIZE, WHISPER_SIZE = args.wav2vec_size, args.whisper_size
     top = Path(tempfile.mkdtemp(prefix="bench-prediction-"))
     results = []
     try:

@@ -55,6 +55,15 @@ class SpawnFailed:
 
 
 @dataclass(frozen=True)
+class WorkerLoaded:
+    """A starting worker has loaded its model and runs its probes; READY follows."""
+
+    worker_id: str
+    pid: int
+    private_mb: float  # its private dirty memory after the load, what no other worker shares (0: unknown)
+
+
+@dataclass(frozen=True)
 class WorkerReady:
     worker_id: str
     pid: int
@@ -137,8 +146,8 @@ class WorkerExited:
     reason: str | None  # what the worker said before it left (a boot error), if anything
 
 
-BackendEvent = (WorkerSpawned | SpawnFailed | WorkerReady | WorkerHeartbeat | WorkerLog | WorkerBroken | FileStarted
-                | FileProgress | FileResult | FileError | WorkerExited)
+BackendEvent = (WorkerSpawned | SpawnFailed | WorkerLoaded | WorkerReady | WorkerHeartbeat | WorkerLog | WorkerBroken
+                | FileStarted | FileProgress | FileResult | FileError | WorkerExited)
 
 # The worker protocol's error kinds, as the run core reads them.
 ERROR_KINDS = {"input": "bad_input", "media": "bad_input", "bad_input": "bad_input", "memory": "memory",
@@ -285,6 +294,12 @@ class LocalBackend:
         file = job.rsplit("#", 1)[0] if isinstance(job, str) else ""
         if kind == protocol.HEARTBEAT:
             return WorkerHeartbeat(wid, job, msg.get("progress"))
+        if kind == protocol.LOADED:
+            # Private dirty pages: memory-mapped weights are clean and shared by the next worker, so a
+            # lone first worker's USS overstates what a load costs; a worker that could not read its
+            # smaps reports its RSS there (an upper bound).
+            mem = msg.get("dirty_mb", msg.get("uss_mb"))
+            return WorkerLoaded(wid, int(msg.get("pid") or w.pid), float(mem or 0.0))
         if kind == protocol.READY:
             return WorkerReady(wid, int(msg.get("pid") or w.pid), float(msg.get("uss_mb") or 0.0),
                                list(msg.get("calibration") or []), rss_mb=msg.get("rss_mb"), pss_mb=msg.get("pss_mb"),

@@ -65,6 +65,8 @@ class WorkerView:
     pss_mb: float
     uss_mb: float
     baseline_uss_mb: float | None = None
+    loaded_private_mb: float | None = None  # a starting worker that has loaded its model: its private
+    #                                         dirty memory then (none of it shareable with the next)
     file: str | None = None
     growth_mb: float = 0.0  # predicted growth of the running file
     remaining_mb: float | None = None  # what it may still grow by, corrected from its progress
@@ -177,6 +179,7 @@ class _Round:
     paused: list[WorkerView]
     idle: list[WorkerView]
     starting: bool
+    loading: bool  # a starting worker has not yet loaded its model within the predicted baseline
     used: float
     frac: float
     blind: bool  # host memory could not be read: no room for anything new, no kill on it
@@ -208,7 +211,10 @@ class _Round:
         return cls(s=s, **vram, live=live, busy=[w for w in live if w.state == "busy"],
                    paused=[w for w in live if w.state == "paused"],
                    idle=sorted((w for w in live if w.state == "ready"), key=lambda w: _id_order(w.id)),
-                   starting=any(w.state == "starting" for w in live), used=used,
+                   starting=any(w.state == "starting" for w in live),
+                   loading=any(w.state == "starting" and (w.loaded_private_mb is None
+                                                          or w.loaded_private_mb > s.predicted_baseline_mb)
+                               for w in live), used=used,
                    frac=used / s.budget_mb if s.budget_mb > 0 else float("inf"), blind=blind,
                    host_room=-float("inf") if blind else s.available_mb - s.reserve_mb - s.others_reserved_mb,
                    committed=committed, unrealised=committed - used, room=s.budget_mb - committed,
@@ -410,15 +416,22 @@ class MemoryPolicy:
                                       "committed_mb": round(c.committed + head.growth_mb, 1)})]
         return []
 
-    # 7. Spawn one worker at a time while a waiting file would fit beside a new worker.
+    # 7. Spawn one worker at a time while a waiting file would fit beside a new worker: the next
+    #    one starts loading once the last has loaded its model within the predicted baseline (its
+    #    probes then run beside the next load, still counted as a starting worker's baseline).
     def _spawn(self, c: "_Round", waiting: list[PendingView]) -> list[Decision]:
         s = c.s
-        if c.starting or len(c.live) >= s.max_workers:
+        if c.loading or len(c.live) >= s.max_workers:
             return []
-        for p in waiting:
-            cost = s.predicted_baseline_mb + p.growth_mb
-            if (cost <= c.room and s.predicted_baseline_mb + c.unrealised + p.growth_mb <= c.host_room
-                    and c.vram_fits(s.predicted_vram_baseline_mb + p.vram_growth_mb)):
+        # Workers still running their probes take the head of the queue once READY: a new worker
+        # must leave those files their room, or the largest file would lose its turn to a small one.
+        k = sum(1 for w in c.live if w.state == "starting")
+        held = sum(p.growth_mb for p in waiting[:k])
+        vheld = sum(p.vram_growth_mb for p in waiting[:k])
+        for p in waiting[k:]:
+            cost = s.predicted_baseline_mb + p.growth_mb + held
+            if (cost <= c.room and s.predicted_baseline_mb + c.unrealised + p.growth_mb + held <= c.host_room
+                    and c.vram_fits(s.predicted_vram_baseline_mb + p.vram_growth_mb + vheld)):
                 return [Decision(Act.SPAWN, file=p.file, reason="a waiting file fits beside a new worker",
                                  figures={**c.figs, "predicted_mb": round(cost, 1),
                                           "committed_mb": round(c.committed, 1)})]

@@ -116,6 +116,7 @@ class SyntheticSettings(EngineDefaults):
     mb_per_audio_second: float = 4.0  # ... grown per audio second of the file (or of the span) ...
     cpu_seconds_per_audio_second: float = 0.02  # ... over this much CPU work per audio second
     boot_seconds: float = 0.0  # how long its "model load" takes (boot timeout tests)
+    probe_seconds: float = 0.0  # how long each READY probe takes besides its memory (a slow device)
     profile: str = "total"  # total: holds the whole file; streaming: one span at a time
 
 

@@ -24,7 +24,8 @@ import anyio
 
 from supervisor.actions import Actions
 from supervisor.backend import (Backend, FileError, FileProgress, FileResult, FileStarted, LocalBackend, SpawnFailed,
-                                WorkerBroken, WorkerExited, WorkerHeartbeat, WorkerLog, WorkerReady, WorkerSpawned)
+                                WorkerBroken, WorkerExited, WorkerHeartbeat, WorkerLoaded, WorkerLog, WorkerReady,
+                                WorkerSpawned)
 from supervisor.corpus import Candidate
 from supervisor.estimates import Estimator, make_predictor, model_key
 from supervisor.identity import output_identity
@@ -276,6 +277,10 @@ class Supervisor:
         self.workers.spawn_failed(ev.reason)
         self._check_boot()
 
+    def _on_loaded(self, ev: WorkerLoaded) -> None:
+        if self.workers.loaded(ev):
+            self._capacity_changed = True  # the next worker may start loading now
+
     def _on_ready(self, ev: WorkerReady) -> None:
         self._capacity_changed = True
         w = self.workers.ready(ev, self.senses.exact(ev.pid))
@@ -340,7 +345,7 @@ class Supervisor:
 
     _HANDLERS: dict[type, Callable[..., None]] = {
         WorkerSpawned: lambda self, ev: self.workers.spawned(ev.worker_id, ev.pid),
-        SpawnFailed: _on_spawn_failed, WorkerReady: _on_ready,
+        SpawnFailed: _on_spawn_failed, WorkerLoaded: _on_loaded, WorkerReady: _on_ready,
         WorkerHeartbeat: lambda self, ev: self.workers.heartbeat(ev.worker_id, ev.progress),
         FileProgress: lambda self, ev: self.workers.file_progress(ev.worker_id, ev.progress),
         FileStarted: lambda self, ev: self._on_started(ev),

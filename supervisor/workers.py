@@ -13,7 +13,7 @@ import enum
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from supervisor.backend import Backend, JobSpec, WorkerExited, WorkerReady, signal_name
+from supervisor.backend import Backend, JobSpec, WorkerExited, WorkerLoaded, WorkerReady, signal_name
 from supervisor.policy import WorkerView
 
 
@@ -51,6 +51,7 @@ class WorkerRecord:
     spawned_at: float
     state: WorkerState = WorkerState.STARTING
     ready_at: float | None = None
+    loaded_private_mb: float | None = None  # private dirty memory once its model was loaded (probes to run)
     baseline_uss_mb: float | None = None
     baseline_rss_mb: float | None = None
     baseline_pss_mb: float | None = None
@@ -134,7 +135,7 @@ class WorkerTable:
     def views(self, remaining: Callable[[WorkerRecord], float]) -> tuple[WorkerView, ...]:
         """The policy's view; ``remaining`` gives a running file's corrected remaining growth."""
         out = [WorkerView(id=w.id, state=w.state.value, pss_mb=w.pss_mb, uss_mb=w.uss_mb,
-                          baseline_uss_mb=w.baseline_uss_mb, file=w.job.rel if w.job else None,
+                          baseline_uss_mb=w.baseline_uss_mb, loaded_private_mb=w.loaded_private_mb, file=w.job.rel if w.job else None,
                           growth_mb=max(w.job.estimate.growth_mb, w.held_mb)
                           if w.job is not None and w.job.estimate else 0.0,
                           remaining_mb=remaining(w) if w.job is not None else 0.0,
@@ -167,6 +168,19 @@ class WorkerTable:
             self.spawning.pop(0)
         self._boot_failed(f"worker could not be started: {reason}")
         self.emit("worker_spawn_failed", level="error", reason=reason, boot_failures=self.boot_failures)
+
+    def loaded(self, ev: WorkerLoaded) -> bool:
+        """LOADED: the model is in memory and the probes run. What it reports of its private dirty
+        memory (its own smaps reading: the supervisor's exact one waits for READY) tells the policy
+        whether the next worker may start loading."""
+        w = self.records.get(ev.worker_id)
+        if (w is None or w.state is not WorkerState.STARTING or w.loaded_private_mb is not None
+                or not ev.private_mb > 0):  # nothing known: the next worker waits for this one's READY
+            return False
+        w.loaded_private_mb = ev.private_mb
+        self.emit("worker_loaded", worker=w.id, pid=w.pid, private_mb=round(w.loaded_private_mb, 1),
+                  load_s=round(self.clock() - w.spawned_at, 3))
+        return True
 
     def ready(self, ev: WorkerReady, mem: Any) -> WorkerRecord | None:
         """READY: the baseline is a real reading (``mem``, exact), else what the worker reported."""

@@ -35,10 +35,11 @@ large (``observe_kill``). Cold-start defaults of the same shape are the last res
 from __future__ import annotations
 
 import math
-import random
 from collections import deque
 from dataclasses import dataclass
 from typing import Any, Iterable, Sequence
+
+import numpy as np
 
 PARAMS_VERSION = 2
 # Above this many points the Theil–Sen slope is taken over a fixed-seed sample of pairs, which keeps
@@ -60,6 +61,8 @@ _ABSOLUTE_PREFERENCE = 0.85
 _EXTRAPOLATION = 1.25
 # The term in audio beyond the longest span is fitted only when files spread over this many seconds.
 _MIN_EXCESS_RANGE_S = 20.0
+# Samples under the fitted upper line wait for a refit until they are this share of the window.
+_REFIT_SHARE = 0.05
 # Probe growths kept per probe length (one per recent worker); the fit takes their maximum.
 _PROBES_KEPT = 8
 
@@ -213,26 +216,30 @@ class LineFit:
 
 def quantile(values: Iterable[float], q: float) -> float:
     """Linear-interpolation quantile (numpy's default) of a non-empty collection."""
-    xs = sorted(values)
+    q = min(max(q, 0.0), 1.0)
+    if isinstance(values, np.ndarray):
+        if values.size == 0:
+            raise ValueError("quantile of an empty collection")
+        return float(np.quantile(values, q))
+    xs = sorted(values)  # a short list: cheaper than a round trip through numpy
     if not xs:
         raise ValueError("quantile of an empty collection")
-    q = min(max(q, 0.0), 1.0)
     pos = q * (len(xs) - 1)
     lo = math.floor(pos)
     hi = min(lo + 1, len(xs) - 1)
     return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
 
 
-def _median(values: Sequence[float]) -> float:
+def _median(values: Sequence[float] | np.ndarray) -> float:
     return quantile(values, 0.5)
 
 
-def _pinball(residuals: Iterable[float], q: float) -> float:
+def _pinball(residuals: np.ndarray, q: float) -> float:
     """Quantile loss of predicting an upper line with these (observed - predicted) residuals."""
-    return sum(q * r if r >= 0 else (q - 1.0) * r for r in residuals)
+    return float(np.where(residuals >= 0, q * residuals, (q - 1.0) * residuals).sum())
 
 
-def _upper_quantile(residuals: Sequence[float], q: float) -> float:
+def _upper_quantile(residuals: Sequence[float] | np.ndarray, q: float) -> float:
     """The ``q`` quantile of the residuals after setting aside a few gross outliers on the high side.
 
     One pathological file (a corrupt recording that made the engine balloon) would otherwise lift
@@ -240,11 +247,11 @@ def _upper_quantile(residuals: Sequence[float], q: float) -> float:
     that file. At most a tenth of the points (and only when there are five or more) are set aside,
     and only those further than eight robust standard deviations above the median.
     """
-    xs = sorted(residuals)
-    n = len(xs)
+    xs = np.sort(np.asarray(residuals, dtype=float))
+    n = xs.size
     if n >= 5:
-        med = _median(xs)
-        mad = _median([abs(v - med) for v in xs]) * 1.4826
+        med = float(np.median(xs))
+        mad = float(np.median(np.abs(xs - med))) * 1.4826
         cut = med + 8.0 * mad if mad > 0 else float("inf")
         drop = 0
         while drop < max(1, n // 10) and xs[n - 1 - drop] > cut:
@@ -254,8 +261,8 @@ def _upper_quantile(residuals: Sequence[float], q: float) -> float:
 
 
 def theil_sen(
-    xs: Sequence[float],
-    ys: Sequence[float],
+    xs: Sequence[float] | np.ndarray,
+    ys: Sequence[float] | np.ndarray,
     fallback_slope: float,
     *,
     clamp: bool = True,
@@ -266,51 +273,45 @@ def theil_sen(
     shrink with larger files, so a negative slope (noise on a narrow range) is read as flat unless
     ``clamp`` is off (for transformed coordinates where the slope is an intercept).
     """
-    n = len(xs)
-    span = (max(xs) - min(xs)) if n else 0.0
+    x = np.asarray(xs, dtype=float)
+    y = np.asarray(ys, dtype=float)
+    n = x.size
+    span = float(x.max() - x.min()) if n else 0.0
     eps = 1e-9 * max(1.0, span)
-    slopes: list[float] = []
     if n <= _ALL_PAIRS_UPTO:
-        for i in range(n):
-            xi, yi = xs[i], ys[i]
-            for j in range(i + 1, n):
-                dx = xs[j] - xi
-                if abs(dx) > eps:
-                    slopes.append((ys[j] - yi) / dx)
+        i, j = np.triu_indices(n, 1)
     else:
-        rng = random.Random(n)
-        for _ in range(_PAIR_SAMPLE):
-            i = rng.randrange(n)
-            j = rng.randrange(n)
-            dx = xs[j] - xs[i]
-            if abs(dx) > eps:
-                slopes.append((ys[j] - ys[i]) / dx)
-    slope = _median(slopes) if slopes else fallback_slope
+        rng = np.random.default_rng(n)
+        i = rng.integers(0, n, _PAIR_SAMPLE)
+        j = rng.integers(0, n, _PAIR_SAMPLE)
+    dx = x[j] - x[i]
+    keep = np.abs(dx) > eps
+    slope = float(np.median((y[j] - y[i])[keep] / dx[keep])) if keep.any() else float(fallback_slope)
     if clamp:
         slope = max(slope, 0.0)
-    intercept = _median([y - slope * x for x, y in zip(xs, ys)])
+    intercept = float(np.median(y - slope * x)) if n else 0.0
     return intercept, slope
 
 
-def _wls(xs: Sequence[float], ys: Sequence[float], ws: Sequence[float]) -> tuple[float, float] | None:
+def _wls(x: np.ndarray, y: np.ndarray, w: np.ndarray) -> tuple[float, float] | None:
     """Weighted least-squares line, slope clamped at zero; None when x carries no information."""
-    total = sum(ws)
+    total = float(w.sum())
     if total <= 0:
         return None
-    mx = sum(w * x for w, x in zip(ws, xs)) / total
-    my = sum(w * y for w, y in zip(ws, ys)) / total
-    sxx = sum(w * (x - mx) ** 2 for w, x in zip(ws, xs))
+    mx = float((w * x).sum()) / total
+    my = float((w * y).sum()) / total
+    sxx = float((w * (x - mx) ** 2).sum())
     if sxx <= 1e-12 * max(1.0, mx * mx) * total:
         return None
-    b = sum(w * (x - mx) * (y - my) for w, x, y in zip(ws, xs, ys)) / sxx
+    b = float((w * (x - mx) * (y - my)).sum()) / sxx
     if b < 0:
         return my, 0.0
     return my - b * mx, b
 
 
 def huber_refine(
-    xs: Sequence[float],
-    ys: Sequence[float],
+    xs: Sequence[float] | np.ndarray,
+    ys: Sequence[float] | np.ndarray,
     start: tuple[float, float],
     *,
     proportional: bool,
@@ -324,19 +325,24 @@ def huber_refine(
     points while capping the pull of outliers. With ``proportional`` each residual is scaled by the
     fitted value (at least ``floor``), which is the right weighting when spread grows with size.
     """
+    x = np.asarray(xs, dtype=float)
+    y = np.asarray(ys, dtype=float)
     a, b = start
+    xmax = float(x.max()) if x.size else 1.0
     for _ in range(iterations):
-        scales = [max(a + b * x, floor) if proportional else 1.0 for x in xs]
-        z = [(y - (a + b * x)) / s for x, y, s in zip(xs, ys, scales)]
-        spread = _median([abs(v) for v in z]) * 1.4826
+        s = np.maximum(a + b * x, floor) if proportional else np.ones_like(x)
+        z = (y - (a + b * x)) / s
+        az = np.abs(z)
+        spread = float(np.median(az)) * 1.4826 if az.size else 0.0
         if spread <= 0:
             break
         cut = _HUBER_K * spread
-        ws = [min(1.0, cut / abs(v)) / (s * s) if v else 1.0 / (s * s) for v, s in zip(z, scales)]
-        line = _wls(xs, ys, ws)
+        with np.errstate(divide="ignore"):
+            w = np.where(z != 0, np.minimum(1.0, cut / az), 1.0) / (s * s)
+        line = _wls(x, y, w)
         if line is None:
             break
-        done = abs(line[0] - a) + abs(line[1] - b) * (max(xs) if xs else 1.0) < 1e-6 * (1.0 + abs(a))
+        done = abs(line[0] - a) + abs(line[1] - b) * xmax < 1e-6 * (1.0 + abs(a))
         a, b = line
         if done:
             break
@@ -374,21 +380,23 @@ def fit_line(
             fx.append(x)
             fy.append(prior_intercept + prior_slope * x)
     n = len(xs)
+    fxa, fya = np.asarray(fx, dtype=float), np.asarray(fy, dtype=float)
+    xa, ya = fxa[:n], fya[:n]  # the real samples: the prior points come after them
 
-    start = theil_sen(fx, fy, prior_slope)
+    start = theil_sen(fxa, fya, prior_slope)
 
-    a, b = huber_refine(fx, fy, start, proportional=False)
-    res_abs = [y - (a + b * x) for x, y in zip(xs, ys)]
+    a, b = huber_refine(fxa, fya, start, proportional=False)
+    res_abs = ya - (a + b * xa)
     q_abs = _upper_quantile(res_abs, quantile_q)
-    loss_abs = _pinball((r - q_abs for r in res_abs), quantile_q)
+    loss_abs = _pinball(res_abs - q_abs, quantile_q)
     absolute = LineFit(n, a, b, a + q_abs, b, "absolute", q_abs)
 
-    floor = max(_REL_FLOOR_MB, _REL_FLOOR_FRACTION * _median([abs(y) for y in ys]))
-    ar, br = huber_refine(fx, fy, start, proportional=True, floor=floor)
-    scales = [max(ar + br * x, floor) for x in xs]
-    res_rel = [y - (ar + br * x) for x, y in zip(xs, ys)]
-    q_rel = _upper_quantile([r / s for r, s in zip(res_rel, scales)], quantile_q)
-    loss_rel = _pinball((r - q_rel * s for r, s in zip(res_rel, scales)), quantile_q)
+    floor = max(_REL_FLOOR_MB, _REL_FLOOR_FRACTION * _median(np.abs(ya)))
+    ar, br = huber_refine(fxa, fya, start, proportional=True, floor=floor)
+    scales = np.maximum(ar + br * xa, floor)
+    res_rel = ya - (ar + br * xa)
+    q_rel = _upper_quantile(res_rel / scales, quantile_q)
+    loss_rel = _pinball(res_rel - q_rel * scales, quantile_q)
     relative = LineFit(n, ar, br, ar * (1.0 + q_rel), br * (1.0 + q_rel), "relative", q_rel)
 
     return absolute if loss_abs < _ABSOLUTE_PREFERENCE * loss_rel else relative
@@ -432,6 +440,7 @@ class MemoryModel:
         self._kills: deque[_Sample] = deque(maxlen=self.window)
         self._fit_cache: _Fit | None = None
         self._dirty = True
+        self._unfitted = 0  # samples observed since the last fit
 
     @property
     def n_samples(self) -> int:
@@ -449,7 +458,20 @@ class MemoryModel:
         if g is None or not isinstance(features, FileFeatures):
             return
         self._samples.append(_Sample(features, max(g, 0.0)))
-        self._dirty = True
+        self._unfitted += 1
+        if not self._dirty and not self._still_fits(features, g):
+            self._dirty = True
+
+    def _still_fits(self, features: FileFeatures, growth_mb: float) -> bool:
+        """Whether the current fit may wait for this sample: it lies under the fitted upper line
+        and few samples are waiting. A sample above the line is taken at once (the bound may be
+        too low, which is what costs kills); one under it shifts a fit of many files by little, so
+        refits of a full window (milliseconds of loop time each) come every few percent of it."""
+        if self._fit_cache is None or features.span_s is None:
+            return False
+        if self._unfitted >= max(1, int(_REFIT_SHARE * len(self._samples))):
+            return False
+        return growth_mb <= self.predict(features).upper / (1.0 + self.margin)
 
     def calibrate(self, features: FileFeatures, growth_mb: float) -> None:
         """A probe span a worker measured on itself at READY; recent probes of a length are kept."""
@@ -475,6 +497,7 @@ class MemoryModel:
         if self._dirty:
             self._fit_cache = self._fit()
             self._dirty = False
+            self._unfitted = 0
         return self._fit_cache
 
     def _points(self) -> tuple[list[float], list[float], list[float], int, int]:
@@ -749,20 +772,20 @@ class Predictor:
         self._initial_baseline = float(baseline_mb)
         self._initial_measured = baseline_measured
         self._baselines: deque[float] = deque(maxlen=self.BASELINE_WINDOW - 1)
+        self._baseline_mb = self._initial_baseline
 
     @property
     def baseline_mb(self) -> float:
         """A high quantile of recent READY baselines: workers differ, admission must not undercount.
         A configured guess (``baseline_measured=False``) counts only until a worker is measured."""
-        if not self._baselines:
-            return self._initial_baseline
-        first = [self._initial_baseline] if self._initial_measured else []
-        return quantile([*first, *self._baselines], self.BASELINE_QUANTILE)
+        return self._baseline_mb
 
     def observe_baseline(self, uss_mb: float) -> None:
         v = _finite(uss_mb)
         if v is not None and v >= 0:
             self._baselines.append(v)
+            first = [self._initial_baseline] if self._initial_measured else []
+            self._baseline_mb = quantile([*first, *self._baselines], self.BASELINE_QUANTILE)
 
     def observe_growth(self, features: FileFeatures | dict | None, growth_mb: float) -> None:
         """A finished file's growth on the work its model really did (``result.features_run``);

@@ -187,6 +187,26 @@ def test_window_keeps_recent_samples() -> None:
     assert central == pytest.approx(true_growth(whole(60.0)), rel=1e-6)
 
 
+def test_a_sample_above_the_bound_refits_at_once_and_ones_under_it_wait_their_share() -> None:
+    model, rng = trained(seed=3, n=200, noise=0.05)
+    before, _ = model.predict_growth(whole(60.0))  # upper line and margin
+    fitted = model.fit()
+    # Under the line: the fit waits (a refit of a full window costs the loop milliseconds)...
+    for _ in range(int(200 * 0.05) - 1):
+        f = whole(rng.uniform(5.0, 120.0))
+        model.observe(f, true_growth(f) * 0.9)
+        assert model.fit() is fitted
+    # ...until the waiting samples are a twentieth of the window.
+    model.observe(whole(30.0), true_growth(whole(30.0)) * 0.9)
+    refitted = model.fit()
+    assert refitted is not fitted and refitted.n_files == 210
+    # A file that grew past the fitted upper line is taken at once: the bound may be too low.
+    for k in range(1, 4):
+        model.observe(whole(60.0), before * 1.05)
+        assert model.fit() is not refitted and model.fit().n_files == 210 + k
+        refitted = model.fit()
+
+
 def test_bump_after_kill() -> None:
     assert bump_after_kill(1000.0, 0.0) == 1256.0  # +256 MiB dominates small peaks
     assert bump_after_kill(4000.0, 0.0) == 4800.0  # x1.2 dominates large ones

@@ -115,6 +115,8 @@ def test_worker_calibrates_at_ready_and_reports_progress_and_features(tmp_path, 
     proc = _worker({"profile": profile, "baseline_mb": 20, "mb_per_audio_second": mb_per_s,
                     "cpu_seconds_per_audio_second": 0.005, "span_seconds": 30})
     try:
+        loaded = protocol.read_frame(proc.stdout)  # the model is in memory, the probes follow
+        assert loaded["type"] == protocol.LOADED and loaded["uss_mb"] >= loaded["dirty_mb"] > 0
         ready = protocol.read_frame(proc.stdout)
         assert ready["type"] == protocol.READY
         probes = ready["calibration"]
@@ -148,6 +150,7 @@ def test_worker_calibrates_at_ready_and_reports_progress_and_features(tmp_path, 
 def test_calibration_can_be_turned_off(tmp_path):
     proc = _worker({"calibrate": False, "baseline_mb": 10})
     try:
+        assert protocol.read_frame(proc.stdout)["type"] == protocol.LOADED
         ready = protocol.read_frame(proc.stdout)
         assert ready["type"] == protocol.READY and ready["calibration"] == []
     finally:

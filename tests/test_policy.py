@@ -47,6 +47,25 @@ def test_no_second_spawn_while_one_is_starting():
     assert p.decide(snap(workers=[starting], pending=[pend("a", 500), pend("b", 500)])) == []
 
 
+def test_the_next_worker_starts_loading_once_the_last_has_loaded_within_its_predicted_baseline():
+    p = MemoryPolicy(Bands())
+    work = [pend("a", 500), pend("b", 500)]
+    loaded = WorkerView(id=1, state="starting", pss_mb=900, uss_mb=900, loaded_private_mb=900)
+    assert acts(p.decide(snap(workers=[loaded], pending=work, baseline=1000.0))) == [(Act.SPAWN, None, "b")]
+    # Loaded over the prediction: the baseline is not what was thought, so wait for its READY.
+    heavy = WorkerView(id=1, state="starting", pss_mb=1200, uss_mb=1200, loaded_private_mb=1200)
+    assert p.decide(snap(workers=[heavy], pending=work, baseline=1000.0)) == []
+    # A probing worker is still a starting one: its predicted baseline stays counted, so no room
+    # for a second means no spawn.
+    assert p.decide(snap(workers=[loaded], pending=work, baseline=1000.0, budget=2800.0)) == []
+    # The probing worker takes the head once READY: a new worker must leave the head its room,
+    # even where a smaller file would fit beside the new worker.
+    big_first = [pend("big", 3000), pend("small", 200)]
+    assert p.decide(snap(workers=[loaded], pending=big_first, baseline=1000.0, budget=5500.0)) == []
+    assert acts(p.decide(snap(workers=[loaded], pending=big_first, baseline=1000.0, budget=6500.0))) == [
+        (Act.SPAWN, None, "small")]
+
+
 def test_spawn_counts_starting_baseline_and_respects_max_workers():
     p = MemoryPolicy(Bands())
     ws = [busy(i, uss=1000, growth=0) for i in range(1, 5)]

@@ -69,6 +69,8 @@ def test_ready_job_result_and_shutdown(tmp_path):
                            env={**os.environ, "PYTHONPATH": str(ROOT)})
         w = await pool.spawn()
         ev = await _next(events, "message")
+        assert ev.msg["type"] == protocol.LOADED and ev.msg["pid"] == w.pid
+        ev = await _next(events, "message")
         assert ev.msg["type"] == protocol.READY and ev.msg["pid"] == w.pid
         await pool.send(w, {"type": protocol.JOB, "job": "j1", "input": str(cha), "output": str(tmp_path / "o.cha"),
                             "media": str(cha.with_suffix(".wav")), "rel": "f000.cha"})

@@ -37,6 +37,8 @@ async def _ready(events_q: asyncio.Queue, n: int, timeout: float = 60) -> dict[i
     ready: dict[int, dict] = {}
     while len(ready) < n:
         ev = await _next(events_q, "message", timeout)
+        if ev.msg["type"] == protocol.LOADED:
+            continue
         assert ev.msg["type"] == protocol.READY, ev.msg
         ready[ev.worker.id] = ev.msg
     return ready

@@ -237,6 +237,9 @@ def main(argv: list[str] | None = None) -> int:
         channel.send({"type": protocol.BOOT_ERROR, "error": f"{args.engine}: {type(exc).__name__}: {exc}"})
         log.error("boot_failed", traceback=traceback.format_exc())
         return protocol.EXIT_BOOT_ERROR
+    # Loaded: the supervisor may start the next worker's load while this one runs its probes.
+    channel.send({"type": protocol.LOADED, "pid": os.getpid(), "startup_s": round(time.monotonic() - t0, 3),
+                  **{k: round(v, 1) for k, v in _own_memory_mb().items()}})
     probes = calibrate(engine, options, log)
     mem = _own_memory_mb()
     channel.send({"type": protocol.READY, "pid": os.getpid(), "protocol": protocol.PROTOCOL_VERSION,

@@ -27,6 +27,7 @@ EXIT_PROTOCOL_ERROR = 4  # the supervisor sent garbage or the pipe broke mid-fra
 EXIT_PARENT_GONE = 5  # the supervisor died; the worker left instead of holding memory
 
 # Message types, worker -> supervisor
+LOADED = "loaded"  # {pid, rss_mb, uss_mb, pss_mb, startup_s}: the model is loaded; probes follow, then READY
 READY = "ready"  # {pid, rss_mb, uss_mb, pss_mb, engine, model, device, protocol, startup_s,
 #                   calibration: [{features{FileFeatures}, growth_mb}] (probe spans measured at load)}
 HEARTBEAT = "heartbeat"  # {job, progress (0..1 or null), rss_mb}

@@ -40,8 +40,9 @@ def clear_hwm() -> None:
 
 
 def own_memory_mb(pid: int | str = "self") -> dict[str, float]:
-    """RSS/USS/PSS of this process (or of ``pid``) from smaps_rollup."""
-    out = {"rss_mb": 0.0, "uss_mb": 0.0, "pss_mb": 0.0}
+    """RSS/USS/PSS of this process (or of ``pid``) from smaps_rollup, and its private dirty pages
+    (``dirty_mb``: what no other process can share; memory-mapped weights are clean)."""
+    out = {"rss_mb": 0.0, "uss_mb": 0.0, "pss_mb": 0.0, "dirty_mb": 0.0}
     try:
         with open(f"/proc/{pid}/smaps_rollup", "rb") as fh:
             for line in fh:
@@ -53,9 +54,11 @@ def own_memory_mb(pid: int | str = "self") -> dict[str, float]:
                     out["pss_mb"] = int(kb) / 1024
                 elif key in (b"Private_Clean", b"Private_Dirty"):
                     out["uss_mb"] += int(kb) / 1024
+                    if key == b"Private_Dirty":
+                        out["dirty_mb"] = int(kb) / 1024
     except OSError:
         rss = read_status_kb("VmRSS", pid)
-        out["rss_mb"] = out["uss_mb"] = out["pss_mb"] = (rss or 0.0) / 1024
+        out["rss_mb"] = out["uss_mb"] = out["pss_mb"] = out["dirty_mb"] = (rss or 0.0) / 1024
     return out
 
 

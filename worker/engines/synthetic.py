@@ -62,6 +62,7 @@ class SyntheticEngine(Engine):
         self.cpu_per_audio_second = float(options.get("cpu_seconds_per_audio_second", 0.02))
         self._baseline = _touch(int(float(options.get("baseline_mb", 40.0)) * 2**20))
         time.sleep(float(options.get("boot_seconds", 0.0)))  # a slow model load (a dead network mount)
+        self.probe_seconds = float(options.get("probe_seconds", 0.0))
 
     def _grow(self, seconds: float, cpu_per_s: float, on_step=None) -> None:
         """Hold ``mb_per_audio_second x seconds`` built up over STEPS steps of CPU work, then let go."""
@@ -122,6 +123,7 @@ class SyntheticEngine(Engine):
             gc.collect()
             with selfmem.PeakWatch() as watch:
                 self._grow(float(seconds), 0.0)
+                time.sleep(self.probe_seconds)
             feats = FileFeatures(audio_s=seconds, longest_span_s=seconds, n_spans=1, windows=0)
             out.append({"features": feats.to_dict(), "growth_mb": round(watch.growth_mb, 1)})
         gc.collect()
