@@ -709,7 +709,7 @@ def print_table(model: str, scores: list[Score], extra: list[Score] = ()) -> Non
                          ("f*", [s for s in scores if s.name.startswith("f")])):
         if group:
             print(f"{label:6} {sum(s.words for s in group):5d} {sum(s.aligned for s in group):7d} "
-                  f"{np.mean([s.model_ms for s in group]):9.1f} {np.mean([s.baseline_ms for s in group]):12.1f}")
+                  f"{np.nanmean([s.model_ms for s in group]):9.1f} {np.mean([s.baseline_ms for s in group]):12.1f}")
     for s in extra:
         print(f"{s.name:7} {s.words:4d} {s.aligned:7d} {s.model_ms:9.1f} {s.baseline_ms:12.1f} {s.seconds:7.2f}")
 

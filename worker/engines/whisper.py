@@ -49,6 +49,11 @@ MAX_NEW_TOKENS = 224  # a 30 s window holds far fewer words; stops runaway repet
 DEFAULT_MODEL = "openai/whisper-base"
 PRIOR_WEIGHT = 1.0  # squeeze repair: how hard the re-run path is pulled towards even speech
 PRIOR_WIDTH = 0.25  # ... and how far from it (a share of the utterance) it may stray for free-ish
+# Alignment heads whose rows were measured to peak at a token's beginning (40-60 ms into it), so that
+# its onset is where the row's attention rises: Whisper base's. tiny.en's heads peak about 190 ms into
+# a token (the path's entries already come late there), so the onset reading would move starts later
+# still: off for it and for any model not measured.
+ONSET_HEADS = {((3, 1), (4, 2), (4, 3), (4, 7), (5, 1), (5, 2), (5, 4), (5, 6))}
 PEAKED = 4.0  # onsets are read only where a token's attention peaks at this many times a flat row's
 CONTEXT_AFTER_S = 1.0  # audio past a bullet's end the DTW may run into (human bullets often end early)
 
@@ -59,8 +64,10 @@ class Steps:
     on real and synthetic speech (``bench/alignment_accuracy.py --ablation``); one is on by default
     only where it does not cost accuracy on real speech."""
 
-    onsets: bool = True  # a token starts at its row's attention onset, not where the DTW path enters the row
-    joint: bool = True  # force a span's utterances together from its window start, not each alone
+    # a token starts at its row's attention onset, not where the DTW path enters the row; None: where
+    # the model's alignment heads are known to peak at a token's beginning (ONSET_HEADS)
+    onsets: bool | None = None
+    joint: bool = False  # force a span's utterances together from its window start, not each alone
     snap_pauses: bool = True  # a word boundary near a pause moves onto the pause
     trim_quiet: bool = False  # quiet frames at a word's edges are cut off it (off: a stop's closure is quiet but part of its word)
     repair_squeezed: bool = True  # a path that piles words into a sliver is re-run with a prior
@@ -76,7 +83,9 @@ class Steps:
         """The engine options that name a step (``joint``, ``snap_pauses``, ...) override its default."""
         given = {f.name: options[f.name] for f in fields(cls) if options.get(f.name) is not None}
         try:
-            return replace(cls(), **{k: int(v) if k == "median_width" else _flag(v) for k, v in given.items()})
+            return replace(cls(), **{k: int(v) if k == "median_width" else
+                                     None if k == "onsets" and str(v).strip().lower() == "auto" else _flag(v)
+                                     for k, v in given.items()})
         except ValueError as exc:
             raise BootError(f"whisper option: {exc}") from None
 
@@ -345,6 +354,7 @@ class WhisperAligner(SpanAligner):
         self.prefix = self._prefix(gen, cfg)
         self.max_tokens = int(cfg.max_target_positions)
         self.heads = self._alignment_heads(gen, cfg)
+        self.onset_heads = tuple(self.heads) in ONSET_HEADS
         self._eager_cross_attention({layer for layer, _ in self.heads})
 
     @classmethod
@@ -368,6 +378,11 @@ class WhisperAligner(SpanAligner):
                        max_span_s=max_span_s, steps=steps)
         except (KeyError, ValueError, AttributeError, TypeError) as exc:
             raise BootError(f"cannot load model {model_id!r}: not a usable Whisper model ({exc})") from None
+
+    def use_onsets(self) -> bool:
+        """Whether word starts are read at the attention onsets (``Steps.onsets``; by default where
+        the model's alignment heads are known to peak at a token's beginning)."""
+        return self.steps.onsets if self.steps.onsets is not None else self.onset_heads
 
     def use_languages(self, codes: list[str]) -> None:
         """Every ``@Languages`` code of the next transcript. With two or more that the model knows
@@ -556,13 +571,13 @@ class WhisperAligner(SpanAligner):
                    utts: list[UttRequest]) -> list[UttResult]:
         """Word times (absolute seconds) for each utterance, each kept inside its own bullet.
 
-        With ``Steps.joint`` (the default: on the real recordings it placed the boundaries between
-        neighbouring utterances better than forcing each alone) a span that fits Whisper's window is
-        encoded once and its utterances forced together in time order from the window's start, as
-        Whisper's decoder expects the text of everything it hears from there; utterances past the
-        decoder's token budget start a new window. Without it each utterance is aligned alone, its
-        bullet's audio encoded as a window of its own. An utterance longer than the window is
-        aligned piece by piece either way.
+        By default each utterance is aligned alone, its bullet's audio encoded as a window of its
+        own (with word starts read at the attention onsets this placed the real recordings' word
+        boundaries and recovered utterances better than forcing a span together). With
+        ``Steps.joint`` a span that fits Whisper's window is encoded once and its utterances forced
+        together in time order from the window's start, as Whisper's decoder expects the text of
+        everything it hears from there; utterances past the decoder's token budget start a new
+        window. An utterance longer than the window is aligned piece by piece either way.
         """
         audio = np.asarray(audio, dtype=np.float32).reshape(-1)
         done: dict[int, UttResult] = {}
@@ -701,7 +716,7 @@ class WhisperAligner(SpanAligner):
         weights = self._cross_attention(window.enc, tokens, window.prefix)[:, :, : window.n_frames]
         steps = self.steps
         starts = first_frames(attention_matrix(weights, steps.median_width, steps.renormalize))
-        level = attention_level(weights, steps.median_width, steps.renormalize) if steps.onsets else None
+        level = attention_level(weights, steps.median_width, steps.renormalize) if self.use_onsets() else None
         if level is not None and peaked(level):
             starts = onset_frames(level, starts)
         bounds = np.cumsum([0] + [len(g) for g in groups])
@@ -815,7 +830,7 @@ class _Window:
         word it starts after the bullet's end is left untimed (the driver names it)."""
         steps = self.aligner.steps
         matrix = attention_matrix(weights, steps.median_width, steps.renormalize)
-        level = attention_level(weights, steps.median_width, steps.renormalize) if steps.onsets else None
+        level = attention_level(weights, steps.median_width, steps.renormalize) if self.aligner.use_onsets() else None
 
         def squeezed(times) -> bool:
             placed = [(t, w) for t, w in zip(times, utt.words) if t is not None]
@@ -823,7 +838,7 @@ class _Window:
 
         entries = first_frames(matrix)
         times = self._word_times(utt, word_toks, f0, f1, entries, matrix.shape[1])
-        if steps.onsets and peaked(level):
+        if level is not None and peaked(level):
             # Onsets are read only where the attention has peaks to read: onsets that squeeze words
             # the path's own entries did not (diffuse attention, noisy audio) are not used.
             read = self._word_times(utt, word_toks, f0, f1, onset_frames(level, entries), matrix.shape[1])
