@@ -483,14 +483,19 @@ def _run(engine, text: str, folder: Path, media: Path, cache: Path):
 def _squeezed(times: list[Span | None], words: list[str]) -> bool:
     from worker.engines.plausibility import squeezed
 
-    kept = [(t, w) for t, w in zip(times, words) if t is not None]
+    kept = [(t, _spoken(w)) for t, w in zip(times, words) if t is not None]
     return squeezed([t for t, _ in kept], [w for _, w in kept])
+
+
+def _spoken(word: str) -> str:
+    """A CHAT word as said, its ``@`` marker (``fiu@s:hun``) dropped, as the engine is given it."""
+    return word.split("@", 1)[0] or word
 
 
 def _stretched(times: list[Span | None], words: list[str]) -> bool:
     from worker.engines.plausibility import stretched
 
-    return bool(stretched(times, words))
+    return bool(stretched(times, [_spoken(w) for w in words]))
 
 
 def score_real_words(engine, name: str, cha: Path, media: Path, workdir: Path) -> RealScore | None:

@@ -619,6 +619,22 @@ def test_steps_come_from_engine_options():
         W.Steps.from_options({"trim_quiet": "maybe"})
 
 
+def test_onsets_default_to_the_alignment_heads_measured_to_peak_at_a_tokens_beginning(aligner, monkeypatch):
+    """Where a row's attention peaks is a property of the alignment heads: the onset reading is on by
+    default only for heads known to peak at a token's beginning (Whisper base's); an option forces it."""
+    assert W.Steps().onsets is None and W.Steps.from_options({"onsets": "auto"}).onsets is None
+    assert W.Steps.from_options({"onsets": "off"}).onsets is False
+    assert aligner.heads == [(1, 0), (1, 1)] and not aligner.use_onsets()  # the tiny random model
+    monkeypatch.setattr(aligner, "steps", W.Steps(onsets=True))
+    assert aligner.use_onsets()
+    monkeypatch.setattr(aligner, "steps", W.Steps())
+    monkeypatch.setattr(aligner, "onset_heads", tuple(aligner.heads) in {((1, 0), (1, 1))})
+    assert aligner.use_onsets()
+    base = ((3, 1), (4, 2), (4, 3), (4, 7), (5, 1), (5, 2), (5, 4), (5, 6))
+    tiny_en = ((1, 0), (2, 0), (2, 5), (3, 0), (3, 1), (3, 2), (3, 3), (3, 4))
+    assert base in W.ONSET_HEADS and tiny_en not in W.ONSET_HEADS
+
+
 def test_no_attention_map_but_the_alignment_layers_cross_attention_is_ever_made(aligner, two_utterances):
     """Forced alignment must never materialise the encoder's self-attention maps (1500 x 1500 per
     head and layer): every attention module of the model is watched during a span, and only the
