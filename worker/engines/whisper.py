@@ -820,10 +820,12 @@ class _Window:
 
     def _times(self, utt: UttRequest, word_toks: list[list[int]], f0: int, f1: int,
                weights: torch.Tensor) -> UttResult:
-        """Word times from the DTW path; a path that squeezes words into a sliver of the bullet is
-        re-run once on a better-conditioned matrix (:func:`first_frames_prior`). If the words are
-        still squeezed, the result goes back as it is: the driver's plausibility check reports the
-        utterance and keeps its bullet.
+        """Word times from the DTW path, each token's start read at its attention onset where the
+        model and the utterance allow it (:func:`onset_frames`, :func:`peaked`); a path that
+        squeezes words into a sliver of the bullet is re-run once on a better-conditioned matrix
+        (:func:`first_frames_prior`). If the words are still squeezed, the result goes back as it
+        is: the driver's plausibility check reports the utterance and keeps its bullet. A word
+        longer than it can be said is cut to its own attention (:meth:`_cut_stretched`).
 
         ``weights`` may reach past the bullet's end (``Steps.context_after``): the path is then
         not forced to cram words the speaker was still saying into the bullet's last frames, and a
