@@ -741,3 +741,17 @@ def test_context_after_the_bullet_lets_words_said_past_its_end_go_untimed(aligne
     monkeypatch.setattr(aligner, "steps", W.Steps(context_after=False, repair_squeezed=False))
     (res,) = aligner.align_span(audio, 10.0, [cut])
     assert widths == [inside] and all(t is not None for t in res.words)
+
+
+def test_the_utterances_outer_edges_move_off_the_pauses_around_it():
+    """No neighbouring word to snap to at an utterance's edges: a pause under the first word's start
+    or the last word's end (DTW hands it to them) is taken off them, interior edges left alone."""
+    quiet = np.zeros(100, dtype=bool)
+    quiet[0:30] = True  # leading pause inside the window
+    quiet[50:53] = True  # a closure-length quiet run inside the second word: no pause, no outer edge
+    quiet[80:100] = True  # trailing pause
+    frames = word_frames([0, 40, 60, 100], quiet, 0, 100, snap=True, trim=False)
+    assert frames[0][0] == 30 and frames[-1][1] == 80
+    assert frames[1] == (40, 60)
+    frames = word_frames([0, 40, 60, 100], quiet, 0, 100, snap=False, trim=False)
+    assert frames[0][0] == 0 and frames[-1][1] == 100

@@ -274,7 +274,9 @@ def word_frames(bounds: list[int], quiet: np.ndarray, lo: int = 0, hi: int | Non
     DTW makes words contiguous, so a pause goes to one of the words around it and the boundary
     can land a little inside a neighbour. A boundary with a pause (at least ``MIN_PAUSE_S``) within
     ``SNAP_S`` of it moves onto that pause: the earlier word ends where the pause starts and the
-    later one starts where it ends. Quiet frames left at either edge of a word are trimmed. The
+    later one starts where it ends; the first word starts after a pause under its start and the
+    last word ends before a pause under its end. Quiet frames left at either edge of a word are
+    trimmed (``trim``). The
     result is ordered and disjoint inside [lo, hi), each word one frame or more where there is room.
     ``snap`` and ``trim`` turn the pause snapping and the edge trimming off (see :class:`Steps`).
     """
@@ -294,6 +296,16 @@ def word_frames(bounds: list[int], quiet: np.ndarray, lo: int = 0, hi: int | Non
                 best = ((dist, ra - rb), ra, rb)
         if best is not None:
             ends[k - 1], starts[k] = best[1], best[2]
+    # The utterance's outer edges border the pauses around it and have no neighbouring word to
+    # snap to: DTW hands a leading or trailing pause to the first or last word (seconds of it, in
+    # a window opened on a loose bullet). The first word starts where a pause under its start
+    # ends, the last word ends where a pause under its end starts.
+    if runs and n:
+        for ra, rb in runs:
+            if ra <= starts[0] < rb and rb < ends[0]:
+                starts[0] = rb
+            if ra < ends[-1] <= rb and ra > starts[-1]:
+                ends[-1] = ra
     trimmed = []
     for a, b in zip(starts, ends):
         b = max(b, a + 1)
