@@ -246,3 +246,41 @@ def test_remote_whisper_spans_give_the_same_times_as_the_local_model(tmp_path):
         assert _cache_tag(remote) == _cache_tag(local)  # the result cache is shared across modes
     finally:
         stop.set()
+
+
+def test_whisper_spans_waiting_together_are_encoded_as_one_batch_with_the_same_times(tmp_path):
+    from test_whisper import build_tiny_whisper, real_whisper
+    from worker.engines.whisper import WhisperAligner
+
+    folder = build_tiny_whisper(tmp_path / "whisper", real_whisper("tiny.en"))
+    local = WhisperAligner.load(str(folder), threads=1)
+    local.use_language("eng")
+    audios = [_noise(s, seed=i) for i, s in enumerate((6.0, 9.5, 4.0))]
+    utts = [[UttRequest(0, 0.5, 2.5, ["hello", "world"]), UttRequest(1, 3.0, 5.5, ["good", "day", "now"])],
+            [UttRequest(0, 1.0, 8.0, ["one", "two", "three", "four"])],
+            [UttRequest(0, 0.2, 3.5, ["yes", "no"])]]
+    alone = [local.align_span(a, 0.0, u) for a, u in zip(audios, utts)]
+    # In process: the windows encoded ahead in one pass are the ones the spans then use.
+    assert local.prepare_spans(audios) == 3 and len(local._prepared) == 3
+    assert [local.align_span(a, 0.0, u) for a, u in zip(audios, utts)] == alone
+    assert local._prepared == {}
+
+    srv, stop = _serve(local, str(tmp_path / "s.sock"), batch_wait_s=0.3)
+    try:
+        got: dict[int, list] = {}
+
+        def client(i):
+            remote = remote_aligner(Connection(str(tmp_path / "s.sock")))
+            remote.use_language("eng")
+            got[i] = remote.align_span(audios[i], 0.0, utts[i])
+
+        threads = [threading.Thread(target=client, args=(i,)) for i in range(3)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert srv.stats["batches"] >= 1 and srv.stats["batched"] >= 2
+        assert [got[i] for i in range(3)] == alone
+        assert local._prepared == {}  # nothing encoded ahead is kept past its batch
+    finally:
+        stop.set()
