@@ -36,6 +36,7 @@ SAMPLE_RATE = 16000
 WINDOW_S = 30.0  # Whisper's fixed input window
 FRAME_S = 0.02  # one encoder frame (two 10 ms mel frames)
 SAMPLES_PER_FRAME = int(SAMPLE_RATE * FRAME_S)
+ENCODE_BATCH = 8  # windows a model server encodes in one pass (see WhisperAligner.prepare_spans)
 MEDIAN_WIDTH = 7
 MIN_RANGE_DB = 30.0  # loud-to-floor range below which no frame counts as a pause
 QUIET_FRACTION = 0.2
@@ -433,11 +434,16 @@ class WhisperAligner(SpanAligner):
         wins = [w for w in (np.asarray(a, dtype=np.float32).reshape(-1) for a in audios) if 0 < len(w) <= limit]
         if len(wins) < 2:
             return 0
-        feats = self.processor.feature_extractor(wins, sampling_rate=SAMPLE_RATE, return_tensors="pt").input_features
-        with torch.inference_mode():
-            enc = self.hf.model.encoder(feats.to(self.device, self._feat_dtype)).last_hidden_state
-        for i, w in enumerate(wins):
-            self._prepared[_digest(w)] = (enc[i:i + 1], min(enc.shape[1], -(-len(w) // SAMPLES_PER_FRAME)))
+        # At most ENCODE_BATCH windows per pass: the encoder's transient activations grow with the
+        # batch (large-v2's feed-forward layer: about 15 MiB per fp16 window), the weights do not.
+        for k in range(0, len(wins), ENCODE_BATCH):
+            part = wins[k:k + ENCODE_BATCH]
+            feats = self.processor.feature_extractor(part, sampling_rate=SAMPLE_RATE,
+                                                     return_tensors="pt").input_features
+            with torch.inference_mode():
+                enc = self.hf.model.encoder(feats.to(self.device, self._feat_dtype)).last_hidden_state
+            for i, w in enumerate(part):
+                self._prepared[_digest(w)] = (enc[i:i + 1], min(enc.shape[1], -(-len(w) // SAMPLES_PER_FRAME)))
         return len(wins)
 
     def drop_prepared(self) -> None:
