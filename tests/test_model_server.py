@@ -284,3 +284,23 @@ def test_whisper_spans_waiting_together_are_encoded_as_one_batch_with_the_same_t
         assert local._prepared == {}  # nothing encoded ahead is kept past its batch
     finally:
         stop.set()
+
+
+def test_more_whisper_windows_than_one_pass_takes_are_encoded_in_several(tmp_path, monkeypatch):
+    from test_whisper import build_tiny_whisper, real_whisper
+    from worker.engines import whisper as wmod
+
+    folder = build_tiny_whisper(tmp_path / "whisper", real_whisper("tiny.en"))
+    local = wmod.WhisperAligner.load(str(folder), threads=1)
+    local.use_language("eng")
+    passes = []
+    encoder = local.hf.model.encoder
+    real_forward = encoder.forward
+    monkeypatch.setattr(encoder, "forward", lambda feats, *a, **k: passes.append(len(feats)) or real_forward(feats, *a, **k))
+    audios = [_noise(1.5, seed=i) for i in range(wmod.ENCODE_BATCH + 3)]
+    utt = [UttRequest(0, 0.1, 1.4, ["hi", "there"])]
+    assert local.prepare_spans(audios) == len(audios)
+    assert passes == [wmod.ENCODE_BATCH, 3]
+    batched = [local.align_span(a, 0.0, utt) for a in audios]
+    assert local._prepared == {} and passes == [wmod.ENCODE_BATCH, 3]  # every span took its window
+    assert batched == [local.align_span(a, 0.0, utt) for a in audios]
