@@ -199,8 +199,12 @@ class SpanServer:
         prepare = getattr(self.aligner, "prepare_spans", None)
         if prepare is None or len(spans) < 2:
             return
+        from worker.align import UttRequest  # noqa: PLC0415
+
         try:
-            n = prepare([r.audio for r in spans])
+            n = prepare([(r.audio, float(r.header["span_start_s"]),
+                          [UttRequest(int(i), float(s), float(e), list(w)) for i, s, e, w in r.header["utts"]])
+                         for r in spans])
         except Exception as exc:  # noqa: BLE001 - a batch that fails: each span encodes its own
             self.aligner.drop_prepared()
             if _is_oom(exc):

@@ -423,15 +423,21 @@ class WhisperAligner(SpanAligner):
 
     # -- model passes --------------------------------------------------------------------------
 
-    def prepare_spans(self, audios: list[np.ndarray]) -> int:
-        """Encode the first window of each of these spans in one encoder pass (a model server's
-        batch: the encoder is most of the work, and one pass over a batch keeps a GPU busy where
-        one window at a time leaves it idle); ``align_span`` on the same samples then takes its
-        states from here. Returns how many windows were encoded together."""
-        if not self.steps.joint:
-            return 0  # each utterance is its own window: nothing is known about them here
+    def prepare_spans(self, spans: list[tuple[np.ndarray, float, list[UttRequest]]]) -> int:
+        """Encode the windows these spans will start with (``(audio, span_start_s, utts)`` as for
+        ``align_span``) in as few encoder passes as the batch allows (a model server's batch: the
+        encoder is most of the work, and one pass over a batch keeps a GPU busy where one window
+        at a time leaves it idle); ``align_span`` on the same samples then takes its states from
+        here. Returns how many windows were encoded together."""
         limit = int(WINDOW_S * SAMPLE_RATE)
-        wins = [w for w in (np.asarray(a, dtype=np.float32).reshape(-1) for a in audios) if 0 < len(w) <= limit]
+        wins: list[np.ndarray] = []
+        for audio, span_start_s, utts in spans:
+            audio = np.asarray(audio, dtype=np.float32).reshape(-1)
+            if self.steps.joint and len(audio) <= limit:
+                wins.append(audio)  # the span's first window starts at the span
+            elif not self.steps.joint:
+                wins += [audio[ab[0]:ab[1]] for u in utts if (ab := self._alone_bounds(len(audio), span_start_s, u))]
+        wins = [w for w in wins if 0 < len(w) <= limit]
         if len(wins) < 2:
             return 0
         # At most ENCODE_BATCH windows per pass: the encoder's transient activations grow with the
@@ -557,17 +563,28 @@ class WhisperAligner(SpanAligner):
         """One utterance in a window that starts at its bullet and holds only its audio."""
         if utt.end_s - utt.start_s > WINDOW_S:
             return self._align_long(audio, span_start_s, utt)
-        a = max(0, int(round((utt.start_s - span_start_s) * SAMPLE_RATE)))
-        b = min(len(audio), int(round((utt.end_s - span_start_s) * SAMPLE_RATE)))
-        if b - a < SAMPLES_PER_FRAME:
+        ab = self._alone_bounds(len(audio), span_start_s, utt)
+        if ab is None:
             return UttResult(utt.index, None, error=f"utterance {utt.index} has no audio inside the span")
-        if self.steps.context_after:
-            b = min(len(audio), b + int(CONTEXT_AFTER_S * SAMPLE_RATE), a + int(WINDOW_S * SAMPLE_RATE))
+        a, b = ab
         window = self._window(audio[a:b], span_start_s + a / SAMPLE_RATE)
         results, rest = window.align_many([utt])
         if rest:  # cannot happen for one utterance under the budget; kept for safety
             return UttResult(utt.index, None, error="no decoder pass could hold the utterance")
         return results[0]
+
+    def _alone_bounds(self, n_samples: int, span_start_s: float, utt: UttRequest) -> tuple[int, int] | None:
+        """The samples of a span that an utterance aligned alone is encoded from; None when it has
+        no audio there or is longer than a window (aligned piece by piece)."""
+        if utt.end_s - utt.start_s > WINDOW_S:
+            return None
+        a = max(0, int(round((utt.start_s - span_start_s) * SAMPLE_RATE)))
+        b = min(n_samples, int(round((utt.end_s - span_start_s) * SAMPLE_RATE)))
+        if b - a < SAMPLES_PER_FRAME:
+            return None
+        if self.steps.context_after:
+            b = min(n_samples, b + int(CONTEXT_AFTER_S * SAMPLE_RATE), a + int(WINDOW_S * SAMPLE_RATE))
+        return a, b
 
     @staticmethod
     def _guarded(fn, utt: UttRequest) -> UttResult:
