@@ -270,6 +270,15 @@ class WorkerTable:
         job = w.job
         base = w.baseline_rss_mb
         w.held_mb = max(0.0, rss_after_mb - base) if rss_after_mb is not None and base is not None else 0.0
+        if rss_after_mb is not None and base is not None:
+            # The last sample may be of the file's peak; what the worker says it holds after the
+            # release is newer. Deciding at once on the stale peak would keep the next large file
+            # out until the next tick (a file-sized gap in a chain of files too big to pair).
+            w.rss_mb = min(w.rss_mb, rss_after_mb)
+            if w.baseline_uss_mb is not None:
+                w.uss_mb = min(w.uss_mb, w.baseline_uss_mb + w.held_mb)
+            if w.baseline_pss_mb is not None:
+                w.pss_mb = min(w.pss_mb, w.baseline_pss_mb + w.held_mb)
         w.job = w.job_id = w.file_started_at = w.progress = w.threads = None
         w.paused_at = None
         if w.state is WorkerState.PAUSED:

@@ -246,3 +246,66 @@ def test_remote_whisper_spans_give_the_same_times_as_the_local_model(tmp_path):
         assert _cache_tag(remote) == _cache_tag(local)  # the result cache is shared across modes
     finally:
         stop.set()
+
+
+@pytest.mark.parametrize("joint", [False, True])
+def test_whisper_spans_waiting_together_are_encoded_as_one_batch_with_the_same_times(tmp_path, joint):
+    from dataclasses import replace
+
+    from test_whisper import build_tiny_whisper, real_whisper
+    from worker.engines.whisper import WhisperAligner
+
+    folder = build_tiny_whisper(tmp_path / "whisper", real_whisper("tiny.en"))
+    local = WhisperAligner.load(str(folder), threads=1)
+    local.steps = replace(local.steps, joint=joint)  # one window per span, or one per utterance
+    local.use_language("eng")
+    audios = [_noise(s, seed=i) for i, s in enumerate((6.0, 9.5, 4.0))]
+    utts = [[UttRequest(0, 0.5, 2.5, ["hello", "world"]), UttRequest(1, 3.0, 5.5, ["good", "day", "now"])],
+            [UttRequest(0, 1.0, 8.0, ["one", "two", "three", "four"])],
+            [UttRequest(0, 0.2, 3.5, ["yes", "no"])]]
+    windows = 3 if joint else 4
+    alone = [local.align_span(a, 0.0, u) for a, u in zip(audios, utts)]
+    # In process: the windows encoded ahead in one pass are the ones the spans then use.
+    assert local.prepare_spans(list(zip(audios, [0.0] * 3, utts))) == windows and len(local._prepared) == windows
+    assert [local.align_span(a, 0.0, u) for a, u in zip(audios, utts)] == alone
+    assert local._prepared == {}
+
+    srv, stop = _serve(local, str(tmp_path / "s.sock"), batch_wait_s=0.3)
+    try:
+        got: dict[int, list] = {}
+
+        def client(i):
+            remote = remote_aligner(Connection(str(tmp_path / "s.sock")))
+            remote.use_language("eng")
+            got[i] = remote.align_span(audios[i], 0.0, utts[i])
+
+        threads = [threading.Thread(target=client, args=(i,)) for i in range(3)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert srv.stats["batches"] >= 1 and srv.stats["batched"] >= 2
+        assert [got[i] for i in range(3)] == alone
+        assert local._prepared == {}  # nothing encoded ahead is kept past its batch
+    finally:
+        stop.set()
+
+
+def test_more_whisper_windows_than_one_pass_takes_are_encoded_in_several(tmp_path, monkeypatch):
+    from test_whisper import build_tiny_whisper, real_whisper
+    from worker.engines import whisper as wmod
+
+    folder = build_tiny_whisper(tmp_path / "whisper", real_whisper("tiny.en"))
+    local = wmod.WhisperAligner.load(str(folder), threads=1)
+    local.use_language("eng")
+    passes = []
+    encoder = local.hf.model.encoder
+    real_forward = encoder.forward
+    monkeypatch.setattr(encoder, "forward", lambda feats, *a, **k: passes.append(len(feats)) or real_forward(feats, *a, **k))
+    audios = [_noise(1.5, seed=i) for i in range(wmod.ENCODE_BATCH + 3)]
+    utt = [UttRequest(0, 0.1, 1.4, ["hi", "there"])]
+    assert local.prepare_spans([(a, 0.0, utt) for a in audios]) == len(audios)
+    assert passes == [wmod.ENCODE_BATCH, 3]
+    batched = [local.align_span(a, 0.0, utt) for a in audios]
+    assert local._prepared == {} and passes == [wmod.ENCODE_BATCH, 3]  # every span took its window
+    assert batched == [local.align_span(a, 0.0, utt) for a in audios]

@@ -163,6 +163,27 @@ def test_a_paused_worker_whose_file_ends_is_continued_and_takes_the_next_file():
     assert b.calls == ["assign", "pause", "resume"]  # SIGCONT: it can run the next file
 
 
+def test_a_released_worker_counts_what_it_says_it_holds_not_its_last_sampled_peak():
+    class B:
+        def assign(self, wid, spec):
+            pass
+
+    t = WorkerTable(B(), emit=lambda *a, **k: None, clock=time.monotonic)
+    w = t.spawned("w1", 1)
+    t._to(w, WorkerState.READY)
+    w.baseline_uss_mb, w.baseline_pss_mb, w.baseline_rss_mb = 150.0, 160.0, 200.0
+    t.assign(w, type("J", (), {"rel": "a.cha", "estimate": None})(), JobSpec("a.cha", "a", None, "o", {}, 1, 1, 1))
+    w.uss_mb, w.pss_mb, w.rss_mb = 1300.0, 1310.0, 1350.0  # sampled at the file's peak
+    t.release(w, rss_after_mb=230.0)
+    assert w.held_mb == pytest.approx(30.0)
+    assert (w.uss_mb, w.pss_mb, w.rss_mb) == pytest.approx((180.0, 190.0, 230.0))
+    # Unknown: the readings wait for the next sample (never guessed lower).
+    t.assign(w, type("J", (), {"rel": "b.cha", "estimate": None})(), JobSpec("b.cha", "b", None, "o", {}, 1, 1, 1))
+    w.uss_mb, w.pss_mb = 900.0, 910.0
+    t.release(w)
+    assert (w.uss_mb, w.pss_mb) == (900.0, 910.0)
+
+
 def test_a_failing_telemetry_store_costs_one_warning_and_the_run_goes_on(tmp_path):
     class FullStore(TelemetryStore):
         def record_attempt(self, a):

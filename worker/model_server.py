@@ -10,7 +10,8 @@ do everything else and call it over a Unix socket:
   CTC forced alignment runs in the worker. Requests of equal length that are waiting together run
   as one batch (a padded batch would change the emissions of a model without an attention mask).
 * Whisper and anything else: the worker sends the span with its utterances and gets the word times
-  back (the cross-attention DTW runs beside the model in the server).
+  back (the cross-attention DTW runs beside the model in the server). Whisper spans waiting
+  together have their first windows encoded in one encoder pass, most of the model's work.
 
 The server speaks the worker protocol to its supervisor on stdout (READY with the socket path, then
 heartbeats) and leaves when stdin closes. A worker whose server dies reconnects to the restarted one
@@ -180,13 +181,38 @@ class SpanServer:
     def run_batch(self, batch: list[_Request]) -> None:
         self.stats["requests"] += len(batch)
         forwards: dict[int, list[_Request]] = {}
-        for r in batch:
-            if r.header.get("op") == "forward":
-                forwards.setdefault(len(r.audio), []).append(r)
-            else:
-                self._one(r)
+        self._prepare_spans([r for r in batch if r.header.get("op") == "align_span"])
+        try:
+            for r in batch:
+                if r.header.get("op") == "forward":
+                    forwards.setdefault(len(r.audio), []).append(r)
+                else:
+                    self._one(r)
+        finally:
+            if hasattr(self.aligner, "drop_prepared"):
+                self.aligner.drop_prepared()
         for group in forwards.values():
             self._forwards(group)
+
+    def _prepare_spans(self, spans: list[_Request]) -> None:
+        """Whisper spans waiting together have their first windows encoded as one batch."""
+        prepare = getattr(self.aligner, "prepare_spans", None)
+        if prepare is None or len(spans) < 2:
+            return
+        from worker.align import UttRequest  # noqa: PLC0415
+
+        try:
+            n = prepare([(r.audio, float(r.header["span_start_s"]),
+                          [UttRequest(int(i), float(s), float(e), list(w)) for i, s, e, w in r.header["utts"]])
+                         for r in spans])
+        except Exception as exc:  # noqa: BLE001 - a batch that fails: each span encodes its own
+            self.aligner.drop_prepared()
+            if _is_oom(exc):
+                _empty_cache()
+            return
+        if n:
+            self.stats["batches"] += 1
+            self.stats["batched"] += n
 
     def _forwards(self, group: list[_Request]) -> None:
         if len(group) > 1:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import hashlib
 import re
 from dataclasses import dataclass, fields, replace
 from typing import Any
@@ -39,6 +40,7 @@ SAMPLE_RATE = 16000
 WINDOW_S = 30.0  # Whisper's fixed input window
 FRAME_S = 0.02  # one encoder frame (two 10 ms mel frames)
 SAMPLES_PER_FRAME = int(SAMPLE_RATE * FRAME_S)
+ENCODE_BATCH = 8  # windows a model server encodes in one pass (see WhisperAligner.prepare_spans)
 MEDIAN_WIDTH = 7
 MIN_RANGE_DB = 30.0  # loud-to-floor range below which no frame counts as a pause
 QUIET_FRACTION = 0.2
@@ -368,6 +370,7 @@ class WhisperAligner(SpanAligner):
         self.heads = self._alignment_heads(gen, cfg)
         self.onset_heads = tuple(self.heads) in ONSET_HEADS
         self._eager_cross_attention({layer for layer, _ in self.heads})
+        self._prepared: dict[bytes, tuple[torch.Tensor, int]] = {}  # see prepare_spans
 
     @classmethod
     def load(cls, model_id: str = DEFAULT_MODEL, *, device: str = "cpu", dtype: str = "fp32",
@@ -509,10 +512,45 @@ class WhisperAligner(SpanAligner):
 
     # -- model passes --------------------------------------------------------------------------
 
+    def prepare_spans(self, spans: list[tuple[np.ndarray, float, list[UttRequest]]]) -> int:
+        """Encode the windows these spans will start with (``(audio, span_start_s, utts)`` as for
+        ``align_span``) in as few encoder passes as the batch allows (a model server's batch: the
+        encoder is most of the work, and one pass over a batch keeps a GPU busy where one window
+        at a time leaves it idle); ``align_span`` on the same samples then takes its states from
+        here. Returns how many windows were encoded together."""
+        limit = int(WINDOW_S * SAMPLE_RATE)
+        wins: list[np.ndarray] = []
+        for audio, span_start_s, utts in spans:
+            audio = np.asarray(audio, dtype=np.float32).reshape(-1)
+            if self.steps.joint and len(audio) <= limit:
+                wins.append(audio)  # the span's first window starts at the span
+            elif not self.steps.joint:
+                wins += [audio[ab[0]:ab[1]] for u in utts if (ab := self._alone_bounds(len(audio), span_start_s, u))]
+        wins = [w for w in wins if 0 < len(w) <= limit]
+        if len(wins) < 2:
+            return 0
+        # At most ENCODE_BATCH windows per pass: the encoder's transient activations grow with the
+        # batch (large-v2's feed-forward layer: about 15 MiB per fp16 window), the weights do not.
+        for k in range(0, len(wins), ENCODE_BATCH):
+            part = wins[k:k + ENCODE_BATCH]
+            feats = self.processor.feature_extractor(part, sampling_rate=SAMPLE_RATE,
+                                                     return_tensors="pt").input_features
+            with torch.inference_mode():
+                enc = self.hf.model.encoder(feats.to(self.device, self._feat_dtype)).last_hidden_state
+            for i, w in enumerate(part):
+                self._prepared[_digest(w)] = (enc[i:i + 1], min(enc.shape[1], -(-len(w) // SAMPLES_PER_FRAME)))
+        return len(wins)
+
+    def drop_prepared(self) -> None:
+        """Forget windows encoded ahead that no span used (its request failed first)."""
+        self._prepared.clear()
+
     def _encode(self, audio: np.ndarray) -> tuple[torch.Tensor, int]:
         """Encoder states of one <= 30 s window, and how many 20 ms frames hold real audio."""
         audio = np.asarray(audio, dtype=np.float32).reshape(-1)
         n = min(len(audio), int(WINDOW_S * SAMPLE_RATE))
+        if self._prepared and (hit := self._prepared.pop(_digest(audio[:n]), None)) is not None:
+            return hit
         feats = self.processor.feature_extractor(
             audio[:n], sampling_rate=SAMPLE_RATE, return_tensors="pt"
         ).input_features
@@ -614,17 +652,28 @@ class WhisperAligner(SpanAligner):
         """One utterance in a window that starts at its bullet and holds only its audio."""
         if utt.end_s - utt.start_s > WINDOW_S:
             return self._align_long(audio, span_start_s, utt)
-        a = max(0, int(round((utt.start_s - span_start_s) * SAMPLE_RATE)))
-        b = min(len(audio), int(round((utt.end_s - span_start_s) * SAMPLE_RATE)))
-        if b - a < SAMPLES_PER_FRAME:
+        ab = self._alone_bounds(len(audio), span_start_s, utt)
+        if ab is None:
             return UttResult(utt.index, None, error=f"utterance {utt.index} has no audio inside the span")
-        if self.steps.context_after:
-            b = min(len(audio), b + int(CONTEXT_AFTER_S * SAMPLE_RATE), a + int(WINDOW_S * SAMPLE_RATE))
+        a, b = ab
         window = self._window(audio[a:b], span_start_s + a / SAMPLE_RATE)
         results, rest = window.align_many([utt])
         if rest:  # cannot happen for one utterance under the budget; kept for safety
             return UttResult(utt.index, None, error="no decoder pass could hold the utterance")
         return results[0]
+
+    def _alone_bounds(self, n_samples: int, span_start_s: float, utt: UttRequest) -> tuple[int, int] | None:
+        """The samples of a span that an utterance aligned alone is encoded from; None when it has
+        no audio there or is longer than a window (aligned piece by piece)."""
+        if utt.end_s - utt.start_s > WINDOW_S:
+            return None
+        a = max(0, int(round((utt.start_s - span_start_s) * SAMPLE_RATE)))
+        b = min(n_samples, int(round((utt.end_s - span_start_s) * SAMPLE_RATE)))
+        if b - a < SAMPLES_PER_FRAME:
+            return None
+        if self.steps.context_after:
+            b = min(n_samples, b + int(CONTEXT_AFTER_S * SAMPLE_RATE), a + int(WINDOW_S * SAMPLE_RATE))
+        return a, b
 
     @staticmethod
     def _guarded(fn, utt: UttRequest) -> UttResult:
@@ -946,6 +995,10 @@ class WhisperEngine(AlignerEngine):
         driver itself passes on only the first)."""
         self.aligner.use_languages(header_languages(job.input))
         return super().run(job, progress)
+
+
+def _digest(samples: np.ndarray) -> bytes:
+    return hashlib.blake2b(np.ascontiguousarray(samples).tobytes(), digest_size=16).digest() + len(samples).to_bytes(8, "big")
 
 
 def header_languages(path) -> list[str]:
