@@ -4,6 +4,11 @@ Synthetic: each ``../shared/synth`` transcript has its ``%wor`` tier removed, so
 the utterance bullets; its output ``%wor`` is scored against the synthesizer's word times (words
 marked ``merged`` are skipped): the mean absolute difference of word starts and ends, in ms.
 
+Festival: ten sentences of adult read English from festival's HTS voice (``cmu_us_slt_arctic_hts``,
+Debian ``festival festvox-us-slt-hts``), nearer natural speech than espeak, made at run time into a
+temporary folder with each word's times from the synthesizer's own segments; scored as the synthetic
+files are (``f*``), and joined by 0.4 s pauses into one recording (``joinedf``).
+
 Real: every recording of ``../shared/chat`` with its audio (English, French, Spanish, Cantonese,
 Venetian/Croatian), read in place (the data are CC BY-NC-SA and stay outside the project):
 
@@ -179,8 +184,8 @@ def score_files(model: str, files: list[str], workdir: Path, *, threads: int = 2
 
 
 def score_joined(model: str, files: list[str], workdir: Path, *, threads: int = 2, bullets: bool = True,
-                 synth: Path = SYNTH) -> Score:
-    """The synth files joined by 1.5 s pauses into one multi-utterance recording and scored as one.
+                 synth: Path = SYNTH, gap_s: float = 1.5) -> Score:
+    """The synth files joined by ``gap_s`` pauses into one multi-utterance recording and scored as one.
 
     With ``bullets`` the utterances keep their true bullets; without, their times are recovered
     from the recording first (``worker.engines.timing``)."""
@@ -188,7 +193,7 @@ def score_joined(model: str, files: list[str], workdir: Path, *, threads: int = 
     from worker.engines.whisper import WhisperEngine
 
     label = "joined" if bullets else "untimed"
-    cha, _spans, truth = build_recording(files, workdir / label, gap_s=1.5, bullets=bullets, synth=synth)
+    cha, _spans, truth = build_recording(files, workdir / label, gap_s=gap_s, bullets=bullets, synth=synth)
     engine = WhisperEngine({"model": model, "threads": threads, "cache_dir": str(workdir / "cache")})
     out = workdir / label / "out.cha"
     t0 = time.perf_counter()
@@ -254,6 +259,73 @@ def build_recording(names: list[str], folder: Path, *, gap_s: float = 1.0, bulle
     cha = folder / f"{stem}.cha"
     cha.write_text(HEADER + f"@Media:\t{stem}, audio\n" + "".join(lines) + "@End\n")
     return cha, spans, words_true
+
+
+# -- natural synthetic speech: festival's HTS voice --------------------------------------------
+
+FESTIVAL_VOICE = "voice_cmu_us_slt_arctic_hts"  # Debian: festival festvox-us-slt-hts
+FESTIVAL_SENTENCES = [
+    "we walked along the narrow path until the sun went down behind the hills",
+    "my brother never liked coffee, but he drinks three cups every morning now",
+    "could you please send me the report before the meeting on thursday",
+    "the children played in the garden while their parents cooked dinner",
+    "after the storm, the streets were full of broken branches and leaves",
+    "she opened the window and listened to the birds singing outside",
+    "i think we should leave early, because the traffic gets worse after five",
+    "the old library on the corner closes at noon on saturdays",
+    "he forgot his keys, so he waited outside for almost an hour",
+    "there is a small cafe next to the station that sells fresh bread",
+]
+
+
+def festival_set(folder: Path, sentences: list[str] = FESTIVAL_SENTENCES) -> list[str] | None:
+    """Adult read English from festival's HTS voice (statistical parametric, much nearer natural
+    speech than espeak's formants), made at run time into ``folder`` in the layout of
+    ``../shared/synth``: ``f<k>.wav`` (16 kHz), ``f<k>.json`` (each word's start and end from the
+    synthesizer's own segment times: a word starts where its first segment's predecessor ends) and
+    ``f<k>.cha`` (one utterance, its bullet from the first word's start to the last word's end).
+    Returns the names, or None when festival or the voice is not installed."""
+    import shutil  # noqa: PLC0415
+
+    if shutil.which("festival") is None:
+        return None
+    folder.mkdir(parents=True, exist_ok=True)
+    names = [f"f{k + 1}" for k in range(len(sentences))]
+    script = [f"({FESTIVAL_VOICE})"]
+    for name, text in zip(names, sentences):
+        wav = str(folder / f"{name}.wav").replace('"', '\\"')
+        script += [
+            f'(set! utt (Utterance Text "{text}"))', "(utt.synth utt)", "(utt.wave.resample utt 16000)",
+            f'(utt.save.wave utt "{wav}" \'riff)',
+            f'(format t "UTT {name}\\n")',
+            "(mapcar (lambda (w) (format t \"WORD %s %f %f\\n\" (item.name w) "
+            "(item.feat w \"R:SylStructure.daughter1.daughter1.R:Segment.p.end\") (item.feat w \"word_end\"))) "
+            "(utt.relation.items utt 'Word))",
+        ]
+    (folder / "make.scm").write_text("\n".join(script) + "\n")
+    proc = subprocess.run(["festival", "-b", str(folder / "make.scm")], capture_output=True, text=True, timeout=600)
+    words: dict[str, list[dict]] = {}
+    current = None
+    for line in proc.stdout.splitlines():
+        parts = line.split()
+        if parts[:1] == ["UTT"]:
+            current = words.setdefault(parts[1], [])
+        elif parts[:1] == ["WORD"] and current is not None and len(parts) == 4:
+            current.append({"word": parts[1], "start_ms": round(1000 * float(parts[2]), 1),
+                            "end_ms": round(1000 * float(parts[3]), 1)})
+    if proc.returncode != 0 or any(not (folder / f"{n}.wav").is_file() or not words.get(n) for n in names):
+        return None
+    for name, text in zip(names, sentences):
+        ws = words[name]
+        said = [w.strip(",.?!") for w in text.split()]
+        if [w["word"] for w in ws] != said:  # festival normalised a token: score nothing it changed
+            return None
+        (folder / f"{name}.json").write_text(json.dumps({"audio": f"{name}.wav", "sr": 16000, "words": ws}))
+        bullet = f"{int(round(ws[0]['start_ms']))}_{int(round(ws[-1]['end_ms']))}"
+        wor = " ".join(f"{w['word']} \x15{int(round(w['start_ms']))}_{int(round(w['end_ms']))}\x15" for w in ws)
+        (folder / f"{name}.cha").write_text(
+            HEADER + f"@Media:\t{name}, audio\n*PAR:\t{' '.join(said)} . \x15{bullet}\x15\n%wor:\t{wor} .\n@End\n")
+    return names
 
 
 # -- real speech ---------------------------------------------------------------------------------
@@ -362,6 +434,7 @@ class RealScore:
     squeezed: int = 0  # utterances whose written words are piled into a sliver of the bullet
     implausible: int = 0  # utterances the engine reported as implausible (bullet kept, no %wor)
     squeeze_reported: int = 0  # of those, how many for words squeezed (the path piled them up)
+    stretched: int = 0  # utterances written with a word longer than it can be said (a pause handed to it)
     filled: list[float] = field(default_factory=list)  # every item: the model's error where it placed
     # it, the baseline's where it did not (a configuration that reports more is not scored on less)
 
@@ -373,6 +446,7 @@ class RealScore:
         self.squeezed += other.squeezed
         self.implausible += other.implausible
         self.squeeze_reported += other.squeeze_reported
+        self.stretched += other.stretched
         self.filled += other.filled
 
 
@@ -409,8 +483,19 @@ def _run(engine, text: str, folder: Path, media: Path, cache: Path):
 def _squeezed(times: list[Span | None], words: list[str]) -> bool:
     from worker.engines.plausibility import squeezed
 
-    kept = [(t, w) for t, w in zip(times, words) if t is not None]
+    kept = [(t, _spoken(w)) for t, w in zip(times, words) if t is not None]
     return squeezed([t for t, _ in kept], [w for _, w in kept])
+
+
+def _spoken(word: str) -> str:
+    """A CHAT word as said, its ``@`` marker (``fiu@s:hun``) dropped, as the engine is given it."""
+    return word.split("@", 1)[0] or word
+
+
+def _stretched(times: list[Span | None], words: list[str]) -> bool:
+    from worker.engines.plausibility import stretched
+
+    return bool(stretched(times, [_spoken(w) for w in words]))
 
 
 def score_real_words(engine, name: str, cha: Path, media: Path, workdir: Path) -> RealScore | None:
@@ -437,6 +522,7 @@ def score_real_words(engine, name: str, cha: Path, media: Path, workdir: Path) -
         score.items += sum(t is not None for t in truth)
         score.covered += sum(t is not None and p is not None for p, t in zip(pred, truth))
         score.squeezed += _squeezed(pred, list(u.words))
+        score.stretched += _stretched(pred, list(u.words))
     return score
 
 
@@ -466,6 +552,7 @@ def score_real_joins(engine, name: str, cha: Path, media: Path, workdir: Path) -
             score.items += 1
             score.covered += pred[n_first - 1] is not None and pred[n_first] is not None
             score.squeezed += _squeezed(pred, list(u.words))
+            score.stretched += _stretched(pred, list(u.words))
     return score if score.items else None
 
 
@@ -493,6 +580,7 @@ def score_real_utterances(engine, name: str, cha: Path, media: Path, workdir: Pa
         score.items += 1
         score.baseline += [abs(base[got.index][0] - rs), abs(base[got.index][1] - re_)]
         if got.bullet is not None:
+            score.stretched += _stretched(_wor_of(out, got) or [], list(got.words))
             score.covered += 1
             score.model += [abs(got.bullet[0] / 1000 - rs), abs(got.bullet[1] / 1000 - re_)]
             score.filled += score.model[-2:]
@@ -524,7 +612,7 @@ def score_real(engine, names: list[str] | None, workdir: Path, kinds=("words", "
                 table.setdefault(name, {})[kind] = s
                 totals.setdefault(kind, RealScore(kind, [], [])).add(
                     RealScore(kind, list(s.model), list(s.baseline), s.items, s.covered, s.squeezed, s.implausible,
-                              s.squeeze_reported, list(s.filled)))
+                              s.squeeze_reported, s.stretched, list(s.filled)))
     table["all"] = totals
     return table
 
@@ -603,14 +691,15 @@ def print_real(model: str, table: dict) -> None:
     """Model figures with the character-count baseline beside every one."""
     print(f"\n{model}: real speech (ms; words/joins: mean median <=20 <=50 <=100 ms; "
           f"utterances: mean median <=250 <=500 ms)")
-    print(f"{'recording':21} {'kind':10} {'n':>3} {'placed':>6} {'sq':>3} {'impl':>4} {'impl sq':>7} | "
+    print(f"{'recording':21} {'kind':10} {'n':>3} {'placed':>6} {'sq':>3} {'st':>3} {'impl':>4} {'impl sq':>7} | "
           f"{'model':28} | {'baseline':28} | all*")
     for name, kinds in table.items():
         for kind, s in kinds.items():
             fmt = stats_utt if kind == "utterances" else stats_ms
-            print(f"{name:21} {kind:10} {s.items:3d} {s.covered:6d} {s.squeezed:3d} {s.implausible:4d} "
+            print(f"{name:21} {kind:10} {s.items:3d} {s.covered:6d} {s.squeezed:3d} {s.stretched:3d} {s.implausible:4d} "
                   f"{s.squeeze_reported:7d} | {fmt(s.model):28} | {fmt(s.baseline):28} | {_mean_ms(s, 'filled'):>4}")
-    print("all*: mean ms over every item, the baseline's error standing in where the model placed nothing")
+    print("all*: mean ms over every item, the baseline's error standing in where the model placed nothing; "
+          "st: utterances written with a word longer than it can be said")
 
 
 def print_table(model: str, scores: list[Score], extra: list[Score] = ()) -> None:
@@ -620,10 +709,12 @@ def print_table(model: str, scores: list[Score], extra: list[Score] = ()) -> Non
     for s in scores:
         print(f"{s.name:6} {s.words:5d} {s.aligned:7d} {s.model_ms:9.1f} {s.baseline_ms:12.1f} {s.seconds:7.2f}")
     for label, group in (("c*", [s for s in scores if s.name.startswith("c")]),
-                         ("s*", [s for s in scores if s.name.startswith("s")]), ("mean", scores)):
+                         ("s*", [s for s in scores if s.name.startswith("s")]),
+                         ("mean", [s for s in scores if not s.name.startswith("f")]),
+                         ("f*", [s for s in scores if s.name.startswith("f")])):
         if group:
             print(f"{label:6} {sum(s.words for s in group):5d} {sum(s.aligned for s in group):7d} "
-                  f"{np.mean([s.model_ms for s in group]):9.1f} {np.mean([s.baseline_ms for s in group]):12.1f}")
+                  f"{np.nanmean([s.model_ms for s in group]):9.1f} {np.mean([s.baseline_ms for s in group]):12.1f}")
     for s in extra:
         print(f"{s.name:7} {s.words:4d} {s.aligned:7d} {s.model_ms:9.1f} {s.baseline_ms:12.1f} {s.seconds:7.2f}")
 
@@ -662,8 +753,9 @@ def ablation(label: str, folder: str, args) -> None:
     default = Steps()
     # Whisper's own word timing: each utterance alone, median filter and the softmax restricted to
     # the utterance's frames, DTW, words from token boundaries; nothing else.
-    plain = replace(default, joint=False, snap_pauses=False, trim_quiet=False, repair_squeezed=False,
-                    retry_sparse=False, refine_recovered=False, median_width=7, renormalize=True)
+    plain = replace(default, onsets=False, joint=False, snap_pauses=False, trim_quiet=False, repair_squeezed=False,
+                    repair_stretched=False, retry_sparse=False, refine_recovered=False, median_width=7,
+                    renormalize=True)
     configs = [("default", default), ("plain (find_alignment)", plain)]
     for f in fields(Steps):
         value = getattr(default, f.name)
@@ -671,10 +763,12 @@ def ablation(label: str, folder: str, args) -> None:
         configs.append((f"{f.name}={flipped}", replace(default, **{f.name: flipped})))
     print(f"\n{label}: ablation (ms; real joins and %wor: mean, median, share <=100 ms; utterances "
           f"recovered: share of starts/ends <=250 / 500 ms; synthetic c*/s*: mean)")
-    print(f"{'configuration':22} {'joins':>6} {'med':>5} {'<=100':>6} {'all*':>5} {'placed':>6} {'sq':>3} "
+    print(f"{'configuration':22} {'joins':>6} {'med':>5} {'<=100':>6} {'all*':>5} {'placed':>6} {'sq':>3} {'st':>3} "
           f"{'impl':>4} {'%wor':>6} {'utt<=250':>8} {'<=500':>6} {'all*':>5} {'synth c*':>8} {'synth s*':>8} "
-          f"{'wall s':>6}")
+          f"{'fest f*':>8} {'wall s':>6}")
     base_row = None
+    fest_dir = tempfile.TemporaryDirectory()
+    fest = festival_set(Path(fest_dir.name)) if not args.no_festival else None
     for name, steps in configs:
         engine.aligner.steps = steps
         t0 = time.perf_counter()
@@ -686,15 +780,18 @@ def ablation(label: str, folder: str, args) -> None:
                 for key, kinds in rec.items():
                     table.setdefault(key, {}).update(kinds)
             synth = score_files(folder, args.files, Path(tmp), threads=args.threads, engine=engine)
+            fsc = score_files(folder, fest, Path(tmp) / "fest", threads=args.threads, engine=engine,
+                              synth=Path(fest_dir.name)) if fest else []
         tot = table["all"]
+        f_m = np.mean([x.model_ms for x in fsc]) if fsc else float("nan")
         j, w, u = tot.get("joins"), tot.get("words"), tot.get("utterances")
         c = [x.model_ms for x in synth if x.name.startswith("c")]
         i = [x.model_ms for x in synth if x.name.startswith("s")]
         row = (f"{name:22} {_mean_ms(j):>6} {_median_ms(j):>5} {_share(j, 0.1):>6} {_mean_ms(j, 'filled'):>5} "
-               f"{f'{j.covered}/{j.items}' if j else '-':>6} {j.squeezed if j else 0:3d} "
+               f"{f'{j.covered}/{j.items}' if j else '-':>6} {j.squeezed if j else 0:3d} {j.stretched if j else 0:3d} "
                f"{j.implausible if j else 0:4d} {_mean_ms(w):>6} {_share(u, 0.25):>8} {_share(u, 0.5):>6} "
                f"{_share(u, 0.25, 'filled'):>5} "
-               f"{np.mean(c) if c else float('nan'):8.1f} {np.mean(i) if i else float('nan'):8.1f} "
+               f"{np.mean(c) if c else float('nan'):8.1f} {np.mean(i) if i else float('nan'):8.1f} {f_m:8.1f} "
                f"{time.perf_counter() - t0:6.0f}")
         print(row, flush=True)
         if base_row is None:
@@ -702,11 +799,13 @@ def ablation(label: str, folder: str, args) -> None:
             default_table = table
             bj = j
             print(f"{'char-count baseline':22} {_mean_ms(bj, True):>6} {_median_ms(bj, True):>5} "
-                  f"{_share(bj, 0.1, True):>6} {'':5} {'':6} {'':3} {'':4} "
+                  f"{_share(bj, 0.1, True):>6} {'':5} {'':6} {'':3} {'':3} {'':4} "
                   f"{_mean_ms(w, True):>6} {_share(u, 0.25, True):>8} {_share(u, 0.5, True):>6} {'':5} "
                   f"{np.mean([x.baseline_ms for x in synth if x.name.startswith('c')]):8.1f} "
-                  f"{np.mean([x.baseline_ms for x in synth if x.name.startswith('s')]):8.1f}", flush=True)
+                  f"{np.mean([x.baseline_ms for x in synth if x.name.startswith('s')]):8.1f} "
+                  f"{np.mean([x.baseline_ms for x in fsc]) if fsc else float('nan'):8.1f}", flush=True)
     engine.aligner.steps = default
+    fest_dir.cleanup()
     print_real(f"{label}, default steps", default_table)
     with tempfile.TemporaryDirectory() as tmp:
         print_code_switching(label, code_switching(engine, args.real or None, Path(tmp)))
@@ -861,6 +960,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--kinds", nargs="+", default=["words", "joins", "utterances"],
                     help="real-speech references: words (%%wor), joins, utterances (timing recovery)")
     ap.add_argument("--no-synthetic", action="store_true")
+    ap.add_argument("--no-festival", action="store_true",
+                    help="leave out the festival HTS speech set (made at run time into a temporary folder)")
     ap.add_argument("--ablation", action="store_true",
                     help="each post-processing step flipped from the default, on real and synthetic speech")
     ap.add_argument("--memory", action="store_true",
@@ -893,6 +994,16 @@ def main(argv: list[str] | None = None) -> int:
                 scores = score_files(str(folder), args.files, Path(tmp), threads=args.threads)
                 extra = [score_joined(str(folder), args.files, Path(tmp), threads=args.threads, bullets=b)
                          for b in (True, False)]
+                fest = None if args.no_festival else festival_set(Path(tmp) / "festival")
+                if fest:
+                    scores += score_files(str(folder), fest, Path(tmp) / "fest", threads=args.threads,
+                                          synth=Path(tmp) / "festival")
+                    joined = score_joined(str(folder), fest, Path(tmp) / "fest", threads=args.threads,
+                                          synth=Path(tmp) / "festival", gap_s=0.4)
+                    joined.name = "joinedf"
+                    extra.append(joined)
+                elif not args.no_festival:
+                    print("festival (Debian: festival festvox-us-slt-hts) not installed: no f* set")
                 print_table(m, scores, extra)
             if real is not None:
                 engine = load_engine(str(folder), args.threads)

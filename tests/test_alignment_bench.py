@@ -77,3 +77,22 @@ def test_code_switched_utterances_are_listed_with_their_at_s_words(tmp_path):
     assert rows[0]["outcome"].startswith("implausible: words squeezed")
     assert all(r["placed"] for r in rows[1:])
     assert all(re.fullmatch(r"\d+/\d+ words timed", r["outcome"]) for r in rows[1:])
+
+
+def test_the_festival_set_is_made_at_run_time_with_the_synthesizers_word_times(tmp_path):
+    """The HTS voice's set: every sentence's words in order with times that rise inside the audio,
+    and a transcript whose bullet runs from the first word's start to the last word's end."""
+    import soundfile as sf
+
+    names = A.festival_set(tmp_path, A.FESTIVAL_SENTENCES[:2])
+    assert names == ["f1", "f2"]
+    for name, text in zip(names, A.FESTIVAL_SENTENCES):
+        truth = A.truth_words(name, tmp_path)
+        assert len(truth) == len(text.split())
+        seconds = sf.info(str(tmp_path / f"{name}.wav")).duration
+        assert sf.info(str(tmp_path / f"{name}.wav")).samplerate == 16000
+        assert all(0 <= s < e <= seconds + 0.01 for s, e in truth)
+        assert all(a[1] <= b[0] + 1e-9 for a, b in zip(truth, truth[1:]))
+        cha = (tmp_path / f"{name}.cha").read_text()
+        assert f"\x15{round(truth[0][0] * 1000)}_{round(truth[-1][1] * 1000)}\x15" in cha
+        assert A.read_wor(cha)[0] == truth

@@ -101,3 +101,24 @@ def test_cache_command_shows_and_clears(tmp_path):
     r = cli("clear", "--part", "results")
     assert r.returncode == 0 and r.stdout.startswith("freed 0.0 MiB")
     assert json.loads(cli("--json").stdout)["parts"][0]["entries"] == 0
+
+
+def test_cache_key_holds_every_candidate_language():
+    """With several @Languages a window is forced in whichever of them identification prefers: a
+    result made with another candidate list (same first language) is not reused."""
+    from worker import align
+
+    class A(align.SpanAligner):
+        name, model, dtype, language = "whisper", "/m", "fp32", "it"
+
+        def __init__(self, candidates):
+            self.candidates = candidates
+
+        def align_span(self, audio, span_start_s, utts):
+            return []
+
+    alone = align._cache_tag(A([]))
+    assert align._cache_tag(A(["it", "hr"])) != alone
+    assert align._cache_tag(A(["it", "hr"])) != align._cache_tag(A(["it", "sl"]))
+    assert align._cache_tag(A(["it", "hr"])) == align._cache_tag(A(["it", "hr"]))
+    assert align._cache_tag(A(["it", "hr"])).endswith("|" + align._aligner_version())

@@ -122,3 +122,13 @@ def test_a_span_whose_samples_are_missing_is_implausible():
     # what the driver sees for a span past the end of a file whose header overstates its length
     assert P.check([(1.0, 1.5), (1.5, 2.0)], ["two", "words"], 1.0, 2.0,
                    np.zeros(0, dtype=np.float32)).startswith("no speech energy in 1.000-2.000 s")
+
+
+def test_a_word_longer_than_it_can_be_said_is_stretched():
+    from worker.engines import plausibility as P
+
+    words = ["wanna", "give", "me", "a", "kiss"]
+    times = [(0.6, 0.96), (0.96, 2.14), (2.14, 2.18), (2.18, 2.2), (2.2, 5.9)]
+    assert P.stretched(times, words) == [4]  # 'kiss' over 3.7 s
+    assert P.longest_word_s("a") < P.longest_word_s("kiss") < 2.0
+    assert P.stretched([None, (0.0, 0.5)], ["mm", "a"]) == []

@@ -424,6 +424,88 @@ def test_a_path_that_piles_words_into_the_last_frames_is_repaired_with_the_prior
     assert list(repaired) == sorted(repaired) and repaired[1] < m // 2 and repaired[-1] < m - 5
 
 
+def test_onsets_are_read_where_each_rows_attention_rises_not_where_the_path_crosses_over():
+    """Each row attends most to the beginning of its token, already looks a little at the end of
+    the token before and fades over the rest of its own; the DTW path changes rows where the next
+    row takes over, early. The onset is the leading half-maximum edge of the row's peak inside its
+    own frames."""
+    onsets = [0, 12, 30, 41, 60]
+    m = 80
+    level = np.full((len(onsets), m), 0.001)
+    for r, o in enumerate(onsets):
+        level[r, max(o - 6, 0):o] = 0.3  # looking ahead from the end of the previous token
+        level[r, o:o + 3] = 1.0  # the token's beginning
+        end = onsets[r + 1] if r + 1 < len(onsets) else m
+        level[r, o + 3:end] = np.linspace(0.6, 0.2, end - o - 3)  # the rest of it
+    crossing = W.first_frames(level)
+    assert all(c < o for c, o in zip(crossing[1:], onsets[1:]))  # the path's entries come early
+    assert list(W.onset_frames(level, crossing)) == onsets
+
+
+def test_a_row_without_a_peak_of_its_own_keeps_the_paths_entry():
+    """A short predictable word's row may look at its neighbour: inside its frames it has only the
+    flank of a peak elsewhere, so there is no onset to read and the path's entry stands."""
+    level = np.full((3, 40), 0.001)
+    level[0, 0:12] = 1.0
+    level[1, 8:11] = 0.5  # peaks inside row 0's frames, only a falling flank inside its own
+    level[1, 11:16] = np.linspace(0.4, 0.05, 5)
+    level[2, 20:40] = 1.0
+    starts = np.array([0, 12, 20])
+    out = W.onset_frames(level, starts)
+    assert out[1] == 12 and out[2] == 20
+    assert list(out) == sorted(out)
+
+
+def test_a_word_stretched_over_a_pause_is_cut_to_its_attention_or_left_untimed(aligner, two_utterances, monkeypatch):
+    """A path that hands seconds of the bullet to one word (a pause in noisy audio) is repaired:
+    the word keeps only the frames around its own attention peak, or goes untimed; the other words
+    keep their times. Without the step the word stays stretched."""
+    audio, utts = two_utterances
+    utt = utts[1]  # c5: 12 words over about 3.6 s
+
+    def one_long(matrix):  # the second word's row holds all but the last few frames
+        n, m = matrix.shape
+        out = np.arange(n) + m - n
+        out[0], out[1] = 0, 2
+        return out.astype(np.int64)
+
+    monkeypatch.setattr(W, "first_frames", one_long)
+    monkeypatch.setattr(aligner, "steps", W.Steps(repair_stretched=False, repair_squeezed=False, onsets=False))
+    (raw,) = aligner.align_span(audio, 10.0, [utt])
+    assert P.stretched(raw.words, utt.words) == [1]
+    monkeypatch.setattr(aligner, "steps", W.Steps(repair_squeezed=False, onsets=False))
+    (cut,) = aligner.align_span(audio, 10.0, [utt])
+    assert P.stretched(cut.words, utt.words) == []
+    assert cut.words[1] is None or (raw.words[1][0] <= cut.words[1][0] < cut.words[1][1] <= raw.words[1][1])
+    assert cut.words[:1] + cut.words[2:] == raw.words[:1] + raw.words[2:]
+
+
+@pytest.fixture(scope="module")
+def base_aligner() -> WhisperAligner:
+    return WhisperAligner.load(str(real_whisper("base")), threads=2)
+
+
+def test_onsets_remove_most_of_the_early_bias_on_real_weights(base_aligner, monkeypatch):
+    """Real Whisper base weights on espeak speech: with the DTW path's entries word starts come
+    out early on average; read at the attention onsets they come out nearer the truth."""
+    real_aligner = base_aligner
+    bias = {}
+    for onsets in (False, True):
+        monkeypatch.setattr(real_aligner, "steps", W.Steps(onsets=onsets))
+        errors = []
+        for name in ("c1", "c4", "c5"):
+            audio, words, s, e = synth(name)
+            (res,) = real_aligner.align_span(audio, 0.0, [UttRequest(0, s, e, words)])
+            truth = [(w["start_ms"] / 1000, w["end_ms"] / 1000)
+                     for w in json.loads((SYNTH / f"{name}.json").read_text())["words"]]
+            check_words(res.words, UttRequest(0, s, e, words))
+            if len(truth) == len(res.words):
+                errors += [p[0] - t[0] for p, t in zip(res.words[1:], truth[1:])]
+        bias[onsets] = float(np.mean(errors))
+    assert bias[False] < -0.04  # the path's entries: well over two frames early
+    assert abs(bias[True]) < abs(bias[False]) / 2
+
+
 @pytest.fixture(scope="module")
 def real_aligner() -> WhisperAligner:
     return WhisperAligner.load(str(real_whisper("tiny.en")), threads=2)
@@ -537,6 +619,22 @@ def test_steps_come_from_engine_options():
         W.Steps.from_options({"trim_quiet": "maybe"})
 
 
+def test_onsets_default_to_the_alignment_heads_measured_to_peak_at_a_tokens_beginning(aligner, monkeypatch):
+    """Where a row's attention peaks is a property of the alignment heads: the onset reading is on by
+    default only for heads known to peak at a token's beginning (Whisper base's); an option forces it."""
+    assert W.Steps().onsets is None and W.Steps.from_options({"onsets": "auto"}).onsets is None
+    assert W.Steps.from_options({"onsets": "off"}).onsets is False
+    assert aligner.heads == [(1, 0), (1, 1)] and not aligner.use_onsets()  # the tiny random model
+    monkeypatch.setattr(aligner, "steps", W.Steps(onsets=True))
+    assert aligner.use_onsets()
+    monkeypatch.setattr(aligner, "steps", W.Steps())
+    monkeypatch.setattr(aligner, "onset_heads", tuple(aligner.heads) in {((1, 0), (1, 1))})
+    assert aligner.use_onsets()
+    base = ((3, 1), (4, 2), (4, 3), (4, 7), (5, 1), (5, 2), (5, 4), (5, 6))
+    tiny_en = ((1, 0), (2, 0), (2, 5), (3, 0), (3, 1), (3, 2), (3, 3), (3, 4))
+    assert base in W.ONSET_HEADS and tiny_en not in W.ONSET_HEADS
+
+
 def test_no_attention_map_but_the_alignment_layers_cross_attention_is_ever_made(aligner, two_utterances):
     """Forced alignment must never materialise the encoder's self-attention maps (1500 x 1500 per
     head and layer): every attention module of the model is watched during a span, and only the
@@ -643,3 +741,17 @@ def test_context_after_the_bullet_lets_words_said_past_its_end_go_untimed(aligne
     monkeypatch.setattr(aligner, "steps", W.Steps(context_after=False, repair_squeezed=False))
     (res,) = aligner.align_span(audio, 10.0, [cut])
     assert widths == [inside] and all(t is not None for t in res.words)
+
+
+def test_the_utterances_outer_edges_move_off_the_pauses_around_it():
+    """No neighbouring word to snap to at an utterance's edges: a pause under the first word's start
+    or the last word's end (DTW hands it to them) is taken off them, interior edges left alone."""
+    quiet = np.zeros(100, dtype=bool)
+    quiet[0:30] = True  # leading pause inside the window
+    quiet[50:53] = True  # a closure-length quiet run inside the second word: no pause, no outer edge
+    quiet[80:100] = True  # trailing pause
+    frames = word_frames([0, 40, 60, 100], quiet, 0, 100, snap=True, trim=False)
+    assert frames[0][0] == 30 and frames[-1][1] == 80
+    assert frames[1] == (40, 60)
+    frames = word_frames([0, 40, 60, 100], quiet, 0, 100, snap=False, trim=False)
+    assert frames[0][0] == 0 and frames[-1][1] == 100

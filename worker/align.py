@@ -170,9 +170,13 @@ def _aligner_version() -> str:
 
 def _cache_tag(aligner: SpanAligner) -> str:
     # The steps around the model change word times too: a result made with other steps is not reused.
+    # With several @Languages the language a window is forced in is chosen among all of them, so the
+    # whole candidate list is part of what made a result, not only the first language.
     steps = getattr(aligner, "steps", None)
+    candidates = ",".join(getattr(aligner, "candidates", None) or [])
     return (f"{aligner.name}|{aligner.model}|{aligner.dtype}|{aligner.sample_rate}|{aligner.language or ''}"
-            f"|{_aligner_version()}" + (f"|{steps!r}" if steps is not None else ""))
+            + (f"|{candidates}" if candidates else "")
+            + f"|{_aligner_version()}" + (f"|{steps!r}" if steps is not None else ""))
 
 
 def _resolve_cache(cache: Any, job: Job) -> tuple[Path, ResultCache | None]:

@@ -27,6 +27,8 @@ SILENCE_DBFS = -55.0  # loudest frames of a span below this: nothing was said th
 MIN_WORD_S = 0.021  # one 20 ms frame: the shortest word Whisper's and wav2vec2's frames give
 MIN_S_PER_CHAR = 0.015  # a run of words faster than this is not speech (fast speech: ~0.06 s/char)
 MIN_RUN_WEIGHT = 4  # runs lighter than this (a lone "a", "the") may really be that short
+MAX_WORD_S = 0.5  # a word may last this long plus MAX_S_PER_CHAR a letter, however drawn out
+MAX_S_PER_CHAR = 0.3  # (slow, careful speech: ~0.1 s a letter; a held vowel adds a few hundred ms)
 SYLLABLE_WEIGHT = 3  # a CJK character, kana or hangul block is a syllable: about three letters
 
 Times = Sequence[tuple[float, float]]
@@ -104,3 +106,15 @@ def check(times: Sequence[tuple[float, float] | None], words: Sequence[str], sta
         return (f"words squeezed: '{said}' in {1000 * (e - s):.0f} ms of the {end_s - start_s:.3f} s bullet; "
                 f"original bullet kept, words left untimed")
     return None
+
+
+def longest_word_s(word: str) -> float:
+    """The longest a word can physically last: a drawn-out word of its letters, with room to spare."""
+    return MAX_WORD_S + MAX_S_PER_CHAR * weight(word)
+
+
+def stretched(times: Sequence[tuple[float, float] | None], words: Sequence[str]) -> list[int]:
+    """Indices of words whose time is longer than they can be said (:func:`longest_word_s`): a
+    path that handed a pause of several seconds to one word."""
+    return [k for k, (t, w) in enumerate(zip(times, words))
+            if t is not None and t[1] - t[0] > longest_word_s(w)]

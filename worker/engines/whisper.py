@@ -6,10 +6,14 @@ transcript of everything it hears from the start of its window. Only the alignme
 cross-attention is kept: the full ``model(..., output_attentions=True)`` call would also return
 every encoder self-attention map, which roughly doubles the peak. Each utterance's rows are cut to
 the frames of its own bullet, renormalised over them, z-scored, median-filtered and averaged over
-heads; a DTW path through the negated matrix gives each token its first frame. Words start at their
-first token's frame and end where the next word (or the end of text) starts, and word boundaries
-next to a pause move onto it, since DTW otherwise hands the pause to one of the neighbouring words.
-A path that squeezes words into a sliver of the bullet is re-run on a better-conditioned matrix.
+heads; a DTW path through the negated matrix gives each token its frames. The row that predicts a
+token attends most to the token's beginning, so the path changes rows about half a token early; each
+token's start is read instead where its row's attention rises to its peak inside those frames (the
+leading half-maximum edge), where the attention has peaks to read. Words start at their first
+token's onset and end where the next word (or the end of text) starts, and word boundaries next to
+a pause move onto it, since DTW otherwise hands the pause to one of the neighbouring words. A path
+that squeezes words into a sliver of the bullet is re-run on a better-conditioned matrix; a word
+longer than it can be said is cut to where its own attention lies.
 Every step around the plain cross-attention + DTW is a :class:`Steps` flag, measured on and off by
 ``bench/alignment_accuracy.py --ablation``.
 """
@@ -30,7 +34,7 @@ from worker.align import SpanAligner, UttRequest, UttResult
 from worker.engines.base import AlignerEngine, BootError
 from worker.engines.dtw import dtw_path
 from worker.engines.loading import DTYPES, configure_threads, load_pretrained, load_processor
-from worker.engines.plausibility import squeezed_run, weight, written_without_spaces
+from worker.engines.plausibility import longest_word_s, squeezed_run, stretched, weight, written_without_spaces
 
 SAMPLE_RATE = 16000
 WINDOW_S = 30.0  # Whisper's fixed input window
@@ -47,6 +51,12 @@ MAX_NEW_TOKENS = 224  # a 30 s window holds far fewer words; stops runaway repet
 DEFAULT_MODEL = "openai/whisper-base"
 PRIOR_WEIGHT = 1.0  # squeeze repair: how hard the re-run path is pulled towards even speech
 PRIOR_WIDTH = 0.25  # ... and how far from it (a share of the utterance) it may stray for free-ish
+# Alignment heads whose rows were measured to peak at a token's beginning (40-60 ms into it), so that
+# its onset is where the row's attention rises: Whisper base's. tiny.en's heads peak about 190 ms into
+# a token (the path's entries already come late there), so the onset reading would move starts later
+# still: off for it and for any model not measured.
+ONSET_HEADS = {((3, 1), (4, 2), (4, 3), (4, 7), (5, 1), (5, 2), (5, 4), (5, 6))}
+PEAKED = 4.0  # onsets are read only where a token's attention peaks at this many times a flat row's
 CONTEXT_AFTER_S = 1.0  # audio past a bullet's end the DTW may run into (human bullets often end early)
 
 
@@ -56,10 +66,14 @@ class Steps:
     on real and synthetic speech (``bench/alignment_accuracy.py --ablation``); one is on by default
     only where it does not cost accuracy on real speech."""
 
-    joint: bool = True  # force a span's utterances together from its window start, not each alone
+    # a token starts at its row's attention onset, not where the DTW path enters the row; None: where
+    # the model's alignment heads are known to peak at a token's beginning (ONSET_HEADS)
+    onsets: bool | None = None
+    joint: bool = False  # force a span's utterances together from its window start, not each alone
     snap_pauses: bool = True  # a word boundary near a pause moves onto the pause
-    trim_quiet: bool = True  # quiet frames at a word's edges are cut off it
+    trim_quiet: bool = False  # quiet frames at a word's edges are cut off it (off: a stop's closure is quiet but part of its word)
     repair_squeezed: bool = True  # a path that piles words into a sliver is re-run with a prior
+    repair_stretched: bool = True  # a word longer than it can be said is cut to where its attention lies
     retry_sparse: bool = True  # timing recovery retries halves of a window that heard too few words
     refine_recovered: bool = True  # recovered utterance times refined by forcing the transcript's words
     median_width: int = MEDIAN_WIDTH  # median filter over time on the attention (1: none)
@@ -71,7 +85,9 @@ class Steps:
         """The engine options that name a step (``joint``, ``snap_pauses``, ...) override its default."""
         given = {f.name: options[f.name] for f in fields(cls) if options.get(f.name) is not None}
         try:
-            return replace(cls(), **{k: int(v) if k == "median_width" else _flag(v) for k, v in given.items()})
+            return replace(cls(), **{k: int(v) if k == "median_width" else
+                                     None if k == "onsets" and str(v).strip().lower() == "auto" else _flag(v)
+                                     for k, v in given.items()})
         except ValueError as exc:
             raise BootError(f"whisper option: {exc}") from None
 
@@ -142,6 +158,61 @@ def attention_matrix(weights: torch.Tensor, width: int = MEDIAN_WIDTH, renormali
     return w.mean(dim=0).cpu().numpy()
 
 
+def attention_level(weights: torch.Tensor, width: int = MEDIAN_WIDTH, renormalize: bool = True) -> np.ndarray:
+    """heads x tokens x frames cross-attention -> tokens x frames attention itself (not standardised
+    over the tokens as :func:`attention_matrix` is): each token's share of attention per frame,
+    averaged over heads and median-filtered along time. :func:`onset_frames` reads peaks from it."""
+    w = weights.float()
+    if renormalize:
+        w = w / (w.sum(dim=-1, keepdim=True) + 1e-12)
+    return median_filter(w.mean(dim=0), width).cpu().numpy()
+
+
+def peaked(level: np.ndarray) -> bool:
+    """Whether an utterance's attention has peaks to read onsets from: its rows' peaks, in the
+    median, stand ``PEAKED`` times above the level of attention spread evenly over its frames.
+    Clean speech gives about 10-12 times; noisy, far-field or overlapped speech may give 2-3 times
+    (attention nearly flat), where a peak's edge says little about where the token starts."""
+    n, m = level.shape
+    return n > 0 and float(np.median(level.max(axis=1))) * m >= PEAKED
+
+
+def onset_frames(level: np.ndarray, starts: np.ndarray) -> np.ndarray:
+    """Each row's onset: the leading half-maximum edge of its attention peak inside the frames the
+    DTW path gave it (``starts``: the frame where the path enters each row).
+
+    The row that predicts a token attends most to the beginning of that token (what the decoder
+    needs to tell which token comes next), not evenly over it. A DTW path hands each frame to the
+    row that attends to it most, so the boundary between two rows falls about midway between their
+    peaks: half the previous token early. Where the attention rises to its peak is where the token
+    starts: the first frame, walking back from the peak, still above half way from the row's median
+    level to its peak. It never goes back past the previous row's peak, and onsets stay in order.
+    A row whose attention does not peak inside its own frames (its most there is only the rising or
+    falling flank of a peak elsewhere: a predictable short word whose row looks at its neighbour)
+    has no onset of its own to read and keeps the path's entry."""
+    n, m = level.shape
+    out = np.asarray(starts, dtype=np.int64).copy()
+    prev_peak = -1
+    for r in range(n):
+        a = int(min(max(starts[r], 0), m - 1))
+        b = int(starts[r + 1]) if r + 1 < n else m
+        b = min(max(b, a + 1), m)
+        row = level[r]
+        p = a + int(np.argmax(row[a:b]))
+        if (p > 0 and row[p - 1] > row[p]) or (p + 1 < m and row[p + 1] > row[p]):
+            out[r] = max(a, prev_peak + 1) if r else a
+            prev_peak = max(prev_peak, a)
+            continue
+        floor = float(np.median(row))
+        half = floor + 0.5 * (float(row[p]) - floor)
+        f = p
+        while f - 1 > prev_peak and row[f - 1] > half:
+            f -= 1
+        out[r] = f
+        prev_peak = p
+    return np.maximum.accumulate(out)
+
+
 def first_frames_prior(matrix: np.ndarray, weights: list[int], strength: float = PRIOR_WEIGHT,
                        width: float = PRIOR_WIDTH, inside: int | None = None) -> np.ndarray:
     """:func:`first_frames` on a better-conditioned matrix: each row is pulled towards where even
@@ -205,7 +276,9 @@ def word_frames(bounds: list[int], quiet: np.ndarray, lo: int = 0, hi: int | Non
     DTW makes words contiguous, so a pause goes to one of the words around it and the boundary
     can land a little inside a neighbour. A boundary with a pause (at least ``MIN_PAUSE_S``) within
     ``SNAP_S`` of it moves onto that pause: the earlier word ends where the pause starts and the
-    later one starts where it ends. Quiet frames left at either edge of a word are trimmed. The
+    later one starts where it ends; the first word starts after a pause under its start and the
+    last word ends before a pause under its end. Quiet frames left at either edge of a word are
+    trimmed (``trim``). The
     result is ordered and disjoint inside [lo, hi), each word one frame or more where there is room.
     ``snap`` and ``trim`` turn the pause snapping and the edge trimming off (see :class:`Steps`).
     """
@@ -225,6 +298,16 @@ def word_frames(bounds: list[int], quiet: np.ndarray, lo: int = 0, hi: int | Non
                 best = ((dist, ra - rb), ra, rb)
         if best is not None:
             ends[k - 1], starts[k] = best[1], best[2]
+    # The utterance's outer edges border the pauses around it and have no neighbouring word to
+    # snap to: DTW hands a leading or trailing pause to the first or last word (seconds of it, in
+    # a window opened on a loose bullet). The first word starts where a pause under its start
+    # ends, the last word ends where a pause under its end starts.
+    if runs and n:
+        for ra, rb in runs:
+            if ra <= starts[0] < rb and rb < ends[0]:
+                starts[0] = rb
+            if ra < ends[-1] <= rb and ra > starts[-1]:
+                ends[-1] = ra
     trimmed = []
     for a, b in zip(starts, ends):
         b = max(b, a + 1)
@@ -285,6 +368,7 @@ class WhisperAligner(SpanAligner):
         self.prefix = self._prefix(gen, cfg)
         self.max_tokens = int(cfg.max_target_positions)
         self.heads = self._alignment_heads(gen, cfg)
+        self.onset_heads = tuple(self.heads) in ONSET_HEADS
         self._eager_cross_attention({layer for layer, _ in self.heads})
         self._prepared: dict[bytes, tuple[torch.Tensor, int]] = {}  # see prepare_spans
 
@@ -309,6 +393,11 @@ class WhisperAligner(SpanAligner):
                        max_span_s=max_span_s, steps=steps)
         except (KeyError, ValueError, AttributeError, TypeError) as exc:
             raise BootError(f"cannot load model {model_id!r}: not a usable Whisper model ({exc})") from None
+
+    def use_onsets(self) -> bool:
+        """Whether word starts are read at the attention onsets (``Steps.onsets``; by default where
+        the model's alignment heads are known to peak at a token's beginning)."""
+        return self.steps.onsets if self.steps.onsets is not None else self.onset_heads
 
     def use_languages(self, codes: list[str]) -> None:
         """Every ``@Languages`` code of the next transcript. With two or more that the model knows
@@ -532,13 +621,13 @@ class WhisperAligner(SpanAligner):
                    utts: list[UttRequest]) -> list[UttResult]:
         """Word times (absolute seconds) for each utterance, each kept inside its own bullet.
 
-        With ``Steps.joint`` (the default: on the real recordings it placed the boundaries between
-        neighbouring utterances better than forcing each alone) a span that fits Whisper's window is
-        encoded once and its utterances forced together in time order from the window's start, as
-        Whisper's decoder expects the text of everything it hears from there; utterances past the
-        decoder's token budget start a new window. Without it each utterance is aligned alone, its
-        bullet's audio encoded as a window of its own. An utterance longer than the window is
-        aligned piece by piece either way.
+        By default each utterance is aligned alone, its bullet's audio encoded as a window of its
+        own (with word starts read at the attention onsets this placed the real recordings' word
+        boundaries and recovered utterances better than forcing a span together). With
+        ``Steps.joint`` a span that fits Whisper's window is encoded once and its utterances forced
+        together in time order from the window's start, as Whisper's decoder expects the text of
+        everything it hears from there; utterances past the decoder's token budget start a new
+        window. An utterance longer than the window is aligned piece by piece either way.
         """
         audio = np.asarray(audio, dtype=np.float32).reshape(-1)
         done: dict[int, UttResult] = {}
@@ -688,6 +777,9 @@ class WhisperAligner(SpanAligner):
         weights = self._cross_attention(window.enc, tokens, window.prefix)[:, :, : window.n_frames]
         steps = self.steps
         starts = first_frames(attention_matrix(weights, steps.median_width, steps.renormalize))
+        level = attention_level(weights, steps.median_width, steps.renormalize) if self.use_onsets() else None
+        if level is not None and peaked(level):
+            starts = onset_frames(level, starts)
         bounds = np.cumsum([0] + [len(g) for g in groups])
         frames = word_frames([int(starts[i]) for i in bounds], window.quiet, 0, window.n_frames,
                              snap=steps.snap_pauses, trim=steps.trim_quiet)
@@ -789,23 +881,68 @@ class _Window:
 
     def _times(self, utt: UttRequest, word_toks: list[list[int]], f0: int, f1: int,
                weights: torch.Tensor) -> UttResult:
-        """Word times from the DTW path; a path that squeezes words into a sliver of the bullet is
-        re-run once on a better-conditioned matrix (:func:`first_frames_prior`). If the words are
-        still squeezed, the result goes back as it is: the driver's plausibility check reports the
-        utterance and keeps its bullet.
+        """Word times from the DTW path, each token's start read at its attention onset where the
+        model and the utterance allow it (:func:`onset_frames`, :func:`peaked`); a path that
+        squeezes words into a sliver of the bullet is re-run once on a better-conditioned matrix
+        (:func:`first_frames_prior`). If the words are still squeezed, the result goes back as it
+        is: the driver's plausibility check reports the utterance and keeps its bullet. A word
+        longer than it can be said is cut to its own attention (:meth:`_cut_stretched`).
 
         ``weights`` may reach past the bullet's end (``Steps.context_after``): the path is then
         not forced to cram words the speaker was still saying into the bullet's last frames, and a
         word it starts after the bullet's end is left untimed (the driver names it)."""
         steps = self.aligner.steps
         matrix = attention_matrix(weights, steps.median_width, steps.renormalize)
-        times = self._word_times(utt, word_toks, f0, f1, first_frames(matrix), matrix.shape[1])
-        placed = [(t, w) for t, w in zip(times, utt.words) if t is not None]
-        if steps.repair_squeezed and squeezed_run([t for t, _ in placed], [w for _, w in placed]) is not None:
+        level = attention_level(weights, steps.median_width, steps.renormalize) if self.aligner.use_onsets() else None
+
+        def squeezed(times) -> bool:
+            placed = [(t, w) for t, w in zip(times, utt.words) if t is not None]
+            return squeezed_run([t for t, _ in placed], [w for _, w in placed]) is not None
+
+        entries = first_frames(matrix)
+        times = self._word_times(utt, word_toks, f0, f1, entries, matrix.shape[1])
+        if level is not None and peaked(level):
+            # Onsets are read only where the attention has peaks to read: onsets that squeeze words
+            # the path's own entries did not (diffuse attention, noisy audio) are not used.
+            read = self._word_times(utt, word_toks, f0, f1, onset_frames(level, entries), matrix.shape[1])
+            if not squeezed(read) or squeezed(times):
+                times = read
+        if steps.repair_squeezed and squeezed(times):
             rows = [weight(w) / len(t) for w, t in zip(utt.words, word_toks) for _ in t] + [0.5]
             starts = first_frames_prior(matrix, rows, inside=f1 - f0)
             times = self._word_times(utt, word_toks, f0, f1, starts, matrix.shape[1])
+        if steps.repair_stretched and stretched(times, utt.words):
+            if level is None:
+                level = attention_level(weights, steps.median_width, steps.renormalize)
+            times = self._cut_stretched(utt, word_toks, f0, level, times)
         return UttResult(utt.index, times)
+
+    def _cut_stretched(self, utt: UttRequest, word_toks: list[list[int]], f0: int, level: np.ndarray,
+                       times: list[tuple[float, float] | None]) -> list[tuple[float, float] | None]:
+        """Each word longer than it can be said (the path handed it a pause, or noise, of seconds)
+        cut to the frames where its own tokens' attention lies: the run of its frames around their
+        peak that stay above half way from the rows' median level to that peak. A word still too long after that has no
+        time of its own to give: it is left untimed (the driver names it)."""
+        bounds = np.cumsum([0] + [len(t) for t in word_toks])
+        out = list(times)
+        for k in stretched(times, utt.words):
+            s, e = times[k]
+            a = max(0, int(round((s - self.start_s) / FRAME_S)) - f0)
+            b = min(level.shape[1], max(a + 1, int(round((e - self.start_s) / FRAME_S)) - f0))
+            rows = level[bounds[k]:bounds[k + 1]]
+            own = rows[:, a:b].max(axis=0)
+            floor = float(np.median(rows))
+            p = int(np.argmax(own))
+            half = floor + 0.5 * (float(own[p]) - floor)
+            lo, hi = p, p + 1
+            while lo > 0 and own[lo - 1] > half:
+                lo -= 1
+            while hi < len(own) and own[hi] > half:
+                hi += 1
+            cut = (round(self.start_s + (f0 + a + lo) * FRAME_S, 3), round(self.start_s + (f0 + a + hi) * FRAME_S, 3))
+            cut = (max(cut[0], s), min(cut[1], e))
+            out[k] = cut if cut[1] - cut[0] <= longest_word_s(utt.words[k]) else None
+        return out
 
     def _word_times(self, utt: UttRequest, word_toks: list[list[int]], f0: int, f1: int,
                     starts: np.ndarray, width: int | None = None) -> list[tuple[float, float] | None]:
