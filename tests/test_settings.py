@@ -85,3 +85,18 @@ def test_default_paths_follow_xdg(tmp_path, monkeypatch):
     assert s.telemetry_path == tmp_path / "batchalign-supervise" / "telemetry.sqlite"
     s.out = tmp_path / "out"
     assert s.log_path == tmp_path / "out" / "batchalign-supervise.log.jsonl"
+
+
+def test_whispers_joint_forcing_is_a_setting_that_reaches_the_engine_and_the_output_identity():
+    from supervisor.identity import output_identity
+    from supervisor.supervisor import engine_options
+    from worker.engines.whisper import Steps
+
+    default = load_settings(environ={"BATCHALIGN_SUPERVISE_ENGINE": "whisper"})
+    joint = load_settings(environ={"BATCHALIGN_SUPERVISE_ENGINE": "whisper",
+                                   "BATCHALIGN_SUPERVISE_ENGINE_WHISPER_JOINT": "true"})
+    assert Steps.from_options(engine_options(default, 1)).joint is False
+    assert Steps.from_options(engine_options(joint, 1)).joint is True
+    # Outputs made one way are not "done" for the other.
+    assert output_identity(default)["options"]["joint"] is False
+    assert output_identity(joint)["options"]["joint"] is True
