@@ -77,6 +77,12 @@ class Estimator:
             job.features = FileFeatures(audio_s=job.info.audio_seconds, media_mb=job.info.media_mb)
         return job.features
 
+    def probe_growth_mb(self, span_s: float) -> float | None:
+        """What a starting worker may grow by while it runs its READY probes (the longest is one
+        span at the cap), or None while the model cannot tell: cold, the probes are what measure it."""
+        est = self.predictor.estimate(FileFeatures(audio_s=span_s, longest_span_s=span_s, n_spans=1, windows=0))
+        return None if est.uncertain else est.growth_mb
+
     def killed_at(self, job: FileJob, peak_mb: float, growth_mb: float | None) -> None:
         """An attempt failed for memory at ``peak_mb``: the file needs more than that, and the model
         learns that files like it grow past ``growth_mb`` (a bound, not a sample)."""

@@ -105,6 +105,9 @@ class Snapshot:
     others_reserved_mb: float = 0.0  # unrealised promises of other supervisors on this host
     overhead_mb: float = 0.0  # the supervisor's own memory, charged to the budget
     idle_retire_s: float | None = None  # retire workers idle this long (watch mode)
+    # What a starting worker may grow by in its READY probes; None while the model cannot tell (a
+    # cold start: then the next worker waits for the last one's READY, as the probes measure it).
+    probe_growth_mb: float | None = None
     vram_budget_mb: float | None = None  # None: no GPU accounting (CPU runs)
     vram_free_mb: float | None = None  # the device's free memory less its reserve, when read
     predicted_vram_baseline_mb: float = 0.0
@@ -163,10 +166,11 @@ def vram_committed_mb(s: Snapshot) -> float:
 
 
 def committed_mb(s: Snapshot) -> float:
-    """Used now plus what running files may still grow by plus starting workers' baselines."""
+    """Used now plus what running files may still grow by plus starting workers' baselines (and
+    their probes' growth, where the model can tell it)."""
     live = [w for w in s.workers if w.state in LIVE]
     return (used_mb(s) + sum(remaining_growth(w) for w in live)
-            + sum(s.predicted_baseline_mb for w in live if w.state == "starting"))
+            + sum(s.predicted_baseline_mb + (s.probe_growth_mb or 0.0) for w in live if w.state == "starting"))
 
 
 @dataclass
@@ -212,7 +216,7 @@ class _Round:
                    paused=[w for w in live if w.state == "paused"],
                    idle=sorted((w for w in live if w.state == "ready"), key=lambda w: _id_order(w.id)),
                    starting=any(w.state == "starting" for w in live),
-                   loading=any(w.state == "starting" and (w.loaded_private_mb is None
+                   loading=any(w.state == "starting" and (w.loaded_private_mb is None or s.probe_growth_mb is None
                                                           or w.loaded_private_mb > s.predicted_baseline_mb)
                                for w in live), used=used,
                    frac=used / s.budget_mb if s.budget_mb > 0 else float("inf"), blind=blind,

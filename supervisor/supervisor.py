@@ -49,7 +49,7 @@ from telemetry.logging import worker_record
 from telemetry.model import FileFeatures
 from supervisor import model_server, vram as vram_mod
 from telemetry.store import TelemetryStore
-from worker.align import plan_features
+from worker.align import plan_features, span_cap
 from worker.engines.base import JobError
 
 MiB = 2**20
@@ -115,6 +115,7 @@ class Supervisor:
         self.jobs = SideJobs(self.emit, wake=self._wake)
         self.senses = Senses(sampler or default_sampler(), self.emit,
                              extra_pids=lambda: getattr(self.backend, "extra_pids", lambda: [])())
+        self.probe_span_s = span_cap(settings.engine_name, {"span_seconds": settings.engine_settings.span_seconds})
         self.estimator = Estimator(make_predictor(settings, store), self.queue,
                                    stored_bounds=store.lower_bounds(*self.key) if store else None, clock=clock)
         self.sink = TelemetrySink(store, self.jobs, self.emit, self.key, model_key(settings))
@@ -444,6 +445,8 @@ class Supervisor:
                         max_workers=self.s.max_workers(self.cores), psi_some10=h.psi_some_avg10 if h else None,
                         psi_full10=h.psi_full_avg10 if h else None, draining=self.draining or self.stop_now,
                         others_reserved_mb=self.others_mb(), overhead_mb=self.senses.overhead_mb,
+                        probe_growth_mb=self.estimator.probe_growth_mb(self.probe_span_s)
+                        if any(w.state == "starting" for w in workers) else None,
                         idle_retire_s=self.s.service.idle_retire if self.intake.watcher is not None else None)
 
     # -- publishing ------------------------------------------------------------------------------------

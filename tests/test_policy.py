@@ -51,18 +51,22 @@ def test_the_next_worker_starts_loading_once_the_last_has_loaded_within_its_pred
     p = MemoryPolicy(Bands())
     work = [pend("a", 500), pend("b", 500)]
     loaded = WorkerView(id=1, state="starting", pss_mb=900, uss_mb=900, loaded_private_mb=900)
-    assert acts(p.decide(snap(workers=[loaded], pending=work, baseline=1000.0))) == [(Act.SPAWN, None, "b")]
+    probes = dict(baseline=1000.0, probe_growth_mb=300.0)  # a warm model says what the probes take
+    assert acts(p.decide(snap(workers=[loaded], pending=work, **probes))) == [(Act.SPAWN, None, "b")]
+    # Cold: nothing says what its probes will take (they are what measures it): wait for READY.
+    assert p.decide(snap(workers=[loaded], pending=work, baseline=1000.0)) == []
     # Loaded over the prediction: the baseline is not what was thought, so wait for its READY.
     heavy = WorkerView(id=1, state="starting", pss_mb=1200, uss_mb=1200, loaded_private_mb=1200)
-    assert p.decide(snap(workers=[heavy], pending=work, baseline=1000.0)) == []
-    # A probing worker is still a starting one: its predicted baseline stays counted, so no room
-    # for a second means no spawn.
-    assert p.decide(snap(workers=[loaded], pending=work, baseline=1000.0, budget=2800.0)) == []
+    assert p.decide(snap(workers=[heavy], pending=work, **probes)) == []
+    # A probing worker is still a starting one: its predicted baseline and its probes' growth stay
+    # counted (900 used + 1000 + 300), and a new one needs 1000 + 500 beside the head's 500.
+    assert p.decide(snap(workers=[loaded], pending=work, budget=4100.0, **probes)) == []
+    assert acts(p.decide(snap(workers=[loaded], pending=work, budget=4300.0, **probes))) == [(Act.SPAWN, None, "b")]
     # The probing worker takes the head once READY: a new worker must leave the head its room,
     # even where a smaller file would fit beside the new worker.
     big_first = [pend("big", 3000), pend("small", 200)]
-    assert p.decide(snap(workers=[loaded], pending=big_first, baseline=1000.0, budget=5500.0)) == []
-    assert acts(p.decide(snap(workers=[loaded], pending=big_first, baseline=1000.0, budget=6500.0))) == [
+    assert p.decide(snap(workers=[loaded], pending=big_first, budget=5800.0, **probes)) == []
+    assert acts(p.decide(snap(workers=[loaded], pending=big_first, budget=6800.0, **probes))) == [
         (Act.SPAWN, None, "small")]
 
 
