@@ -49,6 +49,17 @@ def _serve(aligner, path: str, **kw) -> tuple[SpanServer, threading.Event]:
     return srv, stop
 
 
+def _at_once(n: int, call, timeout: float) -> dict[int, object]:
+    """``call(i)`` for i < n from n threads at once (requests that wait together in the server)."""
+    got: dict[int, object] = {}
+    threads = [threading.Thread(target=lambda i=i: got.__setitem__(i, call(i))) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout)
+    return got
+
+
 def _noise(seconds: float, seed: int = 0) -> np.ndarray:
     return (np.random.default_rng(seed).standard_normal(int(16000 * seconds)) * 0.1).astype(np.float32)
 
@@ -74,16 +85,8 @@ def test_equal_length_requests_waiting_together_run_as_one_batch(local, tmp_path
     srv, stop = _serve(local, str(tmp_path / "s.sock"), batch_wait_s=0.2)
     try:
         audios = [_noise(2.0, seed=i) for i in range(4)]
-        got: dict[int, np.ndarray] = {}
-
-        def client(i):
-            got[i] = remote_aligner(Connection(str(tmp_path / "s.sock")))._forward(audios[i]).numpy()
-
-        threads = [threading.Thread(target=client, args=(i,)) for i in range(4)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(30)
+        got = _at_once(4, lambda i: remote_aligner(Connection(str(tmp_path / "s.sock")))._forward(audios[i]).numpy(),
+                       30)
         assert srv.stats["batched"] >= 2 and srv.stats["batches"] >= 1
         for i, a in enumerate(audios):
             assert np.allclose(got[i], local._forward(a).numpy(), atol=1e-4)
@@ -272,18 +275,12 @@ def test_whisper_spans_waiting_together_are_encoded_as_one_batch_with_the_same_t
 
     srv, stop = _serve(local, str(tmp_path / "s.sock"), batch_wait_s=0.3)
     try:
-        got: dict[int, list] = {}
-
         def client(i):
             remote = remote_aligner(Connection(str(tmp_path / "s.sock")))
             remote.use_language("eng")
-            got[i] = remote.align_span(audios[i], 0.0, utts[i])
+            return remote.align_span(audios[i], 0.0, utts[i])
 
-        threads = [threading.Thread(target=client, args=(i,)) for i in range(3)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(60)
+        got = _at_once(3, client, 60)
         assert srv.stats["batches"] >= 1 and srv.stats["batched"] >= 2
         assert [got[i] for i in range(3)] == alone
         assert local._prepared == {}  # nothing encoded ahead is kept past its batch

@@ -91,6 +91,14 @@ class _Request:
     audio: np.ndarray
 
 
+def _span(header: dict[str, Any]) -> tuple[float, list]:
+    """An ``align_span`` request's span start and utterances, as ``SpanAligner.align_span`` takes them."""
+    from worker.align import UttRequest  # noqa: PLC0415
+
+    return float(header["span_start_s"]), [UttRequest(int(i), float(s), float(e), list(w))
+                                           for i, s, e, w in header["utts"]]
+
+
 def _is_oom(exc: BaseException) -> bool:
     from worker.align import is_out_of_memory  # noqa: PLC0415
 
@@ -199,12 +207,8 @@ class SpanServer:
         prepare = getattr(self.aligner, "prepare_spans", None)
         if prepare is None or len(spans) < 2:
             return
-        from worker.align import UttRequest  # noqa: PLC0415
-
         try:
-            n = prepare([(r.audio, float(r.header["span_start_s"]),
-                          [UttRequest(int(i), float(s), float(e), list(w)) for i, s, e, w in r.header["utts"]])
-                         for r in spans])
+            n = prepare([(r.audio, *_span(r.header)) for r in spans])
         except Exception as exc:  # noqa: BLE001 - a batch that fails: each span encodes its own
             self.aligner.drop_prepared()
             if _is_oom(exc):
@@ -245,8 +249,6 @@ class SpanServer:
         return [np.ascontiguousarray(o) for o in out]
 
     def _one(self, r: _Request) -> None:
-        from worker.align import UttRequest  # noqa: PLC0415
-
         h, a = r.header, self.aligner
         try:
             op = h.get("op")
@@ -258,8 +260,7 @@ class SpanServer:
             if op == "language":
                 self._reply(r, {"ok": True, "language": a.language})
             elif op == "align_span":
-                utts = [UttRequest(int(i), float(s), float(e), list(w)) for i, s, e, w in h["utts"]]
-                got = a.align_span(r.audio, float(h["span_start_s"]), utts)
+                got = a.align_span(r.audio, *_span(h))
                 self._reply(r, {"ok": True, "results": [[u.index, u.words, u.error] for u in got]})
             elif op == "transcribe":
                 words = a.transcribe_words(r.audio, float(h["offset_s"]))
