@@ -754,10 +754,12 @@ def ablation(label: str, folder: str, args) -> None:
     # Whisper's own word timing: each utterance alone, median filter and the softmax restricted to
     # the utterance's frames, DTW, words from token boundaries; nothing else.
     plain = replace(default, onsets=False, joint=False, snap_pauses=False, trim_quiet=False, repair_squeezed=False,
-                    repair_stretched=False, retry_sparse=False, refine_recovered=False, median_width=7,
-                    renormalize=True)
+                    repair_stretched=False, retry_sparse=False, refine_recovered=False, share_pauses=False,
+                    place_in_gaps=False, run_on=False, median_width=7, renormalize=True)
     configs = [("default", default), ("plain (find_alignment)", plain)]
     for f in fields(Steps):
+        if args.steps and f.name not in args.steps:
+            continue
         value = getattr(default, f.name)
         flipped = (1 if value != 1 else 7) if f.name == "median_width" else not value
         configs.append((f"{f.name}={flipped}", replace(default, **{f.name: flipped})))
@@ -773,7 +775,8 @@ def ablation(label: str, folder: str, args) -> None:
         engine.aligner.steps = steps
         t0 = time.perf_counter()
         with tempfile.TemporaryDirectory() as tmp:
-            recover = name.startswith(("default", "plain")) or "retry" in name or "refine" in name
+            recover = name.startswith(("default", "plain")) or any(
+                step in name for step in ("retry", "refine", "share_pauses", "place_in_gaps", "run_on"))
             table = score_real(engine, args.real or None, Path(tmp) / "real", kinds=["joins", "words"])
             if recover:
                 rec = score_real(engine, args.recovery or args.real or None, Path(tmp) / "rec", kinds=["utterances"])
@@ -969,6 +972,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--memory-child", nargs=2, metavar=("MODE", "FOLDER"), help=argparse.SUPPRESS)
     ap.add_argument("--recovery", nargs="+", default=None,
                     help="with --ablation: the recordings timing recovery is scored on (default: as --real)")
+    ap.add_argument("--steps", nargs="+", default=None,
+                    help="with --ablation: flip only these steps (default: every one)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--no-fetch", action="store_true", help="skip models not already converted")
     args = ap.parse_args(argv)

@@ -327,9 +327,16 @@ def test_rough_spans_are_refined_by_forcing_the_transcripts_words():
     chat = chat_of(*(t for _, t in utterances))
     utts, _ = transcript_words(chat)
     rough = [(0.2, 2.0), (3.0, 6.5), (7.5, 9.4)]  # a second off, as interpolation leaves them
-    got = refine_spans(FakeSource(12.0, timeline=timeline), utts, rough, FakeForcer(timeline), 12.0)
+    forcer = FakeForcer(timeline)
+    forcer.steps = type("S", (), {"share_pauses": False})()
+    got = refine_spans(FakeSource(12.0, timeline=timeline), utts, rough, forcer, 12.0)
     for (s, e), (ts, te) in zip(got, truth_of(timeline, utterances)):
         assert abs(s - ts) <= 0.16 and abs(e - te) <= 0.16  # the tidy padding only
+    # by default the forced spans reach into the pauses around them, up to the middle of each
+    from worker.engines.timing import share_pauses
+
+    got = refine_spans(FakeSource(12.0, timeline=timeline), utts, rough, FakeForcer(timeline), 12.0)
+    assert got == share_pauses(truth_of(timeline, utterances), 12.0)
     # squeezed words are not believed: the rough span stays
     squeezed = [(w, 4.0 + 0.005 * k, 4.0 + 0.005 * (k + 1)) if 4 <= k < 8 else (w, s, e)
                 for k, (w, s, e) in enumerate(timeline)]
@@ -351,3 +358,64 @@ def test_words_of_scripts_without_spaces_are_matched_character_by_character():
     ref = [u for w in ["我哋", "出去", "玩"] for u in units(w)]
     hyp = [u for w in ["我", "哋出去玩"] for u in units(w)]
     assert match_words(ref, hyp) == [(i, i) for i in range(5)]
+
+
+def test_recovered_spans_reach_into_the_pauses_up_to_the_middle():
+    from worker.engines.timing import REFINE_PAD_S, share_pauses
+
+    spans = [(1.0, 2.0), (2.4, 3.0), (8.0, 9.0)]
+    got = share_pauses(spans, 9.5)
+    assert got[0] == (0.0, 2.2)  # the recording's start stands in for a neighbour
+    assert got[1] == (2.2, 3.0 + REFINE_PAD_S)  # at most REFINE_PAD_S into a long pause
+    assert got[2] == (8.0 - REFINE_PAD_S, 9.5)
+    check_ordered(got, 9.5)
+
+
+def test_unplaced_utterances_are_moved_into_the_gap_between_placed_neighbours():
+    from worker.engines.timing import place_in_gaps
+
+    spans = [(1.0, 2.0), (0.2, 0.6), (0.6, 1.4), (5.0, 6.0)]  # a rough run lying before its neighbour
+    got = place_in_gaps(spans, [True, False, False, True], [10, 4, 12, 10], 8.0)
+    assert got[0] == (1.0, 2.0) and got[3] == (5.0, 6.0)
+    assert got[1][0] == pytest.approx(2.0) and got[2][1] == pytest.approx(5.0)
+    assert (got[1][1] - got[1][0]) / (got[2][1] - got[2][0]) == pytest.approx(4 / 12)
+    # a run that fits its gap keeps its spans; nothing placed moves nothing
+    fitting = [(1.0, 2.0), (2.5, 3.0), (5.0, 6.0)]
+    assert place_in_gaps(fitting, [True, False, True], [1, 1, 1], 8.0) == fitting
+    assert place_in_gaps(spans, [False] * 4, [1] * 4, 8.0) == spans
+
+
+def test_an_utterance_the_refining_cannot_place_gets_the_gap_not_an_empty_span():
+    from worker.engines.timing import refine_spans, transcript_words
+
+    utterances = [(1.0, "the quick brown fox"), (4.0, "please call stella now"), (9.0, "good night")]
+    timeline = timeline_for(utterances)
+    chat = chat_of(*(t for _, t in utterances))
+    utts, _ = transcript_words(chat)
+    # the middle utterance's words come out squeezed and its rough span lies before the first one
+    squeezed = [(w, 4.0 + 0.005 * k, 4.0 + 0.005 * (k + 1)) if 4 <= k < 8 else (w, s, e)
+                for k, (w, s, e) in enumerate(timeline)]
+    rough = [(0.8, 3.0), (0.1, 0.7), (8.8, 9.8)]
+    forcer = FakeForcer(squeezed)
+    got = refine_spans(FakeSource(12.0, timeline=timeline), utts, rough, forcer, 12.0)
+    check_ordered(got, 12.0)
+    first_end, last_start = timeline[3][2], timeline[8][1]
+    assert got[1][0] <= first_end + 1e-6 and got[1][1] >= last_start - 1e-6  # the whole gap
+    forcer.steps = type("S", (), {"place_in_gaps": False, "share_pauses": False})()
+    got = refine_spans(FakeSource(12.0, timeline=timeline), utts, rough, forcer, 12.0)
+    assert got[1][1] - got[1][0] < 0.5  # the rough span, squashed against its neighbour
+
+
+def test_recovered_spans_stay_tight_where_the_audio_has_no_pauses_to_find():
+    from worker.engines.timing import has_pauses, refine_spans, transcript_words
+
+    utterances = [(1.0, "the quick brown fox"), (4.0, "please call stella now"), (9.0, "good night")]
+    timeline = timeline_for(utterances)
+    chat = chat_of(*(t for _, t in utterances))
+    utts, _ = transcript_words(chat)
+    noisy = FakeSource(12.0)  # steady noise: no pause stands out of it
+    assert not has_pauses(noisy.read(0.0, 12.0), 16000)
+    assert has_pauses(FakeSource(12.0, timeline=timeline).read(0.0, 12.0), 16000)
+    got = refine_spans(noisy, utts, [(0.2, 2.0), (3.0, 6.5), (7.5, 9.4)], FakeForcer(timeline), 12.0)
+    for (s, e), (ts, te) in zip(got, truth_of(timeline, utterances)):
+        assert s == pytest.approx(ts - EDGE_PAD_S, abs=1e-3) and e == pytest.approx(te + EDGE_PAD_S, abs=1e-3)

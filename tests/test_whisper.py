@@ -755,3 +755,22 @@ def test_the_utterances_outer_edges_move_off_the_pauses_around_it():
     assert frames[1] == (40, 60)
     frames = word_frames([0, 40, 60, 100], quiet, 0, 100, snap=False, trim=False)
     assert frames[0][0] == 0 and frames[-1][1] == 100
+
+
+def test_a_last_word_that_ends_in_sound_runs_on_to_the_pause_after_it():
+    """The end-of-text row rises while a soft utterance end still sounds: a last word whose DTW end
+    lies in sound is carried on to where the pause after it starts; one already ending in a pause,
+    or with no pause after it, keeps its end."""
+    quiet = np.zeros(100, dtype=bool)
+    quiet[75:100] = True  # the pause after the utterance
+    bounds = [10, 40, 62]  # DTW ends the last word at frame 62, 13 frames before speech stops
+    assert word_frames(bounds, quiet, 0, 100, snap=True, trim=False, run_on=True)[-1] == (40, 75)
+    assert word_frames(bounds, quiet, 0, 100, snap=True, trim=False, run_on=False)[-1] == (40, 62)
+    # the window ends before the pause (or has none): nothing to run on to
+    assert word_frames(bounds, np.zeros(100, dtype=bool), 0, 100, snap=True, trim=False, run_on=True)[-1] == (40, 62)
+    # a last word ending inside the pause still moves back to where it starts
+    assert word_frames([10, 40, 90], quiet, 0, 100, snap=True, trim=False, run_on=True)[-1] == (40, 75)
+    # interior boundaries are left alone, and the window's end still bounds the word
+    frames = word_frames(bounds, quiet, 0, 70, snap=True, trim=False, run_on=True)
+    assert frames[0] == (10, 40) and frames[-1] == (40, 70)
+    assert W.Steps().run_on and not W.Steps.from_options({"run_on": "off"}).run_on

@@ -5,8 +5,10 @@ with word times by the engine's own model, and the recognised words are matched 
 words by a least-edit sequence alignment. An utterance takes its span from its first and last
 matched words (stretched by the speaking rate over unmatched words at its edges); utterances with
 no matched word share the gap between their neighbours in proportion to their length in characters. Spans come out
-in transcript order, non-overlapping and inside the recording, ready to be refined by forced
-alignment.
+in transcript order, non-overlapping and inside the recording, and are then refined by forced
+alignment of the transcript's own words (:func:`refine_spans`): an utterance takes its first and
+last forced word times, grown into the pauses around it where the audio has pauses to find; one
+the forcing cannot place gets the gap between the neighbours it did place.
 """
 
 from __future__ import annotations
@@ -120,17 +122,34 @@ def quietest_point(audio: np.ndarray, rate: int, lo_s: float, hi_s: float) -> fl
     return (a + int(np.argmin(energy[a:b]))) * 0.02 + 0.01
 
 
-def speech_seconds(audio: np.ndarray, rate: int) -> float:
-    """Seconds of ``audio`` louder than its pauses (all of it when it has no clear pauses)."""
+PAUSE_RANGE_DB = 30.0  # loud frames this far above the floor: the audio has pauses one can find
+
+
+def _levels(audio: np.ndarray, rate: int) -> np.ndarray:
+    """Energy in dB of each 20 ms frame."""
     frame = max(1, int(rate * 0.02))
     n = len(audio) // frame
-    if n < 2:
-        return len(audio) / rate
     x = audio[: n * frame].astype(np.float64).reshape(n, frame)
-    level = 10.0 * np.log10((x * x).mean(axis=1) + 1e-10)
+    return 10.0 * np.log10((x * x).mean(axis=1) + 1e-10)
+
+
+def has_pauses(audio: np.ndarray, rate: int) -> bool:
+    """Whether ``audio`` has pauses clearly below its speech (its loud frames ``PAUSE_RANGE_DB``
+    above its floor), the criterion the aligner's pause snapping uses too: noisy or distant
+    recordings have none it could find."""
+    level = _levels(audio, rate)
+    if len(level) < 2:
+        return False
     floor, loud = np.percentile(level, [5, 99])
-    if loud - floor < 30.0:
+    return bool(loud - floor >= PAUSE_RANGE_DB)
+
+
+def speech_seconds(audio: np.ndarray, rate: int) -> float:
+    """Seconds of ``audio`` louder than its pauses (all of it when it has no clear pauses)."""
+    level = _levels(audio, rate)
+    if len(level) < 2 or not has_pauses(audio, rate):
         return len(audio) / rate
+    floor, loud = np.percentile(level, [5, 99])
     quiet = level < max(floor + 0.2 * (loud - floor), loud - 40.0)
     return float((~quiet).sum()) * 0.02
 
@@ -294,6 +313,9 @@ def refine_spans(source: Any, utts: Sequence[Any], spans: list[tuple[float, floa
     rate = int(getattr(aligner, "sample_rate", 16000))
     words = [[t for t in (spoken_text(w) for w in u.words) if t] for u in utts]
     out = list(spans)
+    forced = [False] * len(spans)
+    wide = [False] * len(spans)  # forced, in audio with pauses to find: grown to mid-pause
+    share = getattr(getattr(aligner, "steps", None), "share_pauses", True)
     n, i = len(utts), 0
     while i < n:
         lo = max(0.0, spans[i][0] - REFINE_PAD_S)
@@ -319,14 +341,82 @@ def refine_spans(source: Any, utts: Sequence[Any], spans: list[tuple[float, floa
                 log.debug("refining %.2f-%.2f s failed: %s", lo, hi, exc)
                 res = None
             if res is not None and res.words is not None and len(res.words) == len(flat):
+                paused = share and has_pauses(audio, rate)
                 pos = 0
                 for k in range(i, j):
                     got = [(t, w) for t, w in zip(res.words[pos:pos + len(words[k])], words[k]) if t is not None]
                     pos += len(words[k])
                     if got and not squeezed([t for t, _ in got], [w for _, w in got]):
-                        out[k] = (got[0][0][0] - EDGE_PAD_S, got[-1][0][1] + EDGE_PAD_S)
+                        out[k] = (got[0][0][0], got[-1][0][1])
+                        forced[k] = True
+                        wide[k] = paused
         i = j
-    return _tidy(out, duration, pad_s=0.0)  # the spans kept are padded already
+    if getattr(getattr(aligner, "steps", None), "place_in_gaps", True):
+        out = place_in_gaps(out, forced, [sum(len(w) for w in ws) for ws in words], duration)
+    # rough spans are padded already; forced ones get EDGE_PAD_S, or the pauses around them
+    out = [(s - EDGE_PAD_S, e + EDGE_PAD_S) if forced[k] and not wide[k] else (s, e) for k, (s, e) in enumerate(out)]
+    out = _tidy(out, duration, pad_s=0.0)
+    return share_pauses(out, duration, grow=wide) if any(wide) else out
+
+
+def place_in_gaps(spans: list[tuple[float, float]], placed: Sequence[bool], chars: Sequence[int],
+                  duration: float) -> list[tuple[float, float]]:
+    """Utterances the forcing did not place, moved into the gap between the neighbours it did.
+
+    An unplaced utterance keeps a rough span that may contradict its placed neighbours (a rough
+    span lying before its refined predecessor collapses to nothing when the spans are put in
+    order). A run of them whose rough spans do not fit, in order, inside the gap between the placed
+    utterances around it is given that gap instead, shared by characters, and the driver then
+    forces each utterance inside its share. Runs that fit keep their spans (they may hold
+    recognised anchors); with nothing placed nothing moves."""
+    out = list(spans)
+    n = len(out)
+    if not any(placed):
+        return out
+    k = 0
+    while k < n:
+        if placed[k]:
+            k += 1
+            continue
+        j = k
+        while j < n and not placed[j]:
+            j += 1
+        lo = out[k - 1][1] if k > 0 else 0.0
+        hi = out[j][0] if j < n else duration
+        run = out[k:j]
+        fits = all(lo - 1e-6 <= s <= e <= hi + 1e-6 for s, e in run) and all(
+            a[1] <= b[0] + 1e-6 for a, b in zip(run, run[1:]))
+        if not fits and hi > lo:
+            total = sum(max(1, c) for c in chars[k:j])
+            t = lo
+            for m in range(k, j):
+                d = (hi - lo) * max(1, chars[m]) / total
+                out[m] = (t, t + d)
+                t += d
+        k = j
+    return out
+
+
+def share_pauses(spans: list[tuple[float, float]], duration: float, most_s: float = REFINE_PAD_S,
+                 grow: Sequence[bool] | None = None) -> list[tuple[float, float]]:
+    """Each span (of those ``grow`` marks; all by default) grown into the pauses around it, up to
+    the middle of the pause to its neighbour, at most ``most_s`` (the recording's edges stand in
+    for a missing neighbour).
+
+    Forced word times are tight, and the words are aligned once more, each utterance alone inside
+    its span: that alignment finds the utterance's edges from the pauses around it (the first word
+    starts after a pause under its start, the last ends where the sound stops), so its window
+    must hold those pauses, not a fixed sliver of them. Up to the middle, no pause is given to two
+    utterances."""
+    out = []
+    for k, (s, e) in enumerate(spans):
+        if grow is not None and not grow[k]:
+            out.append((s, e))
+            continue
+        lo = (spans[k - 1][1] + s) / 2 if k > 0 else 0.0
+        hi = (e + spans[k + 1][0]) / 2 if k + 1 < len(spans) else duration
+        out.append((round(max(lo, s - most_s, 0.0), 3), round(min(hi, e + most_s, duration), 3)))
+    return out
 
 
 def utterance_spans(utts: Sequence[Any], ref: Sequence[_RefWord],

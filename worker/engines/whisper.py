@@ -76,6 +76,9 @@ class Steps:
     repair_stretched: bool = True  # a word longer than it can be said is cut to where its attention lies
     retry_sparse: bool = True  # timing recovery retries halves of a window that heard too few words
     refine_recovered: bool = True  # recovered utterance times refined by forcing the transcript's words
+    share_pauses: bool = True  # refined recovered spans reach to mid-pause where the audio has pauses to find
+    place_in_gaps: bool = True  # recovered utterances the refining did not place get the gap between placed ones
+    run_on: bool = True  # an utterance's last word that ends in sound runs on to the pause after it
     median_width: int = MEDIAN_WIDTH  # median filter over time on the attention (1: none)
     renormalize: bool = True  # each token's attention rescaled over the utterance's own frames
     context_after: bool = False  # the DTW runs on past the bullet's end; words it puts there are untimed
@@ -270,7 +273,7 @@ def quiet_runs(quiet: np.ndarray, min_frames: int) -> list[tuple[int, int]]:
 
 
 def word_frames(bounds: list[int], quiet: np.ndarray, lo: int = 0, hi: int | None = None, *,
-                snap: bool = True, trim: bool = True) -> list[tuple[int, int]]:
+                snap: bool = True, trim: bool = True, run_on: bool = False) -> list[tuple[int, int]]:
     """Frame ranges of consecutive words from DTW word starts (``bounds[-1]`` ends the last word).
 
     DTW makes words contiguous, so a pause goes to one of the words around it and the boundary
@@ -308,6 +311,12 @@ def word_frames(bounds: list[int], quiet: np.ndarray, lo: int = 0, hi: int | Non
                 starts[0] = rb
             if ra < ends[-1] <= rb and ra > starts[-1]:
                 ends[-1] = ra
+        # The row that predicts the end of text rises while the last word is still sounding (a
+        # soft, decaying utterance end): a last word that ends in sound runs on to the pause after it.
+        if run_on:
+            after = [ra for ra, _ in runs if ra >= ends[-1]]
+            if after and (ends[-1] >= len(quiet) or not quiet[ends[-1]]):
+                ends[-1] = max(ends[-1], after[0])
     trimmed = []
     for a, b in zip(starts, ends):
         b = max(b, a + 1)
@@ -954,7 +963,7 @@ class _Window:
         lo = max(utt.start_s, self.start_s)
         hi = min(utt.end_s, self.start_s + f1 * FRAME_S)
         frames = word_frames([f0 + int(starts[i]) for i in bounds], self.quiet, f0, fx,
-                             snap=steps.snap_pauses, trim=steps.trim_quiet)
+                             snap=steps.snap_pauses, trim=steps.trim_quiet, run_on=steps.run_on)
         times: list[tuple[float, float] | None] = []
         for a, b in frames:
             if a >= f1 and fx > f1:
