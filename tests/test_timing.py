@@ -327,15 +327,15 @@ def test_rough_spans_are_refined_by_forcing_the_transcripts_words():
     chat = chat_of(*(t for _, t in utterances))
     utts, _ = transcript_words(chat)
     rough = [(0.2, 2.0), (3.0, 6.5), (7.5, 9.4)]  # a second off, as interpolation leaves them
-    forcer = FakeForcer(timeline)
-    forcer.steps = type("S", (), {"share_pauses": False})()
-    got = refine_spans(FakeSource(12.0, timeline=timeline), utts, rough, forcer, 12.0)
+    got = refine_spans(FakeSource(12.0, timeline=timeline), utts, rough, FakeForcer(timeline), 12.0)
     for (s, e), (ts, te) in zip(got, truth_of(timeline, utterances)):
         assert abs(s - ts) <= 0.16 and abs(e - te) <= 0.16  # the tidy padding only
-    # by default the forced spans reach into the pauses around them, up to the middle of each
+    # with share_pauses the forced spans reach into the pauses around them, up to the middle of each
     from worker.engines.timing import share_pauses
 
-    got = refine_spans(FakeSource(12.0, timeline=timeline), utts, rough, FakeForcer(timeline), 12.0)
+    forcer = FakeForcer(timeline)
+    forcer.steps = type("S", (), {"share_pauses": True})()
+    got = refine_spans(FakeSource(12.0, timeline=timeline), utts, rough, forcer, 12.0)
     assert got == share_pauses(truth_of(timeline, utterances), 12.0)
     # squeezed words are not believed: the rough span stays
     squeezed = [(w, 4.0 + 0.005 * k, 4.0 + 0.005 * (k + 1)) if 4 <= k < 8 else (w, s, e)
@@ -400,7 +400,7 @@ def test_an_utterance_the_refining_cannot_place_gets_the_gap_not_an_empty_span()
     got = refine_spans(FakeSource(12.0, timeline=timeline), utts, rough, forcer, 12.0)
     check_ordered(got, 12.0)
     first_end, last_start = timeline[3][2], timeline[8][1]
-    assert got[1][0] <= first_end + 1e-6 and got[1][1] >= last_start - 1e-6  # the whole gap
+    assert got[1][0] <= first_end + EDGE_PAD_S and got[1][1] >= last_start - EDGE_PAD_S  # the whole gap
     forcer.steps = type("S", (), {"place_in_gaps": False, "share_pauses": False})()
     got = refine_spans(FakeSource(12.0, timeline=timeline), utts, rough, forcer, 12.0)
     assert got[1][1] - got[1][0] < 0.5  # the rough span, squashed against its neighbour
@@ -416,6 +416,8 @@ def test_recovered_spans_stay_tight_where_the_audio_has_no_pauses_to_find():
     noisy = FakeSource(12.0)  # steady noise: no pause stands out of it
     assert not has_pauses(noisy.read(0.0, 12.0), 16000)
     assert has_pauses(FakeSource(12.0, timeline=timeline).read(0.0, 12.0), 16000)
-    got = refine_spans(noisy, utts, [(0.2, 2.0), (3.0, 6.5), (7.5, 9.4)], FakeForcer(timeline), 12.0)
+    forcer = FakeForcer(timeline)
+    forcer.steps = type("S", (), {"share_pauses": True})()
+    got = refine_spans(noisy, utts, [(0.2, 2.0), (3.0, 6.5), (7.5, 9.4)], forcer, 12.0)
     for (s, e), (ts, te) in zip(got, truth_of(timeline, utterances)):
         assert s == pytest.approx(ts - EDGE_PAD_S, abs=1e-3) and e == pytest.approx(te + EDGE_PAD_S, abs=1e-3)

@@ -315,7 +315,7 @@ def refine_spans(source: Any, utts: Sequence[Any], spans: list[tuple[float, floa
     out = list(spans)
     forced = [False] * len(spans)
     wide = [False] * len(spans)  # forced, in audio with pauses to find: grown to mid-pause
-    share = getattr(getattr(aligner, "steps", None), "share_pauses", True)
+    share = getattr(getattr(aligner, "steps", None), "share_pauses", False)
     n, i = len(utts), 0
     while i < n:
         lo = max(0.0, spans[i][0] - REFINE_PAD_S)

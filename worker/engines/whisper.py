@@ -76,7 +76,7 @@ class Steps:
     repair_stretched: bool = True  # a word longer than it can be said is cut to where its attention lies
     retry_sparse: bool = True  # timing recovery retries halves of a window that heard too few words
     refine_recovered: bool = True  # recovered utterance times refined by forcing the transcript's words
-    share_pauses: bool = True  # refined recovered spans reach to mid-pause where the audio has pauses to find
+    share_pauses: bool = False  # refined recovered spans reach to mid-pause where the audio has pauses to find
     place_in_gaps: bool = True  # recovered utterances the refining did not place get the gap between placed ones
     run_on: bool = True  # an utterance's last word that ends in sound runs on to the pause after it
     median_width: int = MEDIAN_WIDTH  # median filter over time on the attention (1: none)
