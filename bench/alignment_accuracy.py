@@ -1007,6 +1007,10 @@ def main(argv: list[str] | None = None) -> int:
                                           synth=Path(tmp) / "festival", gap_s=0.4)
                     joined.name = "joinedf"
                     extra.append(joined)
+                    untimed = score_joined(str(folder), fest, Path(tmp) / "fest", threads=args.threads,
+                                           synth=Path(tmp) / "festival", gap_s=0.4, bullets=False)
+                    untimed.name = "untimedf"
+                    extra.append(untimed)
                 elif not args.no_festival:
                     print("festival (Debian: festival festvox-us-slt-hts) not installed: no f* set")
                 print_table(m, scores, extra)
