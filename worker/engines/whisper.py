@@ -11,7 +11,9 @@ token attends most to the token's beginning, so the path changes rows about half
 token's start is read instead where its row's attention rises to its peak inside those frames (the
 leading half-maximum edge), where the attention has peaks to read. Words start at their first
 token's onset and end where the next word (or the end of text) starts, and word boundaries next to
-a pause move onto it, since DTW otherwise hands the pause to one of the neighbouring words. A path
+a pause move onto it, since DTW otherwise hands the pause to one of the neighbouring words (an
+utterance's last word that ends in sound runs on to the pause after it: the end-of-text row rises
+while a soft ending still sounds). A path
 that squeezes words into a sliver of the bullet is re-run on a better-conditioned matrix; a word
 longer than it can be said is cut to where its own attention lies.
 Every step around the plain cross-attention + DTW is a :class:`Steps` flag, measured on and off by
