@@ -214,7 +214,6 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     _set_parent_death_signal()
-    selfmem.fix_mmap_threshold()  # before the model's first allocation
     parent = int(os.environ.get("BATCHALIGN_SUPERVISE_PARENT_PID") or 0)
     if parent and os.getppid() != parent:
         return protocol.EXIT_PARENT_GONE

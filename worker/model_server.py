@@ -42,7 +42,7 @@ from typing import Any
 
 import numpy as np
 
-from worker import gpumem, protocol, selfmem
+from worker import gpumem, protocol
 from worker.engines.base import AlignerEngine, BootError, JobError
 
 _H = struct.Struct(">I")
@@ -448,7 +448,6 @@ def main(argv: list[str] | None = None) -> int:
     from worker.__main__ import Channel, Heartbeat, _own_memory_mb, _set_parent_death_signal, load_engine  # noqa: PLC0415
 
     _set_parent_death_signal()
-    selfmem.fix_mmap_threshold()
     out = protocol.take_protocol_stdout()
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     from telemetry.logging import configure_logging, get_logger  # noqa: PLC0415

@@ -98,30 +98,3 @@ class PeakWatch:
     @property
     def growth_mb(self) -> float:
         return max(0.0, self.hwm - self.rss0, self.uss_peak - self.uss0)
-
-
-M_MMAP_THRESHOLD = -3  # mallopt(3) parameter number in glibc's malloc.h
-MMAP_THRESHOLD_BYTES = 128 * 1024  # glibc's own starting value, held fixed
-
-
-def fix_mmap_threshold(nbytes: int = MMAP_THRESHOLD_BYTES) -> bool:
-    """Keep large allocations in their own mappings, so freeing one returns it to the OS.
-
-    glibc raises its mmap threshold to the size of every mapped block freed, after which blocks of
-    that size (a span's feature maps, attention rows, Viterbi trellis) come from the heap instead,
-    where they fragment: each span of a long recording then lands part of its buffers on new pages
-    and a worker's peak creeps up span after span (measured: a tiny wav2vec2 model's growth on a
-    200 s file 34 MiB instead of 19, Whisper base 89 instead of 41). Fixed, a file's peak is its
-    largest span's, which is what the memory model predicts. A threshold the user set through
-    ``MALLOC_MMAP_THRESHOLD_`` is left alone. Returns whether it was set.
-    """
-    import os  # noqa: PLC0415
-
-    if os.environ.get("MALLOC_MMAP_THRESHOLD_"):
-        return False
-    try:
-        import ctypes  # noqa: PLC0415
-
-        return bool(ctypes.CDLL("libc.so.6").mallopt(M_MMAP_THRESHOLD, int(nbytes)))
-    except (OSError, AttributeError):
-        return False  # not glibc: its allocator has its own policy
