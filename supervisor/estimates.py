@@ -83,6 +83,14 @@ class Estimator:
         est = self.predictor.estimate(FileFeatures(audio_s=span_s, longest_span_s=span_s, n_spans=1, windows=0))
         return None if est.uncertain else est.growth_mb
 
+    def probes_learned(self, span_s: float) -> bool:
+        """The learned model already holds probe spans and enough real files, and is certain of a
+        cap-length span: workers need not measure their probes again (they still warm up)."""
+        model = self.predictor.model
+        fit = model.fit()
+        return bool(fit is not None and model.n_probes and fit.n_files >= model.min_samples
+                    and self.probe_growth_mb(span_s) is not None)
+
     def killed_at(self, job: FileJob, peak_mb: float, growth_mb: float | None) -> None:
         """An attempt failed for memory at ``peak_mb``: the file needs more than that, and the model
         learns that files like it grow past ``growth_mb`` (a bound, not a sample)."""

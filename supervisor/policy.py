@@ -165,12 +165,21 @@ def vram_committed_mb(s: Snapshot) -> float:
             + sum(s.predicted_vram_baseline_mb for w in live if w.state == "starting"))
 
 
+def starting_charge(w: WorkerView, s: Snapshot) -> float:
+    """What a starting worker may still add to its reading: up to its predicted baseline plus its
+    probes' growth where the model can tell it (what it holds now is in ``used_mb`` already). Cold,
+    the probes' growth is unknown: its whole predicted baseline again stands for them."""
+    if s.probe_growth_mb is None:
+        return s.predicted_baseline_mb
+    return max(0.0, s.predicted_baseline_mb + s.probe_growth_mb - w.pss_mb)
+
+
 def committed_mb(s: Snapshot) -> float:
-    """Used now plus what running files may still grow by plus starting workers' baselines (and
-    their probes' growth, where the model can tell it)."""
+    """Used now plus what running files may still grow by plus what starting workers may still
+    take (their baselines, and their probes' growth where the model can tell it)."""
     live = [w for w in s.workers if w.state in LIVE]
     return (used_mb(s) + sum(remaining_growth(w) for w in live)
-            + sum(s.predicted_baseline_mb + (s.probe_growth_mb or 0.0) for w in live if w.state == "starting"))
+            + sum(starting_charge(w, s) for w in live if w.state == "starting"))
 
 
 @dataclass
@@ -429,12 +438,16 @@ class MemoryPolicy:
             return []
         # Workers still running their probes take the head of the queue once READY: a new worker
         # must leave those files their room, or the largest file would lose its turn to a small one.
+        # A starting worker is charged its probes' growth already, and it holds the probes' memory
+        # or a file's, never both: a head file needs only what it grows beyond the probes.
+        # The new worker runs its own probes before its file, so it is charged the larger of the two.
+        probe = s.probe_growth_mb or 0.0
         k = sum(1 for w in c.live if w.state == "starting")
-        held = sum(p.growth_mb for p in waiting[:k])
+        held = sum(max(0.0, p.growth_mb - probe) for p in waiting[:k])
         vheld = sum(p.vram_growth_mb for p in waiting[:k])
         for p in waiting[k:]:
-            cost = s.predicted_baseline_mb + p.growth_mb + held
-            if (cost <= c.room and s.predicted_baseline_mb + c.unrealised + p.growth_mb + held <= c.host_room
+            cost = s.predicted_baseline_mb + max(p.growth_mb, probe) + held
+            if (cost <= c.room and c.unrealised + cost <= c.host_room
                     and c.vram_fits(s.predicted_vram_baseline_mb + p.vram_growth_mb + vheld)):
                 return [Decision(Act.SPAWN, file=p.file, reason="a waiting file fits beside a new worker",
                                  figures={**c.figs, "predicted_mb": round(cost, 1),

@@ -205,6 +205,11 @@ class Supervisor:
 
     def _local_backend(self) -> LocalBackend:
         options = engine_options(self.s, self.s.max_workers(self.cores))
+        if options.get("calibrate") and self.estimator.probes_learned(self.probe_span_s):
+            # Learned in earlier runs from files and probes: measuring the probes again would only
+            # delay every worker's first file (Whisper base: several seconds of CPU each).
+            options["calibrate"] = "warm"
+            self.emit("probes_skipped", reason="the learned model holds probe spans and files already")
         method = resolve_start_method(self.s.run.start_method, self.key[0])
         launcher = ZygoteLauncher(self.key[0]) if method == "zygote" else None
         if model_server.use_model_server(self.s):  # one model copy per GPU, spans sent to it

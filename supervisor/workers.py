@@ -201,7 +201,7 @@ class WorkerTable:
         self.boot_failures = 0
         self._to(w, WorkerState.READY, "worker_ready", baseline_mb=round(w.baseline_uss_mb, 1),
                  baseline_pss_mb=round(w.baseline_pss_mb, 1), baseline_rss_mb=round(w.baseline_rss_mb, 1),
-                 startup_s=round(now - w.spawned_at, 3))
+                 startup_s=round(now - w.spawned_at, 3), probes=len(w.calibration))
         return w
 
     def heartbeat(self, worker_id: str, progress: Any) -> None:

@@ -349,3 +349,23 @@ def test_quantile_helper() -> None:
     assert quantile([0.0, 10.0], 0.9) == pytest.approx(9.0)
     with pytest.raises(ValueError):
         quantile([], 0.5)
+
+
+def test_workers_measure_their_probes_until_the_learned_model_holds_probes_and_files() -> None:
+    from supervisor.estimates import Estimator  # noqa: PLC0415
+    from supervisor.queue import WorkQueue  # noqa: PLC0415
+
+    def learned(probes: bool, files: int) -> Estimator:
+        model = MemoryModel(DEFAULTS, min_samples=3)
+        if probes:
+            for x, g in ((5.0, 60.0), (30.0, 190.0)):
+                model.calibrate(streaming(x), g)
+        for k in range(files):
+            model.observe(streaming(6.0 + 3 * k), 65.0 + 15 * k)
+        # as a later run finds it: through the store's parameters
+        return Estimator(Predictor(MemoryModel.from_params(model.params(), DEFAULTS), 300.0), WorkQueue(3))
+
+    assert learned(probes=True, files=4).probes_learned(30.0)
+    assert not learned(probes=True, files=2).probes_learned(30.0)  # too few files to trust
+    assert not learned(probes=False, files=4).probes_learned(30.0)  # never measured on probes
+    assert not learned(probes=False, files=0).probes_learned(30.0)  # cold

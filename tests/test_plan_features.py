@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -164,3 +165,31 @@ def test_bullets_past_the_end_of_the_media_are_not_planned(tmp_path):
     f = plan_features(cha, tmp_path / "rec.wav", "wav2vec", {})
     # Utterances starting after the end of a (short) recording are skipped by the driver too.
     assert f.n_spans == 1 and f.longest_span_s == pytest.approx(3.0)
+
+
+def test_warm_calibration_runs_only_the_unmeasured_first_pass():
+    from worker.align import measure_probes, probe_plans  # noqa: PLC0415
+
+    full, warm = FakeAligner(), FakeAligner()
+    plans = probe_plans(30.0)
+    measured = measure_probes(full, plans)
+    assert [p["features"]["longest_span_s"] for p in measured] == [5.0, 30.0]
+    assert measure_probes(warm, plans, measure=False) == []
+    # The warm pass is the largest plan alone (its spans), the measured run that pass and every plan.
+    largest = max(plans, key=sum)
+    assert 0 < len(warm.calls) < len(full.calls)
+    assert sum(n for _, n, _ in warm.calls) == pytest.approx(16000 * sum(largest), rel=0.05)
+
+
+def test_a_warm_worker_sends_no_probes_but_warms_up(tmp_path):
+    proc = _worker({"calibrate": "warm", "baseline_mb": 10, "probe_seconds": 1.0})
+    try:
+        loaded = protocol.read_frame(proc.stdout)
+        assert loaded["type"] == protocol.LOADED
+        t0 = time.monotonic()
+        ready = protocol.read_frame(proc.stdout)
+        assert ready["type"] == protocol.READY and ready["calibration"] == []
+        assert 0.9 <= time.monotonic() - t0 < 1.9  # the larger probe ran (1 s), the smaller did not
+    finally:
+        proc.stdin.close()
+        proc.wait(timeout=20)

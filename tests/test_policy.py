@@ -58,16 +58,32 @@ def test_the_next_worker_starts_loading_once_the_last_has_loaded_within_its_pred
     # Loaded over the prediction: the baseline is not what was thought, so wait for its READY.
     heavy = WorkerView(id=1, state="starting", pss_mb=1200, uss_mb=1200, loaded_private_mb=1200)
     assert p.decide(snap(workers=[heavy], pending=work, **probes)) == []
-    # A probing worker is still a starting one: its predicted baseline and its probes' growth stay
-    # counted (900 used + 1000 + 300), and a new one needs 1000 + 500 beside the head's 500.
-    assert p.decide(snap(workers=[loaded], pending=work, budget=4100.0, **probes)) == []
-    assert acts(p.decide(snap(workers=[loaded], pending=work, budget=4300.0, **probes))) == [(Act.SPAWN, None, "b")]
-    # The probing worker takes the head once READY: a new worker must leave the head its room,
-    # even where a smaller file would fit beside the new worker.
+    # A probing worker is still a starting one: it may still reach its predicted baseline plus its
+    # probes' growth (900 used, 400 more to 1300); the head "a" grows 200 beyond the probes there,
+    # and a new worker needs 1000 + 500: 3000 in all.
+    assert p.decide(snap(workers=[loaded], pending=work, budget=2950.0, **probes)) == []
+    assert acts(p.decide(snap(workers=[loaded], pending=work, budget=3050.0, **probes))) == [(Act.SPAWN, None, "b")]
+    # What it holds is counted once: read higher (in its probes), the charge shrinks by as much.
+    probing = WorkerView(id=1, state="starting", pss_mb=1250, uss_mb=1250, loaded_private_mb=900)
+    assert acts(p.decide(snap(workers=[probing], pending=work, budget=3050.0, **probes))) == [(Act.SPAWN, None, "b")]
+    # The probing worker takes the head once READY: a new worker must leave the head its room
+    # (3000, 2700 beyond the probes), even where a smaller file would fit beside the new worker,
+    # which runs its own probes (300) before its file (200).
     big_first = [pend("big", 3000), pend("small", 200)]
-    assert p.decide(snap(workers=[loaded], pending=big_first, budget=5800.0, **probes)) == []
-    assert acts(p.decide(snap(workers=[loaded], pending=big_first, budget=6800.0, **probes))) == [
+    assert p.decide(snap(workers=[loaded], pending=big_first, budget=5250.0, **probes)) == []
+    assert acts(p.decide(snap(workers=[loaded], pending=big_first, budget=5350.0, **probes))) == [
         (Act.SPAWN, None, "small")]
+
+
+def test_a_cold_starting_worker_is_charged_its_whole_baseline_beside_what_it_holds():
+    # Nothing says what its probes take: the predicted baseline again stands for them.
+    p = MemoryPolicy(Bands())
+    starting = WorkerView(id=1, state="starting", pss_mb=800, uss_mb=800)
+    s = snap(workers=[starting, idle(2)], pending=[pend("a", 1000)], budget=4900.0, baseline=1000.0)
+    # 800 + 1000 (starting) + 1000 (idle) = 2800 committed; "a" needs 1000 more
+    assert acts(p.decide(s)) == [(Act.ADMIT, 2, "a")]
+    assert p.decide(snap(workers=[starting, idle(2)], pending=[pend("a", 2200)], budget=4900.0,
+                         baseline=1000.0)) == []
 
 
 def test_spawn_counts_starting_baseline_and_respects_max_workers():

@@ -416,16 +416,23 @@ def test_the_next_worker_loads_while_the_last_one_runs_its_probes_once_the_model
                                                    (("worker_loaded", "w1"), ("worker_ready", "w1"),
                                                     ("worker_spawned", "w2")))
         assert loaded["private_mb"] > 0
-        return loaded, ready, spawned
+        return loaded, ready, spawned, evs
 
     # Cold: nothing yet says what the probes take (they are what measures it), so the second
-    # worker waits for the first one's READY.
-    loaded, ready, spawned = run("cold")
+    # worker waits for the first one's READY after its two measured probes.
+    loaded, ready, spawned, evs = run("cold")
     assert spawned["t"] >= ready["t"]
-    # Warm (the same telemetry store): the second worker is spawned once the first has loaded,
-    # well before its READY after two probes of 1.5 s, and never before it loaded.
-    loaded, ready, spawned = run("warm")
+    assert ready["probes"] == 2 and not named(evs, "probes_skipped")
+    assert ready["t"] - loaded["t"] >= 3.0
+    # Warm (the same telemetry store): the model holds probes and files, so workers only warm up
+    # on the larger probe (one of 1.5 s, unmeasured), and the second worker is spawned once the
+    # first has loaded, before that READY, and never before it loaded.
+    loaded, ready, spawned, evs = run("warm")
     assert loaded["t"] <= spawned["t"] < ready["t"] - 1.0
+    assert ready["probes"] == 0 and len(named(evs, "probes_skipped")) == 1
+    assert ready["t"] - loaded["t"] < 3.0
+    assert all(e["probes"] == 0 for e in named(evs, "worker_ready"))
+    assert not named(evs, "worker_killed") and not named(evs, "worker_paused")
 
 
 def test_workers_that_hang_at_start_up_halt_the_run_with_exit_3(tmp_path):

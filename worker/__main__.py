@@ -126,16 +126,27 @@ class _Progress:
 
 def calibrate(engine, options: dict[str, Any], log) -> list[dict[str, Any]]:
     """Probe spans measured on this worker after loading (the READY ``calibration``): the first
-    real file is then admitted on figures from this hardware, not on configured defaults."""
-    if not options.get("calibrate", True):
+    real file is then admitted on figures from this hardware, not on configured defaults.
+
+    ``calibrate`` is true (measure), false (nothing) or ``"warm"``: the supervisor's learned model
+    already holds probes and files from earlier runs, so only the unmeasured first pass runs (it
+    leaves the allocator as every file after it finds it, keeping this READY baseline like the
+    ones learned)."""
+    mode = options.get("calibrate", True)
+    if not mode:
         return []
     try:
         from worker.align import SpanAligner, measure_probes, probe_lengths, probe_plans, span_cap
 
         aligner = getattr(engine, "aligner", None)
         if isinstance(aligner, SpanAligner):
-            return measure_probes(aligner, probe_plans(aligner.max_span_s), engine.release)
-        return engine.probe(probe_lengths(span_cap(getattr(engine, "name", ""), options)))
+            return measure_probes(aligner, probe_plans(aligner.max_span_s), engine.release,
+                                  measure=mode != "warm")
+        lengths = probe_lengths(span_cap(getattr(engine, "name", ""), options))
+        if mode == "warm":
+            engine.probe(lengths[-1:])  # the largest, unmeasured
+            return []
+        return engine.probe(lengths)
     except Exception:  # noqa: BLE001 - a failed probe leaves the defaults in charge, never the worker down
         log.warning("calibration_failed", traceback=traceback.format_exc())
         return []

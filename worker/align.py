@@ -371,7 +371,8 @@ def plan_features(cha_path: Path | str, media_path: Path | str | None, engine: s
                         sample_rate=rate, channels=channels)
 
 
-def measure_probes(aligner: "SpanAligner", plans: Sequence[Sequence[float]], release: Any = None) -> list[dict[str, Any]]:
+def measure_probes(aligner: "SpanAligner", plans: Sequence[Sequence[float]], release: Any = None,
+                   *, measure: bool = True) -> list[dict[str, Any]]:
     """Growth of this worker on probe files of known spans: the READY ``calibration`` list.
 
     Each plan is a file of faint noise whose timed transcript (at a speaking rate) makes spans of
@@ -380,7 +381,8 @@ def measure_probes(aligner: "SpanAligner", plans: Sequence[Sequence[float]], rel
     the figure too. The largest plan runs once unmeasured first: the buffers and allocator pools a
     worker keeps after its first files are then part of its READY baseline, as they are for every
     file after the first, and each measured probe grows as a real file after READY does. Growth is
-    measured as a file's is (see ``selfmem.PeakWatch``).
+    measured as a file's is (see ``selfmem.PeakWatch``). ``measure=False`` runs that first pass
+    alone.
     """
     import soundfile  # noqa: PLC0415
 
@@ -394,7 +396,7 @@ def measure_probes(aligner: "SpanAligner", plans: Sequence[Sequence[float]], rel
     largest = max(plans, key=sum)
     with tempfile.TemporaryDirectory(prefix="batchalign-probe-") as tmp:
         root = Path(tmp)
-        for k, spans in enumerate([largest, *plans]):
+        for k, spans in enumerate([largest, *(plans if measure else [])]):
             starts, t = [], 0.0
             for seconds in spans:
                 starts.append(t)
