@@ -7,8 +7,9 @@ matched words (stretched by the speaking rate over unmatched words at its edges)
 no matched word share the gap between their neighbours in proportion to their length in characters. Spans come out
 in transcript order, non-overlapping and inside the recording, and are then refined by forced
 alignment of the transcript's own words (:func:`refine_spans`): an utterance takes its first and
-last forced word times, grown into the pauses around it where the audio has pauses to find; one
-the forcing cannot place gets the gap between the neighbours it did place.
+last forced word times with a little room (``share_pauses``: grown into the pauses around it where
+the audio has pauses to find); one the forcing cannot place gets the gap between the neighbours it
+did place.
 """
 
 from __future__ import annotations
