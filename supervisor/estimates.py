@@ -85,11 +85,9 @@ class Estimator:
 
     def probes_learned(self, span_s: float) -> bool:
         """The learned model already holds probe spans and enough real files, and is certain of a
-        cap-length span: workers need not measure their probes again (they still warm up)."""
-        model = self.predictor.model
-        fit = model.fit()
-        return bool(fit is not None and model.n_probes and fit.n_files >= model.min_samples
-                    and self.probe_growth_mb(span_s) is not None)
+        cap-length span: workers need not measure their probes again (they still warm up). A
+        certain estimate is a fitted one from at least ``min_samples`` files."""
+        return bool(self.predictor.model.n_probes) and self.probe_growth_mb(span_s) is not None
 
     def killed_at(self, job: FileJob, peak_mb: float, growth_mb: float | None) -> None:
         """An attempt failed for memory at ``peak_mb``: the file needs more than that, and the model

@@ -47,15 +47,42 @@ def weight(word: str) -> int:
     return sum(SYLLABLE_WEIGHT if written_without_spaces(c) else 1 for c in word if c.isalnum()) or 1
 
 
-def speech_level_dbfs(audio: np.ndarray, rate: int) -> float:
-    """Level of the loudest 20 ms frames (95th percentile) of ``audio``, dB full scale."""
+MIN_RANGE_DB = 30.0  # loud-to-floor range below which no frame counts as a pause
+QUIET_FRACTION = 0.2
+QUIET_BELOW_LOUD_DB = 40.0
+
+
+def frame_levels(audio: np.ndarray, rate: int) -> np.ndarray:
+    """Energy in dB of each 20 ms frame of ``audio`` (Whisper's encoder frame grid at 16 kHz)."""
     frame = max(1, int(rate * 0.02))
     n = len(audio) // frame
     if n == 0:
-        return -120.0
+        return np.zeros(0)
     x = np.asarray(audio[: n * frame], dtype=np.float64).reshape(n, frame)
-    levels = 10.0 * np.log10(np.mean(x * x, axis=1) + 1e-12)
-    return float(np.percentile(levels, 95))
+    return 10.0 * np.log10(np.mean(x * x, axis=1) + 1e-10)
+
+
+def quiet_frames(levels: np.ndarray) -> np.ndarray:
+    """Frames clearly below the audio's speech level, or none when it has no clear pauses.
+
+    The threshold sits a fifth of the way from the noise floor to the loud frames, or
+    ``QUIET_BELOW_LOUD_DB`` under the loud frames when that is higher (a digitally silent floor
+    would otherwise leave low hiss counted as sound); nothing is called quiet when floor and loud
+    frames are less than ``MIN_RANGE_DB`` apart (noisy, distant or pause-free audio). Whisper's
+    pause snapping and timing recovery's speech and pause figures share this rule.
+    """
+    if len(levels) < 2:
+        return np.zeros(len(levels), dtype=bool)
+    floor, loud = np.percentile(levels, [5, 99])
+    if loud - floor < MIN_RANGE_DB:
+        return np.zeros(len(levels), dtype=bool)
+    return levels < max(floor + QUIET_FRACTION * (loud - floor), loud - QUIET_BELOW_LOUD_DB)
+
+
+def speech_level_dbfs(audio: np.ndarray, rate: int) -> float:
+    """Level of the loudest 20 ms frames (95th percentile) of ``audio``, dB full scale."""
+    levels = frame_levels(audio, rate)
+    return float(np.percentile(levels, 95)) if len(levels) else -120.0
 
 
 def squeezed(times: Times, words: Sequence[str] | None = None) -> bool:

@@ -25,6 +25,7 @@ import numpy as np
 
 from worker.chat import spoken_text
 from worker.engines.dtw import DIAGONAL, fill_row, traceback
+from worker.engines.plausibility import frame_levels, quiet_frames
 
 log = logging.getLogger(__name__)
 
@@ -123,35 +124,17 @@ def quietest_point(audio: np.ndarray, rate: int, lo_s: float, hi_s: float) -> fl
     return (a + int(np.argmin(energy[a:b]))) * 0.02 + 0.01
 
 
-PAUSE_RANGE_DB = 30.0  # loud frames this far above the floor: the audio has pauses one can find
-
-
-def _levels(audio: np.ndarray, rate: int) -> np.ndarray:
-    """Energy in dB of each 20 ms frame."""
-    frame = max(1, int(rate * 0.02))
-    n = len(audio) // frame
-    x = audio[: n * frame].astype(np.float64).reshape(n, frame)
-    return 10.0 * np.log10((x * x).mean(axis=1) + 1e-10)
-
-
 def has_pauses(audio: np.ndarray, rate: int) -> bool:
-    """Whether ``audio`` has pauses clearly below its speech (its loud frames ``PAUSE_RANGE_DB``
-    above its floor), the criterion the aligner's pause snapping uses too: noisy or distant
-    recordings have none it could find."""
-    level = _levels(audio, rate)
-    if len(level) < 2:
-        return False
-    floor, loud = np.percentile(level, [5, 99])
-    return bool(loud - floor >= PAUSE_RANGE_DB)
+    """Whether ``audio`` has pauses clearly below its speech, by the rule the aligner's pause
+    snapping uses (``plausibility.quiet_frames``): noisy or distant recordings have none to find."""
+    return bool(quiet_frames(frame_levels(audio, rate)).any())
 
 
 def speech_seconds(audio: np.ndarray, rate: int) -> float:
     """Seconds of ``audio`` louder than its pauses (all of it when it has no clear pauses)."""
-    level = _levels(audio, rate)
-    if len(level) < 2 or not has_pauses(audio, rate):
+    quiet = quiet_frames(frame_levels(audio, rate))
+    if not quiet.any():
         return len(audio) / rate
-    floor, loud = np.percentile(level, [5, 99])
-    quiet = level < max(floor + 0.2 * (loud - floor), loud - 40.0)
     return float((~quiet).sum()) * 0.02
 
 

@@ -36,7 +36,8 @@ from worker.align import SpanAligner, UttRequest, UttResult
 from worker.engines.base import AlignerEngine, BootError
 from worker.engines.dtw import dtw_path
 from worker.engines.loading import DTYPES, configure_threads, load_pretrained, load_processor
-from worker.engines.plausibility import longest_word_s, squeezed_run, stretched, weight, written_without_spaces
+from worker.engines.plausibility import (frame_levels, longest_word_s, quiet_frames, squeezed_run, stretched, weight,
+                                         written_without_spaces)
 
 SAMPLE_RATE = 16000
 WINDOW_S = 30.0  # Whisper's fixed input window
@@ -44,9 +45,6 @@ FRAME_S = 0.02  # one encoder frame (two 10 ms mel frames)
 SAMPLES_PER_FRAME = int(SAMPLE_RATE * FRAME_S)
 ENCODE_BATCH = 8  # windows a model server encodes in one pass (see WhisperAligner.prepare_spans)
 MEDIAN_WIDTH = 7
-MIN_RANGE_DB = 30.0  # loud-to-floor range below which no frame counts as a pause
-QUIET_FRACTION = 0.2
-QUIET_BELOW_LOUD_DB = 40.0
 MIN_PAUSE_S = 0.1  # a quiet run this long between words is a pause a boundary may snap to
 SNAP_S = 0.2  # how far a DTW word boundary may move onto a pause
 MAX_NEW_TOKENS = 224  # a 30 s window holds far fewer words; stops runaway repetition early
@@ -234,33 +232,6 @@ def first_frames_prior(matrix: np.ndarray, weights: list[int], strength: float =
     cols = (np.arange(m) + 0.5) / (inside or m)
     penalty = strength * ((cols[None, :] - centre[:, None]) / width) ** 2
     return first_frames(matrix - penalty)
-
-
-def frame_levels(audio: np.ndarray) -> np.ndarray:
-    """Energy in dB of each 20 ms frame (the encoder's frame grid)."""
-    n = len(audio) // SAMPLES_PER_FRAME
-    if n == 0:
-        return np.zeros(0)
-    frames = audio[: n * SAMPLES_PER_FRAME].astype(np.float64).reshape(n, SAMPLES_PER_FRAME)
-    return 10.0 * np.log10(np.mean(frames * frames, axis=1) + 1e-10)
-
-
-def quiet_frames(levels: np.ndarray) -> np.ndarray:
-    """Frames clearly below the span's speech level, or none when the span has no clear pauses.
-
-    DTW hands a pause to one of the words around it (Whisper's timing makes words contiguous);
-    trimming quiet frames from word edges puts the boundaries back where speech stops and starts.
-    The threshold sits a fifth of the way from the noise floor to the loud frames, or
-    ``QUIET_BELOW_LOUD_DB`` under the loud frames when that is higher (a digitally silent floor
-    would otherwise leave low hiss counted as sound); nothing is called quiet when floor and loud
-    frames are less than ``MIN_RANGE_DB`` apart (noisy or pause-free audio).
-    """
-    if len(levels) < 2:
-        return np.zeros(len(levels), dtype=bool)
-    floor, loud = np.percentile(levels, [5, 99])
-    if loud - floor < MIN_RANGE_DB:
-        return np.zeros(len(levels), dtype=bool)
-    return levels < max(floor + QUIET_FRACTION * (loud - floor), loud - QUIET_BELOW_LOUD_DB)
 
 
 def quiet_runs(quiet: np.ndarray, min_frames: int) -> list[tuple[int, int]]:
@@ -697,7 +668,7 @@ class WhisperAligner(SpanAligner):
     def _window(self, audio: np.ndarray, start_s: float) -> "_Window":
         enc, n_frames = self._encode(audio)
         language = self.detect_language(enc) if self.candidates else None
-        return _Window(self, enc, n_frames, quiet_frames(frame_levels(audio)), start_s, language)
+        return _Window(self, enc, n_frames, quiet_frames(frame_levels(audio, SAMPLE_RATE)), start_s, language)
 
     def _align_long(self, audio: np.ndarray, span_start_s: float, utt: UttRequest) -> UttResult:
         """An utterance of any length, one window at a time.
