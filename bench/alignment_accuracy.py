@@ -643,14 +643,14 @@ def diagnose_recovery(engine, names: list[str] | None, workdir: Path) -> list[di
     seen: dict[str, Any] = {}
     real_spans, real_gaps, real_refine = timing.utterance_spans, timing.place_in_gaps, timing.refine_spans
 
-    def spans_hook(utts, ref, hyp, pairs, duration):
+    def spans_hook(utts, ref, hyp, pairs, duration, *rest):
         seen["matched"] = [sum(1 for i, _ in pairs if ref[i].utt == k) for k in range(len(utts))]
-        seen["rough"] = real_spans(utts, ref, hyp, pairs, duration)
+        seen["rough"] = real_spans(utts, ref, hyp, pairs, duration, *rest)
         return seen["rough"]
 
-    def gaps_hook(spans, placed, chars, duration):
+    def gaps_hook(spans, placed, chars, duration, *rest):
         seen["forced"] = list(placed)
-        out = real_gaps(spans, placed, chars, duration)
+        out = real_gaps(spans, placed, chars, duration, *rest)
         seen["gapped"] = [o != s for o, s in zip(out, spans)]
         return out
 
@@ -727,6 +727,68 @@ def print_diagnosis(model: str, rows: list[dict]) -> None:
         causes[r["why"]] = causes.get(r["why"], 0) + 1
     print(f"{ok} of {len(rows)} within 250 ms; misses by cause: "
           + ", ".join(f"{c} {n}" for c, n in sorted(causes.items(), key=lambda x: -x[1])))
+
+
+# -- gap placement alone, against known utterance times -----------------------------------------
+
+GAP_RUNS = (1, 2, 3)  # lengths of the runs of utterances taken out and placed again
+
+
+def gap_placement(recordings: list[tuple[str, Path, list[Span], list[int]]]) -> dict[str, dict[str, list[float]]]:
+    """How well ``timing.place_in_gaps`` lays a run of utterances over the gap between known
+    neighbours, by characters and by sound (``gaps_by_sound``), with no model at all.
+
+    ``recordings``: (name, media, the utterances' true spans in order, their characters). Every
+    run of ``GAP_RUNS`` consecutive utterances is taken out in turn, its neighbours kept at their
+    true spans (the recording's edges standing in where there is none), and placed again; the
+    errors of its starts and ends are collected per recording and way."""
+    from worker.audio import AudioSource  # noqa: PLC0415
+    from worker.engines.timing import place_in_gaps, recording_quiet  # noqa: PLC0415
+
+    out: dict[str, dict[str, list[float]]] = {}
+    for name, media, truth, chars in recordings:
+        with AudioSource.open(media) as src:
+            duration = _duration(media)
+            quiet = recording_quiet(src, 16000, duration)
+        errs = out.setdefault(name, {"chars": [], "sound": []})
+        n = len(truth)
+        for length in GAP_RUNS:
+            for i in range(0, n - length + 1):
+                placed = [not (i <= k < i + length) for k in range(n)]
+                spans = [t if p else (-1.0, -1.0) for t, p in zip(truth, placed)]  # a run that does not fit
+                for way, q in (("chars", None), ("sound", quiet)):
+                    got = place_in_gaps(spans, placed, chars, duration, q)
+                    for k in range(i, i + length):
+                        errs[way] += [abs(got[k][0] - truth[k][0]), abs(got[k][1] - truth[k][1])]
+    return out
+
+
+def gap_recordings(workdir: Path, fest: list[str] | None, fest_dir: Path | None) -> list[tuple[str, Path, list[Span], list[int]]]:
+    """The inputs of :func:`gap_placement`: every real recording's bulleted utterances (human
+    bullets) and the joined synthetic recordings (true spans)."""
+    from worker.chat import read_chat, spoken_text  # noqa: PLC0415
+
+    recs = []
+    for name, cha, media in real_recordings():
+        timed = [u for u in read_chat(cha).utterances if u.bullet is not None and u.words]
+        if len(timed) >= 2:
+            recs.append((name, media, [(u.bullet[0] / 1000, u.bullet[1] / 1000) for u in timed],
+                         [sum(len(spoken_text(w)) for w in u.words) for u in timed]))
+    sets = [("untimed", FILES, SYNTH, 1.5)] + ([("untimedf", fest, fest_dir, 0.4)] if fest else [])
+    for label, files, folder, gap in sets:
+        cha, spans, _ = build_recording(files, workdir / f"gaps-{label}", gap_s=gap, synth=folder)
+        chars = [len("".join(w for w in line.split("\t", 1)[1].split(" \x15")[0].split() if w not in ".?!"))
+                 for line in cha.read_text().splitlines() if line.startswith("*")]
+        recs.append((label, cha.with_suffix(".wav"), spans, chars))
+    return recs
+
+
+def print_gap_placement(table: dict[str, dict[str, list[float]]]) -> None:
+    print(f"\ngap placement alone (runs of {', '.join(map(str, GAP_RUNS))} utterances placed again between known "
+          f"neighbours; starts and ends: mean median ms, share <=250 <=500 ms)")
+    print(f"{'recording':21} {'n':>4} | {'by characters':24} | {'by sound':24}")
+    for name, errs in table.items():
+        print(f"{name:21} {len(errs['chars']):4d} | {stats_utt(errs['chars']):24} | {stats_utt(errs['sound']):24}")
 
 
 # -- code-switching ----------------------------------------------------------------------------
@@ -867,7 +929,7 @@ def ablation(label: str, folder: str, args) -> None:
     # the utterance's frames, DTW, words from token boundaries; nothing else.
     plain = replace(default, onsets=False, joint=False, snap_pauses=False, trim_quiet=False, repair_squeezed=False,
                     repair_stretched=False, retry_sparse=False, refine_recovered=False, share_pauses=False,
-                    place_in_gaps=False, run_on=False, median_width=7, renormalize=True)
+                    place_in_gaps=False, gaps_by_sound=False, run_on=False, median_width=7, renormalize=True)
     configs = [("default", default), ("plain (find_alignment)", plain)]
     for f in fields(Steps):
         if args.steps and f.name not in args.steps:
@@ -888,7 +950,7 @@ def ablation(label: str, folder: str, args) -> None:
         t0 = time.perf_counter()
         with tempfile.TemporaryDirectory() as tmp:
             recover = name.startswith(("default", "plain")) or any(
-                step in name for step in ("retry", "refine", "share_pauses", "place_in_gaps", "run_on"))
+                step in name for step in ("retry", "refine", "share_pauses", "place_in_gaps", "gaps_by_sound", "run_on"))
             table = score_real(engine, args.real or None, Path(tmp) / "real", kinds=["joins", "words"])
             if recover:
                 rec = score_real(engine, args.recovery or args.real or None, Path(tmp) / "rec", kinds=["utterances"])
@@ -1088,6 +1150,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="with --ablation: flip only these steps (default: every one)")
     ap.add_argument("--diagnose", action="store_true",
                     help="with --real: every human utterance boundary of timing recovery, its error and why")
+    ap.add_argument("--gaps", action="store_true",
+                    help="gap placement alone (no model): runs of utterances placed again between known neighbours")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--no-fetch", action="store_true", help="skip models not already converted")
     args = ap.parse_args(argv)
@@ -1098,6 +1162,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.memory:
         memory_table(args.models, args.threads, not args.no_fetch)
+        return 0
+    if args.gaps:
+        with tempfile.TemporaryDirectory() as tmp:
+            fest = None if args.no_festival else festival_set(Path(tmp) / "festival")
+            print_gap_placement(gap_placement(gap_recordings(Path(tmp), fest, Path(tmp) / "festival")))
         return 0
     real = [] if args.real is None and args.ablation else args.real
     for m in args.models:
