@@ -4,12 +4,13 @@ The recording is streamed in windows cut at pauses (never loaded whole), each wi
 with word times by the engine's own model, and the recognised words are matched to the transcript's
 words by a least-edit sequence alignment. An utterance takes its span from its first and last
 matched words (stretched by the speaking rate over unmatched words at its edges); utterances with
-no matched word share the gap between their neighbours in proportion to their length in characters. Spans come out
+no matched word share the gap between their neighbours in proportion to their length in characters
+(``gaps_by_sound``: its voiced frames, cut at its pauses, :func:`share_by_sound`). Spans come out
 in transcript order, non-overlapping and inside the recording, and are then refined by forced
 alignment of the transcript's own words (:func:`refine_spans`): an utterance takes its first and
 last forced word times with a little room (``share_pauses``: grown into the pauses around it where
 the audio has pauses to find); one the forcing cannot place gets the gap between the neighbours it
-did place.
+did place (by sound, as above).
 """
 
 from __future__ import annotations
@@ -445,7 +446,8 @@ def place_in_gaps(spans: list[tuple[float, float]], placed: Sequence[bool], char
     An unplaced utterance keeps a rough span that may contradict its placed neighbours (a rough
     span lying before its refined predecessor collapses to nothing when the spans are put in
     order). A run of them whose rough spans do not fit, in order, inside the gap between the placed
-    utterances around it is given that gap instead, shared by characters, and the driver then
+    utterances around it is given that gap instead, shared by characters (by its sound, with the
+    recording's ``quiet`` frames: :func:`share_by_sound`), and the driver then
     forces each utterance inside its share. Runs that fit keep their spans (they may hold
     recognised anchors); with nothing placed nothing moves."""
     out = list(spans)
