@@ -537,3 +537,18 @@ def test_unanchored_utterances_are_interpolated_over_the_sound():
             assert abs(s - ts) <= 0.2 and abs(e - te) <= 0.2
         else:
             assert e - s > (te - ts) + 1.0  # the whole gap between the anchored neighbours
+
+
+def test_a_long_gap_of_many_utterances_is_shared_in_order_and_in_linear_time():
+    from worker.engines.timing import share_by_sound
+
+    # two hours, a second of sound then a second of pause, 3000 utterances of varied length
+    quiet = np.tile(np.r_[np.zeros(50, dtype=bool), np.ones(50, dtype=bool)], 3600)
+    chars = [5 + (k * 7) % 40 for k in range(3000)]
+    got = share_by_sound(quiet, 0.0, 7200.0, chars)
+    assert len(got) == 3000
+    check_ordered(got, 7200.0)
+    assert got[0][0] == pytest.approx(0.0) and got[-1][1] == pytest.approx(7199.0 + EDGE_PAD_S)
+    # most cuts lie in a pause (the utterance starts where a second of sound does, with its room)
+    onsets = sum(round(s + EDGE_PAD_S, 2) % 2 == 0 for s, _ in got[1:])
+    assert onsets > 0.5 * len(got)

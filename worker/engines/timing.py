@@ -382,10 +382,9 @@ def share_by_sound(quiet: np.ndarray, lo: float, hi: float, chars: Sequence[int]
     by). An utterance is said in sound, so the run is laid over the gap's voiced frames only: the
     gap is trimmed to its first and last voiced frame, the voiced time is shared by characters
     (the speaking rate applies to speech, not to the pauses between it), and each cut between two
-    utterances moves onto a pause (a quiet run of ``pause_s`` or more) near it. A small dynamic
-    programme picks, in order, one pause or none per cut: a pause costs how far its voiced time
-    lies from the cut's target, none costs half the shorter neighbour's expected voiced time (a
-    pause further away than that more likely lies inside one of them). Each utterance then spans
+    utterances moves onto the pause (a quiet run of ``pause_s`` or more) whose voiced time lies
+    nearest the cut's, when nearer than half the shorter neighbour's expected voiced time (a pause
+    further away more likely lies inside one of them). Each utterance then spans
     its piece's voiced frames, with ``pad_s`` of room where its piece has it."""
     m = len(chars)
     a, b = max(0, int(np.ceil(lo / frame_s - 1e-6))), min(len(quiet), int(hi / frame_s + 1e-6))
@@ -403,28 +402,20 @@ def share_by_sound(quiet: np.ndarray, lo: float, hi: float, chars: Sequence[int]
     targets = np.cumsum(expect)[:-1]
     min_run = max(1, int(round(pause_s / frame_s)))
     pauses = [(ra, rb) for ra, rb in _runs(~voiced) if rb - ra >= min_run and first < ra and rb < last]
-    # cuts: (voiced time, frame where the earlier utterance ends, frame where the later starts)
-    inf = float("inf")
-    prev: list[tuple[float, float, list[tuple[int, int]]]] = [(0.0, -1.0, [])]  # cost, position, cuts
+    # Each cut goes to the pause nearest its target in voiced time when nearer than half the
+    # shorter neighbour's expected voiced time. The reaches of two cuts cannot overlap (the
+    # targets lie a whole utterance apart), so the cuts stay in order.
+    at = np.array([float(cum[ra]) for ra, _ in pauses])
+    cuts: list[tuple[int, int]] = []  # (frame where the earlier utterance ends, where the later starts)
     for k, target in enumerate(targets):
-        penalty = min(expect[k], expect[k + 1]) / 2
-        free_at = int(np.searchsorted(cum[1:], target, side="left"))
-        options = [(abs(float(cum[ra]) - target), float(cum[ra]), (ra, rb)) for ra, rb in pauses]
-        options.append((penalty, float(target), (free_at, free_at)))
-        options.sort(key=lambda o: o[1])
-        prev.sort(key=lambda p: p[1])
-        layer, best, i = [], (inf, None), 0
-        for cost, pos, cut in options:
-            while i < len(prev) and prev[i][1] < pos:
-                if prev[i][0] < best[0]:
-                    best = (prev[i][0], prev[i])
-                i += 1
-            if best[1] is not None:
-                layer.append((best[0] + cost, pos, best[1][2] + [cut]))
-        if not layer:
-            return None
-        prev = layer
-    cuts = min(prev, key=lambda p: p[0])[2]
+        reach = min(expect[k], expect[k + 1]) / 2
+        i = int(np.searchsorted(at, target))
+        near = min((j for j in (i - 1, i) if 0 <= j < len(at)), key=lambda j: abs(at[j] - target), default=-1)
+        if near >= 0 and abs(at[near] - target) < reach:
+            cuts.append(pauses[near])
+        else:
+            free = int(np.searchsorted(cum[1:], target, side="left"))
+            cuts.append((free, free))
     bounds = [(first, first)] + cuts + [(last, last)]
     out = []
     for k in range(m):
