@@ -137,16 +137,31 @@ def count_outputs(out: Path, corpus: list[Path], root: Path) -> int:
     return n
 
 
-def critical_chain(done: list[dict], budget_mb: float) -> tuple[int, float]:
+def critical_chain(done: list[dict], budget_mb: float, key: str = "peak_mb") -> tuple[int, float]:
     """Files of which no two fit the budget at once must run one after another, whatever the
     scheduler: (how many, their measured CPU-s), a lower bound on any makespan beside work / cores.
-    By peak, largest first, each file added conflicts with all before it when it conflicts with the
-    smallest of them (the one added last)."""
-    peaks = sorted(((e.get("peak_mb") or 0.0, e.get("cpu_s") or 0.0) for e in done), reverse=True)
+    By peak (``key``: the measured one, or the predicted one admission works with), largest first,
+    each file added conflicts with all before it when it conflicts with the smallest of them (the
+    one added last)."""
+    peaks = sorted(((e.get(key) or 0.0, e.get("cpu_s") or 0.0) for e in done), reverse=True)
     n = 1 if peaks else 0
     while n < len(peaks) and peaks[n][0] + peaks[n - 1][0] > budget_mb:
         n += 1
     return n, sum(c for _, c in peaks[:n])
+
+
+def lower_bound(done: list[dict], budget_mb: float, baseline_mb: float, cores: int,
+                key: str = "peak_mb") -> tuple[float, int, int, float]:
+    """A makespan no schedule can beat, from the files' peaks (``key``) and measured CPU-s: a file
+    whose peak leaves no room for a second worker's baseline runs alone (nothing else can run
+    meanwhile); the rest take at least their work over the cores, and at least their critical
+    chain. Returns (bound, files alone, chain files, chain CPU-s)."""
+    alone = [e for e in done if (e.get(key) or 0.0) + baseline_mb > budget_mb]
+    rest = [e for e in done if e not in alone]
+    alone_cpu = sum(e.get("cpu_s") or 0.0 for e in alone)
+    n, chain_cpu = critical_chain(rest, budget_mb, key)
+    rest_cpu = sum(e.get("cpu_s") or 0.0 for e in rest)
+    return alone_cpu + max(rest_cpu / cores, chain_cpu), len(alone), n, chain_cpu
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -217,14 +232,19 @@ def main(argv: list[str] | None = None) -> int:
                 loop_cpu = fin[-1]["supervisor_cpu_s"] - start[0].get("supervisor_cpu_s", 0.0)
                 loop_wall = fin[-1]["t"] - start[0]["t"]
                 work_cpu = sum(e.get("cpu_s") or 0.0 for e in evs if e["event"] == "file_done")
-                chain_n, chain_cpu = critical_chain([e for e in evs if e["event"] == "file_done"],
-                                                    start[0]["budget_mb"])
-                bound = max(work_cpu / cores, chain_cpu)
+                done = [e for e in evs if e["event"] == "file_done"]
+                base = min((e.get("baseline_pss_mb") or e.get("baseline_mb") or 0.0
+                            for e in evs if e["event"] == "worker_ready"), default=0.0)
+                bound, alone_n, chain_n, chain_cpu = lower_bound(done, start[0]["budget_mb"], base, cores)
+                pbound, palone_n, pchain_n, pchain_cpu = lower_bound(done, start[0]["budget_mb"], base, cores,
+                                                                      key="predicted_mb")
                 note = (f"work measured by the workers: {work_cpu:.1f} CPU-s (profile plus page faults and CHAT I/O) "
                         f"-> ideal {work_cpu / cores:.1f} s, makespan {r['makespan'] / (work_cpu / cores):.2f}x that\n    "
-                        f"critical chain: {chain_n} files of which no two fit the budget together, "
-                        f"{chain_cpu:.1f} CPU-s one after another -> lower bound {bound:.1f} s, makespan "
-                        f"{r['makespan'] / bound:.2f}x that\n    "
+                        f"by the measured peaks: {alone_n} files must run alone, a critical chain of {chain_n} "
+                        f"files of which no two fit the budget together ({chain_cpu:.1f} CPU-s one after another) "
+                        f"-> lower bound {bound:.1f} s, makespan {r['makespan'] / bound:.2f}x that\n    "
+                        f"by the predicted peaks admission works with: {palone_n} alone, a chain of {pchain_n} "
+                        f"({pchain_cpu:.1f} CPU-s) -> {pbound:.1f} s, makespan {r['makespan'] / pbound:.2f}x that\n    "
                         f"budget {start[0]['budget_mb']:.0f} MiB from {start[0]['limit_source']}; "
                         f"{fin[-1]['kills']} guard kills, {fin[-1]['pauses']} pauses, "
                         f"{fin[-1]['failed'] + fin[-1]['quarantined']} failed; supervisor loop CPU "

@@ -442,6 +442,27 @@ def test_onsets_are_read_where_each_rows_attention_rises_not_where_the_path_cros
     assert list(W.onset_frames(level, crossing)) == onsets
 
 
+def test_the_onset_level_weighs_heads_by_the_attention_they_give_the_utterance():
+    """One head attends to the token inside the utterance's frames (a clear peak at frame 30); the
+    other gives these frames a twentieth as much (it attends to the padding after the audio), with
+    a bump at frame 10. Averaged before the row is rescaled, the informative head decides; each
+    head's row rescaled first would give the other an equal say and move the peak."""
+    import torch  # noqa: PLC0415
+
+    m = 60
+    strong = np.full(m, 0.001)
+    strong[28:33] = 0.18
+    weak = np.full(m, 0.0001)
+    weak[8:13] = 0.01  # 0.05 of its attention inside the utterance, the rest elsewhere
+    weights = torch.tensor(np.stack([strong, weak])[:, None, :], dtype=torch.float32)  # heads x 1 token x frames
+    level = W.attention_level(weights, width=1)
+    assert level.shape == (1, m)
+    assert abs(level.sum() - 1.0) < 1e-5  # a row sums to one: `peaked` compares it with an even spread
+    assert 28 <= int(level[0].argmax()) <= 32
+    assert level[0, 10] < 0.1 * level[0, 30]
+    assert np.allclose(W.attention_level(weights, width=1, renormalize=False), weights.mean(dim=0).numpy())
+
+
 def test_a_row_without_a_peak_of_its_own_keeps_the_paths_entry():
     """A short predictable word's row may look at its neighbour: inside its frames it has only the
     flank of a peak elsewhere, so there is no onset to read and the path's entry stands."""

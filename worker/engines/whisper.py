@@ -165,11 +165,18 @@ def attention_matrix(weights: torch.Tensor, width: int = MEDIAN_WIDTH, renormali
 def attention_level(weights: torch.Tensor, width: int = MEDIAN_WIDTH, renormalize: bool = True) -> np.ndarray:
     """heads x tokens x frames cross-attention -> tokens x frames attention itself (not standardised
     over the tokens as :func:`attention_matrix` is): each token's share of attention per frame,
-    averaged over heads and median-filtered along time. :func:`onset_frames` reads peaks from it."""
-    w = weights.float()
+    averaged over heads and median-filtered along time. :func:`onset_frames` reads peaks from it.
+
+    With ``renormalize`` each token's row is rescaled to sum to one over the frames kept *after*
+    the heads are averaged, not per head before: a head that gives a token little attention
+    inside the utterance's audio (it attends to the padding after it) says little about where the
+    token is, so the heads weigh by the attention they give these frames. Rescaling each head's
+    row first gave such a head an equal say (measured, Whisper base: festival speech 43.5 ms
+    against 41.2, espeak connected speech 35.9 against 34.0; the real joins the same)."""
+    level = weights.float().mean(dim=0)
     if renormalize:
-        w = w / (w.sum(dim=-1, keepdim=True) + 1e-12)
-    return median_filter(w.mean(dim=0), width).cpu().numpy()
+        level = level / (level.sum(dim=-1, keepdim=True) + 1e-12)
+    return median_filter(level, width).cpu().numpy()
 
 
 def peaked(level: np.ndarray) -> bool:
