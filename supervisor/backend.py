@@ -185,10 +185,12 @@ class LocalBackend:
     name = "local"
 
     def __init__(self, command: list[str], *, launcher: SpawnLauncher | ZygoteLauncher | None = None,
-                 env: dict[str, str] | None = None, clock: Callable[[], float] | None = None) -> None:
+                 env: dict[str, str] | None = None, clock: Callable[[], float] | None = None,
+                 warm_command: list[str] | None = None) -> None:
         self._raw: asyncio.Queue = asyncio.Queue()
         kw = {"clock": clock} if clock is not None else {}
         self.pool = ProcessPool(command, events=self._raw, env=env, launcher=launcher, **kw)
+        self._warm_command = warm_command
         self._out: asyncio.Queue = asyncio.Queue()
         self._procs: dict[str, WorkerProcess] = {}
         self._boot_errors: dict[str, str] = {}
@@ -209,6 +211,15 @@ class LocalBackend:
 
     def spawn(self) -> None:
         self._task(self._spawn(), "local-backend-spawn")
+
+    def probes_measured(self) -> bool:
+        """A worker of this run measured its READY probes: the workers started from now on only
+        warm up (the same spans on the same model and machine would measure the same), so each
+        reaches READY, and lets the next one start, without them. True if that changed anything."""
+        if self._warm_command is None:
+            return False
+        self.pool.command, self._warm_command = self._warm_command, None
+        return True
 
     async def _spawn(self) -> None:
         try:

@@ -79,15 +79,21 @@ class Estimator:
 
     def probe_growth_mb(self, span_s: float) -> float | None:
         """What a starting worker may grow by while it runs its READY probes (the longest is one
-        span at the cap), or None while the model cannot tell: cold, the probes are what measure it."""
-        est = self.predictor.estimate(FileFeatures(audio_s=span_s, longest_span_s=span_s, n_spans=1, windows=0))
-        return None if est.uncertain else est.growth_mb
+        span at the cap), or None while nothing has measured probes: cold, the probes are what
+        measure it. Once a worker has measured them (in this run or an earlier one), the model's
+        figure for that span is its own measurement, even while it is unsure of real files."""
+        if not self.predictor.model.n_probes:
+            return None
+        return self._probe_estimate(span_s).growth_mb
+
+    def _probe_estimate(self, span_s: float) -> Estimate:
+        return self.predictor.estimate(FileFeatures(audio_s=span_s, longest_span_s=span_s, n_spans=1, windows=0))
 
     def probes_learned(self, span_s: float) -> bool:
         """The learned model already holds probe spans and enough real files, and is certain of a
         cap-length span: workers need not measure their probes again (they still warm up). A
         certain estimate is a fitted one from at least ``min_samples`` files."""
-        return bool(self.predictor.model.n_probes) and self.probe_growth_mb(span_s) is not None
+        return bool(self.predictor.model.n_probes) and not self._probe_estimate(span_s).uncertain
 
     def killed_at(self, job: FileJob, peak_mb: float, growth_mb: float | None) -> None:
         """An attempt failed for memory at ``peak_mb``: the file needs more than that, and the model

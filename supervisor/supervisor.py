@@ -217,7 +217,8 @@ class Supervisor:
             cmd = worker_command(self.key[0], model_server.served_options(options, server, self.s.run.boot_timeout))
             return model_server.ServedBackend(cmd, server, launcher=launcher, clock=self.clock)
         cmd = worker_command(self.key[0], options)
-        return LocalBackend(cmd, launcher=launcher, clock=self.clock)
+        warm = worker_command(self.key[0], {**options, "calibrate": "warm"}) if options.get("calibrate") is True else None
+        return LocalBackend(cmd, launcher=launcher, clock=self.clock, warm_command=warm)
 
     async def _pump(self) -> None:
         async for ev in self.backend.events():
@@ -296,6 +297,8 @@ class Supervisor:
             self.vram.ready(w.id, ev.pid, getattr(ev, "vram_mb", None))
             self.vram_views.changed()
         self.estimator.learn_baseline(w.baseline_pss_mb, w.calibration)
+        if w.calibration and getattr(self.backend, "probes_measured", lambda: False)():
+            self.emit("probes_skipped", reason=f"measured by {w.id} in this run", worker=w.id)
         self.sink.baseline(w.baseline_uss_mb, w.baseline_rss_mb, w.baseline_pss_mb)
         if not self.workers.ready_once:
             self.workers.ready_once = True

@@ -369,3 +369,10 @@ def test_workers_measure_their_probes_until_the_learned_model_holds_probes_and_f
     assert not learned(probes=True, files=2).probes_learned(30.0)  # too few files to trust
     assert not learned(probes=False, files=4).probes_learned(30.0)  # never measured on probes
     assert not learned(probes=False, files=0).probes_learned(30.0)  # cold
+
+    # What a starting worker's probes may take: once measured (even with too few files to trust
+    # the model for files) the measured span says it, margin included; cold nothing says it.
+    measured = learned(probes=True, files=0).probe_growth_mb(30.0)
+    assert measured is not None and 190.0 <= measured <= 190.0 * 1.5
+    assert learned(probes=True, files=2).probe_growth_mb(30.0) is not None
+    assert learned(probes=False, files=0).probe_growth_mb(30.0) is None

@@ -408,7 +408,8 @@ def test_the_next_worker_loads_while_the_last_one_runs_its_probes_once_the_model
     def run(label: str) -> tuple[dict, dict, dict]:
         log = tmp_path / f"{label}.jsonl"
         r = run_cli(cli_args(corpus_dir, tmp_path / f"out-{label}", "--memory-budget", "2GiB", "--workers", "2",
-                             "--log-json", str(log)), tmp_path, BATCHALIGN_SUPERVISE_ENGINE_SYNTHETIC_PROBE_SECONDS="1.5")
+                             "--log-json", str(log)), tmp_path, BATCHALIGN_SUPERVISE_ENGINE_SYNTHETIC_PROBE_SECONDS="1.5",
+                     BATCHALIGN_SUPERVISE_ENGINE_SYNTHETIC_CPU_SECONDS_PER_AUDIO_SECOND="0.3")  # the second gets a file
         assert r.returncode == 0, r.stderr[-3000:]
         _outputs_ok(tmp_path / f"out-{label}", corpus, corpus_dir)
         evs = events(log)
@@ -420,10 +421,16 @@ def test_the_next_worker_loads_while_the_last_one_runs_its_probes_once_the_model
 
     # Cold: nothing yet says what the probes take (they are what measures it), so the second
     # worker waits for the first one's READY after its two measured probes.
+    # The second worker only warms up: its probes would measure what the first one's did.
     loaded, ready, spawned, evs = run("cold")
     assert spawned["t"] >= ready["t"]
-    assert ready["probes"] == 2 and not named(evs, "probes_skipped")
+    assert ready["probes"] == 2
     assert ready["t"] - loaded["t"] >= 3.0
+    (skipped,) = named(evs, "probes_skipped")
+    assert skipped["worker"] == "w1" and skipped["t"] >= ready["t"]
+    (second,) = [e for e in named(evs, "worker_ready") if e["worker"] == "w2"]
+    (second_loaded,) = [e for e in named(evs, "worker_loaded") if e["worker"] == "w2"]
+    assert second["probes"] == 0 and second["t"] - second_loaded["t"] < 3.0
     # Warm (the same telemetry store): the model holds probes and files, so workers only warm up
     # on the larger probe (one of 1.5 s, unmeasured), and the second worker is spawned once the
     # first has loaded, before that READY, and never before it loaded.
