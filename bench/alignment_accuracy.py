@@ -45,6 +45,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import soundfile as sf
@@ -617,6 +618,179 @@ def score_real(engine, names: list[str] | None, workdir: Path, kinds=("words", "
     return table
 
 
+# -- where recovery's error comes from ----------------------------------------------------------
+
+TILE_S = 0.05  # human bullets this close to their neighbour's edge tile the recording
+QUIET_DB = 20.0  # a human boundary whose 100 ms around lies this far under the loud frames is in a pause
+
+
+def diagnose_recovery(engine, names: list[str] | None, workdir: Path) -> list[dict]:
+    """Per human utterance boundary of an untimed run: the human and written times, the error, and
+    why recovery put it where it did.
+
+    The recovery's own stages are read as they run (the matched words per utterance, the rough
+    span, whether the forcing placed it, whether it was given a gap): ``why`` is ``unrecognised``
+    (no recognised word matched the utterance's words), ``gap`` (the forcing did not place it, so
+    it got a share of the gap between placed neighbours), ``tiled`` (the human bullet starts where
+    the one before ends, or ends where the next starts: its boundary lies in a pause no bullet
+    spanning its own words reaches), ``overlap`` (the human bullet overlaps its neighbour's) and
+    ``quiet`` (the human time lies in a pause of the recording, ``QUIET_DB`` under its loud frames)."""
+    from worker.audio import AudioSource  # noqa: PLC0415
+    from worker.chat import read_chat  # noqa: PLC0415
+    from worker.engines import timing  # noqa: PLC0415
+    from worker.engines.plausibility import frame_levels  # noqa: PLC0415
+
+    seen: dict[str, Any] = {}
+    real_spans, real_gaps, real_refine = timing.utterance_spans, timing.place_in_gaps, timing.refine_spans
+
+    def spans_hook(utts, ref, hyp, pairs, duration, *rest):
+        seen["matched"] = [sum(1 for i, _ in pairs if ref[i].utt == k) for k in range(len(utts))]
+        seen["rough"] = real_spans(utts, ref, hyp, pairs, duration, *rest)
+        return seen["rough"]
+
+    def gaps_hook(spans, placed, chars, duration, *rest):
+        seen["forced"] = list(placed)
+        out = real_gaps(spans, placed, chars, duration, *rest)
+        seen["gapped"] = [o != s for o, s in zip(out, spans)]
+        return out
+
+    def refine_hook(*a, **k):
+        seen["refined"] = real_refine(*a, **k)
+        return seen["refined"]
+
+    rows = []
+    timing.utterance_spans, timing.place_in_gaps, timing.refine_spans = spans_hook, gaps_hook, refine_hook
+    try:
+        for name, cha, media in real_recordings(names):
+            chat = read_chat(cha)
+            if not any(u.bullet is not None and u.words for u in chat.utterances):
+                continue
+            seen.clear()
+            run = _run(engine, untimed_input(chat, media.stem), workdir / f"{name}-diag", media, workdir / "cache")
+            with AudioSource.open(media) as src:
+                levels = frame_levels(src.read(0.0, _duration(media), rate=16000), 16000)
+            loud = float(np.percentile(levels, 99)) if len(levels) else 0.0
+            spoken = [(u, o) for u, o in zip(chat.utterances, run.out.utterances) if u.words]
+            timed = [u for u, _ in spoken if u.bullet is not None]
+            for k, (u, o) in enumerate(spoken):
+                if u.bullet is None:
+                    continue
+                pos = timed.index(u)
+                prev = timed[pos - 1].bullet if pos > 0 else None
+                nxt = timed[pos + 1].bullet if pos + 1 < len(timed) else None
+                for edge, human in (("start", u.bullet[0] / 1000), ("end", u.bullet[1] / 1000)):
+                    got = None if o.bullet is None else o.bullet[0 if edge == "start" else 1] / 1000
+                    why = []
+                    if seen.get("matched") and not seen["matched"][k]:
+                        why.append("unrecognised")
+                    if seen.get("forced") and not seen["forced"][k]:
+                        why.append("gap" if seen["gapped"][k] else "unforced")
+                    other = (prev[1] if edge == "start" else nxt[0]) if (prev if edge == "start" else nxt) else None
+                    if other is not None:
+                        gap = (human - other / 1000) if edge == "start" else (other / 1000 - human)
+                        if gap < -TILE_S:
+                            why.append("overlap")
+                        elif gap <= TILE_S:
+                            why.append("tiled")
+                    f = int(human / 0.02)
+                    near = levels[max(0, f - 2):f + 3]
+                    if len(near) and float(near.max()) < loud - QUIET_DB:
+                        why.append("quiet")
+                    rough = seen.get("rough", [None] * (k + 1))[k]
+                    refined = seen.get("refined", [None] * (k + 1))[k]
+                    rows.append({"recording": name, "line": u.line, "edge": edge, "human": human, "got": got,
+                                 "error": None if got is None else abs(got - human),
+                                 "rough": rough, "refined": refined,
+                                 "matched": seen.get("matched", [0] * (k + 1))[k], "why": ",".join(why) or "-"})
+    finally:
+        timing.utterance_spans, timing.place_in_gaps, timing.refine_spans = real_spans, real_gaps, real_refine
+    return rows
+
+
+def print_diagnosis(model: str, rows: list[dict]) -> None:
+    """One line per human boundary, then the misses (over 250 ms or unplaced) counted by cause."""
+    if not rows:
+        return
+    print(f"\n{model}: recovered utterance boundaries against the human bullets (s; error ms)")
+    print(f"{'recording':21} {'line':>4} {'edge':5} {'human':>7} {'written':>7} {'error':>6} {'rough':>15} "
+          f"{'refined':>15} {'match':>5} why")
+    for r in rows:
+        span = lambda s: "-" if s is None else f"{s[0]:.2f}-{s[1]:.2f}"  # noqa: E731
+        got = "-" if r["got"] is None else f"{r['got']:.2f}"
+        err = "-" if r["error"] is None else f"{1000 * r['error']:.0f}"
+        print(f"{r['recording']:21} {r['line']:4d} {r['edge']:5} {r['human']:7.2f} {got:>7} {err:>6} "
+              f"{span(r['rough']):>15} {span(r['refined']):>15} {r['matched']:5d} {r['why']}")
+    miss = [r for r in rows if r["error"] is None or r["error"] > 0.25]
+    ok = len(rows) - len(miss)
+    causes: dict[str, int] = {}
+    for r in miss:
+        causes[r["why"]] = causes.get(r["why"], 0) + 1
+    print(f"{ok} of {len(rows)} within 250 ms; misses by cause: "
+          + ", ".join(f"{c} {n}" for c, n in sorted(causes.items(), key=lambda x: -x[1])))
+
+
+# -- gap placement alone, against known utterance times -----------------------------------------
+
+GAP_RUNS = (1, 2, 3)  # lengths of the runs of utterances taken out and placed again
+
+
+def gap_placement(recordings: list[tuple[str, Path, list[Span], list[int]]]) -> dict[str, dict[str, list[float]]]:
+    """How well ``timing.place_in_gaps`` lays a run of utterances over the gap between known
+    neighbours, by characters and by sound (``gaps_by_sound``), with no model at all.
+
+    ``recordings``: (name, media, the utterances' true spans in order, their characters). Every
+    run of ``GAP_RUNS`` consecutive utterances is taken out in turn, its neighbours kept at their
+    true spans (the recording's edges standing in where there is none), and placed again; the
+    errors of its starts and ends are collected per recording and way."""
+    from worker.audio import AudioSource  # noqa: PLC0415
+    from worker.engines.timing import place_in_gaps, recording_quiet  # noqa: PLC0415
+
+    out: dict[str, dict[str, list[float]]] = {}
+    for name, media, truth, chars in recordings:
+        with AudioSource.open(media) as src:
+            duration = _duration(media)
+            quiet = recording_quiet(src, 16000, duration)
+        errs = out.setdefault(name, {"chars": [], "sound": []})
+        n = len(truth)
+        for length in GAP_RUNS:
+            for i in range(0, n - length + 1):
+                placed = [not (i <= k < i + length) for k in range(n)]
+                spans = [t if p else (-1.0, -1.0) for t, p in zip(truth, placed)]  # a run that does not fit
+                for way, q in (("chars", None), ("sound", quiet)):
+                    got = place_in_gaps(spans, placed, chars, duration, q)
+                    for k in range(i, i + length):
+                        errs[way] += [abs(got[k][0] - truth[k][0]), abs(got[k][1] - truth[k][1])]
+    return out
+
+
+def gap_recordings(workdir: Path, fest: list[str] | None, fest_dir: Path | None) -> list[tuple[str, Path, list[Span], list[int]]]:
+    """The inputs of :func:`gap_placement`: every real recording's bulleted utterances (human
+    bullets) and the joined synthetic recordings (true spans)."""
+    from worker.chat import read_chat, spoken_text  # noqa: PLC0415
+
+    recs = []
+    for name, cha, media in real_recordings():
+        timed = [u for u in read_chat(cha).utterances if u.bullet is not None and u.words]
+        if len(timed) >= 2:
+            recs.append((name, media, [(u.bullet[0] / 1000, u.bullet[1] / 1000) for u in timed],
+                         [sum(len(spoken_text(w)) for w in u.words) for u in timed]))
+    sets = [("untimed", FILES, SYNTH, 1.5)] + ([("untimedf", fest, fest_dir, 0.4)] if fest else [])
+    for label, files, folder, gap in sets:
+        cha, spans, _ = build_recording(files, workdir / f"gaps-{label}", gap_s=gap, synth=folder)
+        chars = [len("".join(w for w in line.split("\t", 1)[1].split(" \x15")[0].split() if w not in ".?!"))
+                 for line in cha.read_text().splitlines() if line.startswith("*")]
+        recs.append((label, cha.with_suffix(".wav"), spans, chars))
+    return recs
+
+
+def print_gap_placement(table: dict[str, dict[str, list[float]]]) -> None:
+    print(f"\ngap placement alone (runs of {', '.join(map(str, GAP_RUNS))} utterances placed again between known "
+          f"neighbours; starts and ends: mean median ms, share <=250 <=500 ms)")
+    print(f"{'recording':21} {'n':>4} | {'by characters':24} | {'by sound':24}")
+    for name, errs in table.items():
+        print(f"{name:21} {len(errs['chars']):4d} | {stats_utt(errs['chars']):24} | {stats_utt(errs['sound']):24}")
+
+
 # -- code-switching ----------------------------------------------------------------------------
 
 _AT_S = re.compile(r"\S+@s(?::[a-z]{3})?\b")
@@ -755,7 +929,7 @@ def ablation(label: str, folder: str, args) -> None:
     # the utterance's frames, DTW, words from token boundaries; nothing else.
     plain = replace(default, onsets=False, joint=False, snap_pauses=False, trim_quiet=False, repair_squeezed=False,
                     repair_stretched=False, retry_sparse=False, refine_recovered=False, share_pauses=False,
-                    place_in_gaps=False, run_on=False, median_width=7, renormalize=True)
+                    place_in_gaps=False, gaps_by_sound=False, run_on=False, median_width=7, renormalize=True)
     configs = [("default", default), ("plain (find_alignment)", plain)]
     for f in fields(Steps):
         if args.steps and f.name not in args.steps:
@@ -776,7 +950,7 @@ def ablation(label: str, folder: str, args) -> None:
         t0 = time.perf_counter()
         with tempfile.TemporaryDirectory() as tmp:
             recover = name.startswith(("default", "plain")) or any(
-                step in name for step in ("retry", "refine", "share_pauses", "place_in_gaps", "run_on"))
+                step in name for step in ("retry", "refine", "share_pauses", "place_in_gaps", "gaps_by_sound", "run_on"))
             table = score_real(engine, args.real or None, Path(tmp) / "real", kinds=["joins", "words"])
             if recover:
                 rec = score_real(engine, args.recovery or args.real or None, Path(tmp) / "rec", kinds=["utterances"])
@@ -974,6 +1148,10 @@ def main(argv: list[str] | None = None) -> int:
                     help="with --ablation: the recordings timing recovery is scored on (default: as --real)")
     ap.add_argument("--steps", nargs="+", default=None,
                     help="with --ablation: flip only these steps (default: every one)")
+    ap.add_argument("--diagnose", action="store_true",
+                    help="with --real: every human utterance boundary of timing recovery, its error and why")
+    ap.add_argument("--gaps", action="store_true",
+                    help="gap placement alone (no model): runs of utterances placed again between known neighbours")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--no-fetch", action="store_true", help="skip models not already converted")
     args = ap.parse_args(argv)
@@ -984,6 +1162,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.memory:
         memory_table(args.models, args.threads, not args.no_fetch)
+        return 0
+    if args.gaps:
+        with tempfile.TemporaryDirectory() as tmp:
+            fest = None if args.no_festival else festival_set(Path(tmp) / "festival")
+            print_gap_placement(gap_placement(gap_recordings(Path(tmp), fest, Path(tmp) / "festival")))
         return 0
     real = [] if args.real is None and args.ablation else args.real
     for m in args.models:
@@ -1020,6 +1203,8 @@ def main(argv: list[str] | None = None) -> int:
                 table = score_real(engine, real or None, Path(tmp) / "real", kinds=args.kinds)
                 print_real(m, table)
                 print_code_switching(m, code_switching(engine, real or None, Path(tmp) / "switching"))
+                if args.diagnose:
+                    print_diagnosis(m, diagnose_recovery(engine, real or None, Path(tmp) / "diagnosis"))
                 print(f"(real speech: {time.perf_counter() - t0:.1f} s)")
     return 0
 

@@ -96,3 +96,47 @@ def test_the_festival_set_is_made_at_run_time_with_the_synthesizers_word_times(t
         cha = (tmp_path / f"{name}.cha").read_text()
         assert f"\x15{round(truth[0][0] * 1000)}_{round(truth[-1][1] * 1000)}\x15" in cha
         assert A.read_wor(cha)[0] == truth
+
+
+class BulletEngine(SpreadEngine):
+    """Writes every spoken utterance a bullet of one second, one after another from 0 s."""
+
+    def run(self, job, progress):
+        text = Path(job.input).read_text()
+        chat = parse_chat(text)
+        lines = text.splitlines()
+        spoken = [u for u in chat.utterances if u.words]
+        for k, u in enumerate(spoken):
+            lines[u.end_line - 1] += f" \x15{1000 * k}_{1000 * (k + 1)}\x15"
+        Path(job.output).write_text("\n".join(lines) + "\n")
+        return JobResult(output=Path(job.output), audio_seconds=None, warnings=[])
+
+
+def test_the_diagnosis_scores_every_human_boundary_and_names_tiled_bullets(tmp_path):
+    from worker.chat import read_chat
+
+    (name, cha, media), = A.real_recordings(["biling_vec_hrv_timed"], root=REAL)
+    rows = A.diagnose_recovery(BulletEngine(), [name], tmp_path)
+    human = [u for u in read_chat(cha).utterances if u.bullet is not None and u.words]
+    assert len(rows) == 2 * len(human)
+    for k, u in enumerate(human):  # every utterance is spoken and bulleted here: the k-th second
+        start, end = rows[2 * k], rows[2 * k + 1]
+        assert start["got"] == pytest.approx(k) and end["got"] == pytest.approx(k + 1)
+        assert start["error"] == pytest.approx(abs(k - u.bullet[0] / 1000))
+        assert end["error"] == pytest.approx(abs(k + 1 - u.bullet[1] / 1000))
+    # the human bullets of this recording tile it: each starts where the one before ends
+    assert all("tiled" in r["why"] for r in rows[1:-1])
+    assert "tiled" not in rows[0]["why"] and "tiled" not in rows[-1]["why"]
+
+
+def test_gap_placement_by_sound_finds_utterances_between_known_neighbours(tmp_path):
+    cha, spans, _ = A.build_recording(["c1", "c2", "c3", "s1"], tmp_path / "rec", gap_s=1.5)
+    chars = [len("".join(w for w in line.split("\t", 1)[1].split(" \x15")[0].split() if w not in ".?!"))
+             for line in cha.read_text().splitlines() if line.startswith("*")]
+    table = A.gap_placement([("joined", cha.with_suffix(".wav"), spans, chars)])
+    errs = table["joined"]
+    n = len(spans)
+    assert len(errs["chars"]) == len(errs["sound"]) == 2 * sum(L * (n - L + 1) for L in A.GAP_RUNS)
+    within = lambda e: sum(x <= 0.25 for x in e) / len(e)  # noqa: E731
+    # 1.5 s of silence between the utterances: the sound finds them, characters do not
+    assert within(errs["sound"]) >= 0.75 and within(errs["sound"]) > within(errs["chars"]) + 0.3

@@ -397,6 +397,7 @@ def test_an_utterance_the_refining_cannot_place_gets_the_gap_not_an_empty_span()
                 for k, (w, s, e) in enumerate(timeline)]
     rough = [(0.8, 3.0), (0.1, 0.7), (8.8, 9.8)]
     forcer = FakeForcer(squeezed)
+    forcer.steps = type("S", (), {"gaps_by_sound": False})()  # the gap shared by characters
     got = refine_spans(FakeSource(12.0, timeline=timeline), utts, rough, forcer, 12.0)
     check_ordered(got, 12.0)
     first_end, last_start = timeline[3][2], timeline[8][1]
@@ -421,3 +422,133 @@ def test_recovered_spans_stay_tight_where_the_audio_has_no_pauses_to_find():
     got = refine_spans(noisy, utts, [(0.2, 2.0), (3.0, 6.5), (7.5, 9.4)], forcer, 12.0)
     for (s, e), (ts, te) in zip(got, truth_of(timeline, utterances)):
         assert s == pytest.approx(ts - EDGE_PAD_S, abs=1e-3) and e == pytest.approx(te + EDGE_PAD_S, abs=1e-3)
+
+
+def _quiet(duration: float, sound: list[tuple[float, float]]) -> np.ndarray:
+    """Quiet frames (20 ms) of a recording that sounds only in ``sound``."""
+    quiet = np.ones(int(round(duration / 0.02)), dtype=bool)
+    for s, e in sound:
+        quiet[int(round(s / 0.02)):int(round(e / 0.02))] = False
+    return quiet
+
+
+def test_a_gap_is_shared_by_where_its_sound_is_not_by_characters():
+    from worker.engines.timing import share_by_sound
+
+    quiet = _quiet(10.0, [(1.0, 3.0), (3.5, 4.0), (6.0, 9.0)])
+    # one utterance: the gap trimmed to its first and last voiced frame, with a little room
+    ((s, e),) = share_by_sound(quiet, 0.0, 10.0, [10])
+    assert s == pytest.approx(1.0 - EDGE_PAD_S) and e == pytest.approx(9.0 + EDGE_PAD_S)
+    # three utterances whose characters match the three stretches: one each, in order, cut at the
+    # pauses (by characters the cuts would fall at 3.6 and 4.5 s, inside the sound)
+    got = share_by_sound(quiet, 0.0, 10.0, [20, 5, 30])
+    for (gs, ge), (ts, te) in zip(got, [(1.0, 3.0), (3.5, 4.0), (6.0, 9.0)]):
+        assert gs == pytest.approx(ts - EDGE_PAD_S) and ge == pytest.approx(te + EDGE_PAD_S)
+    # a long first utterance takes both early stretches: the short pause lies inside it
+    got = share_by_sound(quiet, 0.0, 10.0, [25, 30])
+    assert got[0][1] == pytest.approx(4.0 + EDGE_PAD_S) and got[1][0] == pytest.approx(6.0 - EDGE_PAD_S)
+    # the room never reaches past the middle of the pause between two utterances, nor the gap
+    close = _quiet(4.0, [(0.5, 1.5), (1.6, 2.6)])
+    got = share_by_sound(close, 0.2, 3.0, [10, 10])
+    assert got[0][1] <= got[1][0] and got[0][1] == pytest.approx(1.54, abs=0.021)
+    assert got[0][0] >= 0.2 and got[1][1] <= 3.0
+
+
+def test_a_gap_without_sound_or_pauses_has_nothing_to_go_by():
+    from worker.engines.timing import share_by_sound
+
+    assert share_by_sound(np.zeros(500, dtype=bool), 0.0, 10.0, [10, 10]) is None  # no pause stands out
+    assert share_by_sound(_quiet(10.0, [(6.0, 7.0)]), 1.0, 5.0, [10]) is None  # all quiet in the gap
+    assert share_by_sound(_quiet(10.0, [(1.0, 2.0)]), 5.0, 5.0, [10]) is None  # an empty gap
+
+
+def test_without_pauses_near_a_cut_the_voiced_time_is_shared_by_characters():
+    from worker.engines.timing import share_by_sound
+
+    quiet = _quiet(10.0, [(1.0, 9.0)])  # one stretch of sound: no pause to cut at
+    got = share_by_sound(quiet, 0.0, 10.0, [10, 30])
+    cut = 1.0 + 8.0 * 10 / 40
+    assert got[0][1] == pytest.approx(cut, abs=0.021) and got[1][0] == pytest.approx(cut, abs=0.021)
+
+
+def test_unplaced_utterances_go_to_the_sound_of_their_gap_when_given_the_quiet_frames():
+    from worker.engines.timing import place_in_gaps
+
+    spans = [(0.5, 1.0), (-1.0, -1.0), (-1.0, -1.0), (9.0, 9.5)]
+    quiet = _quiet(10.0, [(0.5, 1.0), (2.0, 4.0), (6.5, 7.5), (9.0, 9.5)])
+    got = place_in_gaps(spans, [True, False, False, True], [10, 20, 10, 10], 10.0, quiet)
+    assert got[1] == pytest.approx((2.0 - EDGE_PAD_S, 4.0 + EDGE_PAD_S))
+    assert got[2] == pytest.approx((6.5 - EDGE_PAD_S, 7.5 + EDGE_PAD_S))
+    by_chars = place_in_gaps(spans, [True, False, False, True], [10, 20, 10, 10], 10.0)
+    assert by_chars[1] == pytest.approx((1.0, 6.333), abs=1e-3)  # the gap cut by characters
+    # a recording with no pause to find falls back to characters
+    flat = place_in_gaps(spans, [True, False, False, True], [10, 20, 10, 10], 10.0, np.zeros(500, dtype=bool))
+    assert flat == by_chars
+
+
+def test_the_recordings_quiet_frames_are_read_a_window_at_a_time():
+    from worker.engines.plausibility import frame_levels, quiet_frames
+    from worker.engines.timing import recording_quiet
+
+    timeline = timeline_for([(1.0, "the quick brown fox"), (7.0, "good night")])
+    source = FakeSource(12.0, timeline=timeline)
+    got = recording_quiet(source, 16000, 12.0, window_s=5.0)
+    whole = quiet_frames(frame_levels(FakeSource(12.0, timeline=timeline).read(0.0, 12.0), 16000))
+    assert len(got) == len(whole) == 600
+    assert (got == whole).all() and got[:50].all() and not got[55:70].any()
+    assert max(e - s for s, e in source.reads) <= 5.0 + 1e-9  # never the whole recording at once
+
+
+def test_an_unplaced_utterance_is_forced_where_the_sound_of_its_gap_is():
+    from worker.engines.timing import refine_spans, transcript_words
+
+    utterances = [(1.0, "the quick brown fox"), (4.0, "please call"), (9.0, "good night")]
+    timeline = timeline_for(utterances)
+    chat = chat_of(*(t for _, t in utterances))
+    utts, _ = transcript_words(chat)
+    squeezed = [(w, 4.0 + 0.005 * k, 4.0 + 0.005 * (k + 1)) if 4 <= k < 6 else (w, s, e)
+                for k, (w, s, e) in enumerate(timeline)]
+    rough = [(0.8, 3.0), (0.1, 0.7), (8.8, 9.8)]
+    forcer = FakeForcer(squeezed)
+    forcer.steps = type("S", (), {"place_in_gaps": True, "gaps_by_sound": True})()
+    got = refine_spans(FakeSource(12.0, timeline=timeline), utts, rough, forcer, 12.0)
+    check_ordered(got, 12.0)
+    (ts, te) = truth_of(timeline, utterances)[1]
+    assert got[1][0] == pytest.approx(ts - EDGE_PAD_S, abs=0.03) and got[1][1] == pytest.approx(te + EDGE_PAD_S, abs=0.03)
+    forcer.steps = type("S", (), {"place_in_gaps": True, "gaps_by_sound": False})()
+    got = refine_spans(FakeSource(12.0, timeline=timeline), utts, rough, forcer, 12.0)
+    assert got[1][1] - got[1][0] > 4.0  # by characters: the whole gap, pauses and all
+
+
+def test_unanchored_utterances_are_interpolated_over_the_sound():
+    from worker.engines.timing import recover_utterance_times
+
+    utterances = [(1.0, "the quick brown fox"), (5.0, "please call"), (9.0, "good night")]
+    timeline = timeline_for(utterances)
+    chat = chat_of(*(t for _, t in utterances))
+    heard = [w for w in timeline if w[0] not in ("please", "call")]  # the middle one is not recognised
+    for by_sound in (True, False):
+        rec = FakeRecognizer(heard)
+        rec.steps = type("S", (), {"refine_recovered": False, "gaps_by_sound": by_sound})()
+        got = recover_utterance_times(FakeSource(12.0, timeline=timeline), chat, rec, lambda f: None)
+        s, e = got[chat.utterances[1].index]
+        (ts, te) = truth_of(timeline, utterances)[1]
+        if by_sound:
+            assert abs(s - ts) <= 0.2 and abs(e - te) <= 0.2
+        else:
+            assert e - s > (te - ts) + 1.0  # the whole gap between the anchored neighbours
+
+
+def test_a_long_gap_of_many_utterances_is_shared_in_order_and_in_linear_time():
+    from worker.engines.timing import share_by_sound
+
+    # two hours, a second of sound then a second of pause, 3000 utterances of varied length
+    quiet = np.tile(np.r_[np.zeros(50, dtype=bool), np.ones(50, dtype=bool)], 3600)
+    chars = [5 + (k * 7) % 40 for k in range(3000)]
+    got = share_by_sound(quiet, 0.0, 7200.0, chars)
+    assert len(got) == 3000
+    check_ordered(got, 7200.0)
+    assert got[0][0] == pytest.approx(0.0) and got[-1][1] == pytest.approx(7199.0 + EDGE_PAD_S)
+    # most cuts lie in a pause (the utterance starts where a second of sound does, with its room)
+    onsets = sum(round(s + EDGE_PAD_S, 2) % 2 == 0 for s, _ in got[1:])
+    assert onsets > 0.5 * len(got)

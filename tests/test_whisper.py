@@ -774,3 +774,4 @@ def test_a_last_word_that_ends_in_sound_runs_on_to_the_pause_after_it():
     frames = word_frames(bounds, quiet, 0, 70, snap=True, trim=False, run_on=True)
     assert frames[0] == (10, 40) and frames[-1] == (40, 70)
     assert W.Steps().run_on and not W.Steps.from_options({"run_on": "off"}).run_on
+    assert W.Steps().gaps_by_sound and not W.Steps.from_options({"gaps_by_sound": "off"}).gaps_by_sound

@@ -4,12 +4,13 @@ The recording is streamed in windows cut at pauses (never loaded whole), each wi
 with word times by the engine's own model, and the recognised words are matched to the transcript's
 words by a least-edit sequence alignment. An utterance takes its span from its first and last
 matched words (stretched by the speaking rate over unmatched words at its edges); utterances with
-no matched word share the gap between their neighbours in proportion to their length in characters. Spans come out
+no matched word share the gap between their neighbours in proportion to their length in characters
+(``gaps_by_sound``: its voiced frames, cut at its pauses, :func:`share_by_sound`). Spans come out
 in transcript order, non-overlapping and inside the recording, and are then refined by forced
 alignment of the transcript's own words (:func:`refine_spans`): an utterance takes its first and
 last forced word times with a little room (``share_pauses``: grown into the pauses around it where
 the audio has pauses to find); one the forcing cannot place gets the gap between the neighbours it
-did place.
+did place (by sound, as above).
 """
 
 from __future__ import annotations
@@ -42,7 +43,8 @@ BAND_FRACTION = 0.15
 MAX_BAND_CELLS = 20_000_000  # bounds the traceback memory (one byte a cell) on huge transcripts
 REFINE_PAD_S = 1.0  # audio either side of a chunk's rough spans when forcing its words
 REFINE_MAX_WORDS = 120  # words forced together at most (well inside Whisper's 448-token decoder)
-SEC_PER_CHAR = (0.03, 0.15)  # bounds on the speaking rate used to stretch over unmatched words
+SEC_PER_CHAR = (0.03, 0.15)
+PAUSE_S = 0.1  # a quiet run this long between two utterances' sound is a pause a gap may be cut at  # bounds on the speaking rate used to stretch over unmatched words
 
 _NOT_WORD = re.compile(r"[^\w]+", re.UNICODE)
 
@@ -271,17 +273,22 @@ def recover_utterance_times(source: Any, chat: Any, aligner: Any,
     hyp = [(normalize(u), a, b) for w, s, e in hyp_words for u, a, b in split_timed(w, s, e)]
     hyp = [h for h in hyp if h[0]]
     pairs = match_words([r.text for r in ref], [h[0] for h in hyp])
-    spans = utterance_spans(utts, ref, hyp, pairs, duration)
+    steps = getattr(aligner, "steps", None)
+    quiet = None
+    if getattr(steps, "gaps_by_sound", True) and len({ref[i].utt for i, _ in pairs}) < len(utts):
+        quiet = recording_quiet(source, int(getattr(aligner, "sample_rate", 16000)), duration, window_s)
+    spans = utterance_spans(utts, ref, hyp, pairs, duration, quiet)
     log.debug("recovered times: %d recognised words, %d matched, %d of %d utterances anchored",
               len(hyp), len(pairs), len({ref[i].utt for i, _ in pairs}), len(utts))
-    if getattr(getattr(aligner, "steps", None), "refine_recovered", True):
-        spans = refine_spans(source, utts, spans, aligner, duration, window_s)
+    if getattr(steps, "refine_recovered", True):
+        spans = refine_spans(source, utts, spans, aligner, duration, window_s, quiet)
     progress(1.0)
     return {u.index: span for u, span in zip(utts, spans)}
 
 
 def refine_spans(source: Any, utts: Sequence[Any], spans: list[tuple[float, float]], aligner: Any,
-                 duration: float, window_s: float = WINDOW_S) -> list[tuple[float, float]]:
+                 duration: float, window_s: float = WINDOW_S,
+                 quiet: np.ndarray | None = None) -> list[tuple[float, float]]:
     """The rough spans, each replaced by where forced alignment of the transcript's own words puts it.
 
     Recognition can miss most words of hard speech (children, overlap, a language the model knows
@@ -336,21 +343,102 @@ def refine_spans(source: Any, utts: Sequence[Any], spans: list[tuple[float, floa
                         wide[k] = paused
         i = j
     if getattr(getattr(aligner, "steps", None), "place_in_gaps", True):
-        out = place_in_gaps(out, forced, [sum(len(w) for w in ws) for ws in words], duration)
+        if quiet is None and getattr(getattr(aligner, "steps", None), "gaps_by_sound", True) and not all(forced):
+            quiet = recording_quiet(source, rate, duration, window_s)
+        out = place_in_gaps(out, forced, [sum(len(w) for w in ws) for ws in words], duration, quiet)
     # rough spans are padded already; forced ones get EDGE_PAD_S, or the pauses around them
     out = [(s - EDGE_PAD_S, e + EDGE_PAD_S) if forced[k] and not wide[k] else (s, e) for k, (s, e) in enumerate(out)]
     out = _tidy(out, duration, pad_s=0.0)
     return share_pauses(out, duration, grow=wide) if any(wide) else out
 
 
+def recording_quiet(source: Any, rate: int, duration: float, window_s: float = WINDOW_S) -> np.ndarray:
+    """Quiet 20 ms frames of the whole recording (``plausibility.quiet_frames`` over its frame
+    levels), read a window at a time: the floor and the loud frames are the recording's, so a
+    stretch of all speech is not read against a floor of its own."""
+    step = max(0.02, round(float(window_s) / 0.02) * 0.02)
+    levels, t = [], 0.0
+    while t < duration:
+        audio = source.read(t, min(duration, t + step), rate=rate)
+        if len(audio) == 0:
+            break
+        levels.append(frame_levels(audio, rate))
+        t += step
+    return quiet_frames(np.concatenate(levels)) if levels else np.zeros(0, dtype=bool)
+
+
+def _runs(mask: np.ndarray) -> list[tuple[int, int]]:
+    """[a, b) of every run of True in ``mask``."""
+    edges = np.flatnonzero(np.diff(np.concatenate(([0], mask.astype(np.int8), [0]))))
+    return [(int(a), int(b)) for a, b in zip(edges[::2], edges[1::2])]
+
+
+def share_by_sound(quiet: np.ndarray, lo: float, hi: float, chars: Sequence[int],
+                   frame_s: float = 0.02, pause_s: float = PAUSE_S,
+                   pad_s: float = EDGE_PAD_S) -> list[tuple[float, float]] | None:
+    """The gap [lo, hi] shared among utterances by where its sound is, or None when it has none to go by.
+
+    ``quiet`` marks the recording's quiet frames (all False: no pause stands out, nothing to go
+    by). An utterance is said in sound, so the run is laid over the gap's voiced frames only: the
+    gap is trimmed to its first and last voiced frame, the voiced time is shared by characters
+    (the speaking rate applies to speech, not to the pauses between it), and each cut between two
+    utterances moves onto the pause (a quiet run of ``pause_s`` or more) whose voiced time lies
+    nearest the cut's, when nearer than half the shorter neighbour's expected voiced time (a pause
+    further away more likely lies inside one of them). Each utterance then spans
+    its piece's voiced frames, with ``pad_s`` of room where its piece has it."""
+    m = len(chars)
+    a, b = max(0, int(np.ceil(lo / frame_s - 1e-6))), min(len(quiet), int(hi / frame_s + 1e-6))
+    if m == 0 or b <= a or not quiet.any():
+        return None
+    voiced = ~quiet[a:b]
+    if not voiced.any():
+        return None
+    idx = np.flatnonzero(voiced)
+    first, last = int(idx[0]), int(idx[-1]) + 1  # relative to a
+    cum = np.concatenate(([0], np.cumsum(voiced)))  # voiced frames before each frame
+    total = int(cum[last])
+    weights = [max(1, int(c)) for c in chars]
+    expect = [total * w / sum(weights) for w in weights]
+    targets = np.cumsum(expect)[:-1]
+    min_run = max(1, int(round(pause_s / frame_s)))
+    pauses = [(ra, rb) for ra, rb in _runs(~voiced) if rb - ra >= min_run and first < ra and rb < last]
+    # Each cut goes to the pause nearest its target in voiced time when nearer than half the
+    # shorter neighbour's expected voiced time. The reaches of two cuts cannot overlap (the
+    # targets lie a whole utterance apart), so the cuts stay in order.
+    at = np.array([float(cum[ra]) for ra, _ in pauses])
+    cuts: list[tuple[int, int]] = []  # (frame where the earlier utterance ends, where the later starts)
+    for k, target in enumerate(targets):
+        reach = min(expect[k], expect[k + 1]) / 2
+        i = int(np.searchsorted(at, target))
+        near = min((j for j in (i - 1, i) if 0 <= j < len(at)), key=lambda j: abs(at[j] - target), default=-1)
+        if near >= 0 and abs(at[near] - target) < reach:
+            cuts.append(pauses[near])
+        else:
+            free = int(np.searchsorted(cum[1:], target, side="left"))
+            cuts.append((free, free))
+    bounds = [(first, first)] + cuts + [(last, last)]
+    out = []
+    for k in range(m):
+        s, e = bounds[k][1], bounds[k + 1][0]  # the piece between two cuts
+        lo_room = (a + (bounds[k][0] + bounds[k][1]) / 2) * frame_s if k else lo
+        hi_room = (a + (bounds[k + 1][0] + bounds[k + 1][1]) / 2) * frame_s if k + 1 < m else hi
+        inside = np.flatnonzero(voiced[s:e])
+        if len(inside):
+            s, e = s + int(inside[0]), s + int(inside[-1]) + 1
+        start = max(lo_room, (a + s) * frame_s - pad_s)
+        out.append((round(start, 3), round(max(start, min(hi_room, (a + max(e, s + 1)) * frame_s + pad_s)), 3)))
+    return out
+
+
 def place_in_gaps(spans: list[tuple[float, float]], placed: Sequence[bool], chars: Sequence[int],
-                  duration: float) -> list[tuple[float, float]]:
+                  duration: float, quiet: np.ndarray | None = None) -> list[tuple[float, float]]:
     """Utterances the forcing did not place, moved into the gap between the neighbours it did.
 
     An unplaced utterance keeps a rough span that may contradict its placed neighbours (a rough
     span lying before its refined predecessor collapses to nothing when the spans are put in
     order). A run of them whose rough spans do not fit, in order, inside the gap between the placed
-    utterances around it is given that gap instead, shared by characters, and the driver then
+    utterances around it is given that gap instead, shared by characters (by its sound, with the
+    recording's ``quiet`` frames: :func:`share_by_sound`), and the driver then
     forces each utterance inside its share. Runs that fit keep their spans (they may hold
     recognised anchors); with nothing placed nothing moves."""
     out = list(spans)
@@ -370,7 +458,10 @@ def place_in_gaps(spans: list[tuple[float, float]], placed: Sequence[bool], char
         run = out[k:j]
         fits = all(lo - 1e-6 <= s <= e <= hi + 1e-6 for s, e in run) and all(
             a[1] <= b[0] + 1e-6 for a, b in zip(run, run[1:]))
-        if not fits and hi > lo:
+        by_sound = share_by_sound(quiet, lo, hi, chars[k:j]) if quiet is not None and not fits and hi > lo else None
+        if by_sound is not None:
+            out[k:j] = by_sound
+        elif not fits and hi > lo:
             total = sum(max(1, c) for c in chars[k:j])
             t = lo
             for m in range(k, j):
@@ -405,8 +496,9 @@ def share_pauses(spans: list[tuple[float, float]], duration: float, most_s: floa
 
 def utterance_spans(utts: Sequence[Any], ref: Sequence[_RefWord],
                     hyp: Sequence[tuple[str, float, float]], pairs: Sequence[tuple[int, int]],
-                    duration: float) -> list[tuple[float, float]]:
-    """One (start, end) per utterance from the matched words; the rest interpolated."""
+                    duration: float, quiet: np.ndarray | None = None) -> list[tuple[float, float]]:
+    """One (start, end) per utterance from the matched words; the rest interpolated (by sound
+    where ``quiet`` frames of the recording are given)."""
     n = len(utts)
     # characters per utterance, and those before each reference word within its utterance
     seen = [0] * n
@@ -432,7 +524,7 @@ def utterance_spans(utts: Sequence[Any], ref: Sequence[_RefWord],
         after = chars[k] - offset[i1] - len(ref[i1].text)
         anchored[k] = (s0 - before * rate, max(e1 + after * rate, s0))
     spans: list[tuple[float, float] | None] = [anchored.get(k) for k in range(n)]
-    _interpolate(spans, chars, duration)
+    _interpolate(spans, chars, duration, quiet)
     return _tidy([s for s in spans if s is not None], duration)
 
 
@@ -445,8 +537,10 @@ def _speaking_rate(ref: Sequence[_RefWord], hyp: Sequence[tuple[str, float, floa
     return min(max(rate, SEC_PER_CHAR[0]), SEC_PER_CHAR[1])
 
 
-def _interpolate(spans: list[tuple[float, float] | None], chars: Sequence[int], duration: float) -> None:
-    """Fill runs of unanchored utterances by sharing the gap around them by character count."""
+def _interpolate(spans: list[tuple[float, float] | None], chars: Sequence[int], duration: float,
+                 quiet: np.ndarray | None = None) -> None:
+    """Fill runs of unanchored utterances by sharing the gap around them by character count, or by
+    where its sound is (:func:`share_by_sound`) when the recording's ``quiet`` frames are given."""
     n = len(spans)
     k = 0
     while k < n:
@@ -460,6 +554,12 @@ def _interpolate(spans: list[tuple[float, float] | None], chars: Sequence[int], 
         hi = spans[j][0] if j < n else duration
         if hi < lo:
             hi = lo
+        # unpadded: the rough spans are padded when they are tidied
+        by_sound = share_by_sound(quiet, lo, hi, chars[k:j], pad_s=0.0) if quiet is not None and hi > lo else None
+        if by_sound is not None:
+            spans[k:j] = by_sound
+            k = j
+            continue
         total = sum(chars[k:j])
         t = lo
         for m in range(k, j):

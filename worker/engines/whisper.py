@@ -78,6 +78,7 @@ class Steps:
     refine_recovered: bool = True  # recovered utterance times refined by forcing the transcript's words
     share_pauses: bool = False  # refined recovered spans reach to mid-pause where the audio has pauses to find
     place_in_gaps: bool = True  # recovered utterances the refining did not place get the gap between placed ones
+    gaps_by_sound: bool = True  # that gap (and interpolation's) shared by where its sound is, cut at pauses, not by characters
     run_on: bool = True  # an utterance's last word that ends in sound runs on to the pause after it
     median_width: int = MEDIAN_WIDTH  # median filter over time on the attention (1: none)
     renormalize: bool = True  # each token's attention rescaled over the utterance's own frames
