@@ -929,7 +929,8 @@ def ablation(label: str, folder: str, args) -> None:
     # the utterance's frames, DTW, words from token boundaries; nothing else.
     plain = replace(default, onsets=False, joint=False, snap_pauses=False, trim_quiet=False, repair_squeezed=False,
                     repair_stretched=False, retry_sparse=False, refine_recovered=False, share_pauses=False,
-                    place_in_gaps=False, gaps_by_sound=False, run_on=False, median_width=7, renormalize=True)
+                    place_in_gaps=False, gaps_by_sound=False, run_on=False, median_width=7, renormalize=True,
+                    span_floor=False)
     configs = [("default", default), ("plain (find_alignment)", plain)]
     for f in fields(Steps):
         if args.steps and f.name not in args.steps:
@@ -950,7 +951,8 @@ def ablation(label: str, folder: str, args) -> None:
         t0 = time.perf_counter()
         with tempfile.TemporaryDirectory() as tmp:
             recover = name.startswith(("default", "plain")) or any(
-                step in name for step in ("retry", "refine", "share_pauses", "place_in_gaps", "gaps_by_sound", "run_on"))
+                step in name for step in ("retry", "refine", "share_pauses", "place_in_gaps", "gaps_by_sound", "run_on",
+                                           "span_floor"))
             table = score_real(engine, args.real or None, Path(tmp) / "real", kinds=["joins", "words"])
             if recover:
                 rec = score_real(engine, args.recovery or args.real or None, Path(tmp) / "rec", kinds=["utterances"])

@@ -132,3 +132,22 @@ def test_a_word_longer_than_it_can_be_said_is_stretched():
     assert P.stretched(times, words) == [4]  # 'kiss' over 3.7 s
     assert P.longest_word_s("a") < P.longest_word_s("kiss") < 2.0
     assert P.stretched([None, (0.0, 0.5)], ["mm", "a"]) == []
+
+
+def test_a_piece_of_audio_reads_its_pauses_against_the_audio_it_was_cut_from():
+    """An utterance's bullet is a few seconds of nearly all speech: read alone its 5th-percentile
+    floor is speech and its one short pause is not quiet enough to count. Against the span it was
+    cut from (speech with long pauses), the same pause is quiet."""
+    rng = np.random.default_rng(0)
+    speech = lambda n: rng.normal(0, 0.3, n)  # noqa: E731
+    pause = lambda n: rng.normal(0, 0.003, n)  # noqa: E731  (40 dB under the speech)
+    sr = 16000
+    piece = np.concatenate([speech(sr), pause(sr // 25), speech(sr)])  # a 40 ms pause inside 2 s of speech
+    span = np.concatenate([pause(sr), piece, pause(sr), speech(sr), pause(sr)])
+    levels = P.frame_levels(piece, sr)
+    alone = P.quiet_frames(levels)
+    against_span = P.quiet_frames(levels, reference=P.frame_levels(span, sr))
+    assert not alone.any()
+    assert against_span[50:52].all() and against_span.sum() <= 3
+    # a reference too short to read a floor from leaves the piece's own reading
+    assert (P.quiet_frames(levels, reference=levels[:1]) == alone).all()

@@ -743,6 +743,27 @@ def test_context_after_the_bullet_lets_words_said_past_its_end_go_untimed(aligne
     assert widths == [inside] and all(t is not None for t in res.words)
 
 
+def test_an_utterance_aligned_alone_reads_its_pauses_against_its_span(aligner, two_utterances, monkeypatch):
+    """``span_floor``: each utterance's window takes its quiet frames from the span's floor and loud
+    frames (the span holds the pause between the two), not from its own bullet's audio alone."""
+    audio, utts = two_utterances
+    seen = []
+    real = W.quiet_frames
+
+    def record(levels, reference=None):
+        seen.append(None if reference is None else len(reference))
+        return real(levels, reference)
+
+    monkeypatch.setattr(W, "quiet_frames", record)
+    monkeypatch.setattr(aligner, "steps", W.Steps(span_floor=True))
+    aligner.align_span(audio, 10.0, utts)
+    assert seen and all(n == len(audio) // W.SAMPLES_PER_FRAME for n in seen)
+    seen.clear()
+    monkeypatch.setattr(aligner, "steps", W.Steps(span_floor=False))
+    aligner.align_span(audio, 10.0, utts)
+    assert seen and all(n is None for n in seen)
+
+
 def test_the_utterances_outer_edges_move_off_the_pauses_around_it():
     """No neighbouring word to snap to at an utterance's edges: a pause under the first word's start
     or the last word's end (DTW hands it to them) is taken off them, interior edges left alone."""

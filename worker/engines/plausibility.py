@@ -62,7 +62,7 @@ def frame_levels(audio: np.ndarray, rate: int) -> np.ndarray:
     return 10.0 * np.log10(np.mean(x * x, axis=1) + 1e-10)
 
 
-def quiet_frames(levels: np.ndarray) -> np.ndarray:
+def quiet_frames(levels: np.ndarray, reference: np.ndarray | None = None) -> np.ndarray:
     """Frames clearly below the audio's speech level, or none when it has no clear pauses.
 
     The threshold sits a fifth of the way from the noise floor to the loud frames, or
@@ -70,10 +70,15 @@ def quiet_frames(levels: np.ndarray) -> np.ndarray:
     would otherwise leave low hiss counted as sound); nothing is called quiet when floor and loud
     frames are less than ``MIN_RANGE_DB`` apart (noisy, distant or pause-free audio). Whisper's
     pause snapping and timing recovery's speech and pause figures share this rule.
+
+    ``reference``: the levels the floor and the loud frames are read from, when ``levels`` is a
+    piece of longer audio (an utterance's bullet inside its span): a few seconds of nearly all
+    speech has a floor of speech, so read alone it would show no pause at all.
     """
     if len(levels) < 2:
         return np.zeros(len(levels), dtype=bool)
-    floor, loud = np.percentile(levels, [5, 99])
+    ref = levels if reference is None or len(reference) < 2 else reference
+    floor, loud = np.percentile(ref, [5, 99])
     if loud - floor < MIN_RANGE_DB:
         return np.zeros(len(levels), dtype=bool)
     return levels < max(floor + QUIET_FRACTION * (loud - floor), loud - QUIET_BELOW_LOUD_DB)

@@ -83,6 +83,7 @@ class Steps:
     median_width: int = MEDIAN_WIDTH  # median filter over time on the attention (1: none)
     renormalize: bool = True  # each token's attention rescaled over the utterance's own frames
     context_after: bool = False  # the DTW runs on past the bullet's end; words it puts there are untimed
+    span_floor: bool = True  # an utterance aligned alone reads its pauses against its span's floor, not its own
 
     @classmethod
     def from_options(cls, options: dict[str, Any]) -> "Steps":
@@ -627,11 +628,14 @@ class WhisperAligner(SpanAligner):
                     if todo:
                         start = min(u.start_s for u in todo)
             else:
+                # each utterance's pauses are read against the span's floor, not its own audio's
+                ref = frame_levels(audio, SAMPLE_RATE) if self.steps.span_floor else None
                 for utt in utts:
-                    done[utt.index] = self._guarded(lambda u: self._align_alone(audio, span_start_s, u), utt)
+                    done[utt.index] = self._guarded(lambda u: self._align_alone(audio, span_start_s, u, ref), utt)
         return [done[u.index] for u in utts]
 
-    def _align_alone(self, audio: np.ndarray, span_start_s: float, utt: UttRequest) -> UttResult:
+    def _align_alone(self, audio: np.ndarray, span_start_s: float, utt: UttRequest,
+                     reference: np.ndarray | None = None) -> UttResult:
         """One utterance in a window that starts at its bullet and holds only its audio."""
         if utt.end_s - utt.start_s > WINDOW_S:
             return self._align_long(audio, span_start_s, utt)
@@ -639,7 +643,7 @@ class WhisperAligner(SpanAligner):
         if ab is None:
             return UttResult(utt.index, None, error=f"utterance {utt.index} has no audio inside the span")
         a, b = ab
-        window = self._window(audio[a:b], span_start_s + a / SAMPLE_RATE)
+        window = self._window(audio[a:b], span_start_s + a / SAMPLE_RATE, reference)
         results, rest = window.align_many([utt])
         if rest:  # cannot happen for one utterance under the budget; kept for safety
             return UttResult(utt.index, None, error="no decoder pass could hold the utterance")
@@ -666,10 +670,12 @@ class WhisperAligner(SpanAligner):
             _raise_if_out_of_memory(exc)
             return UttResult(utt.index, None, error=_one_line(exc))
 
-    def _window(self, audio: np.ndarray, start_s: float) -> "_Window":
+    def _window(self, audio: np.ndarray, start_s: float, reference: np.ndarray | None = None) -> "_Window":
+        """``reference``: the levels of the audio this piece was cut from, its pauses' yardstick."""
         enc, n_frames = self._encode(audio)
         language = self.detect_language(enc) if self.candidates else None
-        return _Window(self, enc, n_frames, quiet_frames(frame_levels(audio, SAMPLE_RATE)), start_s, language)
+        quiet = quiet_frames(frame_levels(audio, SAMPLE_RATE), reference)
+        return _Window(self, enc, n_frames, quiet, start_s, language)
 
     def _align_long(self, audio: np.ndarray, span_start_s: float, utt: UttRequest) -> UttResult:
         """An utterance of any length, one window at a time.
