@@ -777,8 +777,7 @@ def gap_recordings(workdir: Path, fest: list[str] | None, fest_dir: Path | None)
     sets = [("untimed", FILES, SYNTH, 1.5)] + ([("untimedf", fest, fest_dir, 0.4)] if fest else [])
     for label, files, folder, gap in sets:
         cha, spans, _ = build_recording(files, workdir / f"gaps-{label}", gap_s=gap, synth=folder)
-        chars = [len("".join(w for w in line.split("\t", 1)[1].split(" \x15")[0].split() if w not in ".?!"))
-                 for line in cha.read_text().splitlines() if line.startswith("*")]
+        chars = [sum(len(spoken_text(w)) for w in u.words) for u in read_chat(cha).utterances if u.words]
         recs.append((label, cha.with_suffix(".wav"), spans, chars))
     return recs
 

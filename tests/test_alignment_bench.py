@@ -131,8 +131,9 @@ def test_the_diagnosis_scores_every_human_boundary_and_names_tiled_bullets(tmp_p
 
 def test_gap_placement_by_sound_finds_utterances_between_known_neighbours(tmp_path):
     cha, spans, _ = A.build_recording(["c1", "c2", "c3", "s1"], tmp_path / "rec", gap_s=1.5)
-    chars = [len("".join(w for w in line.split("\t", 1)[1].split(" \x15")[0].split() if w not in ".?!"))
-             for line in cha.read_text().splitlines() if line.startswith("*")]
+    from worker.chat import read_chat, spoken_text  # noqa: PLC0415
+
+    chars = [sum(len(spoken_text(w)) for w in u.words) for u in read_chat(cha).utterances if u.words]
     table = A.gap_placement([("joined", cha.with_suffix(".wav"), spans, chars)])
     errs = table["joined"]
     n = len(spans)

@@ -385,18 +385,24 @@ def test_unplaced_utterances_are_moved_into_the_gap_between_placed_neighbours():
     assert place_in_gaps(spans, [False] * 4, [1] * 4, 8.0) == spans
 
 
-def test_an_utterance_the_refining_cannot_place_gets_the_gap_not_an_empty_span():
-    from worker.engines.timing import refine_spans, transcript_words
+def _middle_unplaced(middle: str):
+    """Three utterances whose middle one the forcing cannot place: its words come out squeezed
+    and its rough span lies before the first one. (timeline, utts, rough spans, forcer)"""
+    from worker.engines.timing import transcript_words
 
-    utterances = [(1.0, "the quick brown fox"), (4.0, "please call stella now"), (9.0, "good night")]
+    utterances = [(1.0, "the quick brown fox"), (4.0, middle), (9.0, "good night")]
     timeline = timeline_for(utterances)
-    chat = chat_of(*(t for _, t in utterances))
-    utts, _ = transcript_words(chat)
-    # the middle utterance's words come out squeezed and its rough span lies before the first one
-    squeezed = [(w, 4.0 + 0.005 * k, 4.0 + 0.005 * (k + 1)) if 4 <= k < 8 else (w, s, e)
+    utts, _ = transcript_words(chat_of(*(t for _, t in utterances)))
+    n = len(middle.split())
+    squeezed = [(w, 4.0 + 0.005 * k, 4.0 + 0.005 * (k + 1)) if 4 <= k < 4 + n else (w, s, e)
                 for k, (w, s, e) in enumerate(timeline)]
-    rough = [(0.8, 3.0), (0.1, 0.7), (8.8, 9.8)]
-    forcer = FakeForcer(squeezed)
+    return utterances, timeline, utts, [(0.8, 3.0), (0.1, 0.7), (8.8, 9.8)], FakeForcer(squeezed)
+
+
+def test_an_utterance_the_refining_cannot_place_gets_the_gap_not_an_empty_span():
+    from worker.engines.timing import refine_spans
+
+    _, timeline, utts, rough, forcer = _middle_unplaced("please call stella now")
     forcer.steps = type("S", (), {"gaps_by_sound": False})()  # the gap shared by characters
     got = refine_spans(FakeSource(12.0, timeline=timeline), utts, rough, forcer, 12.0)
     check_ordered(got, 12.0)
@@ -500,16 +506,9 @@ def test_the_recordings_quiet_frames_are_read_a_window_at_a_time():
 
 
 def test_an_unplaced_utterance_is_forced_where_the_sound_of_its_gap_is():
-    from worker.engines.timing import refine_spans, transcript_words
+    from worker.engines.timing import refine_spans
 
-    utterances = [(1.0, "the quick brown fox"), (4.0, "please call"), (9.0, "good night")]
-    timeline = timeline_for(utterances)
-    chat = chat_of(*(t for _, t in utterances))
-    utts, _ = transcript_words(chat)
-    squeezed = [(w, 4.0 + 0.005 * k, 4.0 + 0.005 * (k + 1)) if 4 <= k < 6 else (w, s, e)
-                for k, (w, s, e) in enumerate(timeline)]
-    rough = [(0.8, 3.0), (0.1, 0.7), (8.8, 9.8)]
-    forcer = FakeForcer(squeezed)
+    utterances, timeline, utts, rough, forcer = _middle_unplaced("please call")
     forcer.steps = type("S", (), {"place_in_gaps": True, "gaps_by_sound": True})()
     got = refine_spans(FakeSource(12.0, timeline=timeline), utts, rough, forcer, 12.0)
     check_ordered(got, 12.0)

@@ -43,8 +43,8 @@ BAND_FRACTION = 0.15
 MAX_BAND_CELLS = 20_000_000  # bounds the traceback memory (one byte a cell) on huge transcripts
 REFINE_PAD_S = 1.0  # audio either side of a chunk's rough spans when forcing its words
 REFINE_MAX_WORDS = 120  # words forced together at most (well inside Whisper's 448-token decoder)
-SEC_PER_CHAR = (0.03, 0.15)
-PAUSE_S = 0.1  # a quiet run this long between two utterances' sound is a pause a gap may be cut at  # bounds on the speaking rate used to stretch over unmatched words
+SEC_PER_CHAR = (0.03, 0.15)  # bounds on the speaking rate used to stretch over unmatched words
+PAUSE_S = 0.1  # a quiet run this long between two utterances' sound is a pause a gap may be cut at
 
 _NOT_WORD = re.compile(r"[^\w]+", re.UNICODE)
 
@@ -306,7 +306,8 @@ def refine_spans(source: Any, utts: Sequence[Any], spans: list[tuple[float, floa
     out = list(spans)
     forced = [False] * len(spans)
     wide = [False] * len(spans)  # forced, in audio with pauses to find: grown to mid-pause
-    share = getattr(getattr(aligner, "steps", None), "share_pauses", False)
+    steps = getattr(aligner, "steps", None)
+    share = getattr(steps, "share_pauses", False)
     n, i = len(utts), 0
     while i < n:
         lo = max(0.0, spans[i][0] - REFINE_PAD_S)
@@ -342,8 +343,8 @@ def refine_spans(source: Any, utts: Sequence[Any], spans: list[tuple[float, floa
                         forced[k] = True
                         wide[k] = paused
         i = j
-    if getattr(getattr(aligner, "steps", None), "place_in_gaps", True):
-        if quiet is None and getattr(getattr(aligner, "steps", None), "gaps_by_sound", True) and not all(forced):
+    if getattr(steps, "place_in_gaps", True):
+        if quiet is None and getattr(steps, "gaps_by_sound", True) and not all(forced):
             quiet = recording_quiet(source, rate, duration, window_s)
         out = place_in_gaps(out, forced, [sum(len(w) for w in ws) for ws in words], duration, quiet)
     # rough spans are padded already; forced ones get EDGE_PAD_S, or the pauses around them
