@@ -127,7 +127,8 @@ def find_transcripts(roots: list[Path], *, out_root: Path | None, in_place: bool
     """Every transcript under ``roots`` (a directory walk only: fast, so a run can start at once).
 
     Relative paths are taken from the single folder given, or from the common parent when several
-    paths are given (so outputs never collide). Our own outputs are never taken as inputs.
+    paths are given (so outputs never collide). Our own outputs are never taken as inputs, and a
+    transcript reached through two of the paths is taken once.
     """
     roots = [r.resolve() for r in roots]
     if not roots:
@@ -137,8 +138,14 @@ def find_transcripts(roots: list[Path], *, out_root: Path | None, in_place: bool
         parents = [r if r.is_dir() else r.parent for r in roots]
         rel_base = Path(os.path.commonpath([str(p) for p in parents]))
     out_root = out_root.resolve() if out_root is not None else None
-    return [Candidate(root, cha, rel_base) for root, cha in iter_transcripts(roots, listing)
-            if out_root is None or in_place or not is_within(cha, out_root)]
+    seen: set[Path] = set()  # a file given beside its folder, or a folder inside another: one job each
+    found = []
+    for root, cha in iter_transcripts(roots, listing):
+        if cha in seen or not (out_root is None or in_place or not is_within(cha, out_root)):
+            continue
+        seen.add(cha)
+        found.append(Candidate(root, cha, rel_base))
+    return found
 
 
 def discover(roots: list[Path], *, out_root: Path | None, in_place: bool,

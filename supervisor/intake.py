@@ -75,16 +75,18 @@ class Intake:
             m = self.manifests[root] = Manifest(root / corpus_mod.MANIFEST_DIR / "done.jsonl", self.identity)
         return m
 
-    def describe_batch(self, batch: list[Candidate]) -> list[Planned | tuple[Path, str]]:
+    def describe_batch(self, batch: list[Candidate]) -> list[Planned | tuple[Candidate, str]]:
         """Blocking: read, hash and look up each transcript; a file that cannot be read at all is
-        returned as (path, error) so the run names it and goes on."""
-        out: list[Planned | tuple[Path, str]] = []
+        returned as (candidate, error) so the run names it, counts it failed and goes on."""
+        out: list[Planned | tuple[Candidate, str]] = []
         for c in batch:
             try:
                 info = describe(c.root, c.cha, out_root=self.out_root, in_place=self.in_place,
                                 media_dir=self.media_dir, rel_base=c.rel_base, listing=self._listing)
             except OSError as exc:
-                out.append((c.cha, f"{c.cha}: cannot read: {exc.strerror or exc}"))
+                name = exc.filename if exc.filename not in (None, str(c.cha)) else None
+                what = f" {name}" if name else ""
+                out.append((c, f"{c.cha}: cannot read{what}: {exc.strerror or exc}"))
                 continue
             out.append(self._check(info))
         return out
@@ -117,12 +119,15 @@ class Intake:
                              on_error=lambda exc, last=last: self._plan_failed(exc, last))
 
     def _planned(self, got: list, last: bool) -> None:
-        for p in got:
-            self._take(p)
+        try:
+            for p in got:
+                self._take(p)
+        finally:
+            if last:
+                self.planning = False  # even if a file could not be taken: the run must be able to end
         self.planned += len(got)
         now = self.clock()
         if last:
-            self.planning = False
             c = self.queue.counts()
             took = now - self._t0
             self.emit("intake_finished", files=self.total, pending=c["pending"] + c["running"] + c["done"],
@@ -138,9 +143,9 @@ class Intake:
         if last:
             self.planning = False
 
-    def _take(self, p: Planned | tuple[Path, str]) -> None:
+    def _take(self, p: Planned | tuple[Candidate, str]) -> None:
         if isinstance(p, tuple):
-            self.emit("file_failed", level="warning", file=str(p[0]), reason=p[1], kind="bad_input", attempt=0)
+            self._unreadable(*p)
             return
         info = p.info
         if p.done:
@@ -151,6 +156,16 @@ class Intake:
             self.realigned.append((info.rel, p.stale))
             self.emit("file_realigned", file=info.rel, reason=f"made with other settings: {p.stale}")
         self._add(info, p.features)
+
+    def _unreadable(self, c: Candidate, reason: str) -> None:
+        """A transcript that could not be read: a failed file of the run, counted and listed."""
+        rel = c.cha.relative_to(c.rel_base if c.rel_base is not None else c.root).as_posix()
+        out = c.cha if self.in_place or self.out_root is None else self.out_root / rel
+        info = FileInfo(rel=rel, path=c.cha, out=out, media=None, media_error=reason, transcript_bytes=0,
+                        media_bytes=None, audio_seconds=None, input_hash="")
+        job = self.queue.add(info)
+        self.queue.fail(job, reason, retry=False)
+        self.emit("file_failed", level="warning", file=rel, reason=reason, kind="bad_input", attempt=0)
 
     def _add(self, info: FileInfo, features: Any = None) -> FileJob:
         job = self.queue.add(info)

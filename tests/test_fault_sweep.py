@@ -1,0 +1,44 @@
+"""Whole runs of the real command line on corpora a real user has: the same transcript reached
+twice, transcripts that cannot be read, outputs that cannot be written, interruptions."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from bench.synth_corpus import make_corpus
+from helpers import cli_args, events, named, run_cli
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def test_a_transcript_reached_twice_is_aligned_once_and_the_run_ends(tmp_path):
+    corpus = tmp_path / "corpus"
+    files = make_corpus(corpus, [3, 4, 5], subdirs=2)
+    out = tmp_path / "out"
+    log = tmp_path / "run.jsonl"
+    # The folder, a folder inside it and a file inside it: each transcript is one job.
+    r = run_cli(cli_args([corpus, corpus / "part1", files[0]], out, "--log-json", str(log)), tmp_path, timeout=40)
+    assert r.returncode == 0, r.stderr[-3000:]
+    evs = events(log)
+    assert not named(evs, "handler_failed"), named(evs, "handler_failed")
+    done = sorted(e["file"] for e in named(evs, "file_done"))
+    assert done == sorted(p.relative_to(corpus).as_posix() for p in files)
+    assert "3 done, 0 failed" in r.stderr
+
+
+def test_a_transcript_that_cannot_be_read_is_counted_failed_and_the_rest_are_done(tmp_path):
+    corpus = tmp_path / "corpus"
+    make_corpus(corpus, [3, 4])
+    (corpus / "dangling.cha").symlink_to(corpus / "gone.cha")
+    out = tmp_path / "out"
+    log = tmp_path / "run.jsonl"
+    r = run_cli(cli_args(corpus, out, "--log-json", str(log)), tmp_path, timeout=90)
+    assert r.returncode == 1, r.stderr[-3000:]
+    failed = named(events(log), "file_failed")
+    assert [e["file"] for e in failed] == ["dangling.cha"]
+    assert "dangling.cha" in failed[0]["reason"] and "\n" not in failed[0]["reason"]
+    assert {e["file"] for e in named(events(log), "file_done")} == {"f000.cha", "f001.cha"}
+    assert "2 done, 1 failed" in r.stderr
+    assert "failed: dangling.cha:" in r.stderr
