@@ -203,10 +203,20 @@ class Manifest:
     def _append(path: Path, entry: dict) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         line = (json.dumps(entry, separators=(",", ":")) + "\n").encode()
-        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
         try:
-            os.write(fd, line)
-            os.fsync(fd)
+            size = os.fstat(fd).st_size
+            if size and os.pread(fd, 1, size - 1) != b"\n":
+                line = b"\n" + line  # after a torn last line (a power cut): start a line of our own
+            try:
+                view = memoryview(line)
+                while view:  # a full disk may take part of a line: finish it or take it back
+                    view = view[os.write(fd, view):]
+                os.fsync(fd)
+            except OSError:
+                # A torn line would swallow the next entry appended after it; cut it off.
+                os.ftruncate(fd, size)
+                raise
         finally:
             os.close(fd)
 

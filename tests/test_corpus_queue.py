@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -202,3 +203,54 @@ def test_done_or_stale_is_judged_from_the_entry_and_the_output_seen_now():
     assert judge(entry, "out", "out+media", in_place=True, identity=same) == (True, None)
     done, stale = judge(entry, "out", "in", in_place=False, identity={"engine": "wav2vec", "model": "x"})
     assert not done and stale
+
+
+def test_an_entry_appended_after_a_torn_line_is_kept(tmp_path):
+    make_corpus(tmp_path / "c", [3, 4])
+    a, b = discover([tmp_path / "c"], out_root=tmp_path / "o", in_place=False)
+    m = Manifest(tmp_path / "o" / ".batchalign-supervise" / "done.jsonl")
+    for info in (a, b):
+        info.out.parent.mkdir(parents=True, exist_ok=True)
+        info.out.write_text(f"aligned {info.rel}")
+    m.mark_done(a)
+    with open(m.path, "ab") as fh:
+        fh.write(b'{"rel": "f001.cha", "input_')  # cut off mid-append
+    m.mark_done(b)
+    again = Manifest(m.path)
+    assert again.is_done(a) and again.is_done(b)
+
+
+def test_a_manifest_on_a_full_disk_raises_and_leaves_no_torn_line(tmp_path):
+    import subprocess
+
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mnt)], check=True)
+    try:
+        make_corpus(tmp_path / "c", [3, 4])
+        a, b = discover([tmp_path / "c"], out_root=mnt / "o", in_place=False)
+        for info in (a, b):
+            info.out.parent.mkdir(parents=True, exist_ok=True)
+            info.out.write_text(f"aligned {info.rel}")
+        m = Manifest(mnt / "o" / ".batchalign-supervise" / "done.jsonl")
+        m.mark_done(a)
+        size = m.path.stat().st_size
+        with open(m.path, "ab") as fh:  # fill the manifest's page but for a few bytes
+            fh.write(b" " * (4096 - size - 20) + b"\n")
+        fd = os.open(mnt / "filler", os.O_WRONLY | os.O_CREAT)
+        try:  # then every byte left on the disk
+            while os.write(fd, b"\0" * 4096):
+                pass
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+        with pytest.raises(OSError):
+            m.mark_done(b)  # a few bytes fit in the page, the rest does not
+        assert m.path.read_bytes().endswith(b"\n")
+        (mnt / "filler").unlink()
+        m.mark_done(b)
+        again = Manifest(m.path)
+        assert again.is_done(a) and again.is_done(b)
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
