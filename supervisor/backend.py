@@ -133,7 +133,7 @@ class FileError:
     worker_id: str
     file: str
     reason: str
-    kind: str  # "bad_input" | "memory" | "crash" | "timeout" | "lost"
+    kind: str  # "bad_input" | "output" (cannot be written) | "memory" | "crash" | "timeout" | "lost"
     job_id: str | None = None
 
 
@@ -151,7 +151,7 @@ BackendEvent = (WorkerSpawned | SpawnFailed | WorkerLoaded | WorkerReady | Worke
 
 # The worker protocol's error kinds, as the run core reads them.
 ERROR_KINDS = {"input": "bad_input", "media": "bad_input", "bad_input": "bad_input", "memory": "memory",
-               "timeout": "timeout", "lost": "lost"}
+               "timeout": "timeout", "lost": "lost", "output": "output"}
 
 
 def error_kind(worker_kind: str | None) -> str:

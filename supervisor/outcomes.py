@@ -102,8 +102,10 @@ class Outcomes:
         if ev.kind == "memory":
             return Outcome(job, w, "memory", f"out of memory: {ev.reason}", growth, self._peak(w, growth),
                            memory=True, kind="memory")
-        return Outcome(job, w, "failed", ev.reason, growth, self._peak(w, growth), retry=ev.kind != "bad_input",
-                       kind=ev.kind)
+        # Bad input fails the same way again; an output that cannot be written (a full disk, a
+        # read-only folder) would too, and is not the file's fault: neither is retried.
+        return Outcome(job, w, "failed", ev.reason, growth, self._peak(w, growth),
+                       retry=ev.kind not in ("bad_input", "output"), kind=ev.kind)
 
     def from_exit(self, w: WorkerRecord, job: FileJob, ev: WorkerExited, stopping: bool) -> Outcome:
         growth = w.growth_seen_mb()
@@ -137,7 +139,7 @@ class Outcomes:
         self._record(o, "failed" if o.outcome == "memory" else o.outcome)
         self.emit("file_failed", level="warning", **wf, file=job.rel, reason=o.reason,
                   kind=o.kind or ("memory" if o.memory else o.outcome), attempt=job.attempts, **o.extra)
-        self._after_failure(job, state, o.reason or "")
+        self._after_failure(job, state, o.reason or "", for_good=o.kind != "output")
         return state
 
     def _done(self, o: Outcome, wf: dict) -> FileState:
@@ -171,7 +173,7 @@ class Outcomes:
             self.emit("file_failed", level="warning", file=job.rel, reason=reason, kind="too_big", attempt=0)
         self.intake.failed_for_good(job)
 
-    def _after_failure(self, job: FileJob, state: FileState, reason: str) -> None:
+    def _after_failure(self, job: FileJob, state: FileState, reason: str, for_good: bool = True) -> None:
         if state is FileState.PENDING:
             self.forget(job.rel)
             est = self.estimator.estimate(job)
@@ -182,7 +184,8 @@ class Outcomes:
             self.emit("file_quarantined", level="warning", file=job.rel, reason=reason, attempts=job.attempts,
                       observed_mb=job.last_peak_mb and round(job.last_peak_mb, 1))
             self._record(Outcome(job, None, "quarantined", reason, peak_mb=job.last_peak_mb), "quarantined")
-        self.intake.failed_for_good(job)
+        if for_good:  # an output that could not be written is tried again once there is room
+            self.intake.failed_for_good(job)
 
     def _record(self, o: Outcome, outcome: str, sample: bool = True) -> None:
         job, w, ev = o.job, o.worker, o.result

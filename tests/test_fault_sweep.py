@@ -3,6 +3,8 @@ twice, transcripts that cannot be read, outputs that cannot be written, interrup
 
 from __future__ import annotations
 
+import os
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -42,3 +44,46 @@ def test_a_transcript_that_cannot_be_read_is_counted_failed_and_the_rest_are_don
     assert {e["file"] for e in named(events(log), "file_done")} == {"f000.cha", "f001.cha"}
     assert "2 done, 1 failed" in r.stderr
     assert "failed: dangling.cha:" in r.stderr
+
+
+def _fill(folder: Path) -> None:
+    fd = os.open(folder / "filler", os.O_WRONLY | os.O_CREAT)
+    try:  # take every byte left
+        while os.write(fd, b"\0" * 4096):
+            pass
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def test_an_output_folder_on_a_full_disk_fails_each_file_with_one_line_and_a_rerun_after_freeing_it_finishes(tmp_path):
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mnt)], check=True)
+    corpus = tmp_path / "corpus"
+    files = make_corpus(corpus, [20, 20, 20])
+    out = mnt / "out"
+    log = tmp_path / "run.jsonl"
+    args = cli_args(corpus, out, "--log-json", str(log), "--max-attempts", "3")
+    try:
+        out.mkdir()
+        _fill(mnt)
+        r = run_cli(args, tmp_path, timeout=60)
+        assert r.returncode == 1, r.stderr[-3000:]
+        evs = events(log)
+        failed = named(evs, "file_failed")
+        assert sorted(e["file"] for e in failed) == ["f000.cha", "f001.cha", "f002.cha"]  # each once, not retried
+        for e in failed:
+            assert e["kind"] == "output"
+            assert str(out / e["file"]) in e["reason"] and "No space left" in e["reason"], e["reason"]
+        assert not named(evs, "file_quarantined")
+        assert "Traceback" not in r.stderr
+        assert not [p for p in mnt.rglob("*.tmp")]
+        (mnt / "filler").unlink()
+        log.unlink()
+        r = run_cli(args, tmp_path, timeout=60)
+        assert r.returncode == 0, r.stderr[-3000:]
+        assert len(named(events(log), "file_done")) == len(files)
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)

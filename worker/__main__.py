@@ -22,6 +22,7 @@ from typing import Any, BinaryIO
 
 from worker import gpumem, protocol, selfmem
 from worker.engines.base import BootError, Job, JobError
+from worker.output import OutputError
 
 
 def _set_parent_death_signal() -> None:
@@ -179,6 +180,8 @@ def serve(engine, channel: Channel, stdin: BinaryIO, heartbeat: Heartbeat, log, 
             result = engine.run(job, progress)
         except JobError as exc:
             channel.send({"type": protocol.ERROR, "job": job.job, "error": str(exc), "kind": exc.kind})
+        except OutputError as exc:  # the output folder's fault (full, read-only), not the file's
+            channel.send({"type": protocol.ERROR, "job": job.job, "error": str(exc), "kind": "output"})
         except MemoryError:
             channel.send({"type": protocol.ERROR, "job": job.job, "kind": "memory",
                           "error": f"{job.input}: out of memory inside the worker"})

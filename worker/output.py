@@ -13,9 +13,21 @@ import os
 import stat
 from pathlib import Path
 
-__all__ = ["atomic_write_bytes", "atomic_write_text"]
+__all__ = ["OutputError", "atomic_write_bytes", "atomic_write_text"]
 
 _MAX_NAME_TRIES = 100
+
+
+class OutputError(OSError):
+    """The target cannot be written (a full disk, a read-only folder, no permission): one line that
+    names the target, not the temporary file, so a run says which output failed and why."""
+
+    def __init__(self, target: Path, exc: OSError) -> None:
+        super().__init__(exc.errno, f"{target}: cannot write output: {exc.strerror or exc}")
+        self.target = target
+
+    def __str__(self) -> str:
+        return str(self.strerror)
 
 
 def _open_temp(folder: Path, name: str) -> tuple[int, Path]:
@@ -90,5 +102,9 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes, mode: int | No
 
 
 def atomic_write_text(path: str | os.PathLike[str], text: str, encoding: str = "utf-8") -> None:
-    """Encode ``text`` and write it atomically; newline characters are written exactly as given."""
-    atomic_write_bytes(path, text.encode(encoding))
+    """Encode ``text`` and write it atomically; newline characters are written exactly as given.
+    A write that fails raises ``OutputError`` naming ``path``."""
+    try:
+        atomic_write_bytes(path, text.encode(encoding))
+    except OSError as exc:
+        raise OutputError(Path(path), exc) from exc

@@ -27,6 +27,7 @@ from supervisor.cluster import TOPIC_FILE, TOPIC_READY
 from worker import selfmem
 from worker.__main__ import calibrate, load_engine
 from worker.engines.base import Job, JobError
+from worker.output import OutputError
 from worker.protocol import EXIT_PARENT_GONE
 
 THREADS_ENV = "BATCHALIGN_SUPERVISE_WORKER_THREADS"  # torch threads per worker, set by `worker`
@@ -223,6 +224,8 @@ def align_file(spec: dict[str, Any]) -> dict[str, Any]:
     except JobError as exc:
         kind = "bad_input" if exc.kind in ("input", "media") else "crash"
         return {**base, **memory(), "error": str(exc), "kind": kind, "engine_kind": exc.kind}
+    except OutputError as exc:  # the output folder's fault (full, read-only), not the file's
+        return {**base, **memory(), "error": str(exc), "kind": "output"}
     except MemoryError:
         return {**base, **memory(), "error": f"{job.input}: out of memory inside the worker", "kind": "memory"}
     except Exception as exc:  # an engine bug fails the file, not the worker

@@ -273,8 +273,8 @@ class ClusterSupervisor(Supervisor):
                       predicted_mb=where.get("request") and round(where["request"], 1))
         # Cut short by memory, or lost with a known high-water mark: a lower bound, never a sample.
         censored = kind in ("memory", "lost") and observed is not None
-        outcome = {"memory": "killed", "timeout": "timeout", "bad_input": "failed"}.get(kind, "crashed")
-        self.outcomes.apply(Outcome(job, w, outcome, ev.reason, growth, observed, retry=kind != "bad_input",
+        outcome = {"memory": "killed", "timeout": "timeout", "bad_input": "failed", "output": "failed"}.get(kind, "crashed")
+        self.outcomes.apply(Outcome(job, w, outcome, ev.reason, growth, observed, retry=kind not in ("bad_input", "output"),
                                     memory=censored, kind=kind))
 
     # -- publishing ----------------------------------------------------------------------------------
