@@ -19,6 +19,7 @@ from supervisor.estimates import Estimator
 from supervisor.queue import FileJob, FileState, WorkQueue
 from supervisor.sidejobs import SideJobs
 from worker.audio import DirListing
+from worker.output import remove_stale_temps
 
 LANE = "manifest"
 BATCH = 256  # files described per side job, after a first small one so that the first file starts early
@@ -65,6 +66,9 @@ class Intake:
         self._progress_at = -1e9
         self._listing = listing if listing is not None else DirListing()  # each folder listed once
         self._scanning = False
+        self._started_wall = time.time()
+        self._swept: set[Path] = set()  # output folders cleared of a killed writer's temporary files
+        self._stale: list[Path] = []  # what was cleared, for the loop to report
 
     # -- off the loop ------------------------------------------------------------------------
     def manifest_for(self, info: FileInfo) -> Manifest:
@@ -75,7 +79,7 @@ class Intake:
             m = self.manifests[root] = Manifest(root / corpus_mod.MANIFEST_DIR / "done.jsonl", self.identity)
         return m
 
-    def describe_batch(self, batch: list[Candidate]) -> list[Planned | tuple[Candidate, str]]:
+    def describe_batch(self, batch: list[Candidate], sweep: bool = True) -> list[Planned | tuple[Candidate, str]]:
         """Blocking: read, hash and look up each transcript; a file that cannot be read at all is
         returned as (candidate, error) so the run names it, counts it failed and goes on."""
         out: list[Planned | tuple[Candidate, str]] = []
@@ -88,8 +92,17 @@ class Intake:
                 what = f" {name}" if name else ""
                 out.append((c, f"{c.cha}: cannot read{what}: {exc.strerror or exc}"))
                 continue
+            if sweep:
+                self._sweep(info.out.parent)
             out.append(self._check(info))
         return out
+
+    def _sweep(self, folder: Path) -> None:
+        """Blocking: once per output folder, remove temporary files left by writers killed mid-write
+        in an earlier run, so an interrupted run re-run leaves nothing of its own behind."""
+        if folder not in self._swept:
+            self._swept.add(folder)
+            self._stale.extend(remove_stale_temps(folder, self._started_wall))
 
     def _check(self, info: FileInfo) -> Planned:
         m = self.manifest_for(info)
@@ -102,7 +115,7 @@ class Intake:
     def plan_now(self, candidates: list[Candidate]) -> None:
         """Plan everything at once (``--dry-run``: nothing else runs)."""
         self.total = len(candidates)
-        for p in self.describe_batch(candidates):
+        for p in self.describe_batch(candidates, sweep=False):  # a dry run changes nothing
             self._take(p)
 
     # -- on the loop ---------------------------------------------------------------------------
@@ -119,6 +132,9 @@ class Intake:
                              on_error=lambda exc, last=last: self._plan_failed(exc, last))
 
     def _planned(self, got: list, last: bool) -> None:
+        stale, self._stale = self._stale, []
+        for path in stale:
+            self.emit("stale_temp_removed", path=str(path), reason="left by a writer killed mid-write")
         try:
             for p in got:
                 self._take(p)

@@ -87,3 +87,26 @@ def test_an_output_folder_on_a_full_disk_fails_each_file_with_one_line_and_a_rer
         assert len(named(events(log), "file_done")) == len(files)
     finally:
         subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def test_a_rerun_removes_temporary_files_a_killed_writer_left_and_keeps_a_live_writers(tmp_path):
+    corpus = tmp_path / "corpus"
+    make_corpus(corpus, [3, 4], subdirs=2)
+    out = tmp_path / "out"
+    gone = subprocess.Popen(["true"])
+    gone.wait()  # a pid that is no longer running
+    stale = out / "part0" / f".f000.cha.{gone.pid}.0123abcd.tmp"
+    live = out / "part1" / f".f001.cha.{os.getpid()}.4567cdef.tmp"
+    mine = out / "part1" / ".notes.tmp"  # not ours by name
+    for p in (stale, live, mine):
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_text("half a transcript")
+        os.utime(p, (1e9, 1e9))
+    log = tmp_path / "run.jsonl"
+    r = run_cli(cli_args(corpus, out, "--dry-run"), tmp_path, timeout=60)
+    assert r.returncode == 0 and stale.exists()  # a dry run changes nothing
+    r = run_cli(cli_args(corpus, out, "--log-json", str(log)), tmp_path, timeout=60)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert not stale.exists()
+    assert live.exists() and mine.exists()
+    assert [e["path"] for e in named(events(log), "stale_temp_removed")] == [str(stale)]

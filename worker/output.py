@@ -3,17 +3,19 @@
 A transcript is written next to its target under a hidden temporary name, synced, then renamed over
 the target, so a reader (or a supervisor that kills the worker mid-write) only ever sees the old
 file or the complete new one, never a truncated mix. The directory is synced after the rename so
-the new name survives a power cut.
+the new name survives a power cut. A writer killed between the two leaves its temporary file
+behind; the next run removes it (``remove_stale_temps``, called by intake for each output folder).
 """
 
 from __future__ import annotations
 
 import errno
 import os
+import re
 import stat
 from pathlib import Path
 
-__all__ = ["OutputError", "atomic_write_bytes", "atomic_write_text"]
+__all__ = ["OutputError", "atomic_write_bytes", "atomic_write_text", "remove_stale_temps"]
 
 _MAX_NAME_TRIES = 100
 
@@ -30,11 +32,52 @@ class OutputError(OSError):
         return str(self.strerror)
 
 
+def _temp_name(name: str, pid: int) -> str:
+    return f".{name}.{pid}.{os.urandom(4).hex()}.tmp"
+
+
+_TEMP_RE = re.compile(r"^\..+\.(\d+)\.[0-9a-f]{8}\.tmp$")  # what _temp_name makes
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's process
+    return True
+
+
+def remove_stale_temps(folder: Path, before: float) -> list[Path]:
+    """Remove the temporary files a writer killed mid-write (SIGKILL, a power cut) left in
+    ``folder``: ours by name, older than ``before`` (epoch seconds; a run's start) and of a process
+    that is gone. A live writer's file (here, or one made after ``before`` by a writer elsewhere on
+    a shared filesystem) is never touched. Returns what was removed."""
+    removed: list[Path] = []
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return removed
+    for entry in entries:
+        m = _TEMP_RE.match(entry.name)
+        if m is None:
+            continue
+        try:
+            if entry.stat(follow_symlinks=False).st_mtime >= before or _alive(int(m.group(1))):
+                continue
+            os.unlink(entry.path)
+        except OSError:
+            continue
+        removed.append(Path(entry.path))
+    return removed
+
+
 def _open_temp(folder: Path, name: str) -> tuple[int, Path]:
     """Create a fresh temp file beside the target; O_EXCL so two writers never share one."""
     pid = os.getpid()
     for _ in range(_MAX_NAME_TRIES):
-        tmp = folder / f".{name}.{pid}.{os.urandom(4).hex()}.tmp"
+        tmp = folder / _temp_name(name, pid)
         try:
             # 0o666 lets the process umask decide a new file's mode, as a plain open() would.
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o666)
