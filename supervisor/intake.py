@@ -69,6 +69,7 @@ class Intake:
         self._started_wall = time.time()
         self._swept: set[Path] = set()  # output folders cleared of a killed writer's temporary files
         self._stale: list[Path] = []  # what was cleared, for the loop to report
+        self.dry = False  # --dry-run: plan only, write nothing (no manifest, no clean-up)
 
     # -- off the loop ------------------------------------------------------------------------
     def manifest_for(self, info: FileInfo) -> Manifest:
@@ -79,7 +80,7 @@ class Intake:
             m = self.manifests[root] = Manifest(root / corpus_mod.MANIFEST_DIR / "done.jsonl", self.identity)
         return m
 
-    def describe_batch(self, batch: list[Candidate], sweep: bool = True) -> list[Planned | tuple[Candidate, str]]:
+    def describe_batch(self, batch: list[Candidate]) -> list[Planned | tuple[Candidate, str]]:
         """Blocking: read, hash and look up each transcript; a file that cannot be read at all is
         returned as (candidate, error) so the run names it, counts it failed and goes on."""
         out: list[Planned | tuple[Candidate, str]] = []
@@ -92,7 +93,7 @@ class Intake:
                 what = f" {name}" if name else ""
                 out.append((c, f"{c.cha}: cannot read{what}: {exc.strerror or exc}"))
                 continue
-            if sweep:
+            if not self.dry:
                 self._sweep(info.out.parent)
             out.append(self._check(info))
         return out
@@ -115,7 +116,8 @@ class Intake:
     def plan_now(self, candidates: list[Candidate]) -> None:
         """Plan everything at once (``--dry-run``: nothing else runs)."""
         self.total = len(candidates)
-        for p in self.describe_batch(candidates, sweep=False):  # a dry run changes nothing
+        self.dry = True  # a dry run changes nothing on disk
+        for p in self.describe_batch(candidates):
             self._take(p)
 
     # -- on the loop ---------------------------------------------------------------------------
@@ -241,6 +243,8 @@ class Intake:
 
     def failed_for_good(self, job: FileJob) -> None:
         """Record a file that failed for good, so watch mode does not retry it after a restart."""
+        if self.dry:
+            return
         info, state, reason = job.info, job.state.value, job.reason or ""
         self.jobs.submit(LANE, self.manifest_for(info).mark_failed, info, state, reason, what="mark_failed",
                          on_error=lambda exc: self._manifest_failed(info, exc))

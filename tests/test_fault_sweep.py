@@ -110,3 +110,19 @@ def test_a_rerun_removes_temporary_files_a_killed_writer_left_and_keeps_a_live_w
     assert not stale.exists()
     assert live.exists() and mine.exists()
     assert [e["path"] for e in named(events(log), "stale_temp_removed")] == [str(stale)]
+
+
+def test_a_dry_run_of_a_corpus_with_bad_files_lists_them_and_writes_nothing(tmp_path):
+    corpus = tmp_path / "corpus"
+    files = make_corpus(corpus, [3, 4])
+    (corpus / "ghost.cha").write_text(files[0].read_text().replace("@Media:\tf000", "@Media:\tghost"))
+    (corpus / "dangling.cha").symlink_to(corpus / "gone.cha")
+    out = tmp_path / "out"
+    r = run_cli(cli_args(corpus, out, "--dry-run"), tmp_path, timeout=60)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "Traceback" not in r.stderr
+    rows = {ln.split("│")[2].strip(): ln for ln in r.stdout.splitlines()
+            if ".cha" in ln and ln.split("│")[2].strip()}  # a reason may wrap onto a row of its own
+    assert set(rows) == {"f000.cha", "f001.cha", "ghost.cha", "dangling.cha"}
+    assert "failed" in rows["ghost.cha"] and "failed" in rows["dangling.cha"]
+    assert not out.exists()
