@@ -16,7 +16,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator, Sequence
 
 import click
 
@@ -27,6 +28,7 @@ from supervisor.units import parse_duration, parse_size
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_HALTED, EXIT_INTERRUPTED = 0, 1, 2, 3, 4
 COMMANDS = ("run", "models", "cache", "ratios", "report", "status", "worker")
 PROG = "batchalign-supervise"
+DEFAULT_LOG = "batchalign-supervise.log.jsonl"  # what a run writes in OUT unless --log-json says otherwise
 
 
 class Failure(click.ClickException):
@@ -429,7 +431,6 @@ def ratios_cmd(telemetry: Path | None, config: Path | None, as_json: bool, reset
     """The learned memory model per engine/model/device, with sample counts and its terms in words."""
     settings = _settings(config, {"run": {"telemetry": str(telemetry)}} if telemetry else {})
     from telemetry.model import describe
-    from telemetry.store import TelemetryStore
 
     path = settings.telemetry_path
     if not path.exists():
@@ -441,11 +442,11 @@ def ratios_cmd(telemetry: Path | None, config: Path | None, as_json: bool, reset
         raise click.UsageError("TARGET is only used with --reset")
     if reset:
         engine, _, model = (target or "").partition("/")
-        with TelemetryStore(path) as store:
+        with _telemetry(path) as store:
             n = store.reset_model(engine or None, model or None)
         click.echo(f"forgot {n} learned model{'s' if n != 1 else ''} for {target or 'every engine'} in {path}")
         return
-    with TelemetryStore(path) as store:
+    with _telemetry(path) as store:
         rows = store.ratios()
         for r in rows:
             r["explain"] = describe(store.load_model(r["engine"], r["model"], r["device"]))
@@ -461,6 +462,21 @@ def ratios_cmd(telemetry: Path | None, config: Path | None, as_json: bool, reset
         title=f"Learned memory model ({path})"), nl=False)
     for r in rows:
         click.echo(f"{r['engine']} / {r['model']} / {r['device']}:\n  " + "\n  ".join(r["explain"]))
+
+
+@contextmanager
+def _telemetry(path: Path) -> Iterator[Any]:
+    """The telemetry store at ``path``; one that cannot be opened or read (not a database, a
+    folder, damaged) is a one-line error naming it, not a traceback."""
+    import sqlite3
+
+    from telemetry.store import TelemetryStore
+
+    try:
+        with TelemetryStore(path) as store:
+            yield store
+    except sqlite3.Error as exc:
+        raise Failure(f"{path}: cannot read the telemetry store: {exc}") from None
 
 
 def _num(v: Any, digits: int = 0) -> str:
@@ -485,17 +501,19 @@ def report_cmd(log: Path | None, telemetry: Path | None, run_id: str | None, lis
 
     if log is None:
         settings = _settings(None, {"run": {"telemetry": str(telemetry)}} if telemetry else {})
-        from telemetry.store import TelemetryStore
-
         if not settings.telemetry_path.exists():
             raise Failure(f"no telemetry store at {settings.telemetry_path}")
-        with TelemetryStore(settings.telemetry_path) as store:
+        with _telemetry(settings.telemetry_path) as store:
             summary = store.summary(run_id)
         if as_json:
             _json(summary)
         else:
             click.echo(report.summarize_store(summary))
         return
+    if log.is_dir():  # an output folder: the log a run writes there by default
+        if not (log / DEFAULT_LOG).is_file():
+            raise Failure(f"{log}: a folder with no {DEFAULT_LOG} in it; give the log file")
+        log = log / DEFAULT_LOG
     if not log.is_file():
         raise Failure(f"{log}: no such log file")
     try:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -126,3 +127,27 @@ def test_a_dry_run_of_a_corpus_with_bad_files_lists_them_and_writes_nothing(tmp_
     assert set(rows) == {"f000.cha", "f001.cha", "ghost.cha", "dangling.cha"}
     assert "failed" in rows["ghost.cha"] and "failed" in rows["dangling.cha"]
     assert not out.exists()
+
+
+@pytest.mark.parametrize("command", [["report"], ["ratios"], ["ratios", "--reset"]])
+def test_report_and_ratios_on_a_file_that_is_not_a_telemetry_store_say_so_in_one_line(tmp_path, command):
+    junk = tmp_path / "junk.sqlite"
+    junk.write_text("not a database\n" * 100)
+    r = run_cli([sys.executable, "-m", "supervisor.cli", *command, "--telemetry", str(junk)], tmp_path, timeout=60)
+    assert r.returncode == 2, r.stderr
+    assert "Traceback" not in r.stderr
+    (line,) = r.stderr.strip().splitlines()
+    assert str(junk) in line and "not a database" in line
+
+
+def test_report_of_an_output_folder_reads_its_log(tmp_path):
+    corpus = tmp_path / "corpus"
+    make_corpus(corpus, [3])
+    out = tmp_path / "out"
+    assert run_cli(cli_args(corpus, out), tmp_path, timeout=60).returncode == 0
+    r = run_cli([sys.executable, "-m", "supervisor.cli", "report", str(out)], tmp_path, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert "f000.cha" in r.stdout
+    r = run_cli([sys.executable, "-m", "supervisor.cli", "report", str(corpus)], tmp_path, timeout=60)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert str(corpus) in r.stderr and "batchalign-supervise.log.jsonl" in r.stderr
