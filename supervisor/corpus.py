@@ -52,6 +52,8 @@ def iter_transcripts(roots: Iterable[Path], listing: DirListing | None = None) -
     walk lists goes into ``listing``, so finding media does not list the same folders again."""
     for root in roots:
         if root.is_file():
+            if root.suffix.lower().lstrip(".") in MEDIA_EXTENSIONS:
+                continue  # a recording named beside its transcript (``corpus/*``): found through it
             yield root.parent, root
         elif root.is_dir():
             for dirpath, dirnames, filenames in os.walk(root):
@@ -140,11 +142,18 @@ def find_transcripts(roots: list[Path], *, out_root: Path | None, in_place: bool
     out_root = out_root.resolve() if out_root is not None else None
     seen: set[Path] = set()  # a file given beside its folder, or a folder inside another: one job each
     found = []
+    inside_out = 0
     for root, cha in iter_transcripts(roots, listing):
-        if cha in seen or not (out_root is None or in_place or not is_within(cha, out_root)):
+        if cha in seen:
             continue
         seen.add(cha)
+        if out_root is not None and not in_place and is_within(cha, out_root):
+            inside_out += 1
+            continue
         found.append(Candidate(root, cha, rel_base))
+    if inside_out and not found:
+        raise CorpusError(f"{out_root}: the output folder holds the corpus ({inside_out} transcript"
+                          f"{'s' if inside_out != 1 else ''}); give another -o/--out, or --in-place")
     return found
 
 

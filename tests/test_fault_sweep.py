@@ -151,3 +151,24 @@ def test_report_of_an_output_folder_reads_its_log(tmp_path):
     r = run_cli([sys.executable, "-m", "supervisor.cli", "report", str(corpus)], tmp_path, timeout=60)
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert str(corpus) in r.stderr and "batchalign-supervise.log.jsonl" in r.stderr
+
+
+def test_an_output_folder_that_holds_the_corpus_is_a_clear_usage_error(tmp_path):
+    corpus = tmp_path / "corpus"
+    make_corpus(corpus, [3])
+    for out in (corpus, tmp_path):
+        r = run_cli(cli_args(corpus, out), tmp_path, timeout=60)
+        assert r.returncode == 2, r.stderr
+        assert f"{out}: the output folder holds the corpus" in r.stderr and "--in-place" in r.stderr
+
+
+def test_recordings_named_beside_their_transcripts_are_not_taken_for_transcripts(tmp_path):
+    corpus = tmp_path / "corpus"
+    make_corpus(corpus, [3, 4])
+    out = tmp_path / "out"
+    log = tmp_path / "run.jsonl"
+    named_files = sorted(corpus.iterdir())  # what `batchalign-supervise corpus/* -o out` names
+    r = run_cli(cli_args(named_files, out, "--log-json", str(log)), tmp_path, timeout=60)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert not named(events(log), "file_failed")
+    assert sorted(e["file"] for e in named(events(log), "file_done")) == ["f000.cha", "f001.cha"]
