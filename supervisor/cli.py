@@ -565,7 +565,7 @@ def status_cmd(target: str | None, socket_path: Path | None, state_dir: Path | N
             raise Failure(str(exc), EXIT_FAILED) from None
     else:
         settings = _settings(None, {"run": {"state_dir": str(state_dir)}} if state_dir else {})
-        statuses = query_all(settings.state_dir)
+        statuses = query_all(settings.state_dir, elsewhere=target is not None)  # one named: look everywhere
         if settings.service.control_socket not in ("", "off"):
             try:
                 statuses.append(query_status(Path(settings.service.control_socket)))

@@ -21,6 +21,7 @@ import errno
 import inspect
 import json
 import os
+import re
 import socket
 import stat
 import struct
@@ -36,6 +37,7 @@ __all__ = [
     "format_list",
     "format_status",
     "list_sockets",
+    "listening_elsewhere",
     "query_all",
     "query_status",
     "select",
@@ -353,11 +355,55 @@ def query_status(socket_path: Path, timeout: float = 5.0) -> dict:
     return status
 
 
-def query_all(state_dir: Path, timeout: float = 5.0) -> list[dict]:
-    """The status of every running supervisor of this state directory; one that fails to answer
-    appears as ``{"socket": path, "error": "one line"}``."""
+def listening_elsewhere(proc_net_unix: str = "/proc/net/unix") -> list[Path]:
+    """Status sockets of this user's running supervisors whatever their state directory (a run
+    given ``--state-dir``): listening Unix sockets named as ``default_socket_path`` names them,
+    bound by a live process of this user. Empty where /proc cannot be read."""
+    try:
+        with open(proc_net_unix, encoding="utf-8", errors="replace") as fh:
+            lines = fh.read().splitlines()[1:]
+    except OSError:
+        return []
+    found = []
+    for line in lines:
+        fields = line.split(None, 7)
+        if len(fields) < 8 or int(fields[3], 16) & 0x10000 == 0:  # __SO_ACCEPTCON: listening
+            continue
+        # ControlServer binds "<dir>/.<pid>.sock.<pid>" and renames it "<dir>/<pid>.sock": the
+        # table keeps the name bound, as given (relative to the supervisor's working folder).
+        m = re.fullmatch(r"(.*/)?\.(\d+)\.sock\.\d+", fields[7])
+        if m is None:
+            continue
+        pid = m.group(2)
+        path = Path((m.group(1) or "") + f"{pid}.sock")
+        private = path.parent.parent.name == f"batchalign-supervise-{os.geteuid()}"
+        if not (path.parent.name == SOCKET_DIR or private):
+            continue
+        try:
+            if os.stat(f"/proc/{pid}").st_uid != os.geteuid():
+                continue
+            if not path.is_absolute():
+                path = Path(os.readlink(f"/proc/{pid}/cwd")) / path
+            if path.stat().st_uid != os.geteuid():
+                continue
+        except OSError:
+            continue
+        found.append(path)
+    return found
+
+
+def query_all(state_dir: Path, timeout: float = 5.0, elsewhere: bool = False) -> list[dict]:
+    """The status of every running supervisor of this state directory (``elsewhere``: and of this
+    user's others, whatever their state directory); one that fails to answer appears as
+    ``{"socket": path, "error": "one line"}``."""
     out = []
-    for path in list_sockets(state_dir):
+    paths = list_sockets(state_dir)
+    seen = {os.path.realpath(p) for p in paths}
+    for p in listening_elsewhere() if elsewhere else ():
+        if os.path.realpath(p) not in seen:
+            seen.add(os.path.realpath(p))
+            paths.append(p)
+    for path in paths:
         try:
             status = query_status(path, timeout)
             status.setdefault("socket", str(path))

@@ -3,7 +3,9 @@ twice, transcripts that cannot be read, outputs that cannot be written, interrup
 
 from __future__ import annotations
 
+import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -11,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from bench.synth_corpus import make_corpus
-from helpers import cli_args, events, named, run_cli
+from helpers import cli_args, events, named, run_cli, start_cli, wait_for_event
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -172,3 +174,22 @@ def test_recordings_named_beside_their_transcripts_are_not_taken_for_transcripts
     assert r.returncode == 0, r.stderr[-3000:]
     assert not named(events(log), "file_failed")
     assert sorted(e["file"] for e in named(events(log), "file_done")) == ["f000.cha", "f001.cha"]
+
+
+def test_status_finds_a_supervisor_run_with_its_own_state_dir(tmp_path):
+    corpus = tmp_path / "corpus"
+    make_corpus(corpus, [30] * 6)
+    out = tmp_path / "out"
+    log = tmp_path / "run.jsonl"
+    p = start_cli(cli_args(corpus, out, "--log-json", str(log), "--state-dir", str(tmp_path / "elsewhere")), tmp_path,
+                  BATCHALIGN_SUPERVISE_ENGINE_SYNTHETIC_CPU_SECONDS_PER_AUDIO_SECOND="0.5")
+    try:
+        wait_for_event(log, "file_started", timeout=60)
+        for target in (str(p.pid), str(out)):
+            r = run_cli([sys.executable, "-m", "supervisor.cli", "status", target, "--json"], tmp_path, timeout=30)
+            assert r.returncode == 0, r.stderr
+            got = json.loads(r.stdout)
+            assert got["pid"] == p.pid and got["out"] == str(out)
+    finally:
+        p.send_signal(signal.SIGINT)
+        p.wait(timeout=30)
