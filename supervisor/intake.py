@@ -93,9 +93,15 @@ class Intake:
                 what = f" {name}" if name else ""
                 out.append((c, f"{c.cha}: cannot read{what}: {exc.strerror or exc}"))
                 continue
+            except Exception as exc:  # noqa: BLE001 - one odd file must not take its whole batch down
+                out.append((c, f"{c.cha}: cannot be planned: {type(exc).__name__}: {exc}".replace("\n", " ")))
+                continue
             if not self.dry:
                 self._sweep(info.out.parent)
-            out.append(self._check(info))
+            try:
+                out.append(self._check(info))
+            except Exception as exc:  # noqa: BLE001
+                out.append((c, f"{c.cha}: cannot be planned: {type(exc).__name__}: {exc}".replace("\n", " ")))
         return out
 
     def _sweep(self, folder: Path) -> None:

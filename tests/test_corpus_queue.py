@@ -254,3 +254,22 @@ def test_a_manifest_on_a_full_disk_raises_and_leaves_no_torn_line(tmp_path):
         assert again.is_done(a) and again.is_done(b)
     finally:
         subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def test_a_file_whose_plan_raises_is_named_and_the_rest_of_its_batch_is_planned(tmp_path):
+    from supervisor.corpus import find_transcripts
+    from supervisor.intake import Intake, Planned
+
+    make_corpus(tmp_path / "c", [3, 4, 5])
+
+    def plan(info):
+        if info.rel == "f001.cha":
+            raise RuntimeError("a bug in planning")
+        return None
+
+    intake = Intake(queue=WorkQueue(3), estimator=None, jobs=None, emit=lambda *a, **k: None, forget=lambda rel: None,
+                    force=False, media_dir=None, out_root=tmp_path / "o", in_place=False, plan=plan)
+    got = intake.describe_batch(find_transcripts([tmp_path / "c"], out_root=tmp_path / "o", in_place=False))
+    assert [p.info.rel for p in got if isinstance(p, Planned)] == ["f000.cha", "f002.cha"]
+    (bad,) = [p for p in got if not isinstance(p, Planned)]
+    assert bad[0].cha.name == "f001.cha" and "RuntimeError: a bug in planning" in bad[1]
