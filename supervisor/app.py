@@ -42,7 +42,13 @@ def run_app(settings: Settings, reload_cli: dict | None = None) -> int:
         _err(str(exc))
         return EXIT_USAGE
     store, store_error = _open_store(s)
-    log, display, log_path = _outputs(s)
+    try:
+        log, display, log_path = _outputs(s)
+    except OSError as exc:  # a log that cannot be written is the user's option, not a crash
+        _err(f"log {exc.filename or s.log_path}: cannot write: {exc.strerror or exc} (see --log-json)")
+        if store is not None:
+            store.close()
+        return EXIT_USAGE
     sup_cls = Supervisor
     if s.cluster.address:
         from supervisor.cluster.run import ClusterSupervisor as sup_cls  # needs the 'cluster' extra

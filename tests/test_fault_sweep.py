@@ -193,3 +193,12 @@ def test_status_finds_a_supervisor_run_with_its_own_state_dir(tmp_path):
     finally:
         p.send_signal(signal.SIGINT)
         p.wait(timeout=30)
+
+
+def test_a_log_that_cannot_be_written_is_a_one_line_usage_error(tmp_path):
+    corpus = tmp_path / "corpus"
+    make_corpus(corpus, [3])
+    r = run_cli(cli_args(corpus, tmp_path / "out", "--log-json", "/proc/no/run.jsonl"), tmp_path, timeout=60)
+    assert r.returncode == 2, r.stderr
+    assert "Traceback" not in r.stderr
+    assert "/proc/no" in r.stderr.strip().splitlines()[-1] and "--log-json" in r.stderr
