@@ -102,7 +102,7 @@ def run_in_cgroup(name: str, cmd: list[str], limit: int, env: dict[str, str], ti
 
     with MemoryCgroup(f"bench-{name}-{os.getpid()}", limit) as cg:
         cpu0 = _cpu_of_children()
-        t0 = time.monotonic()
+        t0, wall0 = time.monotonic(), time.time()
         proc = subprocess.Popen(cmd, env=env, preexec_fn=cg.preexec(), stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, text=True, start_new_session=True)
         try:
@@ -111,8 +111,32 @@ def run_in_cgroup(name: str, cmd: list[str], limit: int, env: dict[str, str], ti
             os.killpg(proc.pid, signal.SIGKILL)
             out, err = proc.communicate()
         makespan = time.monotonic() - t0
-        return {"makespan": makespan, "rc": proc.returncode, "peak": cg.max_usage(), "oom": cg.oom_kills(),
+        return {"makespan": makespan, "started": wall0, "rc": proc.returncode, "peak": cg.max_usage(), "oom": cg.oom_kills(),
                 "cpu": _cpu_of_children() - cpu0, "stderr": err[-2000:], "stdout": out[-2000:]}
+
+
+def where_the_time_went(evs: list[dict], started: float, makespan: float, cores: int) -> str:
+    """The makespan cut where a warm run loses it: start-up (until the first file starts and until
+    every worker has one), the files, and the exit; and how long the workers' files took beyond
+    the CPU they used (waiting for a core: the supervisor's CPU, the kernel's, other load)."""
+    from datetime import datetime  # noqa: PLC0415
+
+    def at(e: dict) -> float:
+        return datetime.fromisoformat(e["ts"].replace("Z", "+00:00")).timestamp() - started
+
+    starts = [e for e in evs if e["event"] == "file_started"]
+    done = [e for e in evs if e["event"] == "file_done"]
+    if not starts or not done:
+        return "no file ran"
+    first: dict[str, float] = {}
+    for e in starts:
+        first.setdefault(e.get("worker", ""), at(e))
+    end = max(at(e) for e in done)
+    waited = sum(max(0.0, (e.get("wall_s") or 0.0) - (e.get("cpu_s") or 0.0)) for e in done)
+    return (f"start-up {max(first.values()):.2f} s (the first file started at {min(first.values()):.2f} s, "
+            f"every worker had one at {max(first.values()):.2f} s), the last file done at {end:.2f} s, exit "
+            f"{makespan - end:.2f} s; in their files the workers took {waited:.1f} s beyond their CPU "
+            f"({waited / cores:.1f} s of makespan)")
 
 
 def ensure_parallel() -> bool:
@@ -265,7 +289,9 @@ def main(argv: list[str] | None = None) -> int:
                         f"budget {start[0]['budget_mb']:.0f} MiB from {start[0]['limit_source']}; "
                         f"{fin[-1]['kills']} guard kills, {fin[-1]['pauses']} pauses, "
                         f"{fin[-1]['failed'] + fin[-1]['quarantined']} failed; supervisor loop CPU "
-                        f"{loop_cpu:.2f} s over {loop_wall:.1f} s = {100 * loop_cpu / loop_wall:.2f}% of one core")
+                        f"{loop_cpu:.2f} s over {loop_wall:.1f} s = {100 * loop_cpu / loop_wall:.2f}% of one core, "
+                        f"{start[0].get('supervisor_cpu_s', 0.0):.2f} s before it\n    "
+                        + where_the_time_went(evs, r["started"], r["makespan"], cores))
             else:
                 note = r["stderr"][-300:]
             r.update(name=f"batchalign-supervise ({label})", done=count_outputs(out, corpus, corpus_dir), note=note)
