@@ -3,8 +3,8 @@
 One synthetic corpus with skewed file lengths (many short files, a few very long ones), one
 memory budget, each contender run inside the same memory-limited cgroup (v1 or v2, created here;
 needs root). Printed for each: makespan, peak memory of the cgroup, OOM kills, files lost or
-failed, CPU utilisation against the ideal (total work / cores) and, for the supervisor, its own
-CPU share. A second measurement runs the supervisor with 8 workers at 250 ms polling and reports
+failed, CPU utilisation against the ideal (total work / cores), the share of the cores the
+hypervisor took meanwhile (steal time) and, for the supervisor, its own CPU share. A second measurement runs the supervisor with 8 workers at 250 ms polling and reports
 its CPU as a share of one core.
 
     python -m bench.memory_budget            # default corpus (~70 files), 2 GiB cgroup
@@ -97,11 +97,22 @@ def _cpu_of_children() -> float:
     return r.ru_utime + r.ru_stime
 
 
+def _stolen_s() -> float:
+    """CPU seconds the hypervisor has taken from this machine (``steal`` in /proc/stat, all cores):
+    a shared virtual machine can lose several percent of its cores while a contender runs."""
+    try:
+        with open("/proc/stat") as f:
+            fields = f.readline().split()
+        return int(fields[8]) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return 0.0
+
+
 def run_in_cgroup(name: str, cmd: list[str], limit: int, env: dict[str, str], timeout: float) -> dict:
     from supervisor.cgroups import MemoryCgroup
 
     with MemoryCgroup(f"bench-{name}-{os.getpid()}", limit) as cg:
-        cpu0 = _cpu_of_children()
+        cpu0, stolen0 = _cpu_of_children(), _stolen_s()
         t0, wall0 = time.monotonic(), time.time()
         proc = subprocess.Popen(cmd, env=env, preexec_fn=cg.preexec(), stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, text=True, start_new_session=True)
@@ -111,7 +122,7 @@ def run_in_cgroup(name: str, cmd: list[str], limit: int, env: dict[str, str], ti
             os.killpg(proc.pid, signal.SIGKILL)
             out, err = proc.communicate()
         makespan = time.monotonic() - t0
-        return {"makespan": makespan, "started": wall0, "rc": proc.returncode, "peak": cg.max_usage(), "oom": cg.oom_kills(),
+        return {"makespan": makespan, "started": wall0, "stolen": _stolen_s() - stolen0, "rc": proc.returncode, "peak": cg.max_usage(), "oom": cg.oom_kills(),
                 "cpu": _cpu_of_children() - cpu0, "stderr": err[-2000:], "stdout": out[-2000:]}
 
 
@@ -324,15 +335,18 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 raise SystemExit("GNU parallel could not be installed (apt-get install parallel)")
 
-        head = f"{'contender':<38} {'makespan':>9} {'vs ideal':>8} {'peak MiB':>9} {'OOM':>4} {'lost':>5} {'CPU util':>8}"
+        head = (f"{'contender':<38} {'makespan':>9} {'vs ideal':>8} {'peak MiB':>9} {'OOM':>4} {'lost':>5} "
+                f"{'CPU util':>8} {'stolen':>7}")
         print(head)
         print("-" * len(head))
         for r in rows:
             util = r["cpu"] / (r["makespan"] * cores) if r["makespan"] else 0
             print(f"{r['name']:<38} {r['makespan']:>8.1f}s {r['makespan'] / ideal:>7.2f}x {r['peak'] / 2**20:>9.0f} "
-                  f"{r['oom']:>4} {len(corpus) - r['done']:>5} {util:>7.0%}")
+                  f"{r['oom']:>4} {len(corpus) - r['done']:>5} {util:>7.0%} {r.get('stolen', 0.0) / (r['makespan'] * cores):>7.1%}")
             if r.get("note"):
                 print(f"    {r['note']}")
+        print("stolen: the share of the cores the hypervisor took while the contender ran (steal in /proc/stat); "
+              "figures of a run with more than about 2% are the machine's, not the contender's")
         print("targets: zero OOM kills and zero files lost for batchalign-supervise; makespan within 1.15x of the "
               "measured-work ideal cold (at most one guard kill) and 1.05x warm; supervisor CPU under 2% of one core "
               "with 8 workers at 250 ms polling")
