@@ -127,9 +127,10 @@ def run_in_cgroup(name: str, cmd: list[str], limit: int, env: dict[str, str], ti
 
 
 def where_the_time_went(evs: list[dict], started: float, makespan: float, cores: int) -> str:
-    """The makespan cut where a warm run loses it: start-up (until the first file starts and until
-    every worker has one), the files, and the exit; and how long the workers' files took beyond
-    the CPU they used (waiting for a core: the supervisor's CPU, the kernel's, other load)."""
+    """The makespan cut where a run loses it: start-up (until the first file starts, and until the
+    last worker started has its first: later when the budget held it back), the files, and the
+    exit; and how long the workers' files took beyond the CPU they used (waiting for a core: the
+    supervisor's CPU, the kernel's, other load)."""
     from datetime import datetime  # noqa: PLC0415
 
     def at(e: dict) -> float:
@@ -144,8 +145,8 @@ def where_the_time_went(evs: list[dict], started: float, makespan: float, cores:
         first.setdefault(e.get("worker", ""), at(e))
     end = max(at(e) for e in done)
     waited = sum(max(0.0, (e.get("wall_s") or 0.0) - (e.get("cpu_s") or 0.0)) for e in done)
-    return (f"start-up {max(first.values()):.2f} s (the first file started at {min(first.values()):.2f} s, "
-            f"every worker had one at {max(first.values()):.2f} s), the last file done at {end:.2f} s, exit "
+    return (f"the first file started at {min(first.values()):.2f} s, the last worker's first at "
+            f"{max(first.values()):.2f} s, the last file done at {end:.2f} s, exit "
             f"{makespan - end:.2f} s; in their files the workers took {waited:.1f} s beyond their CPU "
             f"({waited / cores:.1f} s of makespan)")
 

@@ -25,7 +25,7 @@ def test_start_up_files_and_waiting_are_read_from_the_events():
            ev("file_done", 9.0, worker="w2", wall_s=7.7, cpu_s=7.5),
            ev("file_done", 9.5, worker="w1", wall_s=4.5, cpu_s=4.5)]
     line = where_the_time_went(evs, T0, 9.6, 2)
-    assert "the first file started at 0.90 s, every worker had one at 1.30 s" in line
+    assert "the first file started at 0.90 s, the last worker's first at 1.30 s" in line
     assert "the last file done at 9.50 s, exit 0.10 s" in line
     assert "took 0.7 s beyond their CPU (0.3 s of makespan)" in line
     assert where_the_time_went([], T0, 1.0, 2) == "no file ran"
