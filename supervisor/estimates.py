@@ -61,6 +61,7 @@ class Estimator:
         self.clock = clock
         self._changed = self._head_stale = False
         self._refit_at = -1e9
+        self._views: tuple[int, int, tuple[PendingView, ...]] | None = None
 
     def estimate(self, job: FileJob) -> Estimate:
         stored = self.stored_bounds.get(job.info.input_hash)
@@ -109,8 +110,10 @@ class Estimator:
         null: those are the features of the work it did); True when it was one."""
         if features_run is None:
             return False
+        before = self.predictor.model.version
         self.predictor.observe_growth(features_run or self.features(job), growth_mb)
-        self._changed = self._head_stale = True
+        if self.predictor.model.version != before:  # else every estimate made stands as it is
+            self._changed = self._head_stale = True
         return True
 
     def learn_baseline(self, pss_mb: float, calibration: list | None = None) -> None:
@@ -142,11 +145,16 @@ class Estimator:
 
     def pending_views(self, window: int) -> tuple[PendingView, ...]:
         """The policy's view of the next ``window`` pending files: their estimates (a cold guess
-        has no central figure to weigh against the budget)."""
-        return tuple(PendingView(file=j.rel, peak_mb=j.estimate.peak_mb, growth_mb=j.estimate.growth_mb,
-                                 central_peak_mb=j.estimate.central_mb if j.estimate.source != "cold" else 0.0,
-                                 uncertain=is_uncertain(j.estimate))
-                     for j in self.queue.pending()[:window] if j.estimate is not None)
+        has no central figure to weigh against the budget). Built again only after the queue
+        changed: the loop asks for them several times per tick."""
+        if self._views is not None and self._views[:2] == (self.queue.version, window):
+            return self._views[2]
+        views = tuple(PendingView(file=j.rel, peak_mb=j.estimate.peak_mb, growth_mb=j.estimate.growth_mb,
+                                  central_peak_mb=j.estimate.central_mb if j.estimate.source != "cold" else 0.0,
+                                  uncertain=is_uncertain(j.estimate))
+                      for j in self.queue.pending()[:window] if j.estimate is not None)
+        self._views = (self.queue.version, window, views)
+        return views
 
     @property
     def baseline_mb(self) -> float:

@@ -82,17 +82,19 @@ class WorkQueue:
         self.max_attempts = max_attempts
         self.jobs: dict[str, FileJob] = {}
         self._order: list[FileJob] | None = None  # pending, sorted; rebuilt after a change
+        self.version = 0  # changes with every change to the pending files, their order or estimates
 
     def touch(self) -> None:
         """Something that orders pending files changed (a state, an estimate): sort again."""
         self._order = None
+        self.version += 1
 
     def _to(self, job: FileJob, new: FileState) -> None:
         if new not in _ALLOWED[job.state]:
             raise IllegalFileTransition(f"{job.rel}: {job.state.value} -> {new.value} is not allowed")
         job.state = new
         job.worker = None
-        self._order = None
+        self.touch()
 
     def add(self, info: FileInfo, state: FileState = FileState.PENDING) -> FileJob:
         """A new file (or a new version of a file that has finished: it replaces the old record)."""
@@ -101,7 +103,7 @@ class WorkQueue:
             raise ValueError(f"{info.rel}: already {old.state.value}")
         job = FileJob(info=info, state=state, seq=old.seq if old is not None else len(self.jobs))
         self.jobs[info.rel] = job
-        self._order = None
+        self.touch()
         return job
 
     def __iter__(self) -> Iterator[FileJob]:

@@ -441,6 +441,15 @@ class MemoryModel:
         self._fit_cache: _Fit | None = None
         self._dirty = True
         self._unfitted = 0  # samples observed since the last fit
+        self._version = 0
+        self._top_growth = 0.0
+
+    @property
+    def version(self) -> int:
+        """Changes whenever a prediction may have: a sample that moves the fit or tops every growth
+        seen (what files of unknown duration are charged), a probe, a kill. A sample the fit
+        absorbs later leaves it as it was, and estimates made before stay right."""
+        return self._version
 
     @property
     def n_samples(self) -> int:
@@ -461,6 +470,9 @@ class MemoryModel:
         self._unfitted += 1
         if not self._dirty and not self._still_fits(features, g):
             self._dirty = True
+        if self._dirty or g > self._top_growth:
+            self._version += 1
+        self._top_growth = max(self._top_growth, g)
 
     def _still_fits(self, features: FileFeatures, growth_mb: float) -> bool:
         """Whether the current fit may wait for this sample: it lies under the fitted upper line
@@ -482,6 +494,7 @@ class MemoryModel:
         key = round(float(x), 1)
         self._probes.setdefault(key, deque(maxlen=_PROBES_KEPT)).append(max(g, 0.0))
         self._dirty = True
+        self._version += 1
 
     def observe_kill(self, features: FileFeatures, growth_mb: float) -> None:
         """An attempt killed at ``growth_mb``: that file, and any at least as large, needs more."""
@@ -489,6 +502,7 @@ class MemoryModel:
         if g is None or g <= 0 or not isinstance(features, FileFeatures) or features.span_s is None:
             return
         self._kills.append(_Sample(features, g))
+        self._version += 1
 
     # -- fitting -----------------------------------------------------------------------------
 

@@ -273,3 +273,44 @@ def test_a_file_whose_plan_raises_is_named_and_the_rest_of_its_batch_is_planned(
     assert [p.info.rel for p in got if isinstance(p, Planned)] == ["f000.cha", "f002.cha"]
     (bad,) = [p for p in got if not isinstance(p, Planned)]
     assert bad[0].cha.name == "f001.cha" and "RuntimeError: a bug in planning" in bad[1]
+
+
+def test_estimates_are_redone_only_when_the_model_moved_and_views_only_when_the_queue_did(tmp_path):
+    from supervisor.estimates import Estimator
+    from supervisor.corpus import FileInfo
+    from telemetry.model import Defaults, FileFeatures, MemoryModel, Predictor
+
+    class Counting(Predictor):
+        calls = 0
+
+        def estimate(self, features, lower_bound_mb=None):
+            Counting.calls += 1
+            return super().estimate(features, lower_bound_mb)
+
+    model = MemoryModel(Defaults(100, 10, 1, 1), min_samples=3)
+    q = WorkQueue(max_attempts=2)
+    est = Estimator(Counting(model, 100), q, clock=lambda: 0.0)
+    jobs = []
+    for i in range(10):
+        info = FileInfo(rel=f"f{i}.cha", path=tmp_path / f"f{i}.cha", out=tmp_path / "o" / f"f{i}.cha", media=None,
+                        media_error=None, transcript_bytes=100, media_bytes=None, audio_seconds=10.0 + i,
+                        input_hash=f"h{i}")
+        job = q.add(info)
+        job.features = FileFeatures(audio_s=10.0 + i, longest_span_s=10.0 + i, n_spans=1, windows=0)
+        est.estimate(job)
+        jobs.append(job)
+    feats = FileFeatures(audio_s=10.0, longest_span_s=10.0, n_spans=1, windows=0)
+    for k in range(60):  # a model of many files refits every few percent of them, not per file
+        est.learn(jobs[0], 20.0 + k % 3, feats.to_dict())
+        est.refresh(100.0 + k)
+    views = est.pending_views(256)
+    assert est.pending_views(256) is views  # nothing changed: the same views
+    Counting.calls = 0
+    est.learn(jobs[0], 20.8, feats.to_dict())  # under the fitted line: absorbed later
+    est.refresh(200.0)
+    assert Counting.calls == 0 and est.pending_views(256) is views
+    est.learn(jobs[0], 500.0, feats.to_dict())  # far above it: refitted at once, every estimate redone
+    est.refresh(300.0)
+    assert Counting.calls == 10
+    after = est.pending_views(256)
+    assert after is not views and est.pending_views(256) is after

@@ -376,3 +376,21 @@ def test_workers_measure_their_probes_until_the_learned_model_holds_probes_and_f
     assert measured is not None and 190.0 <= measured <= 190.0 * 1.5
     assert learned(probes=True, files=2).probe_growth_mb(30.0) is not None
     assert learned(probes=False, files=0).probe_growth_mb(30.0) is None
+
+
+def test_model_version_moves_only_when_a_prediction_may_have():
+    model, rng = trained(5, 40, 0.05)
+    model.predict(whole(30.0))  # fitted now
+    v = model.version
+    # a sample well under the fitted line waits for a later refit: every estimate stands
+    model.observe(whole(30.0), true_growth(whole(30.0)) * 0.9)
+    assert model.version == v and model.predict(whole(30.0)) is not None
+    # one above it moves the fit at once
+    model.observe(whole(30.0), true_growth(whole(30.0)) * 3)
+    assert model.version > v
+    v = model.version
+    model.observe_kill(whole(60.0), true_growth(whole(60.0)) * 2)
+    assert model.version > v
+    v = model.version
+    model.calibrate(FileFeatures(longest_span_s=30.0), 100.0)
+    assert model.version > v
