@@ -249,6 +249,9 @@ def run_cmd(corpus: tuple[Path, ...], out: Path | None, in_place: bool, config: 
     if not in_place and out is None:
         raise click.UsageError("give -o/--out OUT (or --in-place to rewrite the transcripts)")
     check_corpus([Path(watch)] if watch else list(corpus))
+    if settings.run.media_dir and not Path(settings.run.media_dir).is_dir():
+        # every file would fail on its own for want of media: say the cause once, before anything runs
+        raise click.UsageError(f"media folder {settings.run.media_dir} (--media-dir / run.media_dir): no such folder")
     if out is not None and not dry_run:
         check_output(out)
     settings.corpus = [Path(watch)] if watch else list(corpus)

@@ -49,14 +49,27 @@ class FileInfo:
 
 def iter_transcripts(roots: Iterable[Path], listing: DirListing | None = None) -> Iterator[tuple[Path, Path]]:
     """Yield (root, transcript) for every .cha under the given folders or files, sorted. What the
-    walk lists goes into ``listing``, so finding media does not list the same folders again."""
+    walk lists goes into ``listing``, so finding media does not list the same folders again.
+
+    Linked folders are followed (a corpus often links in a shared folder of sessions), each real
+    folder walked once, so a link back up the tree cannot loop."""
     for root in roots:
         if root.is_file():
             if root.suffix.lower().lstrip(".") in MEDIA_EXTENSIONS:
                 continue  # a recording named beside its transcript (``corpus/*``): found through it
             yield root.parent, root
         elif root.is_dir():
-            for dirpath, dirnames, filenames in os.walk(root):
+            walked: set[tuple[int, int]] = set()
+            for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+                try:
+                    st = os.stat(dirpath)
+                except OSError:
+                    dirnames[:] = []
+                    continue
+                if (st.st_dev, st.st_ino) in walked:  # reached again through a link: walked already
+                    dirnames[:] = []
+                    continue
+                walked.add((st.st_dev, st.st_ino))
                 if listing is not None:
                     listing.seed(Path(dirpath), filenames)
                 dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
@@ -144,10 +157,14 @@ def find_transcripts(roots: list[Path], *, out_root: Path | None, in_place: bool
     found = []
     inside_out = 0
     for root, cha in iter_transcripts(roots, listing):
-        if cha in seen:
+        try:
+            real = cha.resolve()
+        except OSError:
+            real = cha
+        if cha in seen or real in seen:  # the same transcript through a link: one job, the first name
             continue
-        seen.add(cha)
-        if out_root is not None and not in_place and is_within(cha, out_root):
+        seen.update((cha, real))
+        if out_root is not None and not in_place and (is_within(cha, out_root) or is_within(real, out_root)):
             inside_out += 1
             continue
         found.append(Candidate(root, cha, rel_base))

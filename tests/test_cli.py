@@ -168,6 +168,9 @@ def test_status_lists_every_running_supervisor_and_shows_one_by_pid_or_output(tm
         assert r.returncode == 0, (r.stderr, sorted(map(str, (tmp_path / "state").rglob("*"))),
                                    [p.stderr.read1().decode() if False else "" for p, _ in procs])
         listed = json.loads(r.stdout)
+        # one supervisor listed prints its status alone: say which sockets there were
+        assert isinstance(listed, list), (r.stdout[:2000], sorted(map(str, tmp_path.rglob("*.sock"))),
+                                          [(p.pid, p.poll()) for p, _ in procs])
         assert sorted(s["pid"] for s in listed) == sorted(p.pid for p, _ in procs)
         r = cli(tmp_path, "status")
         rows = [ln.split("\t") for ln in r.stdout.splitlines()]

@@ -202,3 +202,26 @@ def test_a_log_that_cannot_be_written_is_a_one_line_usage_error(tmp_path):
     assert r.returncode == 2, r.stderr
     assert "Traceback" not in r.stderr
     assert "/proc/no" in r.stderr.strip().splitlines()[-1] and "--log-json" in r.stderr
+
+
+def test_linked_folders_are_followed_once_each_and_a_link_back_up_the_tree_cannot_loop(tmp_path):
+    from supervisor.corpus import find_transcripts
+
+    corpus, shared = tmp_path / "corpus", tmp_path / "shared"
+    make_corpus(corpus / "a", [3])
+    make_corpus(shared, [3, 4])
+    (corpus / "sessions").symlink_to(shared, target_is_directory=True)  # a shared folder linked in
+    (corpus / "a" / "up").symlink_to(corpus, target_is_directory=True)  # a link back up: no loop
+    (corpus / "again").symlink_to(shared, target_is_directory=True)  # the same folder twice: one job each
+    found = find_transcripts([corpus], out_root=tmp_path / "out", in_place=False)
+    rels = sorted(c.cha.relative_to(corpus).as_posix() for c in found)
+    assert rels == ["a/f000.cha", "again/f000.cha", "again/f001.cha"]
+
+
+def test_a_media_folder_that_does_not_exist_is_a_one_line_usage_error(tmp_path):
+    corpus = tmp_path / "corpus"
+    make_corpus(corpus, [3])
+    r = run_cli(cli_args(corpus, tmp_path / "out", "--media-dir", str(tmp_path / "nowhere")), tmp_path, timeout=40)
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert f"media folder {tmp_path / 'nowhere'}" in r.stderr and "no such folder" in r.stderr
+    assert "Traceback" not in r.stderr and not (tmp_path / "out").exists()
