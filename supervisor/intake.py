@@ -19,6 +19,7 @@ from supervisor.estimates import Estimator
 from supervisor.queue import FileJob, FileState, WorkQueue
 from supervisor.sidejobs import SideJobs
 from worker.audio import DirListing
+from worker.engines.base import JobError
 from worker.output import remove_stale_temps
 
 LANE = "manifest"
@@ -100,6 +101,8 @@ class Intake:
                 self._sweep(info.out.parent)
             try:
                 out.append(self._check(info))
+            except JobError as exc:  # the planner read the transcript as the worker would, and it is bad
+                out.append((c, str(exc)))
             except Exception as exc:  # noqa: BLE001
                 out.append((c, f"{c.cha}: cannot be planned: {type(exc).__name__}: {exc}".replace("\n", " ")))
         return out

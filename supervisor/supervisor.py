@@ -78,8 +78,12 @@ def file_planner(s: Settings) -> Callable[[Any], FileFeatures]:
     def plan(info: Any) -> FileFeatures:
         try:
             return plan_features(info.path, info.media, s.engine_name, options, header=info.header)
-        except (JobError, OSError, ValueError):
-            # The worker reports bad input with its line; until then, size alone.
+        except JobError as exc:
+            if exc.kind == "input":  # a transcript the worker's own reader refuses: the file fails now
+                raise
+            return FileFeatures(audio_s=info.audio_seconds, media_mb=info.media_mb)
+        except (OSError, ValueError):
+            # media the header could not describe: the worker says what is wrong; until then, size alone
             return FileFeatures(audio_s=info.audio_seconds, media_mb=info.media_mb)
 
     return plan

@@ -120,15 +120,32 @@ def test_a_dry_run_of_a_corpus_with_bad_files_lists_them_and_writes_nothing(tmp_
     files = make_corpus(corpus, [3, 4])
     (corpus / "ghost.cha").write_text(files[0].read_text().replace("@Media:\tf000", "@Media:\tghost"))
     (corpus / "dangling.cha").symlink_to(corpus / "gone.cha")
+    (corpus / "nobegin.cha").write_text(files[1].read_text().replace("@Begin\n", ""))
     out = tmp_path / "out"
     r = run_cli(cli_args(corpus, out, "--dry-run"), tmp_path, timeout=60)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "Traceback" not in r.stderr
     rows = {ln.split("│")[2].strip(): ln for ln in r.stdout.splitlines()
             if ".cha" in ln and ln.split("│")[2].strip()}  # a reason may wrap onto a row of its own
-    assert set(rows) == {"f000.cha", "f001.cha", "ghost.cha", "dangling.cha"}
-    assert "failed" in rows["ghost.cha"] and "failed" in rows["dangling.cha"]
+    assert set(rows) == {"f000.cha", "f001.cha", "ghost.cha", "dangling.cha", "nobegin.cha"}
+    assert all("failed" in rows[n] for n in ("ghost.cha", "dangling.cha", "nobegin.cha"))
+    assert "failed" not in rows["f000.cha"] and "failed" not in rows["f001.cha"]
     assert not out.exists()
+
+
+def test_a_transcript_the_reader_refuses_fails_at_intake_with_its_line_and_the_rest_are_done(tmp_path):
+    corpus = tmp_path / "corpus"
+    files = make_corpus(corpus, [3, 4])
+    (corpus / "nobegin.cha").write_text(files[1].read_text().replace("@Begin\n", ""))
+    log = tmp_path / "run.jsonl"
+    r = run_cli(cli_args(corpus, tmp_path / "out", "--log-json", str(log)), tmp_path, timeout=90)
+    assert r.returncode == 1, r.stderr[-3000:]
+    evs = events(log)
+    failed = named(evs, "file_failed")
+    assert [(e["file"], e["attempt"]) for e in failed] == [("nobegin.cha", 0)]  # no worker tried it
+    assert "nobegin.cha" in failed[0]["reason"] and "@Begin" in failed[0]["reason"]
+    assert {e["file"] for e in named(evs, "file_done")} == {"f000.cha", "f001.cha"}
+    assert not any(e.get("file") == "nobegin.cha" for e in named(evs, "file_admitted"))
 
 
 @pytest.mark.parametrize("command", [["report"], ["ratios"], ["ratios", "--reset"]])
