@@ -37,6 +37,7 @@ class Planned:
     failed_before: dict | None
     features: Any = None  # what the engine will hold for it (telemetry.model.FileFeatures)
     stale: str | None = None  # why a finished output must be made again (other settings)
+    refused: str | None = None  # the reader's one line when the transcript cannot be read as CHAT
 
 
 class Intake:
@@ -101,8 +102,6 @@ class Intake:
                 self._sweep(info.out.parent)
             try:
                 out.append(self._check(info))
-            except JobError as exc:  # the planner read the transcript as the worker would, and it is bad
-                out.append((c, str(exc)))
             except Exception as exc:  # noqa: BLE001
                 out.append((c, f"{c.cha}: cannot be planned: {type(exc).__name__}: {exc}".replace("\n", " ")))
         return out
@@ -119,8 +118,12 @@ class Intake:
         done, stale = (False, None) if self.force else m.check(info)
         if done:
             return Planned(info, True, None)
-        features = self.plan(info) if self.plan is not None and not info.media_error else None
-        return Planned(info, False, None if self.force else m.failed(info), features, stale)
+        failed_before = None if self.force else m.failed(info)
+        try:
+            features = self.plan(info) if self.plan is not None and not info.media_error else None
+        except JobError as exc:  # the planner read the transcript as the worker would, and it is bad
+            return Planned(info, False, failed_before, None, stale, refused=str(exc))
+        return Planned(info, False, failed_before, features, stale)
 
     def plan_now(self, candidates: list[Candidate]) -> None:
         """Plan everything at once (``--dry-run``: nothing else runs)."""
@@ -182,7 +185,7 @@ class Intake:
         if p.stale:
             self.realigned.append((info.rel, p.stale))
             self.emit("file_realigned", file=info.rel, reason=f"made with other settings: {p.stale}")
-        self._add(info, p.features)
+        self._add(info, p.features, p.refused)
 
     def _unreadable(self, c: Candidate, reason: str) -> None:
         """A transcript that could not be read: a failed file of the run, counted and listed."""
@@ -194,12 +197,15 @@ class Intake:
         self.queue.fail(job, reason, retry=False)
         self.emit("file_failed", level="warning", file=rel, reason=reason, kind="bad_input", attempt=0)
 
-    def _add(self, info: FileInfo, features: Any = None) -> FileJob:
+    def _add(self, info: FileInfo, features: Any = None, refused: str | None = None) -> FileJob:
+        """A described file joins the queue; one whose media or transcript cannot be used fails at
+        once, as a worker would fail it, and is recorded so watch mode does not retry it unchanged."""
         job = self.queue.add(info)
         job.features = features
-        if info.media_error:
-            self.queue.fail(job, info.media_error, retry=False)
-            self.emit("file_failed", level="warning", file=info.rel, reason=info.media_error, kind="media", attempt=0)
+        bad = (info.media_error, "media") if info.media_error else (refused, "bad_input") if refused else None
+        if bad is not None:
+            self.queue.fail(job, bad[0], retry=False)
+            self.emit("file_failed", level="warning", file=info.rel, reason=bad[0], kind=bad[1], attempt=0)
             self.failed_for_good(job)
             return job
         self.estimator.estimate(job)
@@ -242,7 +248,7 @@ class Intake:
             return
         self.forget(info.rel)
         self.emit("file_discovered", file=info.rel, audio_seconds=info.audio_seconds)
-        self._add(info, p.features)
+        self._add(info, p.features, p.refused)
 
     # -- what outcomes mean for the manifest -----------------------------------------------------
     def done(self, job: FileJob) -> None:
