@@ -154,6 +154,11 @@ ERROR_KINDS = {"input": "bad_input", "media": "bad_input", "bad_input": "bad_inp
                "timeout": "timeout", "lost": "lost", "output": "output"}
 
 
+# Kinds that fail the same way again: bad input, and an output that cannot be written (a full disk,
+# a read-only folder: not the file's fault, and no retry would change it).
+NOT_RETRIED = frozenset({"bad_input", "output"})
+
+
 def error_kind(worker_kind: str | None) -> str:
     """A worker's error kind as a ``FileError`` kind; anything unknown is a crash (retried)."""
     return ERROR_KINDS.get(worker_kind or "", "crash")

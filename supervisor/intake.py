@@ -96,14 +96,14 @@ class Intake:
                 out.append((c, f"{c.cha}: cannot read{what}: {exc.strerror or exc}"))
                 continue
             except Exception as exc:  # noqa: BLE001 - one odd file must not take its whole batch down
-                out.append((c, f"{c.cha}: cannot be planned: {type(exc).__name__}: {exc}".replace("\n", " ")))
+                out.append((c, _cannot_plan(c, exc)))
                 continue
             if not self.dry:
                 self._sweep(info.out.parent)
             try:
                 out.append(self._check(info))
             except Exception as exc:  # noqa: BLE001
-                out.append((c, f"{c.cha}: cannot be planned: {type(exc).__name__}: {exc}".replace("\n", " ")))
+                out.append((c, _cannot_plan(c, exc)))
         return out
 
     def _sweep(self, folder: Path) -> None:
@@ -193,23 +193,28 @@ class Intake:
         out = c.cha if self.in_place or self.out_root is None else self.out_root / rel
         info = FileInfo(rel=rel, path=c.cha, out=out, media=None, media_error=reason, transcript_bytes=0,
                         media_bytes=None, audio_seconds=None, input_hash="")
-        job = self.queue.add(info)
-        self.queue.fail(job, reason, retry=False)
-        self.emit("file_failed", level="warning", file=rel, reason=reason, kind="bad_input", attempt=0)
+        self._fail_now(self.queue.add(info), reason, "bad_input", record=False)  # no content to recognise it by
 
     def _add(self, info: FileInfo, features: Any = None, refused: str | None = None) -> FileJob:
         """A described file joins the queue; one whose media or transcript cannot be used fails at
         once, as a worker would fail it, and is recorded so watch mode does not retry it unchanged."""
         job = self.queue.add(info)
         job.features = features
-        bad = (info.media_error, "media") if info.media_error else (refused, "bad_input") if refused else None
-        if bad is not None:
-            self.queue.fail(job, bad[0], retry=False)
-            self.emit("file_failed", level="warning", file=info.rel, reason=bad[0], kind=bad[1], attempt=0)
-            self.failed_for_good(job)
-            return job
-        self.estimator.estimate(job)
+        if info.media_error:
+            self._fail_now(job, info.media_error, "media")
+        elif refused:
+            self._fail_now(job, refused, "bad_input")
+        else:
+            self.estimator.estimate(job)
         return job
+
+    def _fail_now(self, job: FileJob, reason: str, kind: str, record: bool = True) -> None:
+        """Fail a file at intake, as a worker would (no retry); ``record``: in the manifest, so watch
+        mode does not retry it unchanged."""
+        self.queue.fail(job, reason, retry=False)
+        self.emit("file_failed", level="warning", file=job.rel, reason=reason, kind=kind, attempt=0)
+        if record:
+            self.failed_for_good(job)
 
     # -- watch mode ----------------------------------------------------------------------------
     def scan(self, now: float) -> None:
@@ -266,3 +271,7 @@ class Intake:
 
     def _manifest_failed(self, info: FileInfo, exc: BaseException) -> None:
         self.emit("manifest_write_failed", level="warning", file=info.rel, error=str(exc))
+
+
+def _cannot_plan(c: Candidate, exc: BaseException) -> str:
+    return f"{c.cha}: cannot be planned: {type(exc).__name__}: {exc}".replace("\n", " ")

@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from supervisor.backend import FileError, FileResult, WorkerExited, signal_name
+from supervisor.backend import NOT_RETRIED, FileError, FileResult, WorkerExited, signal_name
 from supervisor.estimates import Estimator
 from supervisor.intake import Intake
 from supervisor.queue import FileJob, FileState, WorkQueue
@@ -102,10 +102,8 @@ class Outcomes:
         if ev.kind == "memory":
             return Outcome(job, w, "memory", f"out of memory: {ev.reason}", growth, self._peak(w, growth),
                            memory=True, kind="memory")
-        # Bad input fails the same way again; an output that cannot be written (a full disk, a
-        # read-only folder) would too, and is not the file's fault: neither is retried.
         return Outcome(job, w, "failed", ev.reason, growth, self._peak(w, growth),
-                       retry=ev.kind not in ("bad_input", "output"), kind=ev.kind)
+                       retry=ev.kind not in NOT_RETRIED, kind=ev.kind)
 
     def from_exit(self, w: WorkerRecord, job: FileJob, ev: WorkerExited, stopping: bool) -> Outcome:
         growth = w.growth_seen_mb()

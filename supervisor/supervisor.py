@@ -81,10 +81,10 @@ def file_planner(s: Settings) -> Callable[[Any], FileFeatures]:
         except JobError as exc:
             if exc.kind == "input":  # a transcript the worker's own reader refuses: the file fails now
                 raise
-            return FileFeatures(audio_s=info.audio_seconds, media_mb=info.media_mb)
         except (OSError, ValueError):
-            # media the header could not describe: the worker says what is wrong; until then, size alone
-            return FileFeatures(audio_s=info.audio_seconds, media_mb=info.media_mb)
+            pass
+        # media the header could not describe: the worker says what is wrong; until then, size alone
+        return FileFeatures(audio_s=info.audio_seconds, media_mb=info.media_mb)
 
     return plan
 

@@ -71,3 +71,15 @@ def pid_alive(pid: int) -> bool:
         return state != "Z"
     except (FileNotFoundError, IndexError):
         return False
+
+
+def fill_disk(folder: Path) -> None:
+    """Take every byte left on the file system that holds ``folder`` (a file named ``filler``)."""
+    fd = os.open(folder / "filler", os.O_WRONLY | os.O_CREAT)
+    try:
+        while os.write(fd, b"\0" * 4096):
+            pass
+    except OSError:
+        pass
+    finally:
+        os.close(fd)

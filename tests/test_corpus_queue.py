@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
 
 from bench.synth_corpus import make_corpus
+from helpers import fill_disk
 from supervisor.corpus import Manifest, discover, find_media
 from supervisor.queue import FileState, WorkQueue
 from telemetry.model import Estimate
@@ -237,14 +237,7 @@ def test_a_manifest_on_a_full_disk_raises_and_leaves_no_torn_line(tmp_path):
         size = m.path.stat().st_size
         with open(m.path, "ab") as fh:  # fill the manifest's page but for a few bytes
             fh.write(b" " * (4096 - size - 20) + b"\n")
-        fd = os.open(mnt / "filler", os.O_WRONLY | os.O_CREAT)
-        try:  # then every byte left on the disk
-            while os.write(fd, b"\0" * 4096):
-                pass
-        except OSError:
-            pass
-        finally:
-            os.close(fd)
+        fill_disk(mnt)  # then every byte left on the disk
         with pytest.raises(OSError):
             m.mark_done(b)  # a few bytes fit in the page, the rest does not
         assert m.path.read_bytes().endswith(b"\n")

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from bench.synth_corpus import make_corpus
-from helpers import cli_args, events, named, run_cli, start_cli, wait_for_event
+from helpers import cli_args, events, fill_disk, named, run_cli, start_cli, wait_for_event
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -49,17 +49,6 @@ def test_a_transcript_that_cannot_be_read_is_counted_failed_and_the_rest_are_don
     assert "failed: dangling.cha:" in r.stderr
 
 
-def _fill(folder: Path) -> None:
-    fd = os.open(folder / "filler", os.O_WRONLY | os.O_CREAT)
-    try:  # take every byte left
-        while os.write(fd, b"\0" * 4096):
-            pass
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def test_an_output_folder_on_a_full_disk_fails_each_file_with_one_line_and_a_rerun_after_freeing_it_finishes(tmp_path):
     mnt = tmp_path / "small"
     mnt.mkdir()
@@ -71,7 +60,7 @@ def test_an_output_folder_on_a_full_disk_fails_each_file_with_one_line_and_a_rer
     args = cli_args(corpus, out, "--log-json", str(log), "--max-attempts", "3")
     try:
         out.mkdir()
-        _fill(mnt)
+        fill_disk(mnt)
         r = run_cli(args, tmp_path, timeout=60)
         assert r.returncode == 1, r.stderr[-3000:]
         evs = events(log)

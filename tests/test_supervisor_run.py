@@ -14,7 +14,7 @@ import pytest
 from bench.synth_corpus import make_corpus
 import subprocess
 
-from helpers import cli_args, env_for, events, named, pid_alive, run_cli, start_cli, wait_for_event
+from helpers import cli_args, env_for, events, fill_disk, named, pid_alive, run_cli, start_cli, wait_for_event
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -520,14 +520,7 @@ def test_a_full_telemetry_disk_costs_one_warning_and_every_file_is_done(tmp_path
                                "--telemetry", str(store)), tmp_path,
                       BATCHALIGN_SUPERVISE_ENGINE_SYNTHETIC_CPU_SECONDS_PER_AUDIO_SECOND="0.2")
         wait_for_event(log, "file_done", timeout=60)
-        fd = os.open(mnt / "filler", os.O_WRONLY | os.O_CREAT)
-        try:  # take every byte left: the store's next writes find the disk full
-            while os.write(fd, b"\0" * 4096):
-                pass
-        except OSError:
-            pass
-        finally:
-            os.close(fd)
+        fill_disk(mnt)  # the store's next writes find the disk full
         code = p.wait(timeout=120)
         stderr = p.stderr.read()
     finally:

@@ -21,7 +21,7 @@ from types import SimpleNamespace
 from typing import Any
 
 
-from supervisor.backend import FileProgress, FileResult, FileStarted, JobSpec, WorkerExited, WorkerReady
+from supervisor.backend import NOT_RETRIED, FileProgress, FileResult, FileStarted, JobSpec, WorkerExited, WorkerReady
 from supervisor.cluster import ClusterUnavailable
 from supervisor.cluster.backend import DaskBackend
 from supervisor.cluster.seam import ClusterFileError
@@ -274,7 +274,7 @@ class ClusterSupervisor(Supervisor):
         # Cut short by memory, or lost with a known high-water mark: a lower bound, never a sample.
         censored = kind in ("memory", "lost") and observed is not None
         outcome = {"memory": "killed", "timeout": "timeout", "bad_input": "failed", "output": "failed"}.get(kind, "crashed")
-        self.outcomes.apply(Outcome(job, w, outcome, ev.reason, growth, observed, retry=kind not in ("bad_input", "output"),
+        self.outcomes.apply(Outcome(job, w, outcome, ev.reason, growth, observed, retry=kind not in NOT_RETRIED,
                                     memory=censored, kind=kind))
 
     # -- publishing ----------------------------------------------------------------------------------
