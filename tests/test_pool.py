@@ -190,3 +190,33 @@ def test_worker_states_change_only_along_the_table():
     with pytest.raises(IllegalTransition):
         t._to(w, WorkerState.READY)
     assert seen == ["worker_spawned", "worker_killed"]
+
+
+def test_what_loading_made_is_frozen_after_one_last_collection():
+    """Each file's collection walks only what the file made; cycles loading left are gone first."""
+    import gc
+    import weakref
+
+    from worker.__main__ import freeze_loaded_objects
+
+    class Node:
+        pass
+
+    model = [Node() for _ in range(2000)]  # what loading keeps
+    leftover = Node()
+    leftover.me = leftover  # a cycle loading left behind
+    gone = weakref.ref(leftover)
+    del leftover
+    before = gc.get_freeze_count()
+    try:
+        freeze_loaded_objects()
+        assert gone() is None, "a cycle left by loading must be collected, not frozen for good"
+        assert gc.get_freeze_count() >= before + len(model)
+        file_garbage = Node()
+        file_garbage.me = file_garbage
+        gone = weakref.ref(file_garbage)
+        del file_garbage
+        gc.collect()
+        assert gone() is None, "a file's own cycles are still collected"
+    finally:
+        gc.unfreeze()

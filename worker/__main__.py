@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import gc
 import json
 import os
 import resource
@@ -153,6 +154,19 @@ def calibrate(engine, options: dict[str, Any], log) -> list[dict[str, Any]]:
         return []
 
 
+def freeze_loaded_objects() -> None:
+    """Put what loading made (the imported runtime, the model) out of the collector's reach.
+
+    Each file ends with a full ``gc.collect()`` (cycles among a file's tensors and transcripts must
+    go before the next file's peak), and a full pass walks every tracked object: about 190 ms a
+    file with Whisper base loaded in a fresh interpreter, 12 ms for the synthetic engine's imports
+    alone. Those objects live as long as the worker, so after one last collection (garbage that
+    loading left in cycles goes now, not never) they are frozen and each file's pass walks only
+    what that file made. Frozen objects are still freed by reference count."""
+    gc.collect()
+    gc.freeze()
+
+
 def serve(engine, channel: Channel, stdin: BinaryIO, heartbeat: Heartbeat, log, ready_rss_mb: float = 0.0) -> int:
     while True:
         try:
@@ -255,6 +269,7 @@ def main(argv: list[str] | None = None) -> int:
     channel.send({"type": protocol.LOADED, "pid": os.getpid(), "startup_s": round(time.monotonic() - t0, 3),
                   **{k: round(v, 1) for k, v in _own_memory_mb().items()}})
     probes = calibrate(engine, options, log)
+    freeze_loaded_objects()
     mem = _own_memory_mb()
     channel.send({"type": protocol.READY, "pid": os.getpid(), "protocol": protocol.PROTOCOL_VERSION,
                   "engine": args.engine, "model": getattr(engine, "model", ""),
