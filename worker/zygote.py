@@ -48,7 +48,11 @@ def import_runtime(engine: str) -> None:
             import worker.engines.whisper  # noqa: F401
             from transformers import WhisperForConditionalGeneration, WhisperProcessor  # noqa: F401
             from transformers.modeling_outputs import BaseModelOutput  # noqa: F401
+    elif engine == "synthetic":
+        import worker.engines.synthetic  # noqa: F401
     import telemetry.logging  # noqa: F401
+    import telemetry.model  # noqa: F401
+    import worker.align  # noqa: F401 - every engine plans spans and reads CHAT with it
     import worker.engines.base  # noqa: F401
 
 
