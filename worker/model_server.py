@@ -445,7 +445,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-batch", type=int, default=MAX_BATCH)
     args = ap.parse_args(argv)
 
-    from worker.__main__ import Channel, Heartbeat, _own_memory_mb, _set_parent_death_signal, load_engine  # noqa: PLC0415
+    from worker.__main__ import (  # noqa: PLC0415
+        Channel, Heartbeat, _own_memory_mb, _set_parent_death_signal, freeze_loaded_objects, load_engine)
 
     _set_parent_death_signal()
     out = protocol.take_protocol_stdout()
@@ -471,6 +472,7 @@ def main(argv: list[str] | None = None) -> int:
         return protocol.EXIT_BOOT_ERROR
     server = SpanServer(aligner, max_batch=args.max_batch)
     server.listen(args.socket)
+    freeze_loaded_objects()  # the collector's passes between requests then skip the model
     mem = _own_memory_mb()
     channel.send({"type": protocol.READY, "pid": os.getpid(), "protocol": protocol.PROTOCOL_VERSION,
                   "engine": args.engine, "model": getattr(engine, "model", ""), "role": "model_server",
