@@ -37,7 +37,7 @@ from typing import Any, Callable, Iterable, Iterator
 
 from supervisor.paths import is_within
 from supervisor.sampler import ProcScope, memory_cgroup, proc_stat, process_scope
-from worker.output import atomic_write_bytes
+from worker.output import atomic_write_bytes, pid_exists
 
 __all__ = ["HostLedger", "Reservation", "charged", "default_ledger_path", "proc_start_time"]
 
@@ -95,16 +95,6 @@ def proc_start_time(pid: int) -> int | None:
     """Start time of ``pid`` in clock ticks since boot (field 22 of /proc/PID/stat), or None."""
     st = proc_stat(pid)
     return None if st is None else st.start_time
-
-
-def _pid_exists(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _user_name(uid: int) -> str:
@@ -225,7 +215,7 @@ class HostLedger:
         if not pid:
             return False
         start = proc_start_time(pid)
-        return alive(entry, start, _pid_exists(pid) if start is None else True)
+        return alive(entry, start, pid_exists(pid) if start is None else True)
 
     def _prune(self, entries: dict[str, dict], keep: str | None) -> bool:
         now = self._clock()

@@ -39,7 +39,8 @@ def _temp_name(name: str, pid: int) -> str:
 _TEMP_RE = re.compile(r"^\..+\.(\d+)\.[0-9a-f]{8}\.tmp$")  # what _temp_name makes
 
 
-def _alive(pid: int) -> bool:
+def pid_exists(pid: int) -> bool:
+    """Whether a process of this pid exists (signal 0), another user's included."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -64,7 +65,7 @@ def remove_stale_temps(folder: Path, before: float) -> list[Path]:
         if m is None:
             continue
         try:
-            if entry.stat(follow_symlinks=False).st_mtime >= before or _alive(int(m.group(1))):
+            if entry.stat(follow_symlinks=False).st_mtime >= before or pid_exists(int(m.group(1))):
                 continue
             os.unlink(entry.path)
         except OSError:
