@@ -38,7 +38,6 @@ def import_runtime(engine: str) -> None:
         import torch  # noqa: F401
         import transformers  # noqa: F401
 
-        import worker.align  # noqa: F401
         # transformers imports model classes lazily, on first attribute access: touch the ones the
         # engine loads so their modules sit in the shared pages too.
         if engine == "wav2vec":
