@@ -54,6 +54,7 @@ class Outcome:
     peak_mb: float | None = None  # observed peak, baseline included
     retry: bool = True
     memory: bool = False  # a memory failure: the peak is a lower bound for the next attempt
+    spared: bool = False  # killed for memory while within its own prediction: a bystander, not the cause
     result: FileResult | None = None
     kind: str | None = None  # the failure kind the event names (default: the outcome)
     extra: dict = field(default_factory=dict)  # more figures for its event (VRAM on a CUDA run)
@@ -112,7 +113,11 @@ class Outcomes:
         if stopping or w.by_us:
             return Outcome(job, w, "stopped", killed or "supervisor stopping", growth, peak)
         if killed in MEMORY_KILLS:
-            return Outcome(job, w, "killed", f"killed: {killed} at {peak:.0f} MiB", growth, peak, memory=True)
+            # The guard takes the newest file when no file has outgrown its prediction: memory ran
+            # short for the others' sake (another user, another supervisor), not because of this file.
+            bystander = job.estimate is not None and growth <= job.estimate.growth_mb
+            return Outcome(job, w, "killed", f"killed: {killed} at {peak:.0f} MiB", growth, peak,
+                           memory=not bystander, spared=bystander)
         if killed:
             timeout = "heartbeat" in killed or "timeout" in killed
             return Outcome(job, w, "timeout" if timeout else "killed", f"killed: {killed}", growth, peak)
@@ -130,6 +135,8 @@ class Outcomes:
             return job.state
         if o.outcome == "done":
             return self._done(o, wf)
+        if o.spared and job.spared < self.queue.max_attempts:
+            return self._spare(o, wf)
         if o.memory and o.peak_mb is not None:
             self.estimator.killed_at(job, o.peak_mb, o.growth_mb)
             self.sink.lower_bound(job.info.input_hash, o.peak_mb)
@@ -139,6 +146,19 @@ class Outcomes:
                   kind=o.kind or ("memory" if o.memory else o.outcome), attempt=job.attempts, **o.extra)
         self._after_failure(job, state, o.reason or "", for_good=o.kind != "output")
         return state
+
+    def _spare(self, o: Outcome, wf: dict) -> FileState:
+        """A bystander's kill costs no attempt and teaches no bound, up to ``max_attempts`` times,
+        so pressure from outside cannot quarantine a file that never outgrew its prediction."""
+        job = o.job
+        job.spared += 1
+        self.queue.requeue(job, o.reason or "killed")
+        self._record(o, "killed")
+        self.forget(job.rel)
+        self.emit("file_requeued", **wf, file=job.rel, reason=o.reason, attempt=job.attempts, spared=job.spared,
+                  estimate_mb=round(job.estimate.peak_mb, 1) if job.estimate else None,
+                  observed_mb=o.peak_mb and round(o.peak_mb, 1))
+        return job.state
 
     def _done(self, o: Outcome, wf: dict) -> FileState:
         job, ev = o.job, o.result

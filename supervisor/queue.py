@@ -58,6 +58,7 @@ class FileJob:
     info: FileInfo
     state: FileState = FileState.PENDING
     attempts: int = 0
+    spared: int = 0  # memory kills that cost no attempt: the file was within its prediction
     estimate: Estimate | None = None
     lower_bound_mb: float | None = None  # peak (MiB, baseline included) an attempt was killed at
     failures: list[str] = field(default_factory=list)

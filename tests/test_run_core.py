@@ -347,3 +347,49 @@ def test_memory_a_worker_still_holds_is_the_floor_of_its_next_files_peak(tmp_pat
         else:
             assert e["held_mb"] == pytest.approx(200.0)
             assert e["predicted_mb"] >= 50.0 + 200.0 - 1.0
+
+
+
+class ShortHost(Sampler):
+    """The host runs short (another user) while a file runs, until the guard has killed it ``times``."""
+
+    def __init__(self, backend: Backend, times: int) -> None:
+        super().__init__()
+        self.backend, self.times = backend, times
+
+    def host(self) -> HostMem:
+        kills = sum(1 for _, a in self.backend.signals if a == "kill")
+        running = len(self.backend.assigned) > kills
+        self.available_mb = 100.0 if running and kills < self.times else 8000.0
+        return super().host()
+
+
+@pytest.mark.parametrize("kills, done", [(1, True), (5, False)])
+def test_a_file_killed_for_others_memory_within_its_prediction_keeps_its_attempts(tmp_path, kills, done):
+    """Host memory runs short while a file is far under its prediction: the guard kills it, and the
+    kill costs no attempt (it was a bystander), up to max_attempts such kills; then they count."""
+    backend = Backend()
+
+    def script(wid, spec):
+        if len(backend.assigned) <= kills:
+            return []  # runs until killed
+        return [FileResult(wid, spec.file, None, 10.0, 0.1, 0.1, {"audio_s": 3.0}, job_id=spec.job_id)]
+
+    backend.script = script
+    make_corpus(tmp_path / "corpus", [3])
+    s = settings(tmp_path, kill_settle=0.05)
+    s.run.max_attempts = 1
+    log = Log()
+    sup = Supervisor(s, log=log, sampler=ShortHost(backend, kills), limits=limits(), backend=backend)
+    summary = asyncio.run(sup.run(find_transcripts(s.corpus, out_root=s.out, in_place=False)))
+    job = sup.queue.get("f000.cha")
+    killed = [a for _, a in backend.signals if a == "kill"]
+    if done:  # one bystander kill, then done on its one counted attempt
+        assert summary.exit_code == 0 and job.state.value == "done"
+        assert len(killed) == 1 and job.spared == 1 and job.attempts == 1
+        (requeued,) = log.named("file_requeued")
+        assert requeued["spared"] == 1 and "host memory nearly exhausted" in requeued["reason"]
+        assert not log.named("file_failed") and job.lower_bound_mb is None
+    else:  # always killed: one spared kill, then the counted one quarantines it
+        assert summary.exit_code == 1 and job.state.value == "quarantined"
+        assert len(killed) == 2 and job.spared == 1 and job.attempts == 1
