@@ -4,10 +4,12 @@ For each engine/model: a run over 20 training recordings (3-60 s) teaches the mo
 over 10 other recordings (3-120 s) is admitted on what it learned, and each file's predicted peak
 (what admission reserved) is set against the peak it really reached. Then, from a fresh store, a
 run over eight recordings of at most 10 s and a run over one 10-minute recording: how far the
-model extrapolates. One worker at a time, so every figure is one file's own.
+model extrapolates. One worker at a time, so every figure is one file's own. ``file CPU s`` is the
+CPU the 30 training and test files took: what a worker setting (``--mmap-threshold``) costs.
 
     python -m bench.prediction                                  # all four; ~6 min on 2 cores
     python -m bench.prediction --engines synthetic-streaming whisper
+    python -m bench.prediction --engines wav2vec --mmap-threshold glibc   # glibc's sliding threshold
 
 Engines: the synthetic engine's two profiles (``total``: growth with the recording's length, as an
 engine that loads whole files; ``streaming``: growth with the longest span), wav2vec2 with random
@@ -85,7 +87,7 @@ def run(corpus: Path, work: Path, tag: str, engine: str, extra: list[str], env: 
                       f"cache: not a measurement of the model's work")
             rows.append({"file": e["file"], "audio_s": e["audio_seconds"], "predicted": a["predicted_mb"],
                          "observed": e["peak_mb"], "pred_growth": a["predicted_growth_mb"],
-                         "growth": e["growth_mb"], "source": a["estimate_source"],
+                         "growth": e["growth_mb"], "source": a["estimate_source"], "cpu_s": e.get("cpu_s") or 0.0,
                          "uncertain": a.get("estimate_uncertain")})
     kills = sum(1 for e in evs if e["event"] == "worker_killed")
     failed = [e for e in evs if e["event"] in ("file_failed", "file_quarantined")]
@@ -96,6 +98,7 @@ def run(corpus: Path, work: Path, tag: str, engine: str, extra: list[str], env: 
 
 
 WAV2VEC_SIZE = "small"
+MMAP_THRESHOLD: str | None = None  # None: the configured default; "": glibc's sliding threshold
 WHISPER_SIZE = "tiny.en"
 
 
@@ -126,6 +129,8 @@ def setup(engine: str, work: Path) -> tuple[str, list[str], dict, bool]:
     """(engine name for the CLI, extra CLI args, environment, speech corpora?) for one contender."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "BATCHALIGN_SUPERVISE_MEMORY_LEDGER": "off"}
     env = {k: v for k, v in env.items() if not k.startswith("BATCHALIGN_SUPERVISE_") or k.endswith("LEDGER")}
+    if MMAP_THRESHOLD is not None:
+        env[f"BATCHALIGN_SUPERVISE_ENGINE_{engine.split('-')[0].upper()}_MMAP_THRESHOLD"] = MMAP_THRESHOLD
     if engine.startswith("synthetic"):
         env.update(BATCHALIGN_SUPERVISE_ENGINE_SYNTHETIC_PROFILE=engine.split("-")[1],
                    BATCHALIGN_SUPERVISE_ENGINE_SYNTHETIC_BASELINE_MB="100",
@@ -160,7 +165,7 @@ def measure(engine: str, top: Path, seed: int) -> dict:
         return folder
 
     store = ["--telemetry", str(work / "learn.sqlite")]
-    run(corpus("train", train), work, "train", name, extra + store, env)
+    trained = run(corpus("train", train), work, "train", name, extra + store, env)
     rows = run(corpus("test", test), work, "test", name, extra + store, env)
     store = ["--telemetry", str(work / "extrapolate.sqlite")]
     learned = run(corpus("short", short), work, "short", name, extra + store, env)
@@ -170,7 +175,8 @@ def measure(engine: str, top: Path, seed: int) -> dict:
     gerr = [abs(r["pred_growth"] - r["growth"]) / max(r["growth"], 1.0) for r in rows]
     return {"engine": engine, "n": len(rows), "p90": quantile(err, 0.9) if err else float("nan"),
             "worst_under": max(under) if under else float("nan"), "p90_growth": quantile(gerr, 0.9) if gerr else 0,
-            "long": long, "short": learned, "rows": rows}
+            "long": long, "short": learned, "rows": rows,
+            "cpu_s": sum(r["cpu_s"] for r in trained + rows)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -180,9 +186,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--keep", action="store_true", help="keep the work folder (logs, stores) and print its path")
     ap.add_argument("--wav2vec-size", choices=("small", "base"), default="small")
     ap.add_argument("--whisper-size", choices=("tiny.en", "base"), default="tiny.en")
+    ap.add_argument("--mmap-threshold", default=None,
+                    help="the workers' mmap_threshold (e.g. 128KiB); 'glibc' for glibc's own sliding threshold")
     args = ap.parse_args(argv)
-    global WAV2VEC_SIZE, WHISPER_SIZE
+    global WAV2VEC_SIZE, WHISPER_SIZE, MMAP_THRESHOLD
     WAV2VEC_SIZE, WHISPER_SIZE = args.wav2vec_size, args.whisper_size
+    MMAP_THRESHOLD = "" if args.mmap_threshold == "glibc" else args.mmap_threshold
     top = Path(tempfile.mkdtemp(prefix="bench-prediction-"))
     results = []
     try:
@@ -201,14 +210,14 @@ def main(argv: list[str] | None = None) -> int:
                       f"(growth {lg['pred_growth']:.1f} / {lg['growth']:.1f}, {lg['source']})")
         print()
         head = (f"{'engine / model':<22} {'files':>5} {'p90 |err|/obs':>14} {'worst under':>12} "
-                f"{'p90 growth err':>15} {'10 min: pred/obs':>17}")
+                f"{'p90 growth err':>15} {'10 min: pred/obs':>17} {'file CPU s':>11}")
         print(head)
         print("-" * len(head))
         for r in results:
             lg = r["long"]
             ratio = f"{lg['predicted'] / lg['observed']:.2f}x" if lg else "failed"
             print(f"{r['engine']:<22} {r['n']:>5} {r['p90']:>13.1%} {r['worst_under']:>11.1%} "
-                  f"{r['p90_growth']:>14.1%} {ratio:>17}")
+                  f"{r['p90_growth']:>14.1%} {ratio:>17} {r['cpu_s']:>11.1f}")
         print(f"targets: p90 |predicted - observed| / observed <= 15% after 20 files; never under by more than the "
               f"margin ({MARGIN:.0%}); 10-minute file from files <= 10 s within 1.3x (peaks, baseline included)")
     finally:

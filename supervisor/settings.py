@@ -98,6 +98,11 @@ class EngineDefaults:
     cold_mb_per_media_mb: float = 60.0  # used when the audio duration is unknown
     span_seconds: float = 30.0
     calibrate: bool = True  # workers measure their growth on probe spans at READY
+    # Heap blocks this large get a mapping of their own, given back when freed (glibc's
+    # M_MMAP_THRESHOLD, fixed). Empty: glibc's sliding threshold, raised after each large free up
+    # to 32 MiB, under which a file's buffers may come from a heap its earlier files fragmented.
+    # auto: the engine's own choice (wav2vec2: one second of its first feature map; others: empty).
+    mmap_threshold: int | str | None = field(default=None, metadata={"kind": "size_or_auto"})
     threads: int = 0  # torch threads per worker; 0: cores / workers
     int8: bool = False
     share_weights: bool = True
@@ -180,7 +185,8 @@ class Settings:
     cluster: ClusterSettings = field(default_factory=ClusterSettings)
     engine: dict[str, EngineDefaults] = field(
         default_factory=lambda: {
-            "wav2vec": EngineDefaults(cold_baseline_mb=1100.0, cold_intercept_mb=200.0, cold_mb_per_span_second=12.0),
+            "wav2vec": EngineDefaults(cold_baseline_mb=1100.0, cold_intercept_mb=200.0, cold_mb_per_span_second=12.0,
+                                      mmap_threshold="auto"),
             "whisper": WhisperSettings(),
             "synthetic": SyntheticSettings(),
         }
@@ -266,6 +272,10 @@ def _convert(value: Any, f: dataclasses.Field, source: str) -> Any:
             if value in (None, "", "auto"):
                 return None
             return parse_size(value)
+        if kind == "size_or_auto":
+            if value in (None, ""):
+                return None
+            return "auto" if str(value).strip().lower() == "auto" else parse_size(value)
         if kind == "duration":
             return float(parse_duration(value))
         if kind == "list":

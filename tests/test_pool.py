@@ -220,3 +220,83 @@ def test_what_loading_made_is_frozen_after_one_last_collection():
         assert gone() is None, "a file's own cycles are still collected"
     finally:
         gc.unfreeze()
+
+
+_AFTER_A_LARGE_FILE = r"""
+import ctypes, sys
+from worker.selfmem import pin_mmap_threshold
+
+pinned = pin_mmap_threshold(int(sys.argv[1]))
+libc = ctypes.CDLL("libc.so.6")
+libc.malloc.restype = ctypes.c_void_p
+libc.malloc.argtypes = [ctypes.c_size_t]
+libc.free.argtypes = [ctypes.c_void_p]
+libc.memset.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_size_t]
+
+
+def rss_kib():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+
+
+def touch_and_free(n):
+    p = libc.malloc(n)
+    libc.memset(p, 1, n)
+    libc.free(p)
+
+
+touch_and_free(24 << 20)  # a large file's tensor: mapped, freed (glibc raises its threshold)
+before = rss_kib()
+blocks = []
+for _ in range(8):  # a smaller file's tensors, freed at its end
+    p = libc.malloc(2 << 20)
+    libc.memset(p, 1, 2 << 20)
+    blocks.append(p)
+for p in blocks[:-1]:
+    libc.free(p)  # the last one stays live: the heap cannot shrink past it
+print(pinned, rss_kib() - before)
+"""
+
+
+@pytest.mark.parametrize("threshold", [0, 128 * 1024])
+def test_a_pinned_mmap_threshold_gives_a_smaller_files_tensors_back_after_a_large_one(threshold):
+    """glibc's sliding threshold keeps the next, smaller file's freed tensors in the heap; pinned,
+    each is mapped alone and unmapped when freed, so what a worker holds follows what is live."""
+    out = subprocess.run([sys.executable, "-c", _AFTER_A_LARGE_FILE, str(threshold)], capture_output=True,
+                         text=True, timeout=60, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    pinned, kept_kib = out.stdout.split()
+    assert pinned == str(bool(threshold))
+    if threshold:
+        assert int(kept_kib) < 4 << 10  # the one live block, 2 MiB
+    else:
+        assert int(kept_kib) >= 12 << 10  # freed blocks stay in the heap under the live one
+
+
+_WAV2VEC_AUTO = r"""
+import sys
+from pathlib import Path
+sys.path.insert(0, str(Path.cwd() / "tests"))
+from conftest_models import build_tiny_wav2vec
+from worker.engines.wav2vec import Wav2VecEngine, feature_map_bytes_per_second
+
+model = build_tiny_wav2vec(Path(sys.argv[1]))
+engine = Wav2VecEngine({"model": str(model), "mmap_threshold": sys.argv[2] or None, "threads": 1})
+print(feature_map_bytes_per_second(engine.aligner.hf.config, "fp32"))
+""" + _AFTER_A_LARGE_FILE.replace("pin_mmap_threshold(int(sys.argv[1]))", "True")
+
+
+@pytest.mark.parametrize("threshold", ["auto", ""])
+def test_wav2vec_auto_threshold_is_one_second_of_its_first_feature_map(tmp_path, threshold):
+    """``auto``: the wav2vec2 engine fixes the threshold once it knows its model (a 16-channel
+    first conv layer at stride 5: 3200 frames a second, 200 KiB), so 2 MiB blocks are mapped."""
+    out = subprocess.run([sys.executable, "-c", _WAV2VEC_AUTO, str(tmp_path / "w2v"), threshold],
+                         capture_output=True, text=True, timeout=120, cwd=ROOT,
+                         env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert out.returncode == 0, out.stderr[-2000:]
+    per_second, _, kept_kib = out.stdout.split()
+    assert int(per_second) == 16 * 3200 * 4
+    if threshold:
+        assert int(kept_kib) < 4 << 10
+    else:
+        assert int(kept_kib) >= 12 << 10

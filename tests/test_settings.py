@@ -100,3 +100,10 @@ def test_whispers_joint_forcing_is_a_setting_that_reaches_the_engine_and_the_out
     # Outputs made one way are not "done" for the other.
     assert output_identity(default)["options"]["joint"] is False
     assert output_identity(joint)["options"]["joint"] is True
+
+
+@pytest.mark.parametrize("value, expected", [("auto", "auto"), ("", None), ("4MiB", 4 * 2**20), ("128KiB", 131072)])
+def test_an_engines_mmap_threshold_is_auto_empty_or_a_size(value, expected):
+    s = load_settings(environ={"BATCHALIGN_SUPERVISE_ENGINE_WHISPER_MMAP_THRESHOLD": value})
+    assert s.engine["whisper"].mmap_threshold == expected
+    assert s.engine["wav2vec"].mmap_threshold == "auto"  # the shipped default: the engine decides

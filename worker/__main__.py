@@ -83,6 +83,7 @@ class Heartbeat(threading.Thread):
 
 def load_engine(name: str, options: dict[str, Any]):
     """Import only the engine asked for: the synthetic one must start without importing torch."""
+    selfmem.pin_mmap_threshold(options.get("mmap_threshold"))
     if options.get("model_server") and name in ("wav2vec", "whisper"):
         from worker.model_server import ServedEngine  # the model lives in the server: this stays on the CPU
         return ServedEngine(name, options)

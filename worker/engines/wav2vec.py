@@ -291,6 +291,15 @@ class Wav2VecAligner(SpanAligner):
         return [(w, round(s, 4), round(e, 4)) for w, s, e in words]
 
 
+def feature_map_bytes_per_second(config: Any, dtype: str, sample_rate: int = 16000) -> int:
+    """One second of the first conv layer's output, the largest buffer per second of a span: the
+    ``auto`` mmap threshold, below which a file's span-sized buffers are mapped whole."""
+    channels = int((getattr(config, "conv_dim", None) or (512,))[0])
+    stride = int((getattr(config, "conv_stride", None) or (5,))[0])
+    width = 4 if dtype == "fp32" else 2
+    return max(64 * 1024, channels * (sample_rate // max(1, stride)) * width)
+
+
 class Wav2VecEngine(AlignerEngine):
     """A worker's wav2vec2 CTC aligner and the file-level driver around it."""
 
@@ -318,5 +327,9 @@ class Wav2VecEngine(AlignerEngine):
             threads=int(threads) if threads else None,
             max_span_s=span,
         )
+        if opts.get("mmap_threshold") == "auto":
+            from worker.selfmem import pin_mmap_threshold  # noqa: PLC0415
+
+            pin_mmap_threshold(feature_map_bytes_per_second(self.aligner.hf.config, dtype))
         self.aligner.warm_up()
         self.release()
