@@ -300,3 +300,30 @@ def test_wav2vec_auto_threshold_is_one_second_of_its_first_feature_map(tmp_path,
         assert int(kept_kib) < 4 << 10
     else:
         assert int(kept_kib) >= 12 << 10
+
+
+@pytest.mark.parametrize("warms_up, probed", [(True, [[30.0]]), (False, [])])
+def test_a_warm_worker_runs_its_first_pass_only_when_the_pass_leaves_something(warms_up, probed):
+    """Warm calibration measures nothing; the unmeasured first pass runs where it changes what
+    later files find, and not for an engine whose buffers are freed whole (the synthetic one)."""
+    import logging
+
+    from worker.__main__ import calibrate
+    from worker.engines.synthetic import SyntheticEngine
+
+    class Engine:
+        name = "synthetic"
+
+        def __init__(self):
+            self.warms_up = warms_up
+            self.calls = []
+
+        def probe(self, lengths):
+            self.calls.append(lengths)
+            return [{"growth_mb": 1.0}]
+
+    e = Engine()
+    assert calibrate(e, {"calibrate": "warm", "span_seconds": 30.0}, logging.getLogger("t")) == []
+    assert e.calls == probed
+    assert SyntheticEngine.warms_up is False
+    assert calibrate(e, {"calibrate": True, "span_seconds": 30.0}, logging.getLogger("t")) == [{"growth_mb": 1.0}]

@@ -147,7 +147,8 @@ def calibrate(engine, options: dict[str, Any], log) -> list[dict[str, Any]]:
                                   measure=mode != "warm")
         lengths = probe_lengths(span_cap(getattr(engine, "name", ""), options))
         if mode == "warm":
-            engine.probe(lengths[-1:])  # the largest, unmeasured
+            if getattr(engine, "warms_up", True):
+                engine.probe(lengths[-1:])  # the largest, unmeasured
             return []
         return engine.probe(lengths)
     except Exception:  # noqa: BLE001 - a failed probe leaves the defaults in charge, never the worker down

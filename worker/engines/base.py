@@ -75,6 +75,10 @@ class Engine(abc.ABC):
     name: str = ""
     model: str = ""
     device: str = "cpu"
+    # Whether a first, unmeasured pass changes what later files find (allocator pools, paged-in
+    # weights, lazily built kernels): warm workers run one before READY so their baseline is the
+    # one files meet. An engine whose buffers are freed whole has nothing to warm.
+    warms_up: bool = True
 
     @abc.abstractmethod
     def run(self, job: Job, progress: Progress) -> JobResult:
