@@ -7,6 +7,8 @@ missed. Probes at READY and ``progress`` messages use the same reads.
 
 from __future__ import annotations
 
+import functools
+
 
 def read_status_kb(field: str, pid: int | str = "self") -> float | None:
     try:
@@ -114,9 +116,14 @@ def pin_mmap_threshold(threshold: int | str | None) -> bool:
     if not threshold or threshold == "auto" or int(threshold) <= 0:
         return False  # "auto": the engine sets it once its model is loaded
     try:
-        import ctypes  # noqa: PLC0415
-
-        libc = ctypes.CDLL("libc.so.6")
-        return bool(libc.mallopt(-3, int(threshold)))  # M_MMAP_THRESHOLD
+        return bool(libc().mallopt(-3, int(threshold)))  # M_MMAP_THRESHOLD
     except (OSError, AttributeError):
         return False
+
+
+@functools.lru_cache(maxsize=1)
+def libc():
+    """The C library (glibc's malloc controls: ``mallopt``, ``malloc_trim``)."""
+    import ctypes  # noqa: PLC0415
+
+    return ctypes.CDLL("libc.so.6")

@@ -13,7 +13,6 @@ parameter; ``model._shared_bytes`` / ``model._private_bytes`` give the split.
 
 from __future__ import annotations
 
-import functools
 
 import json
 import logging
@@ -27,6 +26,7 @@ from typing import Any
 import torch
 
 from worker.engines.base import BootError
+from worker.selfmem import libc
 
 log = logging.getLogger(__name__)
 
@@ -248,16 +248,9 @@ def load_pretrained(
 def trim_heap() -> None:
     """Return freed heap pages to the OS: glibc keeps them otherwise and RSS only ever grows."""
     try:
-        _libc().malloc_trim(0)
+        libc().malloc_trim(0)
     except (OSError, AttributeError):
         pass
-
-
-@functools.lru_cache(maxsize=1)
-def _libc():
-    import ctypes
-
-    return ctypes.CDLL("libc.so.6")
 
 
 def _trim_heap() -> None:
