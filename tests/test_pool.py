@@ -325,5 +325,5 @@ def test_a_warm_worker_runs_its_first_pass_only_when_the_pass_leaves_something(w
     e = Engine()
     assert calibrate(e, {"calibrate": "warm", "span_seconds": 30.0}, logging.getLogger("t")) == []
     assert e.calls == probed
-    assert SyntheticEngine.warms_up is False
+    assert SyntheticEngine({}).warms_up is False and SyntheticEngine({"probe_seconds": 1.0}).warms_up is True
     assert calibrate(e, {"calibrate": True, "span_seconds": 30.0}, logging.getLogger("t")) == [{"growth_mb": 1.0}]

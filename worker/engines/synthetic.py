@@ -48,7 +48,6 @@ def _spin(cpu_seconds: float) -> None:
 
 class SyntheticEngine(Engine):
     name = "synthetic"
-    warms_up = False  # its buffers are bytearrays freed whole: a first pass leaves nothing behind
 
     def __init__(self, options: dict[str, Any]) -> None:
         self.options = dict(options)
@@ -64,6 +63,9 @@ class SyntheticEngine(Engine):
         self._baseline = _touch(int(float(options.get("baseline_mb", 40.0)) * 2**20))
         time.sleep(float(options.get("boot_seconds", 0.0)))  # a slow model load (a dead network mount)
         self.probe_seconds = float(options.get("probe_seconds", 0.0))
+        # Its buffers are bytearrays freed whole: a first pass leaves nothing behind, unless the
+        # profile gives probes time of their own (a slow device's first pass, as tests model it).
+        self.warms_up = self.probe_seconds > 0
 
     def _grow(self, seconds: float, cpu_per_s: float, on_step=None) -> None:
         """Hold ``mb_per_audio_second x seconds`` built up over STEPS steps of CPU work, then let go."""
