@@ -136,7 +136,7 @@ class Outcomes:
         if o.outcome == "done":
             return self._done(o, wf)
         if o.spared and job.spared < self.queue.max_attempts:
-            return self._spare(o, wf)
+            return self._spare(o)
         if o.memory and o.peak_mb is not None:
             self.estimator.killed_at(job, o.peak_mb, o.growth_mb)
             self.sink.lower_bound(job.info.input_hash, o.peak_mb)
@@ -147,17 +147,14 @@ class Outcomes:
         self._after_failure(job, state, o.reason or "", for_good=o.kind != "output")
         return state
 
-    def _spare(self, o: Outcome, wf: dict) -> FileState:
+    def _spare(self, o: Outcome) -> FileState:
         """A bystander's kill costs no attempt and teaches no bound, up to ``max_attempts`` times,
         so pressure from outside cannot quarantine a file that never outgrew its prediction."""
         job = o.job
         job.spared += 1
-        self.queue.requeue(job, o.reason or "killed")
+        self.queue.requeue(job, o.reason or "killed", observed_mb=o.peak_mb)
         self._record(o, "killed")
-        self.forget(job.rel)
-        self.emit("file_requeued", **wf, file=job.rel, reason=o.reason, attempt=job.attempts, spared=job.spared,
-                  estimate_mb=round(job.estimate.peak_mb, 1) if job.estimate else None,
-                  observed_mb=o.peak_mb and round(o.peak_mb, 1))
+        self._after_failure(job, job.state, o.reason or "", for_good=False, spared=job.spared)
         return job.state
 
     def _done(self, o: Outcome, wf: dict) -> FileState:
@@ -191,12 +188,14 @@ class Outcomes:
             self.emit("file_failed", level="warning", file=job.rel, reason=reason, kind="too_big", attempt=0)
         self.intake.failed_for_good(job)
 
-    def _after_failure(self, job: FileJob, state: FileState, reason: str, for_good: bool = True) -> None:
+    def _after_failure(self, job: FileJob, state: FileState, reason: str, for_good: bool = True,
+                       **figures: Any) -> None:
         if state is FileState.PENDING:
             self.forget(job.rel)
             est = self.estimator.estimate(job)
             self.emit("file_requeued", file=job.rel, reason=reason, attempt=job.attempts,
-                      estimate_mb=round(est.peak_mb, 1), observed_mb=job.last_peak_mb and round(job.last_peak_mb, 1))
+                      estimate_mb=round(est.peak_mb, 1), observed_mb=job.last_peak_mb and round(job.last_peak_mb, 1),
+                      **figures)
             return
         if state is FileState.QUARANTINED:
             self.emit("file_quarantined", level="warning", file=job.rel, reason=reason, attempts=job.attempts,

@@ -170,11 +170,14 @@ class WorkQueue:
             self._to(job, FileState.PENDING)
         return job.state
 
-    def requeue(self, job: FileJob, reason: str) -> None:
-        """Put a running file back without counting the attempt (drain, supervisor stop)."""
+    def requeue(self, job: FileJob, reason: str, observed_mb: float | None = None) -> None:
+        """Put a running file back without counting the attempt (drain, supervisor stop, a
+        bystander's memory kill)."""
         if job.state is FileState.RUNNING:
             job.attempts = max(0, job.attempts - 1)
             job.failures.append(reason)
+            if observed_mb is not None:
+                job.last_peak_mb = observed_mb
             self._to(job, FileState.PENDING)
 
     def quarantine(self, job: FileJob, reason: str) -> None:

@@ -20,6 +20,7 @@ from worker.align import SpanAligner, UttRequest, UttResult
 from worker.engines.base import AlignerEngine, BootError
 from worker.engines.ctc import AlignmentError, forced_align_best, greedy_decode, merge_tokens, min_frames, word_frames
 from worker.engines.loading import configure_threads, load_pretrained, load_processor, trim_heap
+from worker.selfmem import pin_mmap_threshold
 
 log = logging.getLogger(__name__)
 
@@ -328,8 +329,6 @@ class Wav2VecEngine(AlignerEngine):
             max_span_s=span,
         )
         if opts.get("mmap_threshold") == "auto":
-            from worker.selfmem import pin_mmap_threshold  # noqa: PLC0415
-
             pin_mmap_threshold(feature_map_bytes_per_second(self.aligner.hf.config, dtype))
         self.aligner.warm_up()
         self.release()
