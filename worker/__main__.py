@@ -37,6 +37,13 @@ def _set_parent_death_signal() -> None:
         pass
 
 
+def keep_console_renderers_out() -> None:
+    """Keep rich out of this process: structlog imports it at once for console tracebacks (about
+    100 ms, half a synthetic worker's start, paid by every worker and every file it delays), and
+    a worker only writes JSON lines. Libraries that use rich treat it as optional, as if absent."""
+    sys.modules.setdefault("rich", None)
+
+
 _read_status_kb = selfmem.read_status_kb
 _own_memory_mb = selfmem.own_memory_mb
 _clear_hwm = selfmem.clear_hwm
@@ -251,6 +258,7 @@ def main(argv: list[str] | None = None) -> int:
     stdin = os.fdopen(os.dup(0), "rb", buffering=0)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the supervisor's to handle
 
+    keep_console_renderers_out()
     from telemetry.logging import configure_logging, get_logger
 
     configure_logging(json_path=None, console="json", process="worker")

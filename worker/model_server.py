@@ -446,11 +446,13 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     from worker.__main__ import (  # noqa: PLC0415
-        Channel, Heartbeat, _own_memory_mb, _set_parent_death_signal, freeze_loaded_objects, load_engine)
+        Channel, Heartbeat, _own_memory_mb, _set_parent_death_signal, freeze_loaded_objects,
+        keep_console_renderers_out, load_engine)
 
     _set_parent_death_signal()
     out = protocol.take_protocol_stdout()
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    keep_console_renderers_out()
     from telemetry.logging import configure_logging, get_logger  # noqa: PLC0415
 
     configure_logging(json_path=None, console="json", process="model-server")

@@ -27,13 +27,14 @@ import signal
 import socket
 import sys
 
-from worker.__main__ import _set_parent_death_signal
+from worker.__main__ import _set_parent_death_signal, keep_console_renderers_out
 
 MAX_MESSAGE = 256 * 1024
 
 
 def import_runtime(engine: str) -> None:
     """Import what every worker of ``engine`` imports, without loading a model or running torch."""
+    keep_console_renderers_out()  # as the workers forked from here do
     if engine in ("wav2vec", "whisper"):
         import torch  # noqa: F401
         import transformers  # noqa: F401
