@@ -256,10 +256,18 @@ class Intake:
         self._add(info, p.features, p.refused)
 
     # -- what outcomes mean for the manifest -----------------------------------------------------
-    def done(self, job: FileJob) -> None:
+    def done(self, job: FileJob, announce: Callable[[bool], None] | None = None) -> None:
+        """Record a finished output; ``announce(recorded)`` runs once the entry is on disk (or could
+        not be written), so a file reported done is one a re-run after a SIGKILL will not redo."""
         info = job.info
+
+        def failed(exc: BaseException) -> None:
+            self._manifest_failed(info, exc)
+            if announce is not None:
+                announce(False)
+
         self.jobs.submit(LANE, self.manifest_for(info).mark_done, info, what="mark_done",
-                         on_error=lambda exc: self._manifest_failed(info, exc))
+                         on_done=None if announce is None else (lambda _: announce(True)), on_error=failed)
 
     def failed_for_good(self, job: FileJob) -> None:
         """Record a file that failed for good, so watch mode does not retry it after a restart."""

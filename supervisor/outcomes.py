@@ -163,18 +163,23 @@ class Outcomes:
         if info.audio_seconds is None and ev.audio_seconds:
             info.audio_seconds = float(ev.audio_seconds)
         self.queue.finish(job, o.peak_mb)
-        self.intake.done(job)
         self.audio_done_s += float(ev.audio_seconds or info.audio_seconds or 0.0)
         sample = self.estimator.learn(job, o.growth_mb or 0.0, ev.features_run)
         self._record(o, "done", sample=sample)
         est = job.estimate
-        self.emit("file_done", **wf, file=info.rel, peak_mb=round(o.peak_mb or 0.0, 1),
-                  growth_mb=round(o.growth_mb or 0.0, 1), predicted_mb=round(est.peak_mb, 1) if est else None,
-                  predicted_growth_mb=round(est.growth_mb, 1) if est else None, audio_seconds=info.audio_seconds,
-                  wall_s=ev.wall_s, cpu_s=ev.cpu_s, warnings=len(ev.warnings), stats=ev.stats, sample=sample,
-                  **o.extra)
-        for line in ev.warnings[:20]:
-            self.emit("file_warning", level="warning", file=info.rel, warning=line)
+        fields = dict(**wf, file=info.rel, peak_mb=round(o.peak_mb or 0.0, 1), growth_mb=round(o.growth_mb or 0.0, 1),
+                      predicted_mb=round(est.peak_mb, 1) if est else None,
+                      predicted_growth_mb=round(est.growth_mb, 1) if est else None, audio_seconds=info.audio_seconds,
+                      wall_s=ev.wall_s, cpu_s=ev.cpu_s, warnings=len(ev.warnings), stats=ev.stats, sample=sample,
+                      **o.extra)
+
+        def announce(recorded: bool) -> None:
+            # Said once the manifest holds the file: "done" in the log means a re-run skips it.
+            self.emit("file_done", **fields, **({} if recorded else {"recorded": False}))
+            for line in ev.warnings[:20]:
+                self.emit("file_warning", level="warning", file=info.rel, warning=line)
+
+        self.intake.done(job, announce)
         return job.state
 
     def reject(self, job: FileJob, reason: str) -> None:

@@ -393,3 +393,38 @@ def test_a_file_killed_for_others_memory_within_its_prediction_keeps_its_attempt
     else:  # always killed: one spared kill, then the counted one quarantines it
         assert summary.exit_code == 1 and job.state.value == "quarantined"
         assert len(killed) == 2 and job.spared == 1 and job.attempts == 1
+
+
+def test_a_file_is_reported_done_only_once_the_manifest_holds_it(tmp_path):
+    """A supervisor killed right after logging ``file_done`` must not redo that file on re-run, so
+    the event waits for the manifest entry; an entry that cannot be written is said in the event."""
+    manifest = tmp_path / "out" / ".batchalign-supervise" / "done.jsonl"
+    seen: dict[str, bool] = {}
+
+    class Watching(Log):
+        def __getattr__(self, level):
+            def log(event, **f):
+                if event == "file_done":
+                    text = manifest.read_text() if manifest.exists() else ""
+                    seen[f["file"]] = f'"rel":"{f["file"]}"' in text
+                self.events.append({"event": event, "level": level, **f})
+            return log
+
+    def script(wid, spec):
+        out = tmp_path / "out" / spec.file
+        out.parent.mkdir(parents=True, exist_ok=True)
+        if spec.file != "f002.cha":  # f002's output is missing: its manifest entry cannot be made
+            out.write_text("@UTF8\n@Begin\n@End\n")
+        return [FileResult(wid, spec.file, None, 10.0, 0.1, 0.1, {}, job_id=spec.job_id)]
+
+    make_corpus(tmp_path / "corpus", [3, 4, 5])
+    s = settings(tmp_path)
+    log = Watching()
+    sup = Supervisor(s, log=log, sampler=Sampler(), limits=limits(), backend=Backend(script))
+    summary = asyncio.run(sup.run(find_transcripts(s.corpus, out_root=s.out, in_place=False)))
+    assert summary.exit_code == 0
+    assert seen == {"f000.cha": True, "f001.cha": True, "f002.cha": False}
+    done = {e["file"]: e for e in log.named("file_done")}
+    assert "recorded" not in done["f000.cha"] and done["f002.cha"]["recorded"] is False
+    (failed,) = log.named("manifest_write_failed")
+    assert failed["file"] == "f002.cha"
