@@ -140,6 +140,19 @@ def _check_private(folder: Path) -> None:
         raise OSError(errno.EPERM, f"{folder} is not a folder of this user; not listening there")
 
 
+def _private_dir(folder: Path) -> None:
+    """Make (or take) a folder of this user's, mode 0700. Two supervisors started at once both
+    create it: the one that loses the race uses the other's, once it is checked to be ours."""
+    if not folder.parent.exists():
+        folder.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        folder.mkdir(mode=0o700)
+        os.chmod(folder, 0o700)  # mkdir's mode is filtered by the umask
+    except FileExistsError:
+        pass
+    _check_private(folder)
+
+
 class ControlServer:
     """Answers status requests from the owner's ``batchalign-supervise status``."""
 
@@ -159,12 +172,9 @@ class ControlServer:
         path = self.path
         _check_length(path)
         d = path.parent
-        if not d.exists():
-            d.mkdir(parents=True, mode=0o700)
-            os.chmod(d, 0o700)  # mkdir's mode is filtered by the umask
-        _check_private(d)
         if d.parent.name == f"batchalign-supervise-{os.geteuid()}":
-            _check_private(d.parent)
+            _private_dir(d.parent)
+        _private_dir(d)
         self._refuse_if_taken(path)
         # Bind under a temporary name, restrict it, then rename into place: nobody ever sees the
         # real name with looser permissions, and a stale socket is replaced atomically.

@@ -359,3 +359,25 @@ def test_several_supervisors_each_have_a_socket_and_a_deep_state_dir_still_gets_
     dead = d / "4194303.sock"
     dead.write_text("")
     assert list_sockets(state) == [] and not dead.exists()
+
+
+def test_a_supervisor_that_loses_the_race_to_create_the_socket_folder_still_listens(loop, tmp_path, monkeypatch):
+    """Two supervisors started together both find no socket folder; the one whose mkdir comes
+    second must use the folder the first made, not run without a socket."""
+    state = tmp_path / "state"
+    path = default_socket_path(state)
+    real_mkdir = Path.mkdir
+
+    def first_made_by_another(self, *args, **kwargs):
+        if self == path.parent and not self.exists():
+            os.mkdir(self, 0o700)  # the other supervisor, just before us
+        return real_mkdir(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "mkdir", first_made_by_another)
+    server = ControlServer(path, lambda: {"pid": 7})
+    loop.run(server.start())
+    try:
+        assert query_status(path)["pid"] == 7
+        assert (path.parent.stat().st_mode & 0o777) == 0o700
+    finally:
+        loop.run(server.stop())
