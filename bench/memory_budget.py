@@ -227,6 +227,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="synthetic profile: growth with the whole file, or with its longest span")
     ap.add_argument("--keep", action="store_true", help="keep the work folder (event logs, outputs) and print its path")
     ap.add_argument("--only-supervisor", action="store_true", help="measure the supervisor only (cold and warm)")
+    ap.add_argument("--ledger", action="store_true",
+                    help="share a host ledger (a private one in the work folder), as a supervisor on a shared host "
+                         "does: every admission is claimed in it first")
     ap.add_argument("--child-pool", nargs=2, metavar=("LISTING", "WORKERS"), help=argparse.SUPPRESS)
     ap.add_argument("--child-one", nargs=3, metavar=("CHA", "MEDIA", "OUT"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -269,7 +272,7 @@ def main(argv: list[str] | None = None) -> int:
                 "BATCHALIGN_SUPERVISE_ENGINE_SYNTHETIC_PROFILE": args.profile,
                 "BATCHALIGN_SUPERVISE_ENGINE_SYNTHETIC_MB_PER_AUDIO_SECOND": str(MB_PER_S),
                 "BATCHALIGN_SUPERVISE_ENGINE_SYNTHETIC_CPU_SECONDS_PER_AUDIO_SECOND": str(CPU_PER_S),
-                "BATCHALIGN_SUPERVISE_MEMORY_LEDGER": "off"}
+                "BATCHALIGN_SUPERVISE_MEMORY_LEDGER": str(work / "ledger.json") if args.ledger else "off"}
         for label in ("cold", "warm"):
             out = work / f"out-supervisor-{label}"
             log = work / f"supervisor-{label}.jsonl"

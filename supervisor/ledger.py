@@ -8,7 +8,10 @@ used into one small JSON file, and subtracts what the others reserved before adm
 Concurrency: every read-modify-write happens under an exclusive ``flock`` on a separate lock file,
 so readers never see a half-written ledger. Writes go to a temporary file renamed over the ledger;
 in a sticky world-writable directory a user may not rename over another user's file, so then the
-ledger is rewritten in place, which the lock makes just as safe for readers.
+ledger is rewritten in place, which the lock makes just as safe for readers. A supervisor about to
+raise its promise (admit a file, start a worker) ``claim``s it: the others are read and the new
+promise written under one lock, and the claim is refused if the others took more room since it
+last looked, so two supervisors never both admit into the same free memory.
 
 Liveness and trust: the ledger is a world-writable file, so an entry is believed only as far as it
 can be checked. Its pid must be alive with the start time recorded (``/proc/PID/stat``: a reused
@@ -164,6 +167,31 @@ class HostLedger:
                 out.append(r)
         return out
 
+    def claim(self, owner_id: str, reserved_bytes: int | float, host_available: int | None,
+              accept: Callable[[list[Reservation]], bool]) -> tuple[bool, list[Reservation]]:
+        """Raise this owner's promise to ``reserved_bytes`` only if ``accept`` approves the others'
+        believed reservations as read under the same lock; returns (written, those reservations).
+
+        Reading the others at one moment and publishing a promise at another lets two supervisors
+        admit into the same free memory between the two; here the read and the write are one step,
+        so of two supervisors claiming at once the second sees the first's promise.
+        """
+        reserved = max(0, int(reserved_bytes))
+        now = self._clock()
+        with self._locked():
+            entries = self._read()
+            changed = self._prune(entries, keep=owner_id)
+            others = [r for key, entry in entries.items()
+                      if key != owner_id and (r := self._believe(key, entry, host_available)) is not None]
+            ok = bool(accept(others))
+            if ok:
+                entries[owner_id] = self._entry(owner_id, reserved, now)
+            if ok or changed:
+                self._write(entries)
+        if ok:
+            self._written[owner_id] = (reserved, now)
+        return ok, others
+
     def others(self, owner_id: str, host_available: int | None = None) -> int:
         """Bytes reserved by other live supervisors, as far as they are believed."""
         return sum(r.reserved_bytes for r in self.reservations(owner_id, host_available))
@@ -191,18 +219,21 @@ class HostLedger:
         with self._locked():
             entries = self._read()
             self._prune(entries, keep=owner_id)
-            entries[owner_id] = {
-                "owner": owner_id,
-                "pid": self._pid,
-                "pid_start_time": self._start,
-                "user": self._user,
-                "uid": self._uid,
-                "cgroup": self.cgroup,
-                "reserved_bytes": reserved,
-                "updated": round(now, 3),
-            }
+            entries[owner_id] = self._entry(owner_id, reserved, now)
             self._write(entries)
         self._written[owner_id] = (reserved, now)
+
+    def _entry(self, owner_id: str, reserved: int, now: float) -> dict[str, Any]:
+        return {
+            "owner": owner_id,
+            "pid": self._pid,
+            "pid_start_time": self._start,
+            "user": self._user,
+            "uid": self._uid,
+            "cgroup": self.cgroup,
+            "reserved_bytes": reserved,
+            "updated": round(now, 3),
+        }
 
     def _believe(self, key: str, entry: dict[str, Any], host_available: int | None) -> Reservation | None:
         """Sense the claimed pid's owner and headroom, then judge the entry (``believe``)."""

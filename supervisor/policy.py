@@ -49,6 +49,15 @@ class Act(enum.Enum):
     REJECT = "reject"  # a file that cannot fit even alone: fail it at once
 
 
+# The figure an ADMIT or SPAWN decision carries: MiB it adds to this supervisor's promise.
+PROMISE = "promise_mb"
+
+
+def promise_added_mb(decisions: list["Decision"]) -> float:
+    """MiB these decisions add to the pool's unrealised promise (files admitted, workers started)."""
+    return sum(float(d.figures.get(PROMISE) or 0.0) for d in decisions if d.act in (Act.ADMIT, Act.SPAWN))
+
+
 @dataclass(frozen=True)
 class Decision:
     act: Act
@@ -379,7 +388,8 @@ class MemoryPolicy:
                     uncertain_large = uncertain_large or bet
                     out.append(Decision(Act.ADMIT, worker=w.id, file=p.file, reason="fits",
                                         figures={**c.figs, "predicted_mb": round(p.peak_mb, 1),
-                                                 "committed_mb": round(c.committed + p.growth_mb, 1)}))
+                                                 "committed_mb": round(c.committed + p.growth_mb, 1),
+                                                 PROMISE: p.growth_mb}))
                     assigned.add(p.file)
                     c.take(p.growth_mb, p.vram_growth_mb)
                     break
@@ -401,10 +411,11 @@ class MemoryPolicy:
         if c.idle and c.vram_fits(head.vram_growth_mb):
             return [Decision(Act.ADMIT, worker=c.idle[0].id, file=head.file, reason="runs alone",
                              figures={**c.figs, "predicted_mb": round(head.peak_mb, 1),
-                                      "committed_mb": round(c.committed, 1)})]
+                                      "committed_mb": round(c.committed, 1), PROMISE: head.growth_mb})]
         if c.idle:
             return []
-        return [Decision(Act.SPAWN, reason="a file must run alone", figures=c.figs)]
+        return [Decision(Act.SPAWN, reason="a file must run alone",
+                         figures={**c.figs, PROMISE: c.s.predicted_baseline_mb})]
 
     def _idle_but_blocked(self, c: "_Round", waiting: list[PendingView], free_idle: list[WorkerView],
                           assigned: bool) -> list[Decision]:
@@ -426,7 +437,8 @@ class MemoryPolicy:
             head = waiting[0]
             return [Decision(Act.ADMIT, worker=c.idle[0].id, file=head.file, reason="runs alone",
                              figures={**c.figs, "predicted_mb": round(head.peak_mb, 1),
-                                      "committed_mb": round(c.committed + head.growth_mb, 1)})]
+                                      "committed_mb": round(c.committed + head.growth_mb, 1),
+                                      PROMISE: head.growth_mb})]
         return []
 
     # 7. Spawn one worker at a time while a waiting file would fit beside a new worker: the next
@@ -451,7 +463,7 @@ class MemoryPolicy:
                     and c.vram_fits(s.predicted_vram_baseline_mb + p.vram_growth_mb + vheld)):
                 return [Decision(Act.SPAWN, file=p.file, reason="a waiting file fits beside a new worker",
                                  figures={**c.figs, "predicted_mb": round(cost, 1),
-                                          "committed_mb": round(c.committed, 1)})]
+                                          "committed_mb": round(c.committed, 1), PROMISE: cost})]
         return []
 
     def forget(self, file: str) -> None:

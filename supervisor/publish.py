@@ -34,6 +34,9 @@ class Publisher:
         self.others_mb = 0.0  # what other supervisors' promises take from this one's room
         self._others_max_mb = 0.0
         self._ledger_error: str | None = None
+        self._published_mb = 0.0  # the promise the ledger holds for this supervisor (last written)
+        self._claimed_mb = 0.0  # a promise claimed and not yet acted on (0: none)
+        self._claiming = False
         self._last_sample = self._last_status = self._last_watchdog = -1e9
 
     # -- the ledger -------------------------------------------------------------------------------
@@ -65,18 +68,64 @@ class Publisher:
         if self.ledger is None or self.jobs.busy(LANE):
             return
         ledger, owner = self.ledger, self.owner
-        avail = host.mem_available if host is not None else None
-        headroom = host.cgroup_headroom if host is not None else None
-        cg = host.cgroup_path if host is not None else None
+        charge = _charge(host)
+        # Until it lands the ledger holds the old promise or this one: count on the smaller. It also
+        # replaces any claim, whose decision was acted on before this (decide comes first).
+        self._published_mb = min(max(self._published_mb, self._claimed_mb), promised_mb)
+        self._claimed_mb = 0.0
 
-        def work() -> float:
+        def work() -> tuple[float, float]:
             ledger.update(owner, int(max(0.0, promised_mb) * MiB))
-            rs = ledger.reservations(owner, avail)
-            if avail is None:
-                return sum(r.reserved_bytes for r in rs) / MiB
-            return charged(rs, host_available=avail, cgroup_headroom=headroom, own_cgroup=cg) / MiB
+            return promised_mb, charge(ledger.reservations(owner, host.mem_available if host is not None else None))
 
-        self.jobs.submit(LANE, work, what="exchange", on_done=self._read, on_error=self._unreadable)
+        self.jobs.submit(LANE, work, what="exchange", on_done=self._exchanged, on_error=self._unreadable)
+
+    def covers(self, promise_mb: float) -> bool:
+        """Whether this supervisor may act on a promise this large now: the ledger already holds
+        one at least as large (published, or claimed for this decision), or there is no ledger to
+        share (none opened, or unreadable: then the others are charged conservatively instead)."""
+        if self.ledger is None or self.ledger_blind():
+            return True
+        return promise_mb <= max(self._published_mb, self._claimed_mb) + 1.0
+
+    def claim(self, promise_mb: float, assumed_others_mb: float, host: Any) -> None:
+        """Ask the ledger for a larger promise, granted only while the others take no more of this
+        supervisor's room than the decision assumed (``HostLedger.claim``: read and write under
+        one lock). Off the loop; the loop decides again when it lands, acting on a granted claim
+        or deciding anew on the others' fresh promises."""
+        if self.ledger is None or self._claiming:
+            return
+        ledger, owner = self.ledger, self.owner
+        charge = _charge(host)
+        avail = host.mem_available if host is not None else None
+
+        def work() -> tuple[bool, float]:
+            ok, rs = ledger.claim(owner, int(max(0.0, promise_mb) * MiB), avail,
+                                  lambda rs: charge(rs) <= assumed_others_mb + 1.0)
+            return ok, charge(rs)
+
+        def done(result: tuple[bool, float]) -> None:
+            self._claiming = False
+            ok, others_mb = result
+            self._read(others_mb)
+            if ok:
+                self._claimed_mb = promise_mb
+                self._published_mb = promise_mb
+            else:
+                self.emit("ledger_claim_refused", level="debug", promise_mb=round(promise_mb, 1),
+                          assumed_others_mb=round(assumed_others_mb, 1), others_mb=round(others_mb, 1))
+
+        def failed(exc: BaseException) -> None:
+            self._claiming = False
+            self._unreadable(exc)
+
+        self._claiming = True
+        self.jobs.submit(LANE, work, what="claim", on_done=done, on_error=failed)
+
+    def _exchanged(self, result: tuple[float, float]) -> None:
+        published_mb, others_mb = result
+        self._published_mb = published_mb
+        self._read(others_mb)
 
     def _read(self, others_mb: float) -> None:
         if self._ledger_error is not None:
@@ -168,3 +217,17 @@ def status_of(*, header: dict, now: float, memory: dict | None, budget_mb: float
         "queue": [{"file": j.rel, "predicted_mb": round(j.estimate.peak_mb, 1) if j.estimate else None,
                    "attempts": j.attempts} for j in queue.pending()[:20]],
     }
+
+
+def _charge(host: Any) -> Callable[[list], float]:
+    """MiB the others' believed reservations take from this supervisor's room, on ``host``'s readings."""
+    avail = host.mem_available if host is not None else None
+    headroom = host.cgroup_headroom if host is not None else None
+    cg = host.cgroup_path if host is not None else None
+
+    def charge(rs: list) -> float:
+        if avail is None:
+            return sum(r.reserved_bytes for r in rs) / MiB
+        return charged(rs, host_available=avail, cgroup_headroom=headroom, own_cgroup=cg) / MiB
+
+    return charge

@@ -33,7 +33,7 @@ from supervisor.inbox import Inbox
 from supervisor.intake import Intake
 from supervisor.outcomes import (EXIT_FAILED, EXIT_HALTED, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE,  # noqa: F401
                                  Outcomes, RunSummary)
-from supervisor.policy import MemoryPolicy, Snapshot, committed_mb, used_mb
+from supervisor.policy import Act, MemoryPolicy, Snapshot, committed_mb, promise_added_mb, used_mb
 from supervisor.pool import ZygoteLauncher, resolve_start_method, worker_command
 from supervisor.publish import Publisher, memory_figures, status_header, status_of
 from supervisor.queue import FileState, WorkQueue
@@ -432,7 +432,17 @@ class Supervisor:
             return
         self.estimator.refresh(now)
         self._capacity_changed = False
-        for d in self.policy.decide(self.snapshot(now)):
+        snap = self.snapshot(now)
+        decisions = self.policy.decide(snap)
+        added = promise_added_mb(decisions)
+        if added > 0:
+            # Room is promised to the host ledger before it is taken: files and workers wait for
+            # the claim (one ledger step, off the loop); pauses and kills never do.
+            promise = committed_mb(snap) - used_mb(snap) + added
+            if not self.publisher.covers(promise):
+                self.publisher.claim(promise, snap.others_reserved_mb, self.senses.host)
+                decisions = [d for d in decisions if d.act not in (Act.ADMIT, Act.SPAWN)]
+        for d in decisions:
             self._guarded("act", self.actions.apply, d, decision=d.act.value, file=d.file)
 
     def _remaining(self, w: WorkerRecord) -> float:

@@ -56,6 +56,14 @@ CHILD = textwrap.dedent(
         final = ledger.others(owner)
         wait_all("read", peers, barrier)
         print(json.dumps({"final": final, "seen_max": seen_max, "lost": lost}))
+    elif mode == "claim":
+        barrier, peers, room = Path(sys.argv[6]), sys.argv[7].split(","), int(sys.argv[8])
+        ledger.register(owner)
+        wait_all("ready", peers, barrier)
+        ok, others = ledger.claim(owner, value, room,
+                                  lambda rs: sum(r.reserved_bytes for r in rs) + value <= room)
+        wait_all("claimed", peers, barrier)
+        print(json.dumps({"ok": ok, "others": sum(r.reserved_bytes for r in others)}))
     elif mode == "once":
         ledger.update(owner, value)
         print(json.dumps({"pid": __import__("os").getpid()}))
@@ -145,6 +153,28 @@ def test_two_processes_see_each_other_concurrently(shared):
     # both are gone now: their entries are removed by the next reader
     assert HostLedger(path).others("someone-else") == 0
     assert json.loads(path.read_text())["entries"] == {}
+
+
+def test_of_two_supervisors_claiming_the_same_free_memory_at_once_exactly_one_gets_it(shared):
+    """Each of two processes, released together, claims 600 of 1000 MiB free: reading the other's
+    promise and writing its own are one step under the lock, so one is granted and the other sees
+    the winner's promise; a read at one moment and a write at another would let both in."""
+    room, want = 1000 * MIB, 600 * MIB
+    for round_ in range(8):
+        path = shared / f"claim{round_}" / "ledger.json"
+        barrier = shared / f"barrier{round_}"
+        barrier.mkdir()
+        procs = [_spawn(shared, "claim", path, name, want, str(barrier), "a,b", str(room)) for name in ("a", "b")]
+        outs = []
+        for p in procs:
+            out, err = p.communicate(timeout=40)
+            assert p.returncode == 0, err
+            outs.append(json.loads(out))
+        assert sorted(o["ok"] for o in outs) == [False, True], outs
+        (loser,) = [o for o in outs if not o["ok"]]
+        assert loser["others"] == want  # it saw the winner's promise, and wrote none of its own
+        entries = json.loads(path.read_text())["entries"]
+        assert sorted(e["reserved_bytes"] for e in entries.values()) == [0, want]
 
 
 def test_dead_process_entry_is_removed(shared):

@@ -183,3 +183,35 @@ def test_an_unreadable_ledger_is_said_once_and_answered_conservatively(tmp_path)
     state["broken"], state["others"] = False, 0
     pub.exchange(100.0, None)
     assert pub.others_now(200.0) == 0.0 and ("ledger_recovered", "info") in events
+
+
+def test_a_larger_promise_is_acted_on_only_once_the_ledger_granted_it(tmp_path):
+    """The publisher says whether a promise is covered, claims it through the real ledger, and a
+    claim is refused when another supervisor promised more since this one last read the ledger."""
+    from types import SimpleNamespace
+
+    from supervisor.ledger import HostLedger
+    from supervisor.publish import Publisher
+    from supervisor.sd_notify import Notifier
+
+    MiB = 2**20
+    events = []
+    pub = Publisher(notifier=Notifier({}), jobs=_SyncJobs(), emit=lambda e, level="info", **f: events.append((e, f)))
+    path = tmp_path / "ledger.json"
+    pub.open_ledger(str(path), "me")
+    other = HostLedger(path)
+    host = SimpleNamespace(mem_available=8 << 30, cgroup_headroom=None, cgroup_path=None)
+    pub.exchange(100.0, host)
+    assert pub.covers(100.0) and not pub.covers(300.0)
+    # Another supervisor promises 500 MiB after this one's last read: a claim that assumed nobody fails...
+    other.update("other", 500 * MiB)
+    pub.claim(300.0, 0.0, host)
+    assert not pub.covers(300.0) and pub.others_now(0.0) == 500.0
+    assert [f["others_mb"] for e, f in events if e == "ledger_claim_refused"] == [500.0]
+    assert HostLedger(path).others("other") == 100 * MiB  # nothing was written for the refused claim
+    # ... and one that assumes what it now knows is granted and in the ledger before any file starts.
+    pub.claim(300.0, 500.0, host)
+    assert pub.covers(300.0) and HostLedger(path).others("other") == 300 * MiB
+    # The next exchange publishes what the promise became and replaces the claim.
+    pub.exchange(250.0, host)
+    assert pub.covers(250.0) and not pub.covers(300.0)
