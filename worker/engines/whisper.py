@@ -36,6 +36,7 @@ from worker.align import SpanAligner, UttRequest, UttResult
 from worker.engines.base import AlignerEngine, BootError
 from worker.engines.dtw import dtw_path
 from worker.engines.loading import DTYPES, configure_threads, load_pretrained, load_processor
+from worker.selfmem import pin_mmap_threshold
 from worker.engines.plausibility import (frame_levels, longest_word_s, quiet_frames, squeezed_run, stretched, weight,
                                          written_without_spaces)
 
@@ -955,6 +956,16 @@ class _Window:
         return times
 
 
+def encoder_state_bytes(config: Any, dtype: str) -> int:
+    """Half of one window's encoder states (frames x width), the ``auto`` mmap threshold: every
+    per-window buffer (the states, the feed-forward and convolution maps, the cross-attention of
+    a sentence) is at least this large and so is mapped and unmapped whole, while the decoder's
+    per-token buffers stay on the heap."""
+    frames = int(getattr(config, "max_source_positions", None) or 1500)
+    width = int(getattr(config, "d_model", None) or 384)
+    return max(64 * 1024, frames * width * (4 if dtype == "fp32" else 2) // 2)
+
+
 class WhisperEngine(AlignerEngine):
     """A worker's Whisper aligner and the file-level driver around it."""
 
@@ -976,6 +987,8 @@ class WhisperEngine(AlignerEngine):
             threads=threads, language=opts.get("language"), max_span_s=span,
             steps=Steps.from_options(opts),
         )
+        if opts.get("mmap_threshold") == "auto":
+            pin_mmap_threshold(encoder_state_bytes(self.aligner.hf.config, str(opts.get("dtype") or "fp32")))
         self.aligner.warm_up()
         self.release()
 
