@@ -76,7 +76,7 @@ class Publisher:
 
         def work() -> tuple[float, float]:
             ledger.update(owner, int(max(0.0, promised_mb) * MiB))
-            return promised_mb, charge(ledger.reservations(owner, host.mem_available if host is not None else None))
+            return promised_mb, charge(ledger.reservations(owner, _avail(host)))
 
         self.jobs.submit(LANE, work, what="exchange", on_done=self._exchanged, on_error=self._unreadable)
 
@@ -96,8 +96,7 @@ class Publisher:
         if self.ledger is None or self._claiming:
             return
         ledger, owner = self.ledger, self.owner
-        charge = _charge(host)
-        avail = host.mem_available if host is not None else None
+        charge, avail = _charge(host), _avail(host)
 
         def work() -> tuple[bool, float]:
             ok, rs = ledger.claim(owner, int(max(0.0, promise_mb) * MiB), avail,
@@ -219,9 +218,13 @@ def status_of(*, header: dict, now: float, memory: dict | None, budget_mb: float
     }
 
 
+def _avail(host: Any) -> int | None:
+    return host.mem_available if host is not None else None
+
+
 def _charge(host: Any) -> Callable[[list], float]:
     """MiB the others' believed reservations take from this supervisor's room, on ``host``'s readings."""
-    avail = host.mem_available if host is not None else None
+    avail = _avail(host)
     headroom = host.cgroup_headroom if host is not None else None
     cg = host.cgroup_path if host is not None else None
 

@@ -115,10 +115,8 @@ class WhisperSettings(EngineDefaults):
 
     cold_baseline_mb: float = 900.0
     cold_intercept_mb: float = 300.0
-    # Fixed at half a window of encoder states: each window's buffers are mapped and unmapped whole.
-    # Whisper tiny.en, three pairs of workers: a file's growth 31-44 MiB and the same across workers
-    # (glibc's sliding threshold: 41-67, with long files 48-57 MiB in one worker and 55-57 in
-    # another), the 30 s probe within 10% of a long file's growth, for 2.5-4.2% more CPU.
+    # auto: each window's buffers are mapped and unmapped whole, so a file's growth does not depend
+    # on what the worker ran before (docs/DESIGN.md gives the figures)
     mmap_threshold: int | str | None = field(default="auto", metadata={"kind": "size_or_auto"})
     # false: each utterance in a window of its own (better word boundaries on real speech); true: a
     # span's utterances forced together in one window (about 4-5x less encoder work on a CPU)

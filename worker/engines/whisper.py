@@ -36,9 +36,9 @@ from worker.align import SpanAligner, UttRequest, UttResult
 from worker.engines.base import AlignerEngine, BootError
 from worker.engines.dtw import dtw_path
 from worker.engines.loading import DTYPES, configure_threads, load_pretrained, load_processor
-from worker.selfmem import pin_mmap_threshold
 from worker.engines.plausibility import (frame_levels, longest_word_s, quiet_frames, squeezed_run, stretched, weight,
                                          written_without_spaces)
+from worker.selfmem import pin_mmap_threshold
 
 SAMPLE_RATE = 16000
 WINDOW_S = 30.0  # Whisper's fixed input window
